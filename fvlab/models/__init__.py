@@ -1,0 +1,8 @@
+"""Pure PyTorch FasterViT: no Lightning, no Optuna."""
+
+from fvlab.models.fastervit import FasterViT
+from fvlab.models.registry import (VARIANTS, CheckpointMismatchError, checkpoint_filter_fn,
+                                   create_model, list_variants, load_checkpoint, variant_config)
+
+__all__ = ["FasterViT", "VARIANTS", "CheckpointMismatchError", "checkpoint_filter_fn",
+           "create_model", "list_variants", "load_checkpoint", "variant_config"]

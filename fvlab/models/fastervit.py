@@ -1,0 +1,744 @@
+"""FasterViT (Hatamizadeh et al., arXiv 2306.06189), written from the paper.
+
+Layout follows timm's model files: geometry helpers, position terms, building blocks,
+stage, model, checkpoint filtering, variant registry.
+
+A stage of transformer blocks works on windows of ``window_size`` x ``window_size``
+tokens. With Hierarchical Attention (HAT) each window also owns ``ct_size`` x ``ct_size``
+*carrier tokens*: pooled from the stage input, they attend globally to the carrier tokens
+of every other window, then join their window's local attention. Carrier tokens are kept
+in window-major order (all tokens of window 0, then window 1, ...) so that moving between
+the global view and the per-window view is a free reshape; the global attention's
+position terms are permuted into that order once, instead of permuting tokens every block.
+
+Any input resolution runs on one built model: transformer stages pad their input to whole
+windows and crop back, and every geometry-dependent term (carrier-token pooling, position
+bias and embedding of the carrier grid) follows the actual feature size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+
+__all__ = ["FasterViT", "NUM_CONV_STAGES", "POSITION_MLP_HIDDEN"]
+
+NUM_CONV_STAGES = 2  # stages 1-2 are residual conv blocks, the rest transformer blocks
+POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official checkpoints
+
+
+# --------------------------------------------------------------------------------------
+# Geometry: all small integer/float tables, depending only on sizes (never on weights)
+# --------------------------------------------------------------------------------------
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Split a (B, H, W, C) map into (B * num_windows, window_size**2, C) tokens."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, c)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * num_windows, ws**2, C) to (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def window_major_order(grid_h: int, grid_w: int, ct_size: int, device: torch.device) -> torch.Tensor:
+    """Raster index of each carrier token when tokens are listed window by window."""
+    idx = torch.arange(grid_h * grid_w, device=device).view(
+        grid_h // ct_size, ct_size, grid_w // ct_size, ct_size)
+    return idx.permute(0, 2, 1, 3).reshape(-1)
+
+
+def log_spaced_relative_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Relative (dy, dx) offsets of an h x w grid, scaled to [-1, 1] then log-spaced (Swin v2)."""
+    dy = torch.arange(-(h - 1), h, dtype=torch.float32, device=device) / max(h - 1, 1)
+    dx = torch.arange(-(w - 1), w, dtype=torch.float32, device=device) / max(w - 1, 1)
+    table = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).view(-1, 2) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def relative_position_index(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h*w, h*w) index into the (2h-1)*(2w-1) table of relative offsets."""
+    coords = torch.stack(torch.meshgrid(
+        torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]
+    return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
+
+
+def centred_grid_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h*w, 2) coordinates of an h x w grid, centred and scaled to about [-1, 1]."""
+    ys = (torch.arange(h, dtype=torch.float32, device=device) - h // 2) / max(h // 2, 1)
+    xs = (torch.arange(w, dtype=torch.float32, device=device) - w // 2) / max(w // 2, 1)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).view(-1, 2)
+
+
+def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[int, int]:
+    """Average-pool (kernel, stride) that turns a padded side into ct_size tokens per window."""
+    out = ct_size * size // window_size
+    stride = size // out
+    return size - (out - 1) * stride, stride
+
+
+# --------------------------------------------------------------------------------------
+# Position terms: continuous MLPs over coordinates, cached in eval mode
+# --------------------------------------------------------------------------------------
+
+
+class _PositionMLP(nn.Module):
+    """Base of the position terms: an MLP over coordinates whose output depends on geometry only.
+
+    In eval mode the output is cached per geometry, device and dtype, and per version of the
+    MLP's weights, so in-place updates (EMA, ``load_state_dict``) invalidate it. When training,
+    or when gradients must flow into the MLP, it is recomputed on every call.
+    """
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, POSITION_MLP_HIDDEN, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Linear(POSITION_MLP_HIDDEN, out_features, bias=False),
+        )
+        self._geometry: dict[tuple, Any] = {}
+        self._value: tuple[tuple, torch.Tensor] | None = None
+
+    def _geometry_cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        # Integer tables never depend on weights: cache them in every mode.
+        if key not in self._geometry:
+            if len(self._geometry) >= 8:
+                self._geometry.clear()
+            self._geometry[key] = build()
+        return self._geometry[key]
+
+    def _value_cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if self.training or needs_graph or torch.compiler.is_compiling():
+            self._value = None
+            return compute()
+        full_key = (key, tuple(p._version for p in self.parameters()))
+        if self._value is None or self._value[0] != full_key:
+            self._value = (full_key, compute())
+        return self._value[1]
+
+    def train(self, mode: bool = True) -> "_PositionMLP":
+        """Switch mode and drop the cached value so no stale term survives a mode change."""
+        self._value = None
+        return super().train(mode)
+
+
+class RelativePositionBias(_PositionMLP):
+    """Continuous relative position bias (Swin v2 style), one value per head and token pair.
+
+    Returned as an additive attention mask of shape (1, heads, n, n): ``n_prefix`` leading
+    tokens (the carrier tokens of a window) get zero bias, and ``order`` permutes the grid's
+    tokens (used for window-major carrier tokens).
+    """
+
+    def __init__(self, num_heads: int):
+        super().__init__(num_heads)
+        self.num_heads = num_heads
+
+    def forward(self, grid: tuple[int, int], n_prefix: int = 0, ct_size: int = 0,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Bias mask for tokens of a ``grid`` (h, w), with ``n_prefix`` unbiased tokens in front."""
+        device = self.cpb_mlp[0].weight.device
+        h, w = grid
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            index = relative_position_index(h, w, device)
+            if ct_size:
+                order = window_major_order(h, w, ct_size, device)
+                index = index[order][:, order]
+            return log_spaced_relative_coords(h, w, device), index.reshape(-1)
+
+        def compute() -> torch.Tensor:
+            coords, index = self._geometry_cached((h, w, ct_size, device), build)
+            table = self.cpb_mlp(coords)
+            bias = 16 * torch.sigmoid(table[index].view(h * w, h * w, -1).permute(2, 0, 1))
+            if n_prefix:
+                bias = F.pad(bias, (n_prefix, 0, n_prefix, 0))
+            return bias.unsqueeze(0).to(dtype)
+
+        return self._value_cached((h, w, n_prefix, ct_size, device, dtype), compute)
+
+
+class AbsolutePositionEmbedding(_PositionMLP):
+    """MLP-based absolute position embedding of a token grid, added to the tokens."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], ct_size: int = 0) -> torch.Tensor:
+        """Add the embedding of ``grid`` (h, w) to ``x`` of shape (B, h*w, C), raster or window-major."""
+        device = self.cpb_mlp[0].weight.device
+        h, w = grid
+
+        def build() -> torch.Tensor:
+            coords = centred_grid_coords(h, w, device)
+            return coords[window_major_order(h, w, ct_size, device)] if ct_size else coords
+
+        def compute() -> torch.Tensor:
+            coords = self._geometry_cached((h, w, ct_size, device), build)
+            return self.cpb_mlp(coords).unsqueeze(0).to(x.dtype)
+
+        return x + self._value_cached((h, w, ct_size, device, x.dtype), compute)
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------
+
+
+class GELU(nn.GELU):
+    """GELU that works in place when no autograd graph is recorded (inference).
+
+    Out-of-place activations of large maps cost more in fresh-memory page faults than in
+    arithmetic on the CPU; in place they are several times faster.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact (erf) GELU."""
+        if torch.is_grad_enabled():
+            return F.gelu(x)
+        return torch.ops.aten.gelu_(x)
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, reusing ``branch``'s memory when no autograd graph is recorded."""
+    if torch.is_grad_enabled() or branch.shape != x.shape:
+        return x + branch
+    return branch.add_(x)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply fc1, GELU, fc2."""
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ConvBlock(nn.Module):
+    """Residual block of stages 1-2: 3x3 conv, BN, GELU, 3x3 conv, BN."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.act1 = GELU()
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.gamma = nn.Parameter(layer_scale * torch.ones(dim)) if layer_scale is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual conv branch."""
+        y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        if self.gamma is not None:
+            y = y * self.gamma.view(1, -1, 1, 1)
+        return add_residual(x, self.drop_path(y))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention with a continuous relative position bias, via SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.pos_emb_funct = RelativePositionBias(num_heads)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
+                ct_size: int = 0) -> torch.Tensor:
+        """Attend over (B, n_prefix + h*w, C) tokens whose last h*w lie on ``grid``."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.pos_emb_funct(grid, n_prefix, ct_size, dtype=q.dtype)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class HATBlock(nn.Module):
+    """Transformer block with Hierarchical Attention.
+
+    With carrier tokens: (1) the carrier tokens of all windows attend to each other and pass
+    an MLP; (2) each window attends over [its carrier tokens, its own tokens]; (3) in the
+    last block of a stage, optionally, carrier tokens are upsampled onto their window.
+    Without carrier tokens, only (2) remains: plain window attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, ct_size: int = 0,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0,
+                 layer_scale: float | None = None, last: bool = False,
+                 do_propagation: bool = False):
+        super().__init__()
+        self.window_size = window_size
+        self.ct_size = ct_size
+        self.propagate = last and do_propagation and ct_size > 0
+        hidden = int(dim * mlp_ratio)
+
+        def scale() -> nn.Parameter | None:
+            return nn.Parameter(layer_scale * torch.ones(dim)) if layer_scale is not None else None
+
+        self.pos_embed = AbsolutePositionEmbedding(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.gamma3 = scale()
+        self.gamma4 = scale()
+        if ct_size > 0:
+            self.hat_norm1 = nn.LayerNorm(dim)
+            self.hat_norm2 = nn.LayerNorm(dim)
+            self.hat_attn = WindowAttention(dim, num_heads, qkv_bias, attn_drop, drop)
+            self.hat_mlp = Mlp(dim, hidden, drop)
+            self.hat_drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+            self.hat_pos_embed = AbsolutePositionEmbedding(dim)
+            self.gamma1 = scale()
+            self.gamma2 = scale()
+            if self.propagate:
+                # Nearest-neighbour upsampling of a window's carrier tokens, as a gather.
+                src = torch.arange(ct_size, dtype=torch.float32).view(1, 1, ct_size)
+                src = F.interpolate(src, size=window_size, mode="nearest").long().view(-1)
+                self.register_buffer(
+                    "propagation_index", (src[:, None] * ct_size + src[None, :]).view(-1),
+                    persistent=False)
+
+    @staticmethod
+    def _scaled(y: torch.Tensor, gamma: nn.Parameter | None) -> torch.Tensor:
+        return y if gamma is None else y * gamma
+
+    def forward(self, x: torch.Tensor, carrier_tokens: torch.Tensor | None,
+                carrier_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Update window tokens (B*nw, ws*ws, C) and window-major carrier tokens (B, nw*ct*ct, C)."""
+        ws = self.window_size
+        x = self.pos_embed(x, (ws, ws))
+        ct = carrier_tokens
+        if ct is not None:
+            ct = self.hat_pos_embed(ct, carrier_grid, self.ct_size)
+            ct = ct + self.hat_drop_path(self._scaled(
+                self.hat_attn(self.hat_norm1(ct), carrier_grid, 0, self.ct_size), self.gamma1))
+            ct = ct + self.hat_drop_path(self._scaled(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
+            n_ct = self.ct_size * self.ct_size
+            x = torch.cat((ct.reshape(x.shape[0], n_ct, -1), x), dim=1)
+        else:
+            n_ct = 0
+        x = add_residual(x, self.drop_path(
+            self._scaled(self.attn(self.norm1(x), (ws, ws), n_ct), self.gamma3)))
+        x = add_residual(x, self.drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma4)))
+        if ct is not None:
+            ct_windows, x = x.split((n_ct, ws * ws), dim=1)
+            ct = ct_windows.reshape(ct.shape)
+            if self.propagate:
+                x = x + self._scaled(ct_windows[:, self.propagation_index], self.gamma1)
+        return x, ct
+
+
+class TokenInitializer(nn.Module):
+    """Carrier tokens from a stage input: depthwise 3x3 conv, then average pooling per window."""
+
+    def __init__(self, dim: int, window_size: int, ct_size: int):
+        super().__init__()
+        self.window_size = window_size
+        self.ct_size = ct_size
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map a padded (B, C, H, W) input to window-major carrier tokens (B, nw*ct*ct, C)."""
+        h, w = x.shape[-2:]
+        kh, sh = carrier_pool_geometry(h, self.window_size, self.ct_size)
+        kw, sw = carrier_pool_geometry(w, self.window_size, self.ct_size)
+        x = F.avg_pool2d(self.pos_embed(x), (kh, kw), (sh, sw))
+        b, c, gh, gw = x.shape
+        ct = self.ct_size
+        x = x.view(b, c, gh // ct, ct, gw // ct, ct).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(b, gh * gw, c)
+
+
+class Downsample(nn.Module):
+    """Between stages: LayerNorm2d, then a stride-2 3x3 conv doubling the channels."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = LayerNorm2d(dim)
+        self.reduction = nn.Sequential(nn.Conv2d(dim, out_dim, 3, 2, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise and halve the resolution."""
+        return self.reduction(self.norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """Stem: two stride-2 3x3 convs, each with BatchNorm and ReLU (resolution / 4)."""
+
+    def __init__(self, in_chans: int, in_dim: int, dim: int):
+        super().__init__()
+        self.conv_down = nn.Sequential(
+            nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(in_dim, eps=1e-4),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_dim, dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(dim, eps=1e-4),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed an image into a (B, dim, H/4, W/4) map."""
+        return self.conv_down(x)
+
+
+# --------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------
+
+
+class FasterViTStage(nn.Module):
+    """One resolution level: conv blocks or HAT blocks, then (except the last) a downsample."""
+
+    def __init__(self, dim: int, depth: int, conv: bool, num_heads: int, window_size: int,
+                 ct_size: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
+                 drop_path: Sequence[float], layer_scale: float | None,
+                 layer_scale_conv: float | None, do_propagation: bool, downsample: bool):
+        super().__init__()
+        self.conv = conv
+        self.window_size = window_size
+        self.ct_size = 0 if conv else ct_size
+        self.grad_checkpointing = False
+        if conv:
+            self.blocks = nn.ModuleList(
+                ConvBlock(dim, drop_path[i], layer_scale_conv) for i in range(depth))
+        else:
+            self.blocks = nn.ModuleList(
+                HATBlock(dim, num_heads, window_size, self.ct_size, mlp_ratio, qkv_bias, drop,
+                         attn_drop, drop_path[i], layer_scale, last=(i == depth - 1),
+                         do_propagation=do_propagation)
+                for i in range(depth))
+        self.downsample = Downsample(dim, 2 * dim) if downsample else None
+        if self.ct_size > 0:
+            self.global_tokenizer = TokenInitializer(dim, window_size, self.ct_size)
+
+    def _run(self, block: nn.Module, *args: Any) -> Any:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the blocks on a (B, C, H, W) map of any size; returns the same size."""
+        if self.conv:
+            for block in self.blocks:
+                x = self._run(block, x)
+            return x
+        ws = self.window_size
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % ws, (-w) % ws
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        hp, wp = h + pad_h, w + pad_w
+        carrier_grid = (self.ct_size * hp // ws, self.ct_size * wp // ws)
+        ct = self.global_tokenizer(x) if self.ct_size > 0 else None
+        tokens = window_partition(x.permute(0, 2, 3, 1), ws)
+        for block in self.blocks:
+            tokens, ct = self._run(block, tokens, ct, carrier_grid)
+        x = window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)
+        if pad_h or pad_w:
+            x = x[:, :, :h, :w]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks, then downsample if this is not the last stage."""
+        x = self.forward_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+def _per_stage(name: str, value: Any, n: int, kind: type | tuple[type, ...]) -> list:
+    """Broadcast a scalar to one value per stage, or check a per-stage list's length."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(
+            f"{name} has {len(values)} entries but the model has {n} stages (len(depths)); "
+            f"give one value per stage or a single value for all stages")
+    for v in values:
+        if isinstance(v, bool) and kind is not bool or not isinstance(v, kind):
+            raise ValueError(f"{name} entries must be {getattr(kind, '__name__', kind)}, got {v!r}")
+    return values
+
+
+class FasterViT(nn.Module):
+    """FasterViT: a CNN stem and conv stages, then transformer stages with Hierarchical Attention.
+
+    Args:
+        dim: channels of stage 1 (doubled at each later stage).
+        in_dim: channels after the stem's first conv.
+        depths: blocks per stage; stages 1-2 are conv stages, the rest transformer stages.
+        num_heads: attention heads per stage (int or one per stage).
+        window_size: local window side per stage (int or one per stage).
+        ct_size: carrier tokens per window side, per stage (int or one per stage; 0: none).
+        hat: use Hierarchical Attention per stage (bool or one per stage); where False, or
+            where ct_size is 0, a transformer stage uses plain window attention.
+        do_propagation: add carrier tokens back onto their windows at the end of a HAT stage.
+        mlp_ratio: hidden width of the MLPs relative to the stage's channels.
+        layer_scale: initial layer-scale value of transformer blocks (None: off).
+        layer_scale_conv: initial layer-scale value of conv blocks (None: off).
+        drop_path_rate: stochastic depth rate, increasing linearly over the blocks.
+        drop_rate: dropout after MLPs and projections.
+        attn_drop_rate: dropout on attention weights.
+        qkv_bias: learnable bias of the query, key and value projections.
+        num_classes: classes of the head (0: no head, features only).
+        in_chans: input image channels.
+    """
+
+    def __init__(self, dim: int = 64, in_dim: int = 64, depths: Sequence[int] = (2, 3, 6, 5),
+                 num_heads: int | Sequence[int] = (2, 4, 8, 16),
+                 window_size: int | Sequence[int] = 7, ct_size: int | Sequence[int] = 2,
+                 hat: bool | Sequence[bool] = (False, False, True, False),
+                 do_propagation: bool = False, mlp_ratio: float = 4.0,
+                 layer_scale: float | None = None, layer_scale_conv: float | None = None,
+                 drop_path_rate: float = 0.0, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, qkv_bias: bool = True,
+                 num_classes: int = 1000, in_chans: int = 3):
+        super().__init__()
+        depths = list(depths) if isinstance(depths, (list, tuple)) else depths
+        if not isinstance(depths, list) or not depths or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+            raise ValueError(f"depths must be a non-empty list of positive ints, got {depths!r}")
+        n = len(depths)
+        num_heads = _per_stage("num_heads", num_heads, n, int)
+        window_size = _per_stage("window_size", window_size, n, int)
+        ct_size = _per_stage("ct_size", ct_size, n, int)
+        hat = _per_stage("hat", hat, n, bool)
+        for name, value in (("dim", dim), ("in_dim", in_dim), ("in_chans", in_chans)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        for name, value in (("layer_scale", layer_scale), ("layer_scale_conv", layer_scale_conv)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number or None (off), got {value!r}")
+        for i in range(n):
+            stage_dim = dim * 2 ** i
+            if window_size[i] < 1:
+                raise ValueError(f"window_size[{i}] must be >= 1, got {window_size[i]}")
+            if ct_size[i] < 0:
+                raise ValueError(f"ct_size[{i}] must be >= 0 (0: no carrier tokens), got {ct_size[i]}")
+            if i < NUM_CONV_STAGES:
+                continue
+            if num_heads[i] < 1 or stage_dim % num_heads[i]:
+                raise ValueError(
+                    f"num_heads[{i}]={num_heads[i]} must be positive and divide the stage's "
+                    f"{stage_dim} channels (dim * 2**{i}); pick a divisor of {stage_dim}")
+            if hat[i] and ct_size[i] > window_size[i]:
+                raise ValueError(
+                    f"ct_size[{i}]={ct_size[i]} exceeds window_size[{i}]={window_size[i]}: carrier "
+                    f"tokens are pooled from their window, so use ct_size <= window_size")
+
+        self.depths = depths
+        self.window_size = window_size
+        self.ct_size = [c if (h and i >= NUM_CONV_STAGES) else 0
+                        for i, (c, h) in enumerate(zip(ct_size, hat))]
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.head_hidden_size = dim * 2 ** (n - 1)
+        self.drop_rate = drop_rate
+        self.fused = False
+
+        self.patch_embed = PatchEmbed(in_chans, in_dim, dim)
+        total = sum(depths)
+        # Plain floats (not torch.linspace) so that the model also builds on the meta device.
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.levels = nn.ModuleList()
+        self.feature_info = []
+        for i in range(n):
+            stage_dim = dim * 2 ** i
+            self.levels.append(FasterViTStage(
+                dim=stage_dim, depth=depths[i], conv=i < NUM_CONV_STAGES, num_heads=num_heads[i],
+                window_size=window_size[i], ct_size=self.ct_size[i], mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], layer_scale=layer_scale,
+                layer_scale_conv=layer_scale_conv, do_propagation=do_propagation,
+                downsample=i < n - 1))
+            self.feature_info.append(dict(num_chs=stage_dim, reduction=4 * 2 ** i, module=f"levels.{i}"))
+        self.norm = nn.BatchNorm2d(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        self.register_load_state_dict_pre_hook(_drop_derived_entries)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- timm model interface -------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters exempt from weight decay: position MLPs, norms, biases, scales."""
+        return {name for name, p in self.named_parameters()
+                if ".cpb_mlp." in name or p.ndim <= 1}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Regexes grouping parameters by depth, for layer-wise lr decay."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^levels\.(\d+)" if coarse else [
+                (r"^levels\.(\d+)\.downsample", (0,)),
+                (r"^levels\.(\d+)\.global_tokenizer", None),
+                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass, block by block, to save memory."""
+        for stage in self.levels:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classification head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: no head)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, in_chans, H, W) to the normalised last feature map."""
+        x = self.patch_embed(x)
+        for stage in self.levels:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average-pool the feature map, then classify (or return the pooled features)."""
+        x = self.head_drop(x.mean((2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image to logits."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-stage feature maps (before each downsample), as timm's feature API expects."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        n = len(self.levels)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n for i in indices]
+        last = max(take) if (stop_early or intermediates_only) else n - 1
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.levels[:last + 1]):
+            x = stage.forward_blocks(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == n - 1 else x)
+            if stage.downsample is not None and i < last:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    # ---- inference --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuse(self) -> "FasterViT":
+        """Fold every BatchNorm into its preceding conv, in place, for inference only."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        self.eval()
+        stem = self.patch_embed.conv_down
+        for conv_i, bn_i in ((0, 1), (3, 4)):
+            stem[conv_i] = fuse_conv_bn_eval(stem[conv_i], stem[bn_i])
+            stem[bn_i] = nn.Identity()
+        for stage in self.levels:
+            if stage.conv:
+                for block in stage.blocks:
+                    block.conv1 = fuse_conv_bn_eval(block.conv1, block.norm1)
+                    block.conv2 = fuse_conv_bn_eval(block.conv2, block.norm2)
+                    block.norm1 = block.norm2 = nn.Identity()
+        self.fused = True
+        return self
+
+    def train(self, mode: bool = True) -> "FasterViT":
+        """Set training mode; a fused model has no BatchNorm left and cannot train."""
+        if mode and self.fused:
+            raise RuntimeError("this FasterViT was fused for inference (model.fuse()); "
+                               "build a fresh model to train")
+        return super().train(mode)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint filtering
+# --------------------------------------------------------------------------------------
+
+# Buffers of the official implementation that are pure functions of geometry (or caches of
+# position-MLP outputs): recomputed here, never loaded.
+DERIVED_SUFFIXES = ("relative_coords_table", "relative_position_index", "relative_bias")
+TOKENIZER_ALIAS = ".global_tokenizer.to_global_feature.pos."
+
+
+def _drop_derived_entries(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: drop official derived buffers and the tokenizer's aliased conv."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key.endswith(DERIVED_SUFFIXES):
+            del state_dict[key]
+        elif TOKENIZER_ALIAS in key:
+            target = key.replace(TOKENIZER_ALIAS, ".global_tokenizer.pos_embed.")
+            value = state_dict.pop(key)
+            state_dict.setdefault(target, value)
+

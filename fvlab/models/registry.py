@@ -1,0 +1,165 @@
+"""Named FasterViT variants, checkpoint loading, and registration with timm."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from fvlab.models.fastervit import DERIVED_SUFFIXES, TOKENIZER_ALIAS, FasterViT
+
+__all__ = ["VARIANTS", "CheckpointMismatchError", "create_model", "list_variants",
+           "load_checkpoint", "checkpoint_filter_fn", "variant_config"]
+
+_IMAGENET = dict(depths=[2, 3, 6, 5], num_heads=[2, 4, 8, 16], window_size=7, ct_size=2,
+                 hat=[False, False, True, False], mlp_ratio=4.0)
+
+# The ImageNet-1K configurations of the official registry, plus small CPU-sized ones.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fastervit_0": dict(_IMAGENET, dim=64, in_dim=64, drop_path_rate=0.2),
+    "fastervit_1": dict(_IMAGENET, depths=[1, 3, 8, 5], dim=80, in_dim=32, drop_path_rate=0.2),
+    "fastervit_2": dict(_IMAGENET, depths=[3, 3, 8, 5], dim=96, in_dim=64, drop_path_rate=0.2),
+    "fastervit_3": dict(_IMAGENET, depths=[3, 3, 12, 5], dim=128, in_dim=64, drop_path_rate=0.3,
+                        layer_scale=1e-5, do_propagation=True),
+    "fastervit_4": dict(_IMAGENET, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], dim=196,
+                        in_dim=64, drop_path_rate=0.3, layer_scale=1e-5, do_propagation=True),
+    "fastervit_5": dict(_IMAGENET, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], dim=320,
+                        in_dim=64, drop_path_rate=0.3, layer_scale=1e-5, do_propagation=True),
+    "fastervit_6": dict(_IMAGENET, depths=[3, 3, 16, 8], num_heads=[4, 8, 16, 32], dim=320,
+                        in_dim=64, drop_path_rate=0.5, layer_scale=1e-5, do_propagation=True),
+    # 64 px: stage 3 sees 4x4 tokens, i.e. four 2x2 windows, each with its carrier token.
+    "fastervit_tiny": dict(depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=2, ct_size=1,
+                           hat=[False, False, True, False], mlp_ratio=4.0, dim=32, in_dim=16,
+                           drop_path_rate=0.0, do_propagation=True),
+    # 32-64 px smoke-test size: a few hundred thousand parameters.
+    "fastervit_micro": dict(depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=2,
+                            ct_size=1, hat=[False, False, True, False], mlp_ratio=2.0, dim=16,
+                            in_dim=8, drop_path_rate=0.0),
+}
+
+_OFFICIAL_URL = "https://huggingface.co/ahatamiz/FasterViT/resolve/main/fastervit_{}_224_1k.pth.tar"
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    cfg = dict(url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+               crop_pct=1.0, interpolation="bicubic", fixed_input_size=False,
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv="patch_embed.conv_down.0", classifier="head",
+               license="NVIDIA Source Code License-NC (official weights)")
+    return {**cfg, **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    **{f"fastervit_{i}.in1k": _cfg(_OFFICIAL_URL.format(i), crop_pct=0.875 if i == 0 else 1.0)
+       for i in range(7)},
+    "fastervit_tiny": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), license=None),
+    "fastervit_micro": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), license=None),
+})
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model."""
+
+
+def list_variants() -> list[str]:
+    """Names of the built-in variants."""
+    return list(VARIANTS)
+
+
+def variant_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """Constructor arguments of a named variant with ``overrides`` applied."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown FasterViT variant {name!r}; known: {', '.join(VARIANTS)}")
+    return {**VARIANTS[name], **overrides}
+
+
+def _read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Official training checkpoints also pickle their argparse namespace.
+        warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False: "
+                      f"only load checkpoint files you trust", stacklevel=3)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: FasterViT | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Extract a FasterViT state dict from an official, timm, Lightning or plain checkpoint."""
+    state = checkpoint
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # Wrappers: DataParallel/DDP ("module."), our LightningModule ("model."), torch.compile.
+    for prefix in ("module.", "model.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        if key.endswith(DERIVED_SUFFIXES):
+            continue
+        if TOKENIZER_ALIAS in key:
+            key = key.replace(TOKENIZER_ALIAS, ".global_tokenizer.pos_embed.")
+        out.setdefault(key, value)
+    return out
+
+
+def load_checkpoint(model: FasterViT, checkpoint_path: str | Path) -> FasterViT:
+    """Load a checkpoint file into ``model``, raising on any missing, unexpected or misshapen key."""
+    state = checkpoint_filter_fn(_read_checkpoint(checkpoint_path), model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        def show(title: str, keys: list[str]) -> str:
+            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+            return f"\n  {title} ({len(keys)}):\n    " + "\n    ".join(keys[:20]) + more if keys else ""
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint_path} does not fit this model; build the model with the "
+            f"configuration the checkpoint was trained with"
+            + show("shape mismatches", mismatched) + show("missing in checkpoint", missing)
+            + show("unexpected in checkpoint", unexpected))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def create_model(name: str, checkpoint_path: str | Path | None = None, **overrides: Any) -> FasterViT:
+    """Build a named variant with ``overrides``; load ``checkpoint_path`` (official or ours) if given."""
+    model = FasterViT(**variant_config(name, **overrides))
+    model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name].default.to_dict(), architecture=name)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def _timm_create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    config = {k: v for k, v in VARIANTS[variant].items() if k not in kwargs}
+    return build_model_with_cfg(
+        FasterViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3),
+                         feature_cls="getter"),
+        **config, **kwargs)
+
+
+def _register(name: str) -> None:
+    def create(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+        return _timm_create(name, pretrained, **kwargs)
+    create.__name__ = create.__qualname__ = name
+    create.__doc__ = f"FasterViT variant {name!r} (fvlab)."
+    create.__module__ = __name__
+    globals()[name] = register_model(create)
+
+
+for _name in VARIANTS:
+    _register(_name)

@@ -1,0 +1,306 @@
+"""FasterViT model: parity with the official implementation, any resolution, HAT settings."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from unittest import mock
+
+import pytest
+import timm
+import timm.optim
+import torch
+import torch.nn.functional as F
+
+import fvlab
+from fvlab.models import CheckpointMismatchError, FasterViT, create_model, list_variants
+
+official = pytest.importorskip("fastervit.models.faster_vit", reason="reference package `fastervit`")
+official_any_res = pytest.importorskip("fastervit.models.faster_vit_any_res")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def perturbed_official(builder, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """An official model whose weights and BN statistics are far from their initial values.
+
+    At initialisation layer-scale gammas are 1e-5 and position MLPs near zero, which would
+    let whole branches (carrier tokens, propagation) differ unnoticed.
+    """
+    torch.manual_seed(seed)
+    model = builder(**kwargs).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.5 if "gamma" in name else 0.02))
+            if "gamma" in name:
+                p.abs_()
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1, generator=g)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_official_state_dict_loads_and_gives_same_logits(index: int, tmp_path) -> None:
+    ref = perturbed_official(getattr(official, f"faster_vit_{index}_224"))
+    path = tmp_path / "official.pth.tar"
+    # Official files wrap the weights, sometimes with a DataParallel prefix.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()},
+                "epoch": 310}, path)
+    ours = create_model(f"fastervit_{index}", checkpoint_path=path).eval()
+    assert n_params(ours) == n_params(ref)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+    assert expected.std() > 0.5  # a live signal, not a near-constant output
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_parameter_counts_equal_official_configurations() -> None:
+    # Built on the meta device: FasterViT-6 has 1.36 B parameters. Both implementations
+    # read drop-path rates back with .item()/.tolist(), so linspace must stay on the CPU.
+    linspace = torch.linspace
+    with torch.device("meta"), mock.patch(
+            "torch.linspace", lambda *a, **k: linspace(*a, **{**k, "device": "cpu"})):
+        for index in range(7):
+            ref = getattr(official, f"faster_vit_{index}_224")()
+            ours = create_model(f"fastervit_{index}")
+            assert n_params(ours) == n_params(ref), f"fastervit_{index}"
+            if index == 0:
+                assert round(n_params(ours) / 1e6, 2) == 31.40
+
+
+@pytest.mark.parametrize("size", [256, 288, 384])
+def test_larger_resolution_matches_official_model_built_for_it(size: int, tmp_path) -> None:
+    # The official any-resolution model must be rebuilt per size; ours is built once.
+    ref = perturbed_official(official_any_res.faster_vit_0_any_res, resolution=[size, size])
+    torch.save(ref.state_dict(), tmp_path / "ref.pth")
+    ours = create_model("fastervit_0", checkpoint_path=tmp_path / "ref.pth").eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-4
+
+
+def test_one_model_runs_at_any_resolution_with_gradients() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_0", num_classes=10).train()
+    sizes = [(224, 224), (256, 256), (288, 288), (384, 384), (192, 320), (200, 300)]
+    for h, w in sizes:
+        model.zero_grad()
+        out = model(torch.randn(1, 3, h, w))
+        assert out.shape == (1, 10)
+        assert torch.isfinite(out).all()
+        out.sum().backward()
+        hat_grad = model.levels[2].blocks[0].hat_pos_embed.cpb_mlp[0].weight.grad
+        assert hat_grad is not None and hat_grad.abs().sum() > 0, (h, w)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_eval_cache_follows_size_changes_and_weight_updates() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_micro", num_classes=5).eval()
+    a, b = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 48, 80)
+    with torch.inference_mode():
+        first = model(a)
+        model(b)
+        assert torch.equal(model(a), first)
+    # An in-place update in eval mode (as EMA does) must not serve stale position terms.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "cpb_mlp" in name:
+                p.mul_(1.5)
+    fresh = create_model("fastervit_micro", num_classes=5)
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(model(a), fresh.eval()(a), atol=1e-6)
+        assert not torch.allclose(model(a), first, atol=1e-4)
+
+
+def test_switching_train_and_eval_stays_correct() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_micro", num_classes=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+        model.eval()
+        fresh = create_model("fastervit_micro", num_classes=5)
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(model(x), fresh.eval()(x), atol=1e-6)
+    # Eval with gradients enabled (e.g. attribution) still gets a graph through the position MLPs.
+    model.eval()
+    model.zero_grad()
+    model(x).sum().backward()
+    assert model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[2].weight.grad.abs().sum() > 0
+
+
+def _stage3_sensitivity(model: FasterViT, size: int = 64) -> torch.Tensor:
+    """Which windows of stage 3's output change when one window of its input changes."""
+    stage = model.levels[2]
+    torch.manual_seed(0)
+    x = torch.randn(1, stage.blocks[0].norm1.normalized_shape[0], size // 16, size // 16)
+    y = x.clone()
+    y[:, :, :stage.window_size, :stage.window_size] += 1.0  # perturb window (0, 0) only
+    with torch.no_grad():
+        diff = (stage.forward_blocks(x) - stage.forward_blocks(y)).abs()
+    ws = stage.window_size
+    return diff.sum(1)[0].unfold(0, ws, ws).unfold(1, ws, ws).sum((-1, -2))
+
+
+def test_hat_false_is_plain_window_attention() -> None:
+    local = create_model("fastervit_tiny", hat=False).eval()
+    changed = _stage3_sensitivity(local) > 1e-6
+    assert changed[0, 0] and changed.sum() == 1  # only the perturbed window moves
+    assert not any("hat_" in k or "global_tokenizer" in k for k in local.state_dict())
+
+
+def test_carrier_tokens_carry_information_across_windows() -> None:
+    hat = create_model("fastervit_tiny").eval()
+    changed = _stage3_sensitivity(hat) > 1e-6
+    assert changed.all()  # every window hears about the perturbed one, via carrier tokens
+
+
+def test_ct_size_zero_leaves_no_carrier_tokens_anywhere() -> None:
+    model = create_model("fastervit_tiny", ct_size=0, hat=True)
+    assert model.ct_size == [0, 0, 0, 0]
+    assert not any("hat_" in k or "global_tokenizer" in k for k in model.state_dict())
+    changed = _stage3_sensitivity(model.eval()) > 1e-6
+    assert changed.sum() == 1
+
+
+def test_per_stage_settings() -> None:
+    model = create_model("fastervit_tiny", window_size=[2, 2, 2, 1], ct_size=[0, 0, 2, 1],
+                         hat=[False, False, True, True], num_heads=[1, 1, 4, 2])
+    assert model.ct_size == [0, 0, 2, 1]
+    assert model.levels[3].blocks[0].window_size == 1
+    assert model.levels[2].global_tokenizer.ct_size == 2
+    assert model.levels[3].global_tokenizer.ct_size == 1
+    assert model.levels[3].blocks[0].attn.num_heads == 2
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(num_heads=[2, 4, 7, 16]), ["num_heads[2]", "256"]),
+    (dict(window_size=[7, 7, 0, 7]), ["window_size[2]"]),
+    (dict(window_size=[7, 7, 7]), ["window_size", "3 entries", "4 stages"]),
+    (dict(ct_size=-1), ["ct_size"]),
+    (dict(ct_size=[2, 2, 8, 2]), ["ct_size[2]", "window_size[2]"]),
+    (dict(hat=[True, False]), ["hat"]),
+    (dict(depths=[2, 0, 6, 5]), ["depths"]),
+    (dict(dim=0), ["dim"]),
+    (dict(num_classes=-3), ["num_classes"]),
+    (dict(drop_path_rate=1.5), ["drop_path_rate"]),
+    (dict(layer_scale=-1.0), ["layer_scale"]),
+])
+def test_bad_arguments_raise_value_error_naming_them(kwargs: dict, names: list[str]) -> None:
+    with pytest.raises(ValueError) as err:
+        create_model("fastervit_0", **kwargs)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_unknown_variant_lists_known_names() -> None:
+    with pytest.raises(ValueError, match="fastervit_tiny"):
+        create_model("fastervit_99")
+
+
+def test_mismatched_checkpoint_lists_keys(tmp_path) -> None:
+    torch.save(create_model("fastervit_micro").state_dict(), tmp_path / "micro.pth")
+    with pytest.raises(CheckpointMismatchError) as err:
+        create_model("fastervit_micro", dim=24, checkpoint_path=tmp_path / "micro.pth")
+    message = str(err.value)
+    assert "shape mismatches" in message and "patch_embed.conv_down.3.weight" in message
+    state = create_model("fastervit_micro").state_dict()
+    del state["head.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointMismatchError, match="missing in checkpoint"):
+        create_model("fastervit_micro", checkpoint_path=tmp_path / "partial.pth")
+
+
+def test_our_own_checkpoint_round_trips(tmp_path) -> None:
+    model = create_model("fastervit_micro", num_classes=7).eval()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "lightning.ckpt")
+    loaded = create_model("fastervit_micro", num_classes=7,
+                          checkpoint_path=tmp_path / "lightning.ckpt").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_registered_in_timm_with_its_model_interface() -> None:
+    assert set(list_variants()) <= set(timm.list_models("fastervit_*"))
+    model = timm.create_model("fastervit_tiny", num_classes=3)
+    assert isinstance(model, FasterViT) and model.num_classes == 3
+    x = torch.randn(2, 3, 64, 64)
+    final, feats = model.forward_intermediates(x)
+    assert [f.shape[1:] for f in feats] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+    assert torch.allclose(model.forward_head(final), model(x), atol=1e-5)
+    assert model.forward_head(final, pre_logits=True).shape == (2, 256)
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+    names = dict(model.named_parameters())
+    no_wd = model.no_weight_decay()
+    assert no_wd <= set(names)
+    assert any(".cpb_mlp.2.weight" in n for n in no_wd)  # 2-D, excluded by name only
+    assert "head.weight" not in no_wd and "levels.2.blocks.0.attn.qkv.weight" not in no_wd
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert all(id(names[n]) not in decayed for n in no_wd)
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert len(groups) >= 5
+    features = timm.create_model("fastervit_tiny", features_only=True)
+    assert [f.shape[1] for f in features(x)] == [32, 64, 128, 256]
+
+
+def test_grad_checkpointing_gives_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_micro", num_classes=4).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, plain[n], atol=1e-5), n
+
+
+def test_fused_model_matches_and_refuses_training() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_tiny", num_classes=4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64))  # non-trivial BN statistics
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        fused = copy.deepcopy(model).fuse()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.levels.modules())
+        assert torch.allclose(fused(x), expected, atol=1e-4)
+        assert torch.allclose(fused.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
+    with pytest.raises(RuntimeError, match="fused"):
+        fused.train()
+
+
+def test_import_fvlab_exposes_model_api() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = fvlab.create_model("fastervit_micro")
+    assert isinstance(model, fvlab.FasterViT)
