@@ -693,6 +693,28 @@ class FasterViT(nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
+    # ---- geometry -------------------------------------------------------------------
+
+    def feature_sizes(self, image_size: int | Sequence[int]) -> list[tuple[int, int]]:
+        """(h, w) of each stage's feature map for an input of ``image_size``."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        h, w = -(-h // 4), -(-w // 4)  # stem: two stride-2 convs with padding 1
+        sizes = []
+        for _ in self.levels:
+            sizes.append((h, w))
+            h, w = -(-h // 2), -(-w // 2)
+        return sizes
+
+    def check_image_size(self, image_size: int | Sequence[int]) -> None:
+        """Raise ValueError if a HAT stage's feature map cannot hold one whole window."""
+        for i, (h, w) in enumerate(self.feature_sizes(image_size)):
+            ws = self.window_size[i]
+            if self.ct_size[i] and min(h, w) < ws:
+                raise ValueError(
+                    f"window_size[{i}]={ws} does not fit stage {i + 1}'s {h}x{w} feature map at "
+                    f"image size {image_size}: its carrier tokens would pool mostly padding; "
+                    f"use window_size[{i}] <= {min(h, w)} or a larger image size")
+
     # ---- inference --------------------------------------------------------------------
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from fvlab.models.fastervit import DERIVED_SUFFIXES, TOKENIZER_ALIAS, FasterViT
 
-__all__ = ["VARIANTS", "CheckpointMismatchError", "create_model", "list_variants",
+__all__ = ["VARIANTS", "CheckpointMismatchError", "build_model", "create_model", "list_variants",
            "load_checkpoint", "checkpoint_filter_fn", "variant_config"]
 
 _IMAGENET = dict(depths=[2, 3, 6, 5], num_heads=[2, 4, 8, 16], window_size=7, ct_size=2,
@@ -141,6 +142,25 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **overrid
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)
     return model
+
+
+def build_model(arch: str | Mapping[str, Any], **overrides: Any) -> FasterViT:
+    """Build from an arch spec: a variant name, ``{name: ..., **overrides}`` or full arguments."""
+    spec = {"name": arch} if isinstance(arch, str) else dict(arch)
+    spec.update(overrides)
+    name = spec.pop("name", None)
+    checkpoint_path = spec.pop("checkpoint_path", None)
+    valid = set(inspect.signature(FasterViT.__init__).parameters) - {"self"}
+    unknown = sorted(set(spec) - valid)
+    if unknown:
+        raise ValueError(f"unknown FasterViT argument(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: name, checkpoint_path, {', '.join(sorted(valid))}")
+    if name is None:
+        model = FasterViT(**spec)
+        if checkpoint_path is not None:
+            load_checkpoint(model, checkpoint_path)
+        return model
+    return create_model(name, checkpoint_path=checkpoint_path, **spec)
 
 
 def _timm_create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:

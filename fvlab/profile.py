@@ -1,0 +1,272 @@
+"""Parameters, FLOPs (fvcore) and measured throughput: the same three figures for every model.
+
+FLOPs follow fvcore's convention, the one of the FasterViT paper's table: one multiply-add
+counts as one FLOP. What is counted is the inference cost per image: the position-bias and
+position-embedding MLPs depend only on the geometry, so in eval mode they are computed once
+and cached, and a traced eval forward does not count them.
+
+Throughput follows timm's benchmark.py and the paper's protocol: eval, inference mode,
+warm-up, synchronisation around timing, several timed repetitions, median images/s.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Throughput", "count_params", "count_flops", "flop_breakdown", "measure_throughput",
+           "profile_model", "default_benchmark_settings"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- FLOPs ---------------------------------------------------------------------------
+
+
+def _fvcore() -> Any:
+    # fvcore scripts a loss function at import, which torch now flags as deprecated.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import fvcore.nn
+        import fvcore.nn.jit_handles
+    return fvcore.nn
+
+
+def _shape(value: Any) -> list[int]:
+    return _fvcore().jit_handles.get_shape(value)
+
+
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """aten::scaled_dot_product_attention: q @ k^T plus attn @ v, per head and sequence."""
+    q, k, v = (_shape(inputs[i]) for i in range(3))
+    batch = math.prod(q[:-2])
+    n, d_qk = q[-2], q[-1]
+    m, d_v = k[-2], v[-1]
+    return batch * n * m * d_qk + batch * n * m * d_v
+
+
+def avg_pool_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """aten::avg_pool2d: one addition per input element of each output's kernel window."""
+    in_shape, out_shape = _shape(inputs[0]), _shape(outputs[0])
+    kernel = inputs[1].toIValue()
+    if kernel is None:
+        # Traced from the input size (as our carrier-token pooling is): estimate the kernel
+        # as the input/output ratio per axis.
+        kernel = [math.ceil(i / o) for i, o in zip(in_shape[-2:], out_shape[-2:])]
+    kernel = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]
+    if len(kernel) == 1:
+        kernel = kernel * 2
+    return math.prod(out_shape) * kernel[0] * kernel[1]
+
+
+def reduce_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """aten::mean and similar reductions: one FLOP per input element (as adaptive_avg_pool2d)."""
+    return math.prod(_shape(inputs[0]))
+
+
+_EXTRA_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_flop_jit,
+    "aten::avg_pool2d": avg_pool_flop_jit,
+    "aten::mean": reduce_flop_jit,
+}
+
+# Element-wise and scalar ops: not counted under fvcore's (and the paper's) convention, and
+# silenced so that no unsupported-operator warning reaches the user for our own model.
+_UNCOUNTED_OPS = ("aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_",
+                  "aten::div", "aten::div_", "aten::neg", "aten::gelu", "aten::gelu_",
+                  "aten::softmax", "aten::sigmoid", "aten::silu", "aten::silu_", "aten::exp",
+                  "aten::log2", "aten::abs", "aten::sign", "aten::index_select", "aten::pad",
+                  "aten::ceil", "aten::sum", "aten::linspace", "aten::meshgrid")
+
+
+def flop_breakdown(model: nn.Module, image_size: int | Sequence[int] = 224,
+                   in_chans: int | None = None, device: str | torch.device | None = None,
+                   quiet_unsupported: bool = False) -> dict[str, int]:
+    """FLOPs of one image per operator kind (``conv``, ``linear``, ``scaled_dot_product_attention`` ...)."""
+    FlopCountAnalysis = _fvcore().FlopCountAnalysis
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    in_chans = in_chans or getattr(model, "in_chans", 3)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        x = _random_input((1, in_chans, h, w), device)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape logic
+            model(x)  # fills the eval-mode caches of geometry-only terms
+            analysis = FlopCountAnalysis(model, x)
+            for op, handle in _EXTRA_HANDLES.items():
+                analysis.set_op_handle(op, handle)
+            for op in _UNCOUNTED_OPS:
+                analysis.set_op_handle(op, None)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            by_operator = dict(analysis.by_operator())
+        unsupported = analysis.unsupported_ops()
+    finally:
+        model.train(was_training)
+    if unsupported and not quiet_unsupported:
+        warnings.warn("fvcore counted 0 FLOPs for ops it has no handle for: "
+                      + summarize_unsupported(unsupported), stacklevel=3)
+    return by_operator
+
+
+def count_flops(model: nn.Module, image_size: int | Sequence[int] = 224,
+                in_chans: int | None = None, device: str | torch.device | None = None,
+                quiet_unsupported: bool = False) -> float:
+    """GFLOPs of one image at ``image_size`` (one multiply-add = one FLOP), inference path."""
+    return sum(flop_breakdown(model, image_size, in_chans, device, quiet_unsupported).values()) / 1e9
+
+
+def _random_input(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # A private generator: profiling inside a training run must not shift the global RNG,
+    # or a resumed run would no longer match an uninterrupted one.
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+# ---- Throughput ----------------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    """Measured inference speed: median images/s over repetitions, with min, max and latency."""
+
+    images_per_s: float
+    min_images_per_s: float
+    max_images_per_s: float
+    latency_ms: float
+    batch_size: int
+    device: str
+    dtype: str
+    channels_last: bool
+    peak_memory_mb: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON."""
+        return asdict(self)
+
+
+def default_benchmark_settings(device: torch.device) -> dict[str, Any]:
+    """The paper's setting on CUDA (batch 128, AMP, channels_last); seconds-long on a CPU."""
+    if device.type == "cuda":
+        return dict(batch_size=128, amp=True, channels_last=True, warmup=10, repeats=30)
+    return dict(batch_size=32, amp=False, channels_last=True, warmup=2, repeats=10)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _prepare_for_inference(model: nn.Module, device: torch.device, channels_last: bool,
+                           fuse: bool) -> nn.Module:
+    model = copy.deepcopy(model).to(device).eval()
+    if fuse and hasattr(model, "fuse"):
+        model.fuse()  # BatchNorm folded into convs: what an inference deployment runs
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _timed_runs(model: nn.Module, x: torch.Tensor, device: torch.device, autocast: Any,
+                warmup: int, repeats: int) -> list[float]:
+    with torch.inference_mode(), autocast:
+        for _ in range(warmup):
+            model(x)
+        _synchronize(device)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            _synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure_throughput(model: nn.Module, image_size: int | Sequence[int] = 224,
+                       batch_size: int | None = None, device: str | torch.device | None = None,
+                       amp: bool | None = None, amp_dtype: torch.dtype | None = None,
+                       channels_last: bool | None = None, warmup: int | None = None,
+                       repeats: int | None = None, fuse: bool = True,
+                       in_chans: int | None = None) -> Throughput:
+    """Measure inference images/s at ``batch_size`` and batch-1 latency on ``device``.
+
+    The model is copied (eval, BatchNorm folded when ``fuse`` and the model supports it),
+    so the caller's model is left as it was. Unset arguments take the device's defaults
+    (:func:`default_benchmark_settings`).
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    defaults = default_benchmark_settings(device)
+    batch_size = batch_size or defaults["batch_size"]
+    amp = defaults["amp"] if amp is None else amp
+    channels_last = defaults["channels_last"] if channels_last is None else channels_last
+    warmup = defaults["warmup"] if warmup is None else warmup
+    repeats = repeats or defaults["repeats"]
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"batch_size and repeats must be >= 1 and warmup >= 0, got "
+                         f"{batch_size}, {repeats}, {warmup}")
+    amp_dtype = amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    dtype = f"amp_{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    in_chans = in_chans or getattr(model, "in_chans", 3)
+
+    bench = _prepare_for_inference(model, device, channels_last, fuse)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def batch(n: int) -> torch.Tensor:
+        return _random_input((n, in_chans, h, w), device).contiguous(memory_format=memory_format)
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = _timed_runs(bench, batch(batch_size), device, autocast(), warmup, repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    latency = _timed_runs(bench, batch(1), device, autocast(), max(warmup, 1), max(repeats, 5))
+    rates = [batch_size / s for s in seconds]
+    return Throughput(images_per_s=statistics.median(rates), min_images_per_s=min(rates),
+                      max_images_per_s=max(rates), latency_ms=1000 * statistics.median(latency),
+                      batch_size=batch_size, device=str(device), dtype=dtype,
+                      channels_last=channels_last, peak_memory_mb=peak)
+
+
+def profile_model(model: nn.Module, image_size: int | Sequence[int] = 224,
+                  throughput: bool = True, **benchmark: Any) -> dict[str, Any]:
+    """The metrics of DESIGN.md for one model: params (M), GFLOPs, throughput and latency."""
+    metrics: dict[str, Any] = {
+        "model/params_m": count_params(model) / 1e6,
+        "model/gflops": count_flops(model, image_size, in_chans=benchmark.get("in_chans")),
+    }
+    if throughput:
+        result = measure_throughput(model, image_size, **benchmark)
+        metrics.update({"model/throughput": result.images_per_s,
+                        "model/latency_ms": result.latency_ms,
+                        "throughput": result.to_dict()})
+    return metrics
+
+
+def summarize_unsupported(unsupported: Counter) -> str:
+    """One line naming the ops fvcore could not count."""
+    return ", ".join(f"{op} x{n}" for op, n in sorted(unsupported.items()))

@@ -1,0 +1,230 @@
+"""Parameters, FLOPs, throughput, `fvlab profile` and the profile callback."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.data import DataLoader, TensorDataset
+
+from fvlab.cli import main
+from fvlab.lit import MODEL_METRICS, ModelProfileCallback
+from fvlab.models import FasterViT, create_model
+from fvlab.profile import count_flops, count_params, flop_breakdown, measure_throughput
+
+
+def conv_flops(out_hw: int, c_out: int, c_in: int, k: int = 3, groups: int = 1) -> int:
+    return out_hw * out_hw * c_out * (c_in // groups) * k * k
+
+
+def test_flops_match_a_hand_computation() -> None:
+    # 64 px: stage maps 16, 8, 4, 2. Stage 3: four 2x2 windows, one carrier token each.
+    dim, heads, classes = 8, [1, 1, 2, 2], 10
+    model = FasterViT(dim=dim, in_dim=4, depths=[1, 1, 1, 1], num_heads=heads, window_size=2,
+                      ct_size=[0, 0, 1, 0], hat=[False, False, True, False], num_classes=classes)
+    got = flop_breakdown(model, 64)
+
+    conv = (conv_flops(32, 4, 3) + conv_flops(16, 8, 4)            # stem
+            + 2 * conv_flops(16, 8, 8) + conv_flops(8, 16, 8)      # stage 1 + downsample
+            + 2 * conv_flops(8, 16, 16) + conv_flops(4, 32, 16)    # stage 2 + downsample
+            + conv_flops(4, 32, 32, groups=32)                     # carrier-token init (dw conv)
+            + conv_flops(2, 64, 32))                               # downsample after stage 3
+    assert got["conv"] == conv
+
+    def block_linear(tokens: int, c: int) -> int:  # qkv, proj, fc1, fc2 (mlp_ratio 4)
+        return tokens * (c * 3 * c + c * c + 2 * c * 4 * c)
+    windows, window_tokens, carriers = 4, 4, 1
+    linear = (block_linear(windows * (window_tokens + carriers), 32)  # window attention + MLP
+              + block_linear(windows * carriers, 32)                 # global carrier attention + MLP
+              + block_linear(4, 64)                                  # stage 4: one window
+              + 64 * classes)                                        # head
+    assert got["linear"] == linear
+
+    def attention(batch: int, h: int, n: int, head_dim: int) -> int:  # q @ k^T and attn @ v
+        return 2 * batch * h * n * n * head_dim
+    sdpa = (attention(windows, 2, window_tokens + carriers, 16)  # each window + its carrier token
+            + attention(1, 2, windows * carriers, 16)              # carrier tokens, globally
+            + attention(1, 2, 4, 32))                              # stage 4
+    assert got["scaled_dot_product_attention"] == sdpa
+
+
+def test_sdpa_handle_counts_like_explicit_matmul_attention() -> None:
+    class Explicit(torch.nn.Module):
+        def forward(self, q, k, v):
+            return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+    class Fused(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    from fvlab.profile import _EXTRA_HANDLES, _fvcore
+    q, k, v = torch.randn(3, 4, 50, 16), torch.randn(3, 4, 60, 16), torch.randn(3, 4, 60, 24)
+    counts = []
+    for module in (Explicit(), Fused()):
+        analysis = _fvcore().FlopCountAnalysis(module, (q, k, v))
+        for op, handle in _EXTRA_HANDLES.items():
+            analysis.set_op_handle(op, handle)
+        analysis.unsupported_ops_warnings(False)
+        counts.append(analysis.total())
+    assert counts[0] == counts[1] == 3 * 4 * 50 * 60 * (16 + 24)
+
+
+def test_fastervit_0_flops_and_params_without_warnings() -> None:
+    model = create_model("fastervit_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gflops = count_flops(model, 224)
+    # fvcore on the official implementation in deploy mode counts 3.373 G.
+    assert abs(gflops / 3.373 - 1) < 0.005
+    assert round(count_params(model) / 1e6, 2) == 31.40
+
+
+def test_flops_of_other_models_sum_up_unsupported_ops_in_one_warning() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.MaxPool2d(2), torch.nn.Hardswish())
+    with pytest.warns(UserWarning, match=r"aten::max_pool2d x1") as record:
+        count_flops(model, 32)
+    assert len(record) == 1
+
+
+def test_throughput_is_positive_finite_and_honours_batch_size() -> None:
+    model = create_model("fastervit_micro", num_classes=3)
+    seen: list[int] = []
+    model.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    result = measure_throughput(model, 32, batch_size=6, warmup=1, repeats=3)
+    assert result.batch_size == 6 and result.device == "cpu" and result.dtype == "fp32"
+    assert set(seen) == {6, 1}  # the batch, then batch-1 latency
+    assert seen.count(6) == 1 + 3
+    for value in (result.images_per_s, result.min_images_per_s, result.max_images_per_s,
+                  result.latency_ms):
+        assert math.isfinite(value) and value > 0
+    assert result.min_images_per_s <= result.images_per_s <= result.max_images_per_s
+    assert model.training  # the caller's model is untouched (measured on a copy)
+
+
+EXPERIMENT = """
+name: tiny_profile
+model:
+  arch: {name: fastervit_micro, ct_size: 1}
+data:
+  class_path: fvlab.data.SyntheticDataModule
+  init_args: {image_size: 32, num_classes: 5, in_chans: 3}
+ablation:
+  no_carrier: {model.arch.hat: false}
+  ct1: {model.arch.ct_size: 1}
+  wide: {model.arch.dim: 24}
+"""
+
+
+def test_profile_json_has_one_entry_per_variant(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(EXPERIMENT)
+    assert main(["profile", str(path), "--json", "--batch-size", "4", "--repeats", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["no_carrier", "ct1", "wide"]
+    for row in rows:
+        assert row["image_size"] == 32
+        for name in MODEL_METRICS:
+            assert row[name] > 0
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["wide"]["model/params_m"] > by_name["ct1"]["model/params_m"]
+    assert by_name["no_carrier"]["model/gflops"] < by_name["ct1"]["model/gflops"]
+
+
+def test_profile_table_for_an_arch(capsys) -> None:
+    assert main(["profile", "--arch", "fastervit_micro", "--image-size", "32",
+                 "--no-throughput"]) == 0
+    out = capsys.readouterr().out
+    assert "fastervit_micro" in out and "GFLOPs" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "--arch", "fastervit_99"], "known: fastervit_0"),
+    (["profile", "missing.yaml"], "missing.yaml"),
+    (["profile", "--arch", "fastervit_0", "--image-size", "0"], "--image-size"),
+    (["profile"], "experiment file or --arch"),
+])
+def test_profile_bad_input_exits_2(argv: list[str], message: str, capsys) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    ("model: [1, 2", "not valid YAML"),
+    ("model:\n  arch: {name: fastervit_micro, foo: 3}\n", "'foo'"),
+    ("model:\n  arch: {name: fastervit_micro, ct_size: 4, window_size: 2}\n", "ct_size[2]"),
+    ("model:\n  arch: {name: fastervit_micro}\nablation:\n  v1: 3\n", "v1"),
+])
+def test_profile_bad_experiment_exits_2(tmp_path: Path, body: str, message: str, capsys) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    assert main(["profile", str(path), "--no-throughput"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_console_script_exit_code() -> None:
+    done = subprocess.run([sys.executable, "-m", "fvlab.cli", "profile", "--arch", "nope"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "unknown arch 'nope'" in done.stderr and "Traceback" not in done.stderr
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self, lr: float = 1e-3, arch: str = "fastervit_micro"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(arch, num_classes=4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        acc = (self.model(x).argmax(1) == y).float().mean()
+        self.log("val/acc1_best", acc)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_profile_callback_logs_to_tensorboard_and_hparams(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,)))
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    callback = ModelProfileCallback(image_size=32, batch_size=4, repeats=2)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger,
+                         callbacks=[callback], enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    module = TinyClassifier()
+    trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+
+    assert callback.metrics["model/gflops"] == pytest.approx(count_flops(module.model, 32))
+    assert callback.metrics["model/params_m"] == pytest.approx(count_params(module.model) / 1e6)
+    for name in MODEL_METRICS:
+        assert float(trainer.callback_metrics[name]) > 0
+
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for name in MODEL_METRICS:
+        assert name in scalars
+        assert events.Scalars(name)[-1].value == pytest.approx(callback.metrics[name], rel=1e-5)
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    metrics = {m.name.tag for m in experiment.experiment.metric_infos}
+    assert metrics == {"val/acc1_best", *MODEL_METRICS}
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert session.session_start_info.hparams["lr"].number_value == pytest.approx(1e-3)
+    assert session.session_start_info.hparams["arch"].string_value == "fastervit_micro"
+    assert "hp_metric" not in scalars
