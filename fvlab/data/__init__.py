@@ -1,0 +1,12 @@
+"""LightningDataModules: scikit-learn digits (the embedded default), image folders, torchvision
+datasets and synthetic images. Each knows ``num_classes``, ``in_chans`` and ``image_size`` right
+after construction, and reports bad configuration as :class:`DataError` before touching data."""
+
+from fvlab.data.base import DataError
+from fvlab.data.digits import DigitsDataModule
+from fvlab.data.folder import ImageFolderDataModule
+from fvlab.data.synthetic import SyntheticDataModule
+from fvlab.data.torchvision_data import TorchvisionDataModule
+
+__all__ = ["DataError", "DigitsDataModule", "ImageFolderDataModule", "SyntheticDataModule",
+           "TorchvisionDataModule"]
