@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fvlab.models
+	$(VENV)/bin/fvlab fit experiments/ablate_carrier.yaml
+	@echo "Compare the variants: $(VENV)/bin/tensorboard --logdir runs/ablate_carrier"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py
+	$(PY) benchmarks/fit_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

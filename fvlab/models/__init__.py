@@ -1,8 +1,9 @@
 """Pure PyTorch FasterViT: no Lightning, no Optuna."""
 
 from fvlab.models.fastervit import FasterViT
-from fvlab.models.registry import (VARIANTS, CheckpointMismatchError, checkpoint_filter_fn,
-                                   create_model, list_variants, load_checkpoint, variant_config)
+from fvlab.models.config import ArchConfig
+from fvlab.models.registry import (VARIANTS, CheckpointMismatchError, build_model,
+                                   checkpoint_filter_fn, create_model, list_variants, load_checkpoint, variant_config)
 
-__all__ = ["FasterViT", "VARIANTS", "CheckpointMismatchError", "checkpoint_filter_fn",
+__all__ = ["ArchConfig", "FasterViT", "VARIANTS", "CheckpointMismatchError", "build_model", "checkpoint_filter_fn",
            "create_model", "list_variants", "load_checkpoint", "variant_config"]

@@ -1,0 +1,126 @@
+"""Training steps/s of `fvlab fit` against a plain PyTorch loop: the cost of the Lightning layer.
+
+Both sides train the same model (built from the same experiment config), on the same
+data loader, with the same batch size, optimizer (timm AdamW), per-step schedule (timm
+cosine) and loss. `fvlab fit`'s side is built exactly as the command builds it (LightningCLI,
+TensorBoard logging, profile and checkpoint callbacks); its steps are timed from the second
+training batch to the last, so one-time work (profiling at fit start, the checkpoint at
+epoch end) stays outside, as it does for the plain loop. Rounds alternate the two sides
+and the ratio is taken within each round; the median is reported.
+
+    python benchmarks/fit_overhead.py                     # experiments/baseline.yaml
+    python benchmarks/fit_overhead.py --steps 30 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from fvlab.experiment import load_experiment
+from fvlab.lit.runner import build_run
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of the second training batch to the end of the last."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.end = time.perf_counter()
+        self.steps = batch_idx
+
+
+def lightning_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
+    """Steps/s of one `fvlab fit` epoch of ``steps`` batches."""
+    spec = build_run(config, workdir / "run", [
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
+        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"],
+        experiment="overhead", variant="lightning")
+    timer = StepTimer()
+    spec.trainer.callbacks.append(timer)
+    spec.trainer.fit(spec.model, datamodule=spec.datamodule)
+    return timer.steps / (timer.end - timer.start)
+
+
+def plain_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
+    """Steps/s of a hand-written loop over the same model, data, optimizer and schedule."""
+    spec = build_run(config, workdir / "plain", ["--trainer.max_epochs", "1"],
+                     experiment="overhead", variant="plain")
+    module, data = spec.model, spec.datamodule
+    data.setup("fit")
+    model = module.model.train()
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    hp = module.hparams
+    optimizer = create_optimizer_v2(model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=hp.scheduler, num_epochs=1,
+                                       warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
+                                       min_lr=hp.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps)
+    start = 0.0
+    for i, (x, y) in enumerate(data.train_dataloader()):
+        if i == 1:
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y, label_smoothing=hp.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(num_updates=i + 1)
+        if i + 1 == steps:
+            break
+    return (steps - 1) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Alternate the two sides for several rounds and print the median ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experiment", default=str(Path(__file__).parents[1] / "experiments/baseline.yaml"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    experiment = load_experiment(args.experiment)
+    config = experiment.config(experiment.variant_names()[0])
+    ratios, fit_rates, plain_rates = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            sides = ["fit", "plain"] if r % 2 == 0 else ["plain", "fit"]
+            rates = {}
+            for side in sides:
+                torch.manual_seed(r)
+                fn = lightning_steps_per_s if side == "fit" else plain_steps_per_s
+                rates[side] = fn(config, args.steps, Path(tmp) / f"{r}")
+            fit_rates.append(rates["fit"])
+            plain_rates.append(rates["plain"])
+            ratios.append(rates["fit"] / rates["plain"])
+    batch = config.get("data", {}).get("init_args", {}).get("batch_size")
+    print(f"# {experiment.path}: {config['model']['arch']}, batch {batch}, {args.steps} steps "
+          f"per round, {args.rounds} alternating rounds, {torch.get_num_threads()} threads, CPU")
+    print(f"fvlab fit   steps/s (median): {statistics.median(fit_rates):.2f}")
+    print(f"plain loop  steps/s (median): {statistics.median(plain_rates):.2f}")
+    print(f"ratio fit/plain (median): {statistics.median(ratios):.3f}  "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()

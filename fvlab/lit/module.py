@@ -1,0 +1,230 @@
+"""``ImageClassifier``: the LightningModule that trains a FasterViT.
+
+The optimisation pieces are timm's: ``create_optimizer_v2`` (AdamW by default, LAMB, SGD,
+layer-wise lr decay), ``create_scheduler_v2`` (cosine with warm-up by default), ``Mixup``
+(mixup/cutmix with soft targets) and ``ModelEmaV3``. Metrics are torchmetrics'.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from fvlab.models import ArchConfig
+
+__all__ = ["ImageClassifier", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classification with a FasterViT.
+
+    Args:
+        arch: the architecture: a variant ``name`` plus any FasterViT argument as override.
+        num_classes: classes (linked from the data module).
+        in_chans: input channels (linked from the data module).
+        image_size: input side (linked from the data module); checked against the HAT geometry.
+        optimizer: timm optimizer name (``adamw``, ``lamb``, ``sgd`` ...).
+        lr: peak learning rate (at ``lr_base_batch`` images per step when that is set).
+        lr_base_batch: scale ``lr`` linearly to the global batch used: lr * batch / lr_base_batch,
+            with batch = data batch size x devices x nodes x gradient accumulation (None: off).
+        weight_decay: decoupled weight decay (not applied to norms, biases, position MLPs).
+        momentum: momentum for SGD-like optimizers.
+        layer_decay: layer-wise lr decay factor (None: off), via the model's group_matcher.
+        scheduler: timm scheduler name (``cosine``, ``step``, ``plateau`` ...; ``none``: constant lr).
+        warmup_epochs: linear warm-up epochs.
+        warmup_lr: learning rate at the start of warm-up.
+        min_lr: final learning rate of the decay.
+        step_per_batch: update the schedule every optimizer step (True) or once per epoch.
+        label_smoothing: label smoothing of the cross-entropy.
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        mixup_prob: probability of applying mixup or cutmix to a batch.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        ema: keep an exponential moving average of the weights and validate with it.
+        ema_decay: EMA decay per optimizer step.
+        channels_last: train in channels_last memory format (faster with AMP on GPUs).
+        compile: wrap the network in ``torch.compile``.
+    """
+
+    def __init__(self, arch: ArchConfig = ArchConfig(), num_classes: int = 10, in_chans: int = 3,
+                 image_size: Optional[int] = None, optimizer: str = "adamw", lr: float = 1e-3,
+                 lr_base_batch: Optional[int] = None,
+                 weight_decay: float = 0.05, momentum: float = 0.9,
+                 layer_decay: Optional[float] = None, scheduler: str = "cosine",
+                 warmup_epochs: float = 0.0, warmup_lr: float = 1e-6, min_lr: float = 1e-6,
+                 step_per_batch: bool = True, label_smoothing: float = 0.1, mixup: float = 0.0,
+                 cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                 ema: bool = False, ema_decay: float = 0.9998, channels_last: bool = False,
+                 compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        if isinstance(arch, dict):
+            arch = ArchConfig(**arch)
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.arch = arch
+        self.model = arch.build(num_classes=num_classes, in_chans=in_chans)
+        if image_size is not None:
+            self.model.check_image_size(image_size)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # Not registered as a submodule: it would duplicate every key of the state dict.
+        object.__setattr__(self, "network", torch.compile(self.model) if compile else self.model)
+        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema else None
+        self.mixup_fn = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
+                               switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
+                               num_classes=num_classes)
+                         if (mixup > 0 or cutmix > 0) else None)
+        self.train_loss = SoftTargetCrossEntropy() if self.mixup_fn else None
+        top5 = min(5, num_classes)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.val_loss = MeanMetric()
+        self.val_acc1_best = MaxMetric()
+        self.val_acc1_best.persistent(True)  # checkpointed, so a resumed run keeps its best
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    # ---- forward and steps -------------------------------------------------------------
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the trained network."""
+        return self.network(self._prepare(x))
+
+    def eval_network(self) -> torch.nn.Module:
+        """The network used for validation and testing: the EMA copy when EMA is on."""
+        return self.ema.module if self.ema is not None else self.network
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy (soft targets under mixup/cutmix) of one batch."""
+        x, y = batch
+        if self.mixup_fn is not None:
+            if x.shape[0] % 2:  # timm's Mixup pairs samples within the batch
+                x, y = x[:-1], y[:-1]
+            x, soft = self.mixup_fn(x, y)
+            loss = self.train_loss(self(x), soft)
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}; lower model.lr or enable gradient clipping "
+                f"(--trainer.gradient_clip_val 1.0)")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=x.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
+                 on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the EMA weights after each optimizer step."""
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Loss and top-1/top-5 accuracy (of the EMA weights when EMA is on)."""
+        x, y = batch
+        logits = self.eval_network()(self._prepare(x))
+        self.val_loss.update(F.cross_entropy(logits, y), weight=x.shape[0])
+        self.val_acc1.update(logits, y)
+        self.val_acc5.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the epoch's validation metrics and the best top-1 so far."""
+        acc1 = self.val_acc1.compute()
+        if not self.trainer.sanity_checking:
+            self.val_acc1_best.update(acc1)
+        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc1": acc1,
+                       "val/acc5": self.val_acc5.compute()}, prog_bar=True, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True, sync_dist=True)
+        for metric in (self.val_loss, self.val_acc1, self.val_acc5):
+            metric.reset()
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Top-1/top-5 accuracy and loss on the test set."""
+        x, y = batch
+        logits = self.eval_network()(self._prepare(x))
+        self.test_acc1.update(logits, y)
+        self.test_acc5.update(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), batch_size=x.shape[0], sync_dist=True)
+        self.log_dict({"test/acc1": self.test_acc1, "test/acc5": self.test_acc5})
+
+    # ---- optimisation ------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        """timm optimizer and scheduler, stepped per batch or per epoch."""
+        hp = self.hparams
+        optimizer = create_optimizer_v2(self.model, opt=hp.optimizer, lr=self.effective_lr(),
+                                        weight_decay=hp.weight_decay, momentum=hp.momentum,
+                                        layer_decay=hp.layer_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        updates_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / epochs)) \
+            if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=hp.scheduler, num_epochs=epochs, warmup_epochs=hp.warmup_epochs,
+            warmup_lr=hp.warmup_lr, min_lr=hp.min_lr, step_on_epochs=not hp.step_per_batch,
+            updates_per_epoch=updates_per_epoch)
+        interval = "step" if hp.step_per_batch else "epoch"
+        config = {"scheduler": scheduler, "interval": interval}
+        if hp.scheduler == "plateau":
+            config["monitor"] = "val/acc1"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def effective_lr(self) -> float:
+        """The peak learning rate, scaled to the global batch when ``lr_base_batch`` is set."""
+        hp = self.hparams
+        if not hp.lr_base_batch:
+            return hp.lr
+        datamodule = getattr(self.trainer, "datamodule", None)
+        batch = getattr(datamodule, "batch_size", None)
+        if batch is None:
+            return hp.lr
+        global_batch = batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return hp.lr * global_batch / hp.lr_base_batch
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step a timm scheduler: by optimizer updates or by epochs (Lightning knows only torch's)."""
+        if self.hparams.step_per_batch:
+            scheduler.step_update(num_updates=self.global_step)
+        else:
+            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
+
+    # ---- logging helpers ---------------------------------------------------------------
+
+    def hparams_for_logging(self) -> dict[str, Any]:
+        """Flat essentials for TensorBoard's HParams table: resolved arch, optimiser, data."""
+        hp = self.hparams
+        arch = {k: v for k, v in self.arch.resolved().items()}
+        params: dict[str, Any] = {f"arch.{k}": v for k, v in arch.items()}
+        params["arch.name"] = self.arch.name or "custom"
+        for key in ("optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs",
+                    "label_smoothing", "mixup", "cutmix", "ema", "image_size", "num_classes"):
+            params[f"optim.{key}" if key not in ("image_size", "num_classes") else f"data.{key}"] = hp[key]
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None:
+            params["data.class"] = type(datamodule).__name__
+            params["data.batch_size"] = getattr(datamodule, "batch_size", None)
+        return params

@@ -1,0 +1,72 @@
+"""``ArchConfig``: a FasterViT architecture as a typed config (variant name plus overrides).
+
+Typed fields let LightningCLI/jsonargparse check every key and value of ``model.arch`` in
+an experiment file and accept dotted overrides such as ``--model.arch.ct_size 4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, List, Optional, Union
+
+from fvlab.models.fastervit import FasterViT
+from fvlab.models.registry import build_model, variant_config
+
+__all__ = ["ArchConfig"]
+
+IntOrList = Optional[Union[int, List[int]]]
+
+
+@dataclass
+class ArchConfig:
+    """A FasterViT: a named variant (``name``) with any of its arguments overridden.
+
+    Unset fields (None) keep the variant's value. Without ``name`` every architecture field
+    falls back to ``FasterViT``'s own defaults. ``layer_scale``/``layer_scale_conv`` of 0
+    switch layer scale off. Per-stage fields take one value for all stages or a list.
+    """
+
+    name: Optional[str] = "fastervit_tiny"
+    dim: Optional[int] = None
+    in_dim: Optional[int] = None
+    depths: Optional[List[int]] = None
+    num_heads: IntOrList = None
+    window_size: IntOrList = None
+    ct_size: IntOrList = None
+    hat: Optional[Union[bool, List[bool]]] = None
+    do_propagation: Optional[bool] = None
+    mlp_ratio: Optional[float] = None
+    layer_scale: Optional[float] = None
+    layer_scale_conv: Optional[float] = None
+    drop_path_rate: Optional[float] = None
+    drop_rate: Optional[float] = None
+    attn_drop_rate: Optional[float] = None
+    qkv_bias: Optional[bool] = None
+    checkpoint_path: Optional[str] = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that are set, as FasterViT arguments (layer scale 0 meaning off)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("name", "checkpoint_path") or value is None:
+                continue
+            if f.name in ("layer_scale", "layer_scale_conv") and value == 0:
+                value = None
+            out[f.name] = value
+        return out
+
+    def resolved(self) -> dict[str, Any]:
+        """Every FasterViT argument this config builds with (variant values plus overrides)."""
+        base = variant_config(self.name) if self.name else {}
+        return {**base, **self.overrides()}
+
+    def build(self, **kwargs: Any) -> FasterViT:
+        """Build the model (``kwargs``: e.g. num_classes and in_chans from the data)."""
+        spec: dict[str, Any] = {**self.overrides(), **kwargs}
+        if self.name:
+            spec["name"] = self.name
+        if self.checkpoint_path:
+            spec["checkpoint_path"] = self.checkpoint_path
+        return build_model(spec)
