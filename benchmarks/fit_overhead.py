@@ -50,7 +50,8 @@ def lightning_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
     """Steps/s of one `fvlab fit` epoch of ``steps`` batches."""
     spec = build_run(config, workdir / "run", [
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
-        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"],
+        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false"],
         experiment="overhead", variant="lightning")
     timer = StepTimer()
     spec.trainer.callbacks.append(timer)

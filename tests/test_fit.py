@@ -133,7 +133,7 @@ def test_fit_writes_one_run_per_variant_with_tensorboard_hparams(tmp_path: Path,
         events = EventAccumulator(str(run))
         events.Reload()
         scalars = set(events.Tags()["scalars"])
-        assert {"val/acc1_best", "train/loss_step", "train/lr", *MODEL_METRICS} <= scalars
+        assert {"val/acc1_best", "train/loss", "train/loss_epoch", "train/lr", *MODEL_METRICS} <= scalars
         assert "hp_metric" not in scalars
         content = events.PluginTagToContent("hparams")
         exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])

@@ -125,13 +125,16 @@ class ImageClassifier(pl.LightningModule):
             loss = self.train_loss(self(x), soft)
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
+        # On a GPU the check costs a host sync, so it runs at logging steps only there.
+        check = loss.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0
+        if check and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
                 f"{self.global_step}; lower model.lr or enable gradient clipping "
                 f"(--trainer.gradient_clip_val 1.0)")
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=x.shape[0])
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=x.shape[0])
         return loss

@@ -186,6 +186,7 @@ def build_run(config: dict[str, Any], run_dir: Path, overrides: Sequence[str] = 
     try:
         cli = FvlabCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, run=False,
                        save_config_callback=None, seed_everything_default=0,
+                       auto_configure_optimizers=False,  # the module's timm optimizer rules
                        trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
                        parser_kwargs={"exit_on_error": False},
                        args=["--config", yaml.safe_dump(config), *overrides],
