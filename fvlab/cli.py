@@ -191,7 +191,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
-def _prepare_runs(args: argparse.Namespace, overrides: list[str], prog: str):
+def _prepare_runs(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any, list[Any]]:
     """Load the experiment and build every selected variant; BadInput before anything is written."""
     from pathlib import Path
 
@@ -234,7 +234,7 @@ def fit_command(argv: Sequence[str]) -> int:
     args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__)
     _quiet_lightning()
     try:
-        experiment, root, specs = _prepare_runs(args, overrides, "fvlab fit")
+        experiment, root, specs = _prepare_runs(args, overrides)
         todo, notes = [], []
         for spec in specs:
             previous = read_metrics(spec.run_dir)
@@ -293,8 +293,7 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     try:
         if args.variant and len(args.variant) > 1:
             raise BadInput(f"fvlab {stage} takes at most one --variant")
-        experiment, root, specs = _prepare_runs(args, [*overrides, "--trainer.logger", "false"],
-                                                f"fvlab {stage}")
+        experiment, root, specs = _prepare_runs(args, [*overrides, "--trainer.logger", "false"])
         spec = specs[0]
         ckpt = args.ckpt_path
         if ckpt in (None, "last", "best"):
