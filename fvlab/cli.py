@@ -192,7 +192,10 @@ def _quiet_lightning() -> None:
 
 
 def _prepare_runs(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any, list[Any]]:
-    """Load the experiment and build every selected variant; BadInput before anything is written."""
+    """Load the experiment and check that every selected variant builds; BadInput before anything
+    is written. Returns the experiment, its run root and one (variant, config, run_dir) per
+    selected variant; the built objects are dropped so that big models are not held at once."""
+    import gc
     from pathlib import Path
 
     from fvlab.experiment import ExperimentError, load_experiment
@@ -208,68 +211,72 @@ def _prepare_runs(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, 
     if unknown:
         raise BadInput(f"unknown variant {', '.join(map(repr, unknown))} in {args.experiment}; "
                        f"known: {', '.join(known)}")
-    if args.ckpt_path not in (None, "last") and len(selected) > 1:
+    if args.ckpt_path not in (None, "last", "best") and len(selected) > 1:
         raise BadInput("--ckpt_path FILE needs a single --variant; use --ckpt_path last to "
                        "resume every variant from its own last checkpoint")
-    if args.ckpt_path not in (None, "last") and not Path(args.ckpt_path).is_file():
+    if args.ckpt_path not in (None, "last", "best") and not Path(args.ckpt_path).is_file():
         raise BadInput(f"--ckpt_path: checkpoint file not found: {args.ckpt_path}")
     root = Path(args.runs_dir) / experiment.name
-    specs = []
+    planned = []
     for variant in selected:
+        config = experiment.config(variant)
         try:
-            specs.append(build_run(experiment.config(variant), root / variant, overrides,
-                                   experiment=experiment.name, variant=variant))
+            build_run(config, root / variant, overrides, experiment=experiment.name, variant=variant)
         except BadConfig as err:
             raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
-    return experiment, root, specs
+        gc.collect()
+        planned.append((variant, config, root / variant))
+    return experiment, root, planned
 
 
 def fit_command(argv: Sequence[str]) -> int:
     """``fvlab fit``: train every variant of an experiment, then print the comparison table."""
     import os
 
-    from fvlab.lit.runner import fit_run, read_metrics
+    from fvlab.lit.runner import build_run, fit_run, read_metrics
     from fvlab.report import format_markdown, summary_rows, write_summary
 
     args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__)
     _quiet_lightning()
     try:
-        experiment, root, specs = _prepare_runs(args, overrides)
+        experiment, root, planned = _prepare_runs(args, overrides)
         todo, notes = [], []
-        for spec in specs:
-            previous = read_metrics(spec.run_dir)
+        for variant, config, run_dir in planned:
+            previous = read_metrics(run_dir)
             complete = previous is not None and previous.get("status") == "complete"
-            last = spec.run_dir / "checkpoints" / "last.ckpt"
+            last = run_dir / "checkpoints" / "last.ckpt"
             if complete and not args.force:
-                notes.append(f"{spec.variant}: complete, skipped (--force re-runs it)")
+                notes.append(f"{variant}: complete, skipped (--force re-runs it)")
                 continue
             ckpt = args.ckpt_path
             if ckpt == "last":
                 ckpt = str(last) if last.is_file() and not args.force else None
             elif ckpt is None and last.is_file() and not complete and not args.force:
-                raise BadInput(f"{spec.run_dir} holds an unfinished run with checkpoints/last.ckpt; "
+                raise BadInput(f"{run_dir} holds an unfinished run with checkpoints/last.ckpt; "
                                f"resume it with --ckpt_path last, or start over with --force")
-            todo.append((spec, ckpt))
+            todo.append((variant, config, run_dir, ckpt))
     except BadInput as err:
         print(f"fvlab fit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     # DDP re-launches this command in each worker process: they must run the same list.
     if os.environ.get("LOCAL_RANK", "0") != "0" and "FVLAB_FIT_VARIANTS" in os.environ:
-        planned = os.environ["FVLAB_FIT_VARIANTS"].split(",")
-        todo = [(spec, ckpt) for spec, ckpt in todo if spec.variant in planned]
+        names = os.environ["FVLAB_FIT_VARIANTS"].split(",")
+        todo = [item for item in todo if item[0] in names]
     else:
-        os.environ["FVLAB_FIT_VARIANTS"] = ",".join(spec.variant for spec, _ in todo)
+        os.environ["FVLAB_FIT_VARIANTS"] = ",".join(item[0] for item in todo)
     for note in notes:
         print(f"[{experiment.name}] {note}")
     failed = False
     try:
-        for spec, ckpt in todo:
-            print(f"[{experiment.name}] fitting variant {spec.variant!r} -> {spec.run_dir}"
+        for variant, config, run_dir, ckpt in todo:
+            print(f"[{experiment.name}] fitting variant {variant!r} -> {run_dir}"
                   + (f" (resuming {ckpt})" if ckpt else ""), flush=True)
+            spec = build_run(config, run_dir, overrides, experiment=experiment.name, variant=variant)
             result = fit_run(spec, ckpt_path=ckpt)
+            del spec
             if result["status"] != "complete":
                 failed = True
-                print(f"[{experiment.name}] variant {spec.variant!r} failed: {result.get('error')}",
+                print(f"[{experiment.name}] variant {variant!r} failed: {result.get('error')}",
                       file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         failed = True
@@ -293,21 +300,25 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     try:
         if args.variant and len(args.variant) > 1:
             raise BadInput(f"fvlab {stage} takes at most one --variant")
-        experiment, root, specs = _prepare_runs(args, [*overrides, "--trainer.logger", "false"])
-        spec = specs[0]
+        overrides = [*overrides, "--trainer.logger", "false"]
+        experiment, root, planned = _prepare_runs(args, overrides)
+        variant, config, run_dir = planned[0]
         ckpt = args.ckpt_path
         if ckpt in (None, "last", "best"):
             name = "best.ckpt" if ckpt in (None, "best") else "last.ckpt"
-            path = spec.run_dir / "checkpoints" / name
+            path = run_dir / "checkpoints" / name
             if not path.is_file():
                 raise BadInput(f"no checkpoint at {path}; train it with `fvlab fit {args.experiment} "
-                               f"--variant {spec.variant}` or pass --ckpt_path FILE")
+                               f"--variant {variant}` or pass --ckpt_path FILE")
             ckpt = str(path)
     except BadInput as err:
         print(f"fvlab {stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    method = getattr(spec.trainer, stage)
-    method(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt)
+    from fvlab.lit.runner import build_run
+
+    # run_dir=None: evaluating writes nothing into the run directory.
+    spec = build_run(config, None, overrides, experiment=experiment.name, variant=variant)
+    getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt)
     return EXIT_OK
 
 

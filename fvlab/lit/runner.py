@@ -140,7 +140,7 @@ class RunSpec:
 
     experiment: str
     variant: str
-    run_dir: Path
+    run_dir: Path | None
     config: dict[str, Any]
     cli: FvlabCLI = field(repr=False)
 
@@ -178,7 +178,7 @@ def _one_line(err: BaseException) -> str:
     return re.sub(r"\s+", " ", "; ".join(part for part in lines if part))[:600]
 
 
-def build_run(config: dict[str, Any], run_dir: Path, overrides: Sequence[str] = (),
+def build_run(config: dict[str, Any], run_dir: Path | None, overrides: Sequence[str] = (),
               experiment: str = "", variant: str = "") -> RunSpec:
     """Parse, check and instantiate one run; raises BadConfig with a one-line reason."""
     config = dict(config)
