@@ -23,7 +23,8 @@ class BadInput(Exception):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits with 2 already; keep one line
+    def error(self, message: str) -> None:
+        """Exit with code 2 and a one-line message (argparse prints the whole usage)."""
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
