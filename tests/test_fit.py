@@ -117,6 +117,7 @@ def test_fit_writes_one_run_per_variant_with_tensorboard_hparams(tmp_path: Path,
     out = capsys.readouterr().out
     root = tmp_path / "runs" / "exp"
     assert "| no_carrier" in out and "| ct1" in out
+    assert "[exp/ct1] epoch 1/1 train/loss_epoch=" in out  # one line per epoch off a terminal
     for variant in ("no_carrier", "ct1"):
         run = root / variant
         metrics = json.loads((run / "metrics.json").read_text())
@@ -328,3 +329,25 @@ def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
         assert metrics["status"] == "complete"
         assert len(list(run.glob("events.out.tfevents.*"))) == 1
     assert done.stdout.count("| v1") == 1  # the table comes from rank 0 only
+
+
+def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path) -> None:
+    from PIL import Image
+    for split, n in (("train", 8), ("val", 4)):
+        for label, shade in (("dark", 40), ("light", 200)):
+            folder = tmp_path / "tree" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (40, 36), color=shade + i).save(folder / f"{i}.png")
+    experiment = write_experiment(
+        tmp_path / "exp.yaml",
+        model={"arch": dict(MICRO), "lr": 1e-3, "channels_last": True},
+        data={"class_path": "fvlab.data.ImageFolderDataModule",
+              "init_args": {"root": str(tmp_path / "tree"), "image_size": 32, "in_chans": 1,
+                            "batch_size": 4, "num_workers": 0}})
+    assert run_fit(tmp_path, experiment) == 0
+    metrics = json.loads((tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["image_size"] == 32
+    ckpt = torch.load(tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt",
+                      weights_only=True)
+    assert ckpt["state_dict"]["model.patch_embed.conv_down.0.weight"].shape[1] == 1  # grey input
