@@ -41,8 +41,6 @@ def set_dotted(config: dict, key: str, value: Any) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        elif isinstance(child, str) and part == "arch":
-            child = node[part] = {"name": child}  # `arch: fastervit_0` short form
         elif not isinstance(child, dict):
             raise ExperimentError(f"cannot set {key!r}: {part!r} is {child!r}, not a section")
         node = child
@@ -82,6 +80,9 @@ class Experiment:
             raise ExperimentError(
                 f"unknown variant {variant!r} in {self.path}; known: {', '.join(self.variant_names())}")
         config = copy.deepcopy(self.base)
+        model = config.get("model")
+        if isinstance(model, dict) and isinstance(model.get("arch"), str):
+            model["arch"] = {"name": model["arch"]}  # `arch: fastervit_0` short form
         for key, value in self.variants.get(variant, {}).items():
             set_dotted(config, key, value)
         return config

@@ -351,3 +351,19 @@ def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path) -> No
     ckpt = torch.load(tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt",
                       weights_only=True)
     assert ckpt["state_dict"]["model.patch_embed.conv_down.0.weight"].shape[1] == 1  # grey input
+
+
+@pytest.mark.parametrize("arch, ct_size", [
+    ("fastervit_micro", [0, 0, 1, 0]),                        # short form: a variant name
+    ({"name": None, "dim": 16, "in_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 4],
+      "window_size": 2, "ct_size": [0, 0, 2, 0], "mlp_ratio": 2.0}, [0, 0, 2, 0]),  # full arguments
+])
+def test_arch_as_variant_name_or_full_arguments(tmp_path: Path, arch, ct_size) -> None:
+    from fvlab.experiment import load_experiment
+    from fvlab.lit.runner import build_run
+
+    path = write_experiment(tmp_path / "exp.yaml", model={"arch": arch, "lr": 1e-3})
+    experiment = load_experiment(path)
+    spec = build_run(experiment.config("default"), None, experiment=experiment.name, variant="default")
+    assert spec.model.model.ct_size == ct_size
+    assert spec.model.model.num_classes == 4 and spec.model.model.in_chans == 3  # from the data
