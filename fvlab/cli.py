@@ -217,6 +217,8 @@ def _prepare_runs(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, 
                        "resume every variant from its own last checkpoint")
     if args.ckpt_path not in (None, "last", "best") and not Path(args.ckpt_path).is_file():
         raise BadInput(f"--ckpt_path: checkpoint file not found: {args.ckpt_path}")
+    if Path(args.runs_dir).exists() and not Path(args.runs_dir).is_dir():
+        raise BadInput(f"--runs-dir {args.runs_dir} is a file; give a directory (default: runs)")
     root = Path(args.runs_dir) / experiment.name
     planned = []
     for variant in selected:

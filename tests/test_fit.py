@@ -199,6 +199,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, extra, sec
 def test_missing_experiment_file_exits_2(tmp_path: Path, capsys) -> None:
     assert run_fit(tmp_path, tmp_path / "nope.yaml") == 2
     assert "nope.yaml" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["fit", str(write_experiment(tmp_path / "exp.yaml")), "--runs-dir",
+                 str(tmp_path / "afile")]) == 2
+    assert "--runs-dir" in capsys.readouterr().err
 
 
 class NaNData(SyntheticDataModule):
