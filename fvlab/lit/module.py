@@ -220,8 +220,7 @@ class ImageClassifier(pl.LightningModule):
     def hparams_for_logging(self) -> dict[str, Any]:
         """Flat essentials for TensorBoard's HParams table: resolved arch, optimiser, data."""
         hp = self.hparams
-        arch = {k: v for k, v in self.arch.resolved().items()}
-        params: dict[str, Any] = {f"arch.{k}": v for k, v in arch.items()}
+        params: dict[str, Any] = {f"arch.{k}": v for k, v in self.arch.resolved().items()}
         params["arch.name"] = self.arch.name or "custom"
         for key in ("optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs",
                     "label_smoothing", "mixup", "cutmix", "ema", "image_size", "num_classes"):
