@@ -337,8 +337,22 @@ def testing_command(argv: Sequence[str]) -> int:
 
 # ---- entry point -----------------------------------------------------------------------
 
+def sweep_command(argv: Sequence[str]) -> int:
+    """``fvlab sweep``: Optuna search over HAT settings (see fvlab.sweep)."""
+    from fvlab.sweep import sweep_command as run
+
+    return run(argv)
+
+
+def report_command(argv: Sequence[str]) -> int:
+    """``fvlab report``: tables and plots comparing runs and studies (see fvlab.report)."""
+    from fvlab.report import report_command as run
+
+    return run(argv)
+
+
 COMMANDS = {"fit": fit_command, "validate": validate_command, "test": testing_command,
-            "profile": profile_command}
+            "profile": profile_command, "sweep": sweep_command, "report": report_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  fit       train every variant of an experiment, then print the comparison table\n"
               "  validate  validation metrics of a trained variant (--ckpt_path, default best)\n"
               "  test      test metrics of a trained variant\n"
-              "  profile   params, GFLOPs, measured throughput and latency per model\n\n"
+              "  profile   params, GFLOPs, measured throughput and latency per model\n"
+              "  sweep     Optuna search over HAT settings (multi-objective, resumable, many workers)\n"
+              "  report    report.md, tables and plots comparing runs, variants, seeds and trials\n\n"
               "Run `fvlab COMMAND --help` for a command's options.")
         return EXIT_OK if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]
