@@ -1,0 +1,344 @@
+"""Seed statistics of an ablation: mean ± std per variant and paired differences to a reference.
+
+Pure functions over metrics.json contents (dicts), so they are tested without a Trainer:
+
+- ``aggregate`` groups runs by variant: mean and sample standard deviation (ddof=1) over the
+  completed seeds, the seeds that failed or are missing, the architecture's figures;
+- ``paired_difference`` is the difference of a variant to the reference variant, paired by seed
+  (same seed, same initialisation and data order), with a paired-t confidence interval;
+- ``format_summary`` / ``write_summary`` make the comparison table of ``fvlab fit``
+  (stdout, summary.md, summary.csv).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "PairedDifference", "VariantStats",
+           "paired_difference", "aggregate", "format_summary", "summary_csv_rows", "write_summary",
+           "markdown_table", "seed_label"]
+
+PRIMARY_METRIC = "val/acc1_best"
+SEED_METRICS = ("val/acc1_best", "val/acc1", "val/loss")
+MODEL_METRICS = ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms")
+MODEL_TITLES = {"model/params_m": ("params (M)", "{:.3f}"), "model/gflops": ("GFLOPs", "{:.4f}"),
+                "model/throughput": ("throughput (img/s)", "{:.1f}"),
+                "model/latency_ms": ("latency (ms)", "{:.2f}")}
+CONFIDENCE = 0.95
+SIGNIFICANT_MARK = "*"
+# Statuses of a run that has not produced final figures yet, or never will.
+RUNNING, NOT_RUN = "running", "not run"
+
+
+@dataclass
+class PairedDifference:
+    """Mean of the per-seed differences ``variant - reference`` and its paired-t interval."""
+
+    reference: str
+    seeds: list[Any]
+    mean: float | None
+    low: float | None = None
+    high: float | None = None
+    confidence: float = CONFIDENCE
+
+    @property
+    def n(self) -> int:
+        """Number of seeds present, complete, in both variants."""
+        return len(self.seeds)
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the interval lies wholly above or below zero."""
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+
+def paired_difference(values: Mapping[Any, float], reference_values: Mapping[Any, float],
+                      reference: str = "", confidence: float = CONFIDENCE) -> PairedDifference:
+    """Difference to the reference over the seeds both have, with a paired-t interval (n >= 2)."""
+    from scipy import stats
+
+    seeds = [s for s in values if s in reference_values
+             and values[s] is not None and reference_values[s] is not None]
+    diffs = [float(values[s]) - float(reference_values[s]) for s in seeds]
+    if not diffs:
+        return PairedDifference(reference, [], None, confidence=confidence)
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return PairedDifference(reference, seeds, mean, confidence=confidence)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return PairedDifference(reference, seeds, mean, mean - half, mean + half, confidence)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def seed_label(seed: Any) -> str:
+    """``seed 3``, or ``(no seed)`` for runs that did not record one."""
+    return "(no seed)" if seed is None else f"seed {seed}"
+
+
+@dataclass
+class VariantStats:
+    """One variant over its seeds: statistics of the completed runs and what is missing."""
+
+    variant: str
+    experiment: str = ""
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    expected_seeds: list[Any] = field(default_factory=list)
+    mean: dict[str, float | None] = field(default_factory=dict)
+    std: dict[str, float | None] = field(default_factory=dict)
+    model: dict[str, float | None] = field(default_factory=dict)
+    precision: str | None = None
+    epochs: float | None = None
+    wall_s: float | None = None
+    difference: PairedDifference | None = None
+    is_reference: bool = False
+
+    @property
+    def complete(self) -> list[dict[str, Any]]:
+        """Runs whose status is complete."""
+        return [r for r in self.runs if r.get("status") == "complete"]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """Runs that ended without final figures: failed, pruned, interrupted."""
+        return [r for r in self.runs if r.get("status") not in ("complete", RUNNING, NOT_RUN, None)]
+
+    @property
+    def running(self) -> list[dict[str, Any]]:
+        """Runs still in progress (latest figures only)."""
+        return [r for r in self.runs if r.get("status") == RUNNING]
+
+    @property
+    def missing_seeds(self) -> list[Any]:
+        """Expected seeds without any run, or listed as not run."""
+        have = {r.get("seed") for r in self.runs if r.get("status") != NOT_RUN}
+        return [s for s in self.expected_seeds if s not in have]
+
+    @property
+    def n(self) -> int:
+        """Completed seeds, the ones the statistics use."""
+        return len(self.complete)
+
+    @property
+    def status(self) -> str:
+        """complete when any seed completed, else running, failed or not run."""
+        if self.complete:
+            return "complete"
+        if self.running:
+            return RUNNING
+        if self.failed:
+            return str(self.failed[0].get("status"))
+        return NOT_RUN
+
+    def seeds_cell(self) -> str:
+        """``2/3 (1 failed)``: completed seeds out of the expected ones and why the rest are out."""
+        total = len(set(self.expected_seeds) | {r.get("seed") for r in self.runs})
+        why = [f"{len(self.failed)} failed"] if self.failed else []
+        why += [f"{len(self.running)} running"] if self.running else []
+        why += [f"{len(self.missing_seeds)} missing"] if self.missing_seeds else []
+        return f"{self.n}/{total}" + (f" ({', '.join(why)})" if why else "")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = None,
+              variant_order: Sequence[str] | None = None, seeds: Sequence[Any] | None = None,
+              experiment: str = "") -> list[VariantStats]:
+    """Group metrics.json dicts by variant; mean ± sample std over completed seeds; paired Δ."""
+    groups: dict[str, VariantStats] = {}
+    for name in variant_order or ():
+        groups[name] = VariantStats(name, experiment)
+    all_seeds = list(seeds or [])
+    for result in results:
+        name = str(result.get("variant") or "default")
+        stats = groups.setdefault(name, VariantStats(name, experiment or str(result.get("experiment") or "")))
+        stats.runs.append(dict(result))
+        if result.get("status") != NOT_RUN or result.get("seed") is not None:
+            if result.get("seed") not in all_seeds:
+                all_seeds.append(result.get("seed"))
+    for stats in groups.values():
+        if not stats.experiment:
+            stats.experiment = next((str(r["experiment"]) for r in stats.runs if r.get("experiment")), "")
+        # Seeds the others ran count as missing here; unseeded runs (None) expect nothing more.
+        stats.expected_seeds = [s for s in all_seeds if s is not None] or \
+            sorted({r.get("seed") for r in stats.runs}, key=str)
+        complete = stats.complete
+        for key in SEED_METRICS:
+            values = [v for v in (_number(r.get(key)) for r in complete) if v is not None]
+            stats.mean[key], stats.std[key] = _mean_std(values)
+        # The architecture's figures do not depend on the seed (measured once per variant).
+        measured = complete or stats.runs
+        for key in MODEL_METRICS:
+            stats.model[key] = _mean_std([v for v in (_number(r.get(key)) for r in measured)
+                                          if v is not None])[0]
+        precisions = sorted({str(r["precision"]) for r in measured if r.get("precision")})
+        stats.precision = "/".join(precisions) or None
+        stats.epochs = _mean_std([v for v in (_number(r.get("epochs")) for r in measured) if v is not None])[0]
+        stats.wall_s = _mean_std([v for v in (_number(r.get("wall_s")) for r in measured) if v is not None])[0]
+    if not groups:
+        return []
+    reference = reference if reference in groups else next(iter(groups))
+    by_seed = {name: {r.get("seed"): _number(r.get(PRIMARY_METRIC)) for r in s.complete}
+               for name, s in groups.items()}
+    for name, stats in groups.items():
+        stats.is_reference = name == reference
+        if not stats.is_reference:
+            stats.difference = paired_difference(by_seed[name], by_seed[reference], reference)
+    return list(groups.values())
+
+
+# ---- formatting ------------------------------------------------------------------------
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table padded to line up in a terminal too."""
+    table = [list(header)] + [[str(c).replace("|", "/") for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, fmt: str = "{:.4f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def mean_std_cell(stats: VariantStats, key: str, fmt: str = "{:.4f}") -> str:
+    """``0.9667 ± 0.0083``; the bare value with one seed; ``-`` with none."""
+    mean, std = stats.mean.get(key), stats.std.get(key)
+    if mean is None:
+        return "-"
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")
+
+
+def difference_cell(stats: VariantStats) -> str:
+    """``+0.0083 [-0.0120, +0.0287]`` with the mark when the interval excludes zero."""
+    if stats.is_reference:
+        return "reference"
+    d = stats.difference
+    if d is None or d.mean is None:
+        return "-"
+    if d.low is None:
+        return f"{d.mean:+.4f} [n/a]"
+    mark = f" {SIGNIFICANT_MARK}" if d.excludes_zero else ""
+    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
+
+
+def summary_notes(variants: Sequence[VariantStats]) -> list[str]:
+    """The lines under the table: what ± and the mark mean, which seeds failed or are missing."""
+    if not variants:
+        return []
+    reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
+    confidence = next((v.difference.confidence for v in variants if v.difference), CONFIDENCE)
+    notes = [f"± is the sample standard deviation (n-1) over the completed seeds. Δ is the mean "
+             f"per-seed difference of {PRIMARY_METRIC} to the reference variant {reference!r}, "
+             f"paired by seed, with its {confidence:.0%} paired-t confidence interval; "
+             f"{SIGNIFICANT_MARK} marks an interval that excludes zero (a difference larger "
+             f"than seed-to-seed noise)."]
+    lone = [v.variant for v in variants if v.difference is not None and v.difference.n < 2]
+    if lone:
+        notes.append(f"n/a: fewer than two seeds completed in both {', '.join(lone)} and the "
+                     f"reference, so no interval; list several seeds (seeds: [0, 1, 2]) for one.")
+    for v in variants:
+        for run in v.failed:
+            notes.append(f"{run.get('status')}: {v.variant} "
+                         f"{seed_label(run.get('seed'))}: {run.get('error') or 'no reason recorded'}"
+                         f" (left out of the statistics)")
+        for run in v.running:
+            notes.append(f"running: {v.variant} {seed_label(run.get('seed'))} (left out of the statistics)")
+        for seed in v.missing_seeds:
+            notes.append(f"missing: {v.variant} {seed_label(seed)} (not run yet)")
+    return notes
+
+
+def _summary_header(reference: str) -> list[str]:
+    return ["variant", "seeds", f"{PRIMARY_METRIC}", f"Δ vs {reference} [95% CI]", "val/acc1",
+            "val/loss", *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "precision"]
+
+
+def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> str:
+    """The comparison table of ``fvlab fit`` with its note lines."""
+    if not variants:
+        return "(no runs)"
+    reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
+    rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
+             mean_std_cell(v, "val/acc1"), mean_std_cell(v, "val/loss"),
+             *(_fmt(v.model.get(k), MODEL_TITLES[k][1]) for k in MODEL_METRICS), v.precision or "-"]
+            for v in variants]
+    return markdown_table(_summary_header(reference), rows) + "\n\n" + note_sep.join(summary_notes(variants))
+
+
+# ---- summary.csv -----------------------------------------------------------------------
+
+CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
+              *(f for k in SEED_METRICS for f in (k, f"{k}_std")), "val/acc5",
+              "reference", "delta/val/acc1_best", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
+              "delta_excludes_zero", *MODEL_METRICS, "precision", "epochs", "wall_s", "error"]
+
+
+def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
+    """One ``run`` row per variant and seed, then one ``mean`` row per variant (std in ``*_std``)."""
+    rows: list[dict[str, Any]] = []
+    reference = next((v.variant for v in variants if v.is_reference), "")
+    for v in variants:
+        for run in v.runs:
+            row = {k: run.get(k) for k in CSV_FIELDS if k in run}
+            row.update(kind="run", experiment=run.get("experiment") or v.experiment, variant=v.variant,
+                       seed=run.get("seed"), status=run.get("status"), reference=reference)
+            rows.append(row)
+    for v in variants:
+        d = v.difference
+        row = {"kind": "mean", "experiment": v.experiment, "variant": v.variant, "status": v.status,
+               "n_complete": v.n, "n_failed": len(v.failed),
+               "n_missing": len(v.missing_seeds) + len(v.running), "reference": reference,
+               "precision": v.precision, "epochs": v.epochs, "wall_s": v.wall_s, **v.model}
+        for key in SEED_METRICS:
+            row[key], row[f"{key}_std"] = v.mean.get(key), v.std.get(key)
+        if d is not None:
+            row.update({"delta/val/acc1_best": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
+                        "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None})
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
+    """Write rows as CSV; missing values are empty cells."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    path.write_text(buffer.getvalue())
+
+
+def write_summary(directory: Path, results: Sequence[Mapping[str, Any]], *, title: str = "",
+                  reference: str | None = None, variant_order: Sequence[str] | None = None,
+                  seeds: Sequence[Any] | None = None) -> str:
+    """Write summary.md and summary.csv into ``directory``; returns the table and notes for stdout."""
+    variants = aggregate(results, reference=reference, variant_order=variant_order, seeds=seeds)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Markdown joins consecutive lines into one paragraph: one note per paragraph there.
+    (directory / "summary.md").write_text((f"# {title}\n\n" if title else "")
+                                          + format_summary(variants, note_sep="\n\n") + "\n")
+    write_csv(directory / "summary.csv", summary_csv_rows(variants), CSV_FIELDS)
+    return format_summary(variants)
