@@ -7,10 +7,10 @@ written); 1 a failure while running.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -23,6 +23,11 @@ class BadInput(Exception):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--f`` is not ``--force``) and with one-line errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> None:
         """Exit with code 2 and a one-line message (argparse prints the whole usage)."""
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
@@ -31,42 +36,18 @@ class _ArgumentParser(argparse.ArgumentParser):
 # ---- fvlab profile ---------------------------------------------------------------------
 
 
-def data_geometry(config: dict[str, Any]) -> dict[str, Any]:
-    """Image size, input channels and classes that an experiment's data section gives the model."""
-    from fvlab.experiment import get_dotted
+def _profile_targets(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | None]]:
+    """(row name, run config or None for --arch) for every model to profile, each checked as `fit` checks it."""
+    import gc
 
-    data = config.get("data") or {}
-    class_path = data.get("class_path", DEFAULT_DATA) if isinstance(data, dict) else DEFAULT_DATA
-    init_args = dict(get_dotted(config, "data.init_args", None) or
-                     {k: v for k, v in (data or {}).items() if k != "class_path"})
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        raise BadInput(f"data.class_path {class_path!r} cannot be imported; use e.g. "
-                       f"{DEFAULT_DATA}") from None
-    try:
-        datamodule = cls(**init_args)
-        return dict(image_size=datamodule.image_size, in_chans=datamodule.in_chans,
-                    num_classes=datamodule.num_classes)
-    except Exception:
-        # Profiling needs no data: fall back to the configured or default sizes.
-        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-        merged = {**defaults, **init_args}
-        return dict(image_size=merged.get("image_size", 224), in_chans=merged.get("in_chans") or 3,
-                    num_classes=merged.get("num_classes"))
-
-
-def _profile_targets(args: argparse.Namespace) -> list[tuple[str, Any, dict[str, Any]]]:
-    """(row name, arch spec, model/data sizes) for every model to profile."""
-    from fvlab.experiment import ExperimentError, get_dotted, load_experiment
+    from fvlab.experiment import ExperimentError, load_experiment, set_dotted
+    from fvlab.lit.runner import BadConfig, build_run
     from fvlab.models import list_variants
 
     if args.experiment is None:
         if args.arch not in list_variants():
             raise BadInput(f"unknown arch {args.arch!r}; known: {', '.join(list_variants())}")
-        return [(args.arch, args.arch, dict(image_size=args.image_size or 224))]
+        return [(args.arch, None)]
     try:
         experiment = load_experiment(args.experiment)
     except ExperimentError as err:
@@ -74,15 +55,38 @@ def _profile_targets(args: argparse.Namespace) -> list[tuple[str, Any, dict[str,
     targets = []
     for variant in experiment.variant_names():
         config = experiment.config(variant)
-        arch = get_dotted(config, "model.arch")
-        if arch is None:
-            raise BadInput(f"{args.experiment}: variant {variant!r} has no model.arch; "
-                           f"set it to a variant name such as fastervit_tiny")
-        sizes = data_geometry(config)
         if args.image_size:
-            sizes["image_size"] = args.image_size
-        targets.append((variant, arch, sizes))
+            config.setdefault("data", {"class_path": DEFAULT_DATA})
+            set_dotted(config, "data.image_size", args.image_size)
+        try:
+            build_run(config, None, {"trainer.logger": False}, experiment=experiment.name, variant=variant)
+        except BadConfig as err:
+            raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
+        gc.collect()  # checked, then dropped: big ablations are not held in memory together
+        targets.append((variant, config))
     return targets
+
+
+def _profile_device(name: str | None) -> Any:
+    """The torch device to measure on; BadInput for a name torch does not know or a missing GPU."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BadInput(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadInput(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise BadInput(f"--device {name}: this machine has {count} CUDA device(s) "
+                           f"(cuda:0 ... cuda:{count - 1})")
+    elif device.type not in ("cpu", "mps"):
+        raise BadInput(f"--device {name!r}: fvlab profiles on cpu or cuda[:N]")
+    return device
 
 
 def _format_table(rows: list[dict[str, Any]]) -> str:
@@ -125,32 +129,33 @@ def profile_command(argv: Sequence[str]) -> int:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
-    import torch
-
+    from fvlab.lit.runner import build_run, release_memory
     from fvlab.models import build_model
     from fvlab.profile import profile_model
 
+    _quiet_lightning()
     try:
+        device = _profile_device(args.device)
         targets = _profile_targets(args)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BadInput(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        models = []
-        for name, arch, sizes in targets:
-            overrides = {k: sizes[k] for k in ("in_chans", "num_classes") if sizes.get(k)}
-            try:
-                models.append((name, build_model(arch, **overrides).to(device), sizes["image_size"]))
-            except (ValueError, TypeError) as err:
-                raise BadInput(f"{name}: {err}") from None
     except BadInput as err:
         print(f"fvlab profile: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     rows = []
-    for name, model, image_size in models:
-        metrics = profile_model(model, image_size, throughput=not args.no_throughput,
+    for name, config in targets:
+        if config is None:
+            network, image_size, in_chans = build_model(name), args.image_size or 224, None
+        else:
+            spec = build_run(config, None, {"trainer.logger": False})
+            network = spec.model.model
+            image_size = getattr(spec.datamodule, "image_size", None) or 224
+            in_chans = getattr(spec.datamodule, "in_chans", None)
+            del spec
+        metrics = profile_model(network.to(device), image_size, throughput=not args.no_throughput,
                                 batch_size=args.batch_size, device=device, amp=args.amp,
-                                repeats=args.repeats)
+                                repeats=args.repeats, in_chans=in_chans)
         rows.append({"name": name, "image_size": image_size, **metrics})
+        del network
+        release_memory()
     print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
     return EXIT_OK
 
@@ -159,15 +164,19 @@ def profile_command(argv: Sequence[str]) -> int:
 # ---- fvlab fit / validate / test -------------------------------------------------------
 
 
-def _split_fit_args(prog: str, argv: Sequence[str], description: str) -> tuple[argparse.Namespace, list[str]]:
+def _split_fit_args(prog: str, argv: Sequence[str], description: str,
+                    seeds: bool = False) -> tuple[argparse.Namespace, list[str]]:
     """fvlab's own options; everything else goes to LightningCLI as overrides."""
     parser = _ArgumentParser(prog=prog, description=description, add_help=False)
-    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("experiment", help="experiment YAML file (or a run's config.yaml)")
     parser.add_argument("--variant", action="append", default=None,
                         help="run only this variant (repeatable)")
+    if seeds:
+        parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                            help="train every variant once per seed (replaces the file's seeds)")
     parser.add_argument("--force", action="store_true", help="re-run variants that are complete")
     parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
-                        help="'last' resumes each variant from its last checkpoint; or a file")
+                        help="'last' resumes each run from its last checkpoint; or a file")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -175,6 +184,14 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str) -> tuple[a
               "--model.arch.ct_size 4 --data.batch_size 32; --print_config prints the resolved config.")
         raise SystemExit(0 if argv else EXIT_BAD_INPUT)
     args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        key = item[2:].partition("=")[0] if item.startswith("--") else ""
+        if key and "." not in key and key not in ("seed_everything", "print_config"):
+            parser.error(f"unknown option --{key}; the options are --variant, "
+                         f"{'--seeds, ' if seeds else ''}--force, --ckpt_path, --runs-dir, and "
+                         f"dotted config overrides such as --trainer.max_epochs 2")
+    args.print_config = "--print_config" in rest
+    rest = [item for item in rest if item != "--print_config"]
     return args, rest
 
 
@@ -188,19 +205,29 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*instantiate_classes.*deprecated.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
-def _prepare_runs(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any, list[Any]]:
-    """Load the experiment and check that every selected variant builds; BadInput before anything
-    is written. Returns the experiment, its run root and one (variant, config, run_dir) per
-    selected variant; the built objects are dropped so that big models are not held at once."""
-    import gc
-    from pathlib import Path
+@dataclass
+class FitJob:
+    """One run of ``fvlab fit``: a variant (and seed), its config, run directory and plan."""
 
+    variant: str
+    seed: int | None
+    config: dict[str, Any]
+    run_dir: Path
+    action: str = "fresh"
+    ckpt_path: str | None = None
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        """``variant`` or ``variant/seed_S``."""
+        return self.variant if self.seed is None else f"{self.variant}/seed_{self.seed}"
+
+
+def _load_selection(args: argparse.Namespace) -> tuple[Any, list[str], list[int] | None]:
     from fvlab.experiment import ExperimentError, load_experiment
-    from fvlab.lit.runner import BadConfig, build_run
 
     try:
         experiment = load_experiment(args.experiment)
@@ -212,115 +239,207 @@ def _prepare_runs(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, 
     if unknown:
         raise BadInput(f"unknown variant {', '.join(map(repr, unknown))} in {args.experiment}; "
                        f"known: {', '.join(known)}")
-    if args.ckpt_path not in (None, "last", "best") and len(selected) > 1:
-        raise BadInput("--ckpt_path FILE needs a single --variant; use --ckpt_path last to "
-                       "resume every variant from its own last checkpoint")
-    if args.ckpt_path not in (None, "last", "best") and not Path(args.ckpt_path).is_file():
-        raise BadInput(f"--ckpt_path: checkpoint file not found: {args.ckpt_path}")
+    seeds = getattr(args, "seeds", None) or experiment.seeds
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise BadInput(f"--seeds {' '.join(map(str, seeds))} repeats a seed; list each seed once")
+    if seeds is not None and any(not 0 <= s < 2**32 for s in seeds):
+        raise BadInput(f"--seeds must lie in [0, 2**32), got {seeds}")
     if Path(args.runs_dir).exists() and not Path(args.runs_dir).is_dir():
         raise BadInput(f"--runs-dir {args.runs_dir} is a file; give a directory (default: runs)")
+    return experiment, selected, seeds
+
+
+def _plan_fit(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Path, list[FitJob]]:
+    """Check every selected variant and seed and decide skip/fresh/resume before anything is
+    written; BadInput otherwise. Each variant is built once to check it, then dropped, so big
+    ablations are never held in memory together."""
+    import gc
+
+    from fvlab.experiment import ExperimentError, parse_cli_overrides, run_dir_for
+    from fvlab.lit.runner import BadConfig, RunRefused, build_run, config_hash, plan_run
+
+    if args.ckpt_path == "best":
+        raise BadInput("--ckpt_path best: fit resumes from the last checkpoint (--ckpt_path last) "
+                       "or a checkpoint FILE; best.ckpt is for fvlab validate/test")
+    experiment, selected, seeds = _load_selection(args)
+    if args.ckpt_path not in (None, "last"):
+        if len(selected) * len(seeds or [None]) > 1:
+            raise BadInput("--ckpt_path FILE needs a single run (one --variant, one seed); use "
+                           "--ckpt_path last to resume every run from its own last checkpoint")
+        if not Path(args.ckpt_path).is_file():
+            raise BadInput(f"--ckpt_path: checkpoint file not found: {args.ckpt_path}")
+    try:
+        parsed = parse_cli_overrides(overrides)
+    except ExperimentError as err:
+        raise BadInput(str(err)) from None
     root = Path(args.runs_dir) / experiment.name
-    planned = []
+    jobs = []
     for variant in selected:
         config = experiment.config(variant)
         try:
-            build_run(config, root / variant, overrides, experiment=experiment.name, variant=variant)
+            spec = build_run(config, root / variant, parsed, experiment=experiment.name, variant=variant,
+                             seed=seeds[0] if seeds else None)
         except BadConfig as err:
             raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
+        resolved = spec.config
+        del spec
         gc.collect()
-        planned.append((variant, config, root / variant))
-    return experiment, root, planned
+        for seed in seeds or [None]:
+            run_dir = run_dir_for(root, variant, seed)
+            if seed is not None:
+                resolved = {**resolved, "seed_everything": seed}
+            try:
+                plan = plan_run(run_dir, config_hash(resolved), force=args.force,
+                                resume=args.ckpt_path == "last", config=resolved)
+            except RunRefused as err:
+                raise BadInput(str(err)) from None
+            ckpt = args.ckpt_path if args.ckpt_path not in (None, "last") else plan.ckpt_path
+            jobs.append(FitJob(variant, seed, config, run_dir, plan.action, ckpt, plan.note))
+    return experiment, root, jobs
+
+
+def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    import yaml
+
+    from fvlab.experiment import ExperimentError, parse_cli_overrides
+    from fvlab.lit.runner import BadConfig, build_run
+
+    experiment, selected, seeds = _load_selection(args)
+    try:
+        spec = build_run(experiment.config(selected[0]), None, parse_cli_overrides(overrides),
+                         seed=seeds[0] if seeds else None)
+    except (BadConfig, ExperimentError) as err:
+        raise BadInput(f"{args.experiment} [{selected[0]}]: {err}") from None
+    print(yaml.safe_dump({"name": experiment.name, **spec.config}, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:
+    """Record a run that could not even be built as that run's failure."""
+    from fvlab.lit.runner import _write_json
+
+    result = {"experiment": experiment, "variant": job.variant, "seed": job.seed, "status": "failed",
+              "error": error}
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(job.run_dir / "metrics.json", result)
+    return result
 
 
 def fit_command(argv: Sequence[str]) -> int:
-    """``fvlab fit``: train every variant of an experiment, then print the comparison table."""
+    """``fvlab fit``: train every variant (x seed) of an experiment, then print the comparison table."""
+    import json
     import os
 
-    from fvlab.lit.runner import build_run, fit_run, read_metrics
-    from fvlab.report import format_markdown, summary_rows, write_summary
+    from lightning.pytorch.utilities import rank_zero_only
 
-    args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__)
+    from fvlab.lit.callbacks import MODEL_METRICS
+    from fvlab.lit.runner import BadConfig, build_run, find_runs, fit_run, read_metrics, release_memory
+    from fvlab.report import write_summary
+
+    args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__, seeds=True)
     _quiet_lightning()
     try:
-        experiment, root, planned = _prepare_runs(args, overrides)
-        todo, notes = [], []
-        for variant, config, run_dir in planned:
-            previous = read_metrics(run_dir)
-            complete = previous is not None and previous.get("status") == "complete"
-            last = run_dir / "checkpoints" / "last.ckpt"
-            if complete and not args.force:
-                notes.append(f"{variant}: complete, skipped (--force re-runs it)")
-                continue
-            ckpt = args.ckpt_path
-            if ckpt == "last":
-                ckpt = str(last) if last.is_file() and not args.force else None
-            elif ckpt is None and last.is_file() and not complete and not args.force:
-                raise BadInput(f"{run_dir} holds an unfinished run with checkpoints/last.ckpt; "
-                               f"resume it with --ckpt_path last, or start over with --force")
-            todo.append((variant, config, run_dir, ckpt))
+        if args.print_config:
+            return _print_config(args, overrides)
+        experiment, root, jobs = _plan_fit(args, overrides)
     except BadInput as err:
         print(f"fvlab fit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    # DDP re-launches this command in each worker process: they must run the same list.
-    if os.environ.get("LOCAL_RANK", "0") != "0" and "FVLAB_FIT_VARIANTS" in os.environ:
-        names = os.environ["FVLAB_FIT_VARIANTS"].split(",")
-        todo = [item for item in todo if item[0] in names]
+    # DDP re-launches this command in every process: the other ranks follow rank 0's plan, read
+    # before rank 0 started writing (the building above set Lightning's own global rank).
+    rank = rank_zero_only.rank
+    if rank != 0 and "FVLAB_FIT_PLAN" in os.environ:
+        plan = {tuple(item[:2]): item[2] for item in json.loads(os.environ["FVLAB_FIT_PLAN"])}
+        jobs = [job for job in jobs if (job.variant, job.seed) in plan]
+        for job in jobs:
+            job.ckpt_path = plan[(job.variant, job.seed)]
+            job.action = "resume" if job.ckpt_path else "fresh"
     else:
-        os.environ["FVLAB_FIT_VARIANTS"] = ",".join(item[0] for item in todo)
-    for note in notes:
-        print(f"[{experiment.name}] {note}")
+        os.environ["FVLAB_FIT_PLAN"] = json.dumps(
+            [[job.variant, job.seed, job.ckpt_path] for job in jobs if job.action != "skip"])
+    for job in jobs:
+        if job.action == "skip" and rank == 0:
+            print(f"[{experiment.name}] {job.label}: {job.note}")
     failed = False
+    measured: dict[str, dict[str, Any]] = {}  # the architecture's figures, once per variant
     try:
-        for variant, config, run_dir, ckpt in todo:
-            print(f"[{experiment.name}] fitting variant {variant!r} -> {run_dir}"
-                  + (f" (resuming {ckpt})" if ckpt else ""), flush=True)
-            spec = build_run(config, run_dir, overrides, experiment=experiment.name, variant=variant)
-            result = fit_run(spec, ckpt_path=ckpt)
-            del spec
-            if result["status"] != "complete":
+        for job in (job for job in jobs if job.action != "skip"):
+            if rank == 0:
+                print(f"[{experiment.name}] fitting {job.label} -> {job.run_dir}"
+                      + (f" (resuming {job.ckpt_path})" if job.ckpt_path else ""), flush=True)
+            world_size = 1
+            try:
+                spec = build_run(job.config, job.run_dir, overrides, experiment=experiment.name,
+                                 variant=job.variant, seed=job.seed)
+            except BadConfig as err:
+                result = _fail_build(job, experiment.name, f"BadConfig: {err}") if rank == 0 else {}
+            else:
+                result = fit_run(spec, ckpt_path=job.ckpt_path, model_metrics=measured.get(job.variant))
+                world_size = spec.trainer.world_size
+                del spec
+                release_memory()
+                if all(result.get(k) is not None for k in MODEL_METRICS):
+                    measured[job.variant] = {k: result[k] for k in MODEL_METRICS}
+            if result.get("status") not in (None, "complete"):
                 failed = True
-                print(f"[{experiment.name}] variant {variant!r} failed: {result.get('error')}",
+                print(f"[{experiment.name}] {job.label} failed: {result.get('error')}",
                       file=sys.stderr, flush=True)
+                if world_size > 1:
+                    print(f"[{experiment.name}] a failure under several processes ends the job on "
+                          f"every rank; fix it, then rerun to train what is left", file=sys.stderr)
+                    break
     except KeyboardInterrupt:
         failed = True
         print(f"[{experiment.name}] interrupted; resume with --ckpt_path last", file=sys.stderr)
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return EXIT_OK
-    results = [read_metrics(root / v) or {"variant": v, "status": "not run"}
-               for v in experiment.variant_names()]
-    rows = summary_rows(results)
-    write_summary(root, rows, title=f"{experiment.name} ({experiment.path})")
-    print(f"\n{experiment.name}: {root}/summary.md, summary.csv; "
-          f"tensorboard --logdir {root}\n")
-    print(format_markdown(rows))
+    if rank != 0:
+        return EXIT_FAILURE if failed else EXIT_OK
+    # Every run of the experiment directory, not only this command's: a rerun of one variant's
+    # config.yaml keeps the other rows.
+    results = [read_metrics(run_dir) or {"variant": run_dir.name, "status": "running"}
+               for run_dir in find_runs(root)]
+    results += [{"experiment": experiment.name, "variant": job.variant, "seed": job.seed,
+                 "status": "not run"} for job in jobs if not (job.run_dir / "metrics.json").is_file()]
+    table = write_summary(root, results, title=f"{experiment.name} ({experiment.path})",
+                          reference=experiment.reference, variant_order=experiment.variant_names())
+    print(f"\n{experiment.name}: {root}/summary.md, summary.csv; tensorboard --logdir {root}\n")
+    print(table)
     return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     """``fvlab validate|test``: LightningCLI's subcommand on one variant, from a checkpoint."""
-    args, overrides = _split_fit_args(f"fvlab {stage}", argv, f"run Trainer.{stage}")
+    from fvlab.experiment import ExperimentError, parse_cli_overrides, run_dir_for
+    from fvlab.lit.runner import BadConfig, build_run
+
+    args, overrides = _split_fit_args(f"fvlab {stage}", argv, f"run Trainer.{stage}", seeds=True)
     _quiet_lightning()
     try:
         if args.variant and len(args.variant) > 1:
             raise BadInput(f"fvlab {stage} takes at most one --variant")
-        overrides = [*overrides, "--trainer.logger", "false"]
-        experiment, root, planned = _prepare_runs(args, overrides)
-        variant, config, run_dir = planned[0]
+        if args.seeds and len(args.seeds) > 1:
+            raise BadInput(f"fvlab {stage} takes at most one seed (--seeds S)")
+        experiment, selected, seeds = _load_selection(args)
+        variant, seed = selected[0], seeds[0] if seeds else None
+        run_dir = run_dir_for(Path(args.runs_dir) / experiment.name, variant, seed)
         ckpt = args.ckpt_path
         if ckpt in (None, "last", "best"):
-            name = "best.ckpt" if ckpt in (None, "best") else "last.ckpt"
-            path = run_dir / "checkpoints" / name
+            path = run_dir / "checkpoints" / ("last.ckpt" if ckpt == "last" else "best.ckpt")
             if not path.is_file():
                 raise BadInput(f"no checkpoint at {path}; train it with `fvlab fit {args.experiment} "
                                f"--variant {variant}` or pass --ckpt_path FILE")
             ckpt = str(path)
+        elif not Path(ckpt).is_file():
+            raise BadInput(f"--ckpt_path: checkpoint file not found: {ckpt}")
+        # run_dir=None, no logger: evaluating writes nothing into the run directory.
+        spec = build_run(experiment.config(variant), None,
+                         {**parse_cli_overrides(overrides), "trainer.logger": False},
+                         experiment=experiment.name, variant=variant, seed=seed)
+    except (BadConfig, ExperimentError) as err:
+        print(f"fvlab {stage}: error: {args.experiment}: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except BadInput as err:
         print(f"fvlab {stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from fvlab.lit.runner import build_run
-
-    # run_dir=None: evaluating writes nothing into the run directory.
-    spec = build_run(config, None, overrides, experiment=experiment.name, variant=variant)
     getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt)
     return EXIT_OK
 
@@ -357,6 +476,10 @@ COMMANDS = {"fit": fit_command, "validate": validate_command, "test": testing_co
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch ``fvlab COMMAND ...``; returns the exit code."""
+    from fvlab.runtime import tune_allocator
+
+    # Before torch allocates: every run and trial of this process measures under one allocator state.
+    tune_allocator()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: fvlab {" + ",".join(COMMANDS) + "} ...\n\n"

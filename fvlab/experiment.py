@@ -1,7 +1,10 @@
-"""Experiment files: a LightningCLI config plus ``name`` and an ``ablation`` block of variants.
+"""Experiment files: a LightningCLI config plus ``name``, an ``ablation`` block of variants and ``seeds``.
 
 Each variant is the base config with dotted overrides applied, e.g.
-``{model.arch.ct_size: 1}``. A file without ``ablation`` is a single run named ``default``.
+``{model.arch.ct_size: 1}``. A file without ``ablation`` is a single run named ``default``, or
+named by its ``variant`` key: the config.yaml that ``fvlab fit`` writes into a run directory
+carries ``name``, ``variant`` (and ``seeds: [s]`` for a seeded run), so re-running it trains
+that same run in place.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment", "set_dotted", "get_dotted"]
+__all__ = ["Experiment", "ExperimentError", "load_experiment", "set_dotted", "get_dotted",
+           "apply_overrides", "parse_cli_overrides", "run_dir_for"]
 
 DEFAULT_VARIANT = "default"
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -61,31 +65,75 @@ def get_dotted(config: Mapping, key: str, default: Any = None) -> Any:
     return node
 
 
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``config`` with dotted ``overrides`` ({"model.arch.ct_size": 2}) applied."""
+    out = copy.deepcopy(dict(config))
+    for key, value in overrides.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def parse_cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """``["--model.lr", "0.01", "--trainer.max_epochs=2"]`` to ``{"model.lr": 0.01, ...}`` (YAML values)."""
+    overrides: dict[str, Any] = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) == 2:
+            raise ExperimentError(f"unexpected argument {item!r}; overrides look like "
+                                  f"--model.arch.ct_size 4 or --trainer.max_epochs=2")
+        key, sep, text = item[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ExperimentError(f"--{key} needs a value, e.g. --{key} VALUE")
+            text = items[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def run_dir_for(root: Path, variant: str, seed: int | None) -> Path:
+    """``root/<variant>``, or ``root/<variant>/seed_<s>`` when the experiment lists seeds."""
+    return root / variant if seed is None else root / variant / f"seed_{seed}"
+
+
 @dataclass
 class Experiment:
-    """A parsed experiment file: its name, base config and variants (name -> overrides)."""
+    """A parsed experiment file: name, base config, variants (name -> overrides), seeds, reference."""
 
     name: str
     path: Path
     base: dict[str, Any]
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: list[int] | None = None
+    reference: str | None = None
+    single_name: str = DEFAULT_VARIANT
 
     def variant_names(self) -> list[str]:
-        """Variant names in file order (``default`` when there is no ablation block)."""
-        return list(self.variants) or [DEFAULT_VARIANT]
+        """Variant names in file order (``default``, or the file's ``variant``, without ablation)."""
+        return list(self.variants) or [self.single_name]
 
-    def config(self, variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
-        """The base config with ``variant``'s overrides applied (a fresh copy)."""
-        if variant not in self.variant_names():
-            raise ExperimentError(
-                f"unknown variant {variant!r} in {self.path}; known: {', '.join(self.variant_names())}")
+    def base_config(self) -> dict[str, Any]:
+        """The base config with the ablation block and seeds ignored (a fresh copy)."""
         config = copy.deepcopy(self.base)
         model = config.get("model")
         if isinstance(model, dict) and isinstance(model.get("arch"), str):
             model["arch"] = {"name": model["arch"]}  # `arch: fastervit_0` short form
-        for key, value in self.variants.get(variant, {}).items():
-            set_dotted(config, key, value)
         return config
+
+    def config(self, variant: str | None = None) -> dict[str, Any]:
+        """The base config with ``variant``'s overrides applied (a fresh copy)."""
+        variant = variant or self.variant_names()[0]
+        if variant not in self.variant_names():
+            raise ExperimentError(
+                f"unknown variant {variant!r} in {self.path}; known: {', '.join(self.variant_names())}")
+        return apply_overrides(self.base_config(), self.variants.get(variant, {}))
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -104,6 +152,19 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(name, str) or not _VARIANT_NAME.match(name):
         raise ExperimentError(f"{path}: name {name!r} must be a plain directory name "
                               f"(letters, digits, '_', '-', '.')")
+    named_single = raw.pop("variant", None)
+    single = named_single or DEFAULT_VARIANT
+    if not isinstance(single, str) or not _VARIANT_NAME.match(single):
+        raise ExperimentError(f"{path}: variant {single!r} must be a plain directory name")
+    seeds = raw.pop("seeds", None)
+    if seeds is not None:
+        if (not isinstance(seeds, list) or not seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds)):
+            raise ExperimentError(f"{path}: seeds must be a non-empty list of integers in [0, 2**32), "
+                                  f"e.g. seeds: [0, 1, 2]; got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ExperimentError(f"{path}: seeds {seeds} repeat a seed; list each seed once")
+    reference = raw.pop("reference", None)
     ablation = raw.pop("ablation", None) or {}
     if not isinstance(ablation, dict):
         raise ExperimentError(f"{path}: 'ablation' must map variant names to dotted overrides")
@@ -117,7 +178,15 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ExperimentError(f"{path}: variant {variant!r} must map dotted keys to values, "
                                   f"e.g. {{model.arch.ct_size: 1}}")
         variants[variant] = {str(k): v for k, v in overrides.items()}
-    experiment = Experiment(name=name, path=path, base=raw, variants=variants)
+    if variants and named_single:
+        raise ExperimentError(f"{path}: 'variant' names the single run of a file without 'ablation'; "
+                              f"remove it or the ablation block")
+    experiment = Experiment(name=name, path=path, base=raw, variants=variants, seeds=seeds,
+                            single_name=single)
+    if reference is not None and reference not in experiment.variant_names():
+        raise ExperimentError(f"{path}: reference {reference!r} is not a variant; known: "
+                              f"{', '.join(experiment.variant_names())}")
+    experiment.reference = reference or experiment.variant_names()[0]
     for variant in experiment.variant_names():
         experiment.config(variant)  # every override must apply
     return experiment

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 __all__ = ["Throughput", "count_params", "count_flops", "flop_breakdown", "measure_throughput",
-           "profile_model", "default_benchmark_settings"]
+           "profile_model", "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -270,3 +270,43 @@ def profile_model(model: nn.Module, image_size: int | Sequence[int] = 224,
 def summarize_unsupported(unsupported: Counter) -> str:
     """One line naming the ops fvcore could not count."""
     return ", ".join(f"{op} x{n}" for op, n in sorted(unsupported.items()))
+
+
+def autocast_for_precision(precision: str | None) -> tuple[bool, torch.dtype | None]:
+    """(amp, dtype) that inference under a Lightning ``precision`` setting runs with."""
+    text = str(precision or "32")
+    if text.startswith("bf16"):
+        return True, torch.bfloat16
+    if text.startswith("16"):
+        return True, torch.float16
+    return False, None
+
+
+def model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_chans: int | None = None,
+                  device: str | torch.device | None = None, precision: str | None = None,
+                  throughput: bool = True, batch_size: int | None = None,
+                  repeats: int | None = None) -> dict[str, float | None]:
+    """The four ``model/*`` metrics of one network; a failed measurement is None with a warning."""
+    metrics: dict[str, float | None] = dict.fromkeys(
+        ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms"))
+    metrics["model/params_m"] = count_params(network) / 1e6
+    try:
+        metrics["model/gflops"] = count_flops(network, image_size, in_chans=in_chans)
+    except Exception as err:  # a measurement never fails a run
+        warnings.warn(f"FLOP count failed, recorded as null: {type(err).__name__}: {err}", stacklevel=2)
+    if throughput:
+        amp, amp_dtype = autocast_for_precision(precision)
+        try:
+            result = measure_throughput(network, image_size, batch_size=batch_size, device=device,
+                                        amp=amp, amp_dtype=amp_dtype, repeats=repeats,
+                                        in_chans=in_chans)
+            metrics["model/throughput"] = result.images_per_s
+            metrics["model/latency_ms"] = result.latency_ms
+        except Exception as err:  # out of memory, an unsupported dtype on this device ...
+            warnings.warn(f"throughput measurement failed, recorded as null: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+        finally:
+            device_type = torch.device(device).type if device is not None else "cpu"
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+    return metrics

@@ -226,7 +226,7 @@ def test_nan_loss_fails_that_variant_only(tmp_path: Path, capsys) -> None:
     assert good["status"] == "complete"
     table = (tmp_path / "runs" / "exp" / "summary.md").read_text()
     assert "failed" in table and "complete" in table
-    assert "variant 'bad' failed" in captured.err
+    assert "bad failed: NonFiniteLossError" in captured.err
 
 
 class InterruptAtEpoch(pl.Callback):
@@ -371,3 +371,276 @@ def test_arch_as_variant_name_or_full_arguments(tmp_path: Path, arch, ct_size) -
     spec = build_run(experiment.config("default"), None, experiment=experiment.name, variant="default")
     assert spec.model.model.ct_size == ct_size
     assert spec.model.model.num_classes == 4 and spec.model.model.in_chans == 3  # from the data
+
+
+# ---- reruns: skip only what is unchanged, never lose work ----------------------------------
+
+
+def test_changed_config_refuses_to_reuse_or_replace_a_complete_run(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    metrics_file = tmp_path / "runs" / "exp" / "default" / "metrics.json"
+    before = metrics_file.read_text()
+    assert json.loads(before)["config_hash"]
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--trainer.max_epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_epochs" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert metrics_file.read_text() == before
+    assert run_fit(tmp_path, experiment, "--trainer.max_epochs", "2", "--force") == 0
+    assert json.loads(metrics_file.read_text())["epochs"] == 2
+
+
+def test_a_runs_config_yaml_reruns_that_run_in_place(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"v1": {}, "v2": {"model.arch.ct_size": 0}})
+    assert run_fit(tmp_path, experiment) == 0
+    root = tmp_path / "runs" / "exp"
+    own = root / "v2" / "config.yaml"
+    assert "fvlab fit" in own.read_text().splitlines()[1]
+    before = json.loads((root / "v2" / "metrics.json").read_text())
+    capsys.readouterr()
+    assert run_fit(tmp_path, own) == 0  # unchanged: skipped
+    assert "v2: complete, skipped" in capsys.readouterr().out
+    assert run_fit(tmp_path, own, "--force") == 0
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["v1", "v2"]  # no "default"
+    after = json.loads((root / "v2" / "metrics.json").read_text())
+    assert after["val/loss"] == pytest.approx(before["val/loss"], abs=1e-6)  # same run, retrained
+    assert after["wall_s"] != before["wall_s"] or after != before
+    summary = (root / "summary.md").read_text()
+    assert "v1" in summary and "v2" in summary  # the other variant's row is kept
+
+
+def test_refuses_to_delete_a_directory_that_is_not_an_fvlab_run(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    precious = tmp_path / "runs" / "exp" / "default" / "thesis.tex"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("years of work")
+    assert run_fit(tmp_path, experiment, "--force") == 2
+    assert "not an fvlab run directory" in capsys.readouterr().err
+    assert precious.read_text() == "years of work"
+
+
+def test_options_are_never_abbreviated(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    before = (tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text()
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--f") == 2  # not --force
+    assert "unknown option --f" in capsys.readouterr().err
+    assert main(["fit", str(experiment), "--runs", str(tmp_path / "elsewhere")]) == 2
+    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text() == before
+
+
+def test_ckpt_path_best_is_rejected_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    assert run_fit(tmp_path, write_experiment(tmp_path / "exp.yaml"), "--ckpt_path", "best") == 2
+    assert "--ckpt_path last" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_is_the_only_line_on_stderr(tmp_path: Path) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    done = subprocess.run([sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir",
+                           str(tmp_path / "runs"), "--model.optimizer", "adamww"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no "Seed set to 0" first
+    assert "model.optimizer" in done.stderr and "adamw" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+class RemoveFolderAtFitEnd(pl.Callback):
+    """The data disappears after the first variant (an unmounted network share)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        import shutil
+        shutil.rmtree(self.folder)
+
+
+def test_a_variant_that_fails_to_build_mid_loop_is_that_variants_failure(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+    for split in ("train", "val"):
+        for label, shade in (("dark", 30), ("light", 220)):
+            folder = tmp_path / "tree" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (36, 36), color=(shade, shade - i, shade)).save(folder / f"{i}.png")
+    callbacks = [{"class_path": "test_fit.RemoveFolderAtFitEnd", "init_args": {"folder": str(tmp_path / "tree")}}]
+    experiment = write_experiment(
+        tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "callbacks": callbacks},
+        data={"class_path": "fvlab.data.ImageFolderDataModule",
+              "init_args": {"root": str(tmp_path / "tree"), "image_size": 32, "batch_size": 4,
+                            "num_workers": 0}},
+        ablation={"first": {}, "second": {"model.arch.ct_size": 0}})
+    assert run_fit(tmp_path, experiment) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    first = json.loads((tmp_path / "runs" / "exp" / "first" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "runs" / "exp" / "second" / "metrics.json").read_text())
+    assert first["status"] == "complete"
+    assert second["status"] == "failed" and "tree" in second["error"]
+
+
+# ---- measurements before training, never failing a run ----------------------------------
+
+
+def test_model_metrics_are_measured_before_training(tmp_path: Path) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3},
+                                  data={**SYNTHETIC, "class_path": "test_fit.NaNData"})
+    assert run_fit(tmp_path, experiment) == 1  # NaN in the second batch: training fails ...
+    metrics = json.loads((tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    for name in MODEL_METRICS:  # ... but the architecture was measured before the first step
+        assert metrics[name] > 0, name
+
+
+def test_a_failed_measurement_is_null_never_a_failed_run(tmp_path: Path, monkeypatch) -> None:
+    import fvlab.profile
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fvlab.profile, "measure_throughput", out_of_memory)
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    with pytest.warns(UserWarning, match="throughput measurement failed"):
+        assert run_fit(tmp_path, experiment) == 0
+    metrics = json.loads((tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert metrics["model/throughput"] is None and metrics["model/latency_ms"] is None
+    assert metrics["model/params_m"] > 0 and metrics["model/gflops"] > 0
+
+
+# ---- several processes: Lightning's rank, a failure ends the job on every rank ------------
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_on_two_nodes_writes_from_global_rank_zero_only(tmp_path: Path) -> None:
+    # torchrun sets RANK per process and LOCAL_RANK=0 on every node (no NODE_RANK): both
+    # processes looked like rank 0 to the old guess, and both rewrote the run and the table.
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "RANK": str(rank), "LOCAL_RANK": "0",
+               "GROUP_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "fvlab-test"}
+        env.pop("NODE_RANK", None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
+             "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+             "--trainer.accelerator", "cpu"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path))
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert outputs[0][0].count("| default") == 1 and "| default" not in outputs[1][0]
+    run = tmp_path / "runs" / "exp" / "default"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    assert not list(run.glob("*.tmp"))
+
+
+class FailOnRank(pl.Callback):
+    """An error (not a NaN) on one rank only: e.g. a corrupt image in that rank's shard."""
+
+    def __init__(self, rank: int = 1):
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and batch_idx == 1:
+            raise RuntimeError(f"corrupt sample on rank {self.rank}")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, rank: int) -> None:
+    callbacks = [{"class_path": "test_fit.FailOnRank", "init_args": {"rank": rank}}]
+    experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3,
+                                                                   "callbacks": callbacks},
+                                  ablation={"v1": {}, "v2": {}})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)  # a hang times out
+    assert done.returncode != 0
+    v1 = json.loads((tmp_path / "runs" / "exp" / "v1" / "metrics.json").read_text()) \
+        if (tmp_path / "runs" / "exp" / "v1" / "metrics.json").exists() else {"status": "killed"}
+    assert v1["status"] != "complete"
+    assert not (tmp_path / "runs" / "exp" / "v2" / "metrics.json").exists()  # the job ended
+
+
+# ---- fvlab profile checks what fit checks -------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, sections, message", [
+    (["--device", "foo"], {}, "--device 'foo'"),
+    (["--device", "cuda:3"], {}, "--device cuda:3"),
+    ([], {"model": {"arch": {"name": "fastervit_micro", "checkpoint_path": "/no/such.ckpt"}}}, "/no/such.ckpt"),
+    ([], {"model": {"arch": {"name": "fastervit_micro", "window_size": 4}}}, "window_size[2]=4"),
+])
+def test_profile_rejects_what_fit_rejects(tmp_path: Path, capsys, extra, sections, message) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", **sections)
+    assert main(["profile", str(experiment), "--no-throughput", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    if not extra:
+        assert run_fit(tmp_path, experiment) == 2  # the same file, the same verdict
+
+
+# ---- seeds ---------------------------------------------------------------------------------
+
+
+def _initial_weights(config: dict, seed: int) -> torch.Tensor:
+    from fvlab.lit.runner import build_run
+    spec = build_run(config, None, seed=seed)
+    return torch.cat([p.detach().flatten() for p in spec.model.model.parameters()])
+
+
+def test_seeds_give_different_runs_and_the_same_seed_the_same_run(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", seeds=[0, 1])
+    from fvlab.experiment import load_experiment
+    config = load_experiment(experiment).config()
+    assert not torch.equal(_initial_weights(config, 0), _initial_weights(config, 1))
+    assert torch.equal(_initial_weights(config, 1), _initial_weights(config, 1))
+
+    assert run_fit(tmp_path, experiment) == 0
+    root = tmp_path / "runs" / "exp" / "default"
+    seed0 = json.loads((root / "seed_0" / "metrics.json").read_text())
+    seed1 = json.loads((root / "seed_1" / "metrics.json").read_text())
+    assert (seed0["seed"], seed1["seed"]) == (0, 1)
+    assert seed0["train/loss_epoch"] != seed1["train/loss_epoch"]
+    assert seed0["precision"] == seed1["precision"]
+    for name in MODEL_METRICS:  # the architecture is measured once per variant, not per seed
+        assert seed0[name] == seed1[name], name
+    events = EventAccumulator(str(root / "seed_1"))
+    events.Reload()
+    session = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["seed"].number_value == 1
+
+    assert main(["fit", str(experiment), "--seeds", "1", "--runs-dir", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "exp" / "default" / "seed_1" / "metrics.json").read_text())
+    for name in ("train/loss_epoch", "val/loss", "val/acc1"):
+        assert again[name] == pytest.approx(seed1[name], abs=1e-6), name
+
+
+def test_growing_seeds_trains_only_the_new_ones(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", seeds=[0, 1], ablation={"a": {}, "b": {}})
+    assert run_fit(tmp_path, experiment) == 0
+    root = tmp_path / "runs" / "exp"
+    stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/metrics.json")}
+    assert len(stamps) == 4
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--seeds", "0", "1", "2") == 0
+    out = capsys.readouterr().out
+    assert out.count("fitting ") == 2 and "a/seed_2" in out and "b/seed_2" in out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert len(list(root.glob("*/seed_*/metrics.json"))) == 6

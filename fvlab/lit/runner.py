@@ -1,15 +1,25 @@
 """Run one variant of an experiment: LightningCLI parses and builds, a Trainer fits.
 
-``build_run`` turns a plain config dict (one variant of an experiment, plus command-line
-overrides) into a model, a datamodule and a trainer, via LightningCLI/jsonargparse, so
-that every key and type is checked and linked arguments (classes, channels, image size)
-flow from the data to the model. Nothing touches the disk until ``fit_run``.
+The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
+
+- ``build_run`` turns a plain config dict (one variant of an experiment, with dotted overrides
+  applied) into a model, a datamodule and a trainer, via LightningCLI/jsonargparse, so that
+  every key and type is checked and linked arguments (classes, channels, image size) flow from
+  the data to the model. Nothing touches the disk.
+- ``profile_run`` measures the built network (params, GFLOPs, throughput, latency) before any
+  training; a failed measurement is a warning and a None.
+- ``plan_run`` is the skip / resume / refuse policy for an existing run directory.
+- ``fit_run`` writes the run directory and fits; ``run_one`` builds, fits and frees one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -17,9 +27,10 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -31,27 +42,37 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from fvlab.lit.callbacks import MODEL_METRICS, ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
+from fvlab.profile import model_metrics
 
-__all__ = ["BadConfig", "RunSpec", "build_run", "fit_run", "read_metrics", "DEFAULT_DATA",
-           "FINAL_METRICS"]
+__all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
+           "fit_run", "run_one", "read_metrics", "find_runs", "release_memory", "config_hash",
+           "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
 FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss_epoch",
                  *MODEL_METRICS)
+CONFIG_HEADER = "# fvlab: resolved config"
+# Settings that change what is shown, not what is trained: left out of the config hash.
+_UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 class BadConfig(ValueError):
     """A config that cannot be built: unknown key, wrong type, impossible geometry, bad data."""
 
 
+class RunRefused(ValueError):
+    """A run directory whose finished work a new run would throw away: the message says what to pass."""
+
+
 class FvlabCLI(LightningCLI):
     """LightningCLI for ImageClassifier with any datamodule; the data's sizes link to the model."""
 
     def __init__(self, *args: Any, run_dir: Path | None = None, experiment: str = "",
-                 variant: str = "", **kwargs: Any):
+                 variant: str = "", extra_callbacks: Sequence[pl.Callback] = (), **kwargs: Any):
         self.run_dir = run_dir
         self.experiment_name = experiment
         self.variant = variant
+        self.extra_callbacks = list(extra_callbacks)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -68,7 +89,7 @@ class FvlabCLI(LightningCLI):
                 kwargs["logger"] = TensorBoardLogger(
                     save_dir=str(self.run_dir.parent), name=self.run_dir.name, version="",
                     default_hp_metric=False)
-        callbacks = [ModelProfileCallback(), RNGStateCallback()]
+        callbacks = [ModelProfileCallback(), RNGStateCallback(), *self.extra_callbacks]
         if self.run_dir is not None:
             callbacks.append(ModelCheckpoint(
                 dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/acc1",
@@ -136,13 +157,16 @@ class EpochSummary(pl.Callback):
 
 @dataclass
 class RunSpec:
-    """Everything needed to fit one variant: the built objects and where it writes."""
+    """Everything needed to fit one run: the built objects, the resolved config and where it writes."""
 
     experiment: str
     variant: str
     run_dir: Path | None
     config: dict[str, Any]
     cli: FvlabCLI = field(repr=False)
+    seed: int = 0
+    precision: str = "32-true"
+    hparams: dict[str, Any] = field(default_factory=dict)
 
     @property
     def trainer(self) -> pl.Trainer:
@@ -158,6 +182,16 @@ class RunSpec:
     def datamodule(self) -> pl.LightningDataModule:
         """The datamodule."""
         return self.cli.datamodule
+
+    @property
+    def device(self) -> torch.device:
+        """The device the run trains on."""
+        return self.trainer.strategy.root_device
+
+    @property
+    def config_hash(self) -> str:
+        """Hash of the resolved config: a complete run is skipped only while it is unchanged."""
+        return config_hash(self.config)
 
 
 def _one_line(err: BaseException) -> str:
@@ -178,84 +212,283 @@ def _one_line(err: BaseException) -> str:
     return re.sub(r"\s+", " ", "; ".join(part for part in lines if part))[:600]
 
 
-def build_run(config: dict[str, Any], run_dir: Path | None, overrides: Sequence[str] = (),
-              experiment: str = "", variant: str = "") -> RunSpec:
-    """Parse, check and instantiate one run; raises BadConfig with a one-line reason."""
-    config = dict(config)
-    config.setdefault("data", dict(DEFAULT_DATA))
+def config_hash(resolved: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved config, ignoring display-only settings."""
+    config = copy.deepcopy(dict(resolved))
+    for key in _UNHASHED:
+        section, _, name = key.partition(".")
+        if isinstance(config.get(section), dict):
+            config[section].pop(name, None)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _resolve_precision(config: dict[str, Any]) -> str | None:
+    """Replace ``trainer.precision: auto`` by what this machine runs fast; returns the request."""
+    trainer = config.get("trainer")
+    if not isinstance(trainer, dict) or str(trainer.get("precision")) != "auto":
+        return None
+    from fvlab.runtime import resolve_precision
+
+    trainer["precision"] = resolve_precision("auto", accelerator=str(trainer.get("accelerator") or "auto"))
+    return "auto"
+
+
+def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequence[str] | Mapping[str, Any] = (),
+              *, experiment: str = "", variant: str = "", seed: int | None = None,
+              callbacks: Sequence[pl.Callback] = (), hparams: Mapping[str, Any] | None = None,
+              model_metrics: Mapping[str, float | None] | None = None) -> RunSpec:
+    """Parse, check and instantiate one run (nothing written); raises BadConfig with a one-line reason.
+
+    ``overrides`` are dotted keys ({"model.lr": 0.01}) or LightningCLI-style arguments
+    (["--model.lr", "0.01"]); ``seed`` replaces ``seed_everything``; ``callbacks`` join the
+    trainer's; ``hparams`` join the HParams table; ``model_metrics`` are already measured
+    ``model/*`` values (measured at fit start otherwise).
+    """
+    from fvlab.experiment import ExperimentError, apply_overrides, parse_cli_overrides
+
     try:
-        cli = FvlabCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, run=False,
-                       save_config_callback=None, seed_everything_default=0,
-                       auto_configure_optimizers=False,  # the module's timm optimizer rules
-                       trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
-                       parser_kwargs={"exit_on_error": False},
-                       args=["--config", yaml.safe_dump(config), *overrides],
-                       run_dir=run_dir, experiment=experiment, variant=variant)
+        if not isinstance(overrides, Mapping):
+            overrides = parse_cli_overrides(overrides)
+        config = apply_overrides(config, overrides)
+    except ExperimentError as err:
+        raise BadConfig(str(err)) from None
+    config.setdefault("data", dict(DEFAULT_DATA))
+    if seed is not None:
+        config["seed_everything"] = seed
+    requested_precision = _resolve_precision(config)
+    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_logger.level
+    seed_logger.setLevel(logging.WARNING)  # "Seed set to 0" must not precede a bad-input message
+    try:
+        with warnings.catch_warnings():
+            # LightningCLI warns when given a dict while sys.argv holds fvlab's own arguments.
+            warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+            cli = FvlabCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, run=False,
+                           save_config_callback=None, seed_everything_default=0,
+                           auto_configure_optimizers=False,  # the module's timm optimizer rules
+                           trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
+                           parser_kwargs={"exit_on_error": False}, args=config,
+                           run_dir=run_dir, experiment=experiment, variant=variant,
+                           extra_callbacks=callbacks)
     except SystemExit:
-        raise  # --print_config and --help
+        raise  # --help
     except Exception as err:  # jsonargparse's ArgumentError, our ValueErrors from __init__
         raise BadConfig(_one_line(err)) from None
+    finally:
+        seed_logger.setLevel(level)
     resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
     resolved.pop("config", None)
-    return RunSpec(experiment, variant, run_dir, resolved, cli)
+    precision = str(cli.trainer.precision)
+    if requested_precision:
+        resolved["trainer"]["precision"] = requested_precision  # config.yaml stays portable
+    run_seed = int(resolved.get("seed_everything") or 0)
+    profile = next(c for c in cli.trainer.callbacks if isinstance(c, ModelProfileCallback))
+    run_hparams = {"seed": run_seed, "precision": precision, **dict(hparams or {})}
+    profile.hparams.update(run_hparams)
+    if model_metrics:
+        profile.metrics.update(model_metrics)
+    return RunSpec(experiment, variant, run_dir, resolved, cli, seed=run_seed, precision=precision,
+                   hparams=run_hparams)
+
+
+def profile_run(spec: RunSpec, throughput: bool = True) -> dict[str, float | None]:
+    """The four ``model/*`` metrics of the built network, at the run's image size, device and precision."""
+    datamodule = spec.datamodule
+    image_size = getattr(datamodule, "image_size", None) or 224
+    return model_metrics(spec.model.model, image_size, in_chans=getattr(datamodule, "in_chans", None),
+                         device=spec.device, precision=spec.precision, throughput=throughput)
+
+
+# ---- run directories -------------------------------------------------------------------
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The run's metrics.json, or None when there is none (or it is unreadable)."""
     try:
-        return json.loads((run_dir / "metrics.json").read_text())
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
 
 
-def _is_global_zero() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+def _is_run_dir(path: Path) -> bool:
+    config = path / "config.yaml"
+    if (path / "metrics.json").is_file():
+        return True
+    try:
+        return config.is_file() and config.read_text().startswith(CONFIG_HEADER)
+    except OSError:
+        return False
+
+
+def find_runs(root: Path) -> Iterator[Path]:
+    """Run directories under an experiment or study directory: ``<variant>/`` and ``<variant>/seed_<s>/``."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        if _is_run_dir(child):
+            yield child
+        else:
+            yield from (grand for grand in sorted(child.iterdir())
+                        if grand.is_dir() and grand.name.startswith("seed_") and _is_run_dir(grand))
+
+
+@dataclass
+class RunPlan:
+    """What to do with a run directory: ``skip`` it, start it ``fresh`` or ``resume`` it."""
+
+    action: str
+    ckpt_path: str | None = None
+    note: str = ""
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bool = False,
+             config: Mapping[str, Any] | None = None) -> RunPlan:
+    """Skip a complete unchanged run, resume or restart on request; refuse to lose work silently."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return RunPlan("fresh", note="resume requested, but nothing to resume" if resume else "")
+    if not run_dir.is_dir() or not _is_run_dir(run_dir):
+        raise RunRefused(f"{run_dir} exists and is not an fvlab run directory (no metrics.json or "
+                         f"fvlab config.yaml); move it away or choose another --runs-dir")
+    previous = read_metrics(run_dir) or {}
+    complete = previous.get("status") == "complete"
+    same = previous.get("config_hash") == config_hash
+    if force:
+        return RunPlan("fresh", note="--force: started again")
+    if resume and last.is_file() and not (complete and same):
+        return RunPlan("resume", str(last), note=f"resuming {last}")
+    if complete and same:
+        return RunPlan("skip", note="complete, skipped (--force re-runs it)")
+    if complete:
+        changed = ""
+        if config is not None:
+            try:
+                old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+                keys = _changed_keys({k: v for k, v in old.items() if k not in ("name", "variant", "seeds")},
+                                     dict(config))
+                changed = f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
+            except (OSError, yaml.YAMLError):
+                pass
+        raise RunRefused(f"{run_dir} holds a complete run trained with a different config{changed}; "
+                         f"re-train it with --force, or keep it and use another --runs-dir")
+    if last.is_file():
+        raise RunRefused(f"{run_dir} holds an unfinished run with checkpoints/last.ckpt; resume it "
+                         f"with --ckpt_path last, or start over with --force")
+    return RunPlan("fresh", note="an earlier attempt failed before its first checkpoint; started again"
+                   if previous else "")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    # A per-process temporary name: ranks or workers never write into each other's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
-def fit_run(spec: RunSpec, ckpt_path: str | None = None) -> dict[str, Any]:
-    """Fit one run; always leaves a metrics.json saying complete or failed (with the reason)."""
+def _write_config(spec: RunSpec) -> None:
     run_dir = spec.run_dir
-    writer = _is_global_zero()
-    if writer:
-        if ckpt_path is None and run_dir.exists():
-            shutil.rmtree(run_dir)  # a fresh start; callers check that nothing is lost
-        run_dir.mkdir(parents=True, exist_ok=True)
-        header = (f"# fvlab: resolved config of variant '{spec.variant}' of experiment "
-                  f"'{spec.experiment}'.\n# Re-run it as it is: fvlab fit {run_dir / 'config.yaml'}\n")
-        (run_dir / "config.yaml").write_text(
-            header + yaml.safe_dump({"name": spec.experiment, **spec.config}, sort_keys=False))
+    header = (f"{CONFIG_HEADER} of variant '{spec.variant}' of experiment '{spec.experiment}'"
+              f"{f', seed {spec.seed}' if 'seed_' in run_dir.name else ''}.\n"
+              f"# Re-run it in place as it is: fvlab fit {run_dir / 'config.yaml'}\n")
+    head: dict[str, Any] = {"name": spec.experiment, "variant": spec.variant}
+    if run_dir.name.startswith("seed_"):
+        head["seeds"] = [spec.seed]
+    (run_dir / "config.yaml").write_text(header + yaml.safe_dump({**head, **spec.config}, sort_keys=False))
+
+
+def _end_process_group(trainer: pl.Trainer) -> None:
+    # Peers blocked in a collective would wait forever for a rank that left: tearing the process
+    # group down turns their wait into an error, so every rank ends the job together.
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # already broken by the peer
+            pass
+
+
+def fit_run(spec: RunSpec, ckpt_path: str | None = None,
+            model_metrics: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+    """Fit one run; always leaves a metrics.json saying complete, failed or pruned (with the reason)."""
+    run_dir = spec.run_dir
     trainer, model = spec.trainer, spec.model
+    writer = trainer.is_global_zero
+    profile = next(c for c in trainer.callbacks if isinstance(c, ModelProfileCallback))
+    if model_metrics:
+        profile.metrics.update(model_metrics)
+    if writer and run_dir is not None:
+        if ckpt_path is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh start: plan_run checked that nothing is lost
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(spec)
     image_size = getattr(spec.datamodule, "image_size", None)
-    result: dict[str, Any] = {"experiment": spec.experiment, "variant": spec.variant,
-                              "image_size": image_size, "device": str(trainer.strategy.root_device)}
+    result: dict[str, Any] = {"experiment": spec.experiment, "variant": spec.variant, "seed": spec.seed,
+                              "image_size": image_size, "device": str(spec.device),
+                              "precision": spec.precision, "config_hash": spec.config_hash}
+    if writer and not all(name in profile.metrics for name in MODEL_METRICS):
+        profile.metrics.update(profile_run(spec, throughput=profile.throughput))
     start = time.perf_counter()
     interrupted = False
     try:
         trainer.fit(model, datamodule=spec.datamodule, ckpt_path=ckpt_path)
         interrupted = trainer.interrupted
         result["status"] = "complete"
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into sys.exit(1)
         interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored it
-    except Exception as err:  # a failed variant never takes the others with it
-        result.update(status="failed", error=f"{type(err).__name__}: {err}")
+    except Exception as err:  # a failed run never takes the others with it
+        where = f" (rank {trainer.global_rank} of {trainer.world_size})" if trainer.world_size > 1 else ""
+        result.update(status="failed", error=f"{type(err).__name__}: {err}{where}")
     result["wall_s"] = round(time.perf_counter() - start, 2)
     result["epochs"] = trainer.current_epoch
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS}
-    profile = next((c for c in trainer.callbacks if isinstance(c, ModelProfileCallback)), None)
-    if profile is not None:
-        metrics.update({k: v for k, v in profile.metrics.items()})
-    result.update(metrics)
+    result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
+    result.update({k: profile.metrics.get(k) for k in MODEL_METRICS})
+    stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
+    if stopper is not None and result["status"] == "complete":
+        result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
     if interrupted:
         result.update(status="failed", error="interrupted; resume with --ckpt_path last")
-    if writer:
+    if writer and run_dir is not None:
         _write_json(run_dir / "metrics.json", result)
+    if result["status"] == "failed":
+        _end_process_group(trainer)
     if interrupted:
         raise KeyboardInterrupt
     return result
+
+
+def release_memory() -> None:
+    """Free what a finished run left behind (Python garbage, the CUDA cache)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_one(config: Mapping[str, Any], run_dir: Path | None, *, overrides: Sequence[str] | Mapping[str, Any] = (),
+            experiment: str = "", variant: str = "", seed: int | None = None,
+            callbacks: Sequence[pl.Callback] = (), hparams: Mapping[str, Any] | None = None,
+            ckpt_path: str | None = None,
+            model_metrics: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+    """Build, fit and free one run; returns its metrics.json content. Raises BadConfig on a bad config."""
+    spec = build_run(config, run_dir, overrides, experiment=experiment, variant=variant, seed=seed,
+                     callbacks=callbacks, hparams=hparams)
+    try:
+        return fit_run(spec, ckpt_path=ckpt_path, model_metrics=model_metrics)
+    finally:
+        del spec
+        release_memory()
