@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torchvision.datasets import ImageFolder
 
 from fvlab.data.base import DataError, ImageDataModule, check_channels, check_image_size
 
-__all__ = ["ImageFolderDataModule", "class_folders", "load_image"]
+__all__ = ["ImageFolderDataModule", "class_folders", "clamp_posterize_bits", "load_image", "posterize"]
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 GREY_MEAN, GREY_STD = (0.5,), (0.5,)
@@ -27,6 +27,37 @@ def load_image(path: str, mode: str = "RGB") -> Image.Image:
     """Open an image file and convert it to the PIL ``mode`` ('RGB' or 'L')."""
     with open(path, "rb") as f:
         return Image.open(f).convert(mode)
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize with ``bits_to_keep`` clamped to 1..8, the range every Pillow accepts."""
+    # timm's level functions ask for 0 bits at the strong end of 'Posterize' and 'PosterizeIncreasing'
+    # (below 0 with mmax > 10); Pillow >= 13 raises on that. 1 bit is the strongest valid posterize.
+    return auto_augment.posterize(img, min(max(int(bits_to_keep), 1), 8), **kwargs)
+
+
+def _augment_ops(transform: Any) -> Iterator[auto_augment.AugmentOp]:
+    """The timm AugmentOps inside ``transform``: Compose, RandAugment, AugMix and AutoAugment."""
+    if isinstance(transform, auto_augment.AugmentOp):
+        yield transform
+    elif isinstance(transform, (list, tuple)):  # AutoAugment's policy is a list of lists of ops
+        for child in transform:
+            yield from _augment_ops(child)
+    else:
+        for attribute in ("transforms", "ops", "policy"):
+            yield from _augment_ops(getattr(transform, attribute, ()))
+
+
+def clamp_posterize_bits(transform: Callable) -> Callable:
+    """Make every timm posterize op inside ``transform`` use :func:`posterize`; returns ``transform``.
+
+    Only this transform's ops change, not timm's tables, so other timm users in the process are
+    unaffected; a second call is a no-op.
+    """
+    for op in _augment_ops(transform):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize
+    return transform
 
 
 def _scan(root: Path) -> list[str]:
@@ -59,6 +90,8 @@ class ImageFolderDataModule(ImageDataModule):
     random erasing), evaluation resizes and centre-crops (``crop_pct``). With ``in_chans=1``
     images are read as greyscale ('L') and augmented as such: timm's RandAugment handles 'L'
     images, filling with the one-entry ``mean``. Validation and test both use ``root/val``.
+    Posterize ops keep 1 to 8 bits (:func:`clamp_posterize_bits`): at full strength timm asks
+    for 0, which Pillow 13 refuses.
 
     Args:
         root: folder holding ``train/`` and ``val/``, each with one sub-folder of images per class.
@@ -105,9 +138,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.image_size = image_size
         # Built here, not in setup: a bad auto_augment string fails before anything runs.
         try:
-            self.train_transform = create_transform(image_size, is_training=True, auto_augment=auto_augment,
-                                                    re_prob=re_prob, interpolation=interpolation,
-                                                    mean=mean, std=std)
+            self.train_transform = clamp_posterize_bits(create_transform(
+                image_size, is_training=True, auto_augment=auto_augment, re_prob=re_prob,
+                interpolation=interpolation, mean=mean, std=std))
         except (AssertionError, KeyError, ValueError) as err:
             raise DataError(f"auto_augment={auto_augment!r} is not a timm augmentation policy ({err}); "
                             f"use e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5', 'original', or null "
