@@ -1,0 +1,193 @@
+"""``fvlab sweep SWEEP.yaml``: check everything, create (or resume) the study, run workers, export the front."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["sweep_command", "prepare_sweep"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+STUDY_ATTRS = ("fvlab_spec", "fvlab_spec_hash", "fvlab_device")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> None:
+        """Exit with code 2 and one line."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="fvlab sweep", description="Optuna search over a base experiment's "
+                             "settings; rerunning the same command resumes the study.")
+    parser.add_argument("sweep", help="sweep YAML file (see sweeps/)")
+    parser.add_argument("--n-trials", type=int, help="total trials of the study, across reruns and workers "
+                        "(default: the file's n_trials)")
+    parser.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    parser.add_argument("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...) or a journal "
+                        "file (default: runs/<study>/study.journal)")
+    parser.add_argument("--study-name", help="study name (replaces the file's study, and so the directory)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (one GPU each, or cores/K "
+                        "CPU threads each)")
+    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    return parser
+
+
+def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    """Load and check the sweep and its base experiment; nothing written. Returns (sweep, base, device kind)."""
+    import gc
+
+    from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
+    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.sweep.objective import device_kind
+    from fvlab.sweep.space import SweepError, load_sweep
+
+    if args.n_trials is not None and args.n_trials < 1:
+        raise SweepError(f"--n-trials must be >= 1, got {args.n_trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise SweepError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.workers < 1:
+        raise SweepError(f"--workers must be >= 1, got {args.workers}")
+    sweep = load_sweep(args.sweep, study_name=args.study_name, n_trials=args.n_trials)
+    if sweep.n_trials is None and args.timeout is None and sweep.sampler != "grid":
+        raise SweepError(f"{args.sweep}: n_trials: missing; give n_trials in the file, --n-trials N or --timeout S")
+    try:
+        experiment = load_experiment(sweep.experiment)
+        base = experiment.base_config()
+        configured = apply_overrides(base, sweep.overrides)
+    except ExperimentError as err:
+        raise SweepError(f"experiment {sweep.experiment}: {err}") from None
+    try:
+        spec = build_run(configured, None, {"trainer.logger": False})
+    except BadConfig as err:
+        raise SweepError(f"{args.sweep}: the base experiment with overrides cannot be built: {err}") from None
+    missing = object()
+    for key in sweep.space:
+        if get_dotted(spec.config, key, missing) is missing:
+            raise SweepError(f"space.{key}: not a key of the resolved config of {sweep.experiment}; "
+                             f"use dotted keys such as model.arch.window_size or model.lr")
+    kind = device_kind(spec.device)
+    del spec
+    gc.collect()
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise SweepError(f"--runs-dir {runs_dir} is a file; give a directory (default: runs)")
+    return sweep, base, kind
+
+
+def _open_study(args: argparse.Namespace, sweep: Any, kind: str, journal: Path) -> Any:
+    """Create the study, or load it and check that it is the same search; SweepError otherwise."""
+    import optuna
+
+    from fvlab.sweep.space import SweepError, describe_change
+    from fvlab.sweep.storage import open_storage
+
+    study_dir = journal.parent
+    if args.storage is None and not journal.exists() and study_dir.is_dir() \
+            and any(study_dir.glob("trial_*")):
+        raise SweepError(f"{study_dir} holds trials but no study.journal; move it away or choose "
+                         f"another --study-name")
+    try:
+        storage = open_storage(args.storage, journal)
+    except Exception as err:  # a bad URL or an unreachable server
+        raise SweepError(f"--storage {args.storage}: {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}") from None
+    known = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if sweep.study in known:
+        study = optuna.load_study(study_name=sweep.study, storage=storage)
+        attrs = study.user_attrs
+        if attrs.get("fvlab_spec_hash") != sweep.identity_hash():
+            changed = describe_change(attrs.get("fvlab_spec") or {}, sweep.identity())
+            raise SweepError(f"study {sweep.study!r} in {args.storage or journal} was created with a different "
+                             f"{changed}; restore the file or start a new study with --study-name NAME")
+        if sweep.uses_throughput() and attrs.get("fvlab_device") not in (None, kind):
+            raise SweepError(f"study {sweep.study!r} measured throughput on {attrs['fvlab_device']!r}, this machine "
+                             f"is {kind!r}: a study's throughput figures must come from one device kind; "
+                             f"use another --study-name here")
+        if study.directions != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
+                                else optuna.study.StudyDirection.MINIMIZE for d in sweep.directions]:
+            raise SweepError(f"study {sweep.study!r} has other directions; use another --study-name")
+        return storage, study
+    study = optuna.create_study(study_name=sweep.study, storage=storage, directions=sweep.directions)
+    study.set_metric_names(list(sweep.objectives))
+    study.set_user_attr("fvlab_spec", sweep.identity())
+    study.set_user_attr("fvlab_spec_hash", sweep.identity_hash())
+    study.set_user_attr("fvlab_device", kind)
+    study.set_user_attr("fvlab_sweep_file", str(sweep.path))
+    study.set_user_attr("fvlab_experiment", str(sweep.experiment))
+    return storage, study
+
+
+def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label: str) -> None:
+    from fvlab.sweep.pareto import export_configs, format_front, front_rows, front_trials, write_front
+    from fvlab.sweep.workers import count_budget
+
+    trials = front_trials(study)
+    rows = front_rows(trials, sweep)
+    what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
+    write_front(study_dir, rows, f"{sweep.study}: {what}")
+    paths = export_configs(study_dir, trials, sweep, base)
+    states: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    counted, _ = count_budget(study)
+    print(f"\n{sweep.study}: {counted} trial(s) "
+          f"({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); {what}:\n")
+    print(format_front(rows))
+    print(f"\n{study_dir}/pareto.md, pareto.csv" + (f"; configs: {study_dir}/best/ ({len(paths)})" if paths else ""))
+    print(f"tensorboard --logdir {study_dir}")
+    print(f"optuna-dashboard {label}")
+
+
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    # One line per trial, not Lightning's start-up chatter per trial.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*",
+                    r".*args parameter is intended to run from within Python.*",
+                    r".*smaller than the logging interval.*", r".*instantiate_classes.*deprecated.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def sweep_command(argv: Sequence[str]) -> int:
+    """``fvlab sweep``: Optuna search over HAT settings (multi-objective, constrained, pruned, resumable)."""
+    args = _parser().parse_args(argv)
+    from fvlab.sweep.space import SweepError
+    from fvlab.sweep.storage import storage_label
+    from fvlab.sweep.workers import WorkerSettings, run_workers
+
+    _quiet_lightning()
+    try:
+        sweep, base, kind = prepare_sweep(args)
+        study_dir = Path(args.runs_dir) / sweep.study
+        journal = study_dir / "study.journal"
+        storage, study = _open_study(args, sweep, kind, journal)
+    except SweepError as err:
+        print(f"fvlab sweep: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    n_trials = sweep.n_trials
+    if sweep.grid_size is not None:
+        n_trials = min(n_trials or sweep.grid_size, sweep.grid_size)
+    settings = WorkerSettings(
+        sweep_path=str(sweep.path), study_name=sweep.study, n_trials=n_trials, storage=args.storage,
+        journal=str(journal), runs_dir=str(args.runs_dir),
+        deadline=time.time() + args.timeout if args.timeout else None, workers=args.workers,
+        trials_at_start=len(study.get_trials(deepcopy=False)))
+    label = storage_label(args.storage, journal)
+    print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
+          f"{args.workers} worker(s), storage {label}", flush=True)
+    code = run_workers(settings)
+    _report(study, sweep, base, study_dir, label)
+    if code == 130:
+        print(f"[{sweep.study}] interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK if code == 0 else EXIT_FAILURE

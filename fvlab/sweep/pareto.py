@@ -1,0 +1,108 @@
+"""The result of a sweep: the best trial (one objective) or the Pareto front (several), feasible only.
+
+Written as ``runs/<study>/pareto.md`` and ``pareto.csv`` with the decoded parameters, and
+each front configuration as ``runs/<study>/best/trial_NNNN.yaml``, which ``fvlab fit`` trains
+as it is (into ``runs/<study>_best/trial_NNNN/``, so the trial's own run is kept).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from fvlab.experiment import apply_overrides
+from fvlab.sweep.space import SweepSpec, encode_choice
+
+__all__ = ["front_trials", "front_rows", "format_front", "write_front", "export_configs"]
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best feasible trial, or the feasible Pareto front, ordered by trial number."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    try:
+        trials = [study.best_trial] if len(study.directions) == 1 else list(study.best_trials)
+    except ValueError:  # no feasible complete trial
+        return []
+    return sorted(trials, key=lambda t: t.number)
+
+
+def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, Any]]:
+    """One row per trial: its number and run, the objectives, the decoded parameters, the model figures."""
+    rows = []
+    for trial in trials:
+        row: dict[str, Any] = {"trial": trial.number, "run": trial.user_attrs.get("run_name", "")}
+        row.update(zip(sweep.objectives, trial.values))
+        row.update({key: sweep.space[key].decode(value) if key in sweep.space else value
+                    for key, value in trial.params.items()})
+        for attr in ("params_m", "gflops", "throughput", "speedup"):
+            metric = f"model/{attr}"
+            if metric not in sweep.objectives and trial.user_attrs.get(attr) is not None:
+                row[metric] = trial.user_attrs[attr]
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return str(encode_choice(value))
+    return str(value)
+
+
+def format_front(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the rows."""
+    if not rows:
+        return "(no feasible complete trial yet)"
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_front(study_dir: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """``pareto.md`` and ``pareto.csv`` in the study directory."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "pareto.md").write_text(f"# {title}\n\n{format_front(rows)}\n")
+    header = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
+    (study_dir / "pareto.csv").write_text(buffer.getvalue())
+
+
+def export_configs(study_dir: Path, trials: list[FrozenTrial], sweep: SweepSpec,
+                   base_config: Mapping[str, Any]) -> list[Path]:
+    """``best/trial_NNNN.yaml`` per front trial: the trial's resolved config, runnable with ``fvlab fit``."""
+    best = study_dir / "best"
+    best.mkdir(parents=True, exist_ok=True)
+    wanted = set()
+    paths = []
+    for trial in trials:
+        run_name = trial.user_attrs.get("run_name") or f"trial_{trial.number:04d}"
+        resolved = study_dir / run_name / "config.yaml"
+        if resolved.is_file():
+            config = yaml.safe_load(resolved.read_text())
+        else:  # trained on another machine: rebuild it from the base and the trial's parameters
+            config = apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
+        config = {**config, "name": f"{sweep.study}_best", "variant": run_name}
+        scores = ", ".join(f"{m}={v:.4g}" for m, v in zip(sweep.objectives, trial.values))
+        path = best / f"{run_name}.yaml"
+        path.write_text(f"# fvlab sweep {sweep.study}, trial {trial.number}: {scores}\n"
+                        f"# Train it: fvlab fit {path} (e.g. --trainer.max_epochs 300)\n"
+                        + yaml.safe_dump(config, sort_keys=False))
+        wanted.add(path.name)
+        paths.append(path)
+    for old in best.glob("trial_*.yaml"):
+        if old.name not in wanted:  # left the front since the last export
+            old.unlink()
+    return paths

@@ -1,0 +1,371 @@
+"""Sweep files: the search space, objectives, constraints, sampler and pruner of one Optuna study.
+
+``load_sweep`` reads and checks a sweep file without touching the disk beyond reading it;
+every mistake is a ``SweepError`` whose one-line message names the key and the fix.
+Optuna's categorical distributions take scalars only, so a list choice (a whole ``depths``
+list) is offered to Optuna as a readable string, ``"1-1-4-1"``, and decoded back into the
+list when the trial's config is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import yaml
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
+                                  IntDistribution)
+
+__all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
+           "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS"]
+
+# DESIGN.md's metric table (train/lr is a setting, not a result).
+METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss", "train/loss_epoch",
+           "model/params_m", "model/gflops", "model/throughput", "model/latency_ms", "model/speedup")
+# Reported at every validation, so a pruner can follow them.
+TRAINING_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss")
+# constraint name -> (metric, bound kind)
+CONSTRAINTS = {"max_gflops": ("model/gflops", "max"), "max_params_m": ("model/params_m", "max"),
+               "min_throughput": ("model/throughput", "min"),
+               "max_latency_ms": ("model/latency_ms", "max")}
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+PRUNERS = ("median", "hyperband")
+_TOP_KEYS = ("study", "experiment", "space", "objectives", "constraints", "sampler", "pruner",
+             "n_trials", "overrides")
+_RANGE_KEYS = ("low", "high", "step", "log")
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SweepError(ValueError):
+    """A bad sweep file or option: the one-line message names the key and the fix."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def encode_choice(value: Any) -> Any:
+    """A choice as Optuna stores it: scalars as they are, lists as ``"1-1-4-1"``."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(_text(v) for v in value)
+    return value
+
+
+@dataclass
+class SearchParam:
+    """One dotted config key of the space and its Optuna distribution (with list choices decoded)."""
+
+    key: str
+    distribution: BaseDistribution
+    spec: dict[str, Any]
+    decoded: dict[Any, Any] | None = None  # Optuna's (encoded) choice -> the config value
+
+    @property
+    def discrete_values(self) -> list[Any] | None:
+        """Every value Optuna may pick (None for a continuous range), as Optuna stores them."""
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            return list(d.choices)
+        if isinstance(d, IntDistribution):
+            return list(range(d.low, d.high + 1, d.step)) if not d.log else list(range(d.low, d.high + 1))
+        if isinstance(d, FloatDistribution) and d.step is not None:
+            count = int(round((d.high - d.low) / d.step))
+            return [d.low + i * d.step for i in range(count + 1)]
+        return None
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """Ask the trial for this key's value; returns the config value (lists decoded)."""
+        d = self.distribution
+        if isinstance(d, CategoricalDistribution):
+            value = trial.suggest_categorical(self.key, d.choices)
+            return self.decode(value)
+        if isinstance(d, IntDistribution):
+            return trial.suggest_int(self.key, d.low, d.high, step=d.step, log=d.log)
+        return trial.suggest_float(self.key, d.low, d.high, step=d.step, log=d.log)
+
+    def decode(self, value: Any) -> Any:
+        """The config value of an Optuna parameter value."""
+        if self.decoded is not None and value in self.decoded:
+            return self.decoded[value]
+        return value
+
+
+def parse_param(key: str, spec: Any, where: str = "space") -> SearchParam:
+    """Parse one ``space`` entry: ``{choices: [...]}`` or ``{low, high[, step][, log]}``."""
+    name = f"{where}.{key}"
+    if not isinstance(spec, Mapping):
+        raise SweepError(f"{name}: give {{choices: [...]}} or {{low: L, high: H}} (with step or log), "
+                         f"not {spec!r}")
+    spec = dict(spec)
+    if "choices" in spec:
+        extra = sorted(set(spec) - {"choices"})
+        if extra:
+            raise SweepError(f"{name}: choices cannot be combined with {', '.join(extra)}")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise SweepError(f"{name}: choices must be a non-empty list, e.g. choices: [2, 4]")
+        for choice in choices:
+            items = choice if isinstance(choice, list) else [choice]
+            if not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+                raise SweepError(f"{name}: choice {choice!r} must be a scalar or a list of scalars")
+        decoded = None
+        encoded = list(choices)
+        if any(isinstance(c, list) for c in choices):
+            # Optuna stores scalars only: every choice of a key with list choices becomes a
+            # readable string, decoded back through this table.
+            encoded = [encode_choice(c) if isinstance(c, list) else _text(c) for c in choices]
+            if len(set(encoded)) != len(encoded):
+                encoded = [json.dumps(c) for c in choices]
+            decoded = dict(zip(encoded, choices))
+        if len({json.dumps(c, sort_keys=True) for c in choices}) != len(choices):
+            raise SweepError(f"{name}: choices {choices!r} repeat a value; list each once")
+        return SearchParam(key, CategoricalDistribution(encoded), {"choices": choices}, decoded)
+    unknown = sorted(set(spec) - set(_RANGE_KEYS))
+    if unknown:
+        raise SweepError(f"{name}: unknown key {unknown[0]!r}; a range has low, high and optional "
+                         f"step or log (or give choices: [...])")
+    if "low" not in spec or "high" not in spec:
+        raise SweepError(f"{name}: a range needs low and high, e.g. {{low: 1.0e-4, high: 1.0e-2, log: true}}")
+    low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
+    if not _is_number(low) or not _is_number(high):
+        raise SweepError(f"{name}: low and high must be numbers, got {low!r} and {high!r}")
+    if low > high:
+        raise SweepError(f"{name}: low {low} > high {high}; make low <= high")
+    if not isinstance(log, bool):
+        raise SweepError(f"{name}: log must be true or false, got {log!r}")
+    if step is not None and (not _is_number(step) or step <= 0):
+        raise SweepError(f"{name}: step must be a positive number, got {step!r}")
+    if log and low <= 0:
+        raise SweepError(f"{name}: log needs low > 0, got low {low}")
+    if log and step is not None:
+        raise SweepError(f"{name}: give step or log, not both")
+    integer = all(isinstance(v, int) for v in (low, high)) and (step is None or isinstance(step, int))
+    try:
+        if integer:
+            distribution: BaseDistribution = IntDistribution(low, high, log=log, step=step or 1)
+        else:
+            distribution = FloatDistribution(float(low), float(high), log=log,
+                                             step=None if step is None else float(step))
+    except ValueError as err:
+        raise SweepError(f"{name}: {err}") from None
+    return SearchParam(key, distribution, {k: spec[k] for k in _RANGE_KEYS if k in spec})
+
+
+def _named(value: Any, key: str, known: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """``tpe`` or ``{name: tpe, seed: 0, ...}`` -> ("tpe", {"seed": 0, ...})."""
+    if isinstance(value, str):
+        name, options = value, {}
+    elif isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        options = {str(k): v for k, v in value.items() if k != "name"}
+        name = value["name"]
+    else:
+        raise SweepError(f"{key}: give a name ({' | '.join(known)}) or {{name: NAME, ...}}, not {value!r}")
+    if name not in known:
+        raise SweepError(f"{key}: unknown {key} {name!r}; use one of {', '.join(known)}")
+    return name, options
+
+
+def _check_options(cls: type, options: Mapping[str, Any], key: str, managed: tuple[str, ...]) -> None:
+    allowed = set(inspect.signature(cls).parameters) - set(managed)
+    for option in options:
+        if option not in allowed:
+            raise SweepError(f"{key}.{option}: not an option of {cls.__name__}; known: "
+                             f"{', '.join(sorted(allowed))}")
+
+
+SAMPLER_CLASSES = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+                   "gp": optuna.samplers.GPSampler, "random": optuna.samplers.RandomSampler,
+                   "grid": optuna.samplers.GridSampler}
+# Set by fvlab itself (seeds per worker, constraints through trial.set_constraint).
+SAMPLER_MANAGED = ("seed", "search_space", "constraints_func", "constant_liar")
+PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    path: Path
+    study: str
+    experiment: Path
+    space: dict[str, SearchParam]
+    objectives: dict[str, str]
+    constraints: dict[str, float] = field(default_factory=dict)
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    pruner: str | None = None
+    pruner_options: dict[str, Any] = field(default_factory=dict)
+    n_trials: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions, in objective order."""
+        return list(self.objectives.values())
+
+    @property
+    def grid_size(self) -> int | None:
+        """Number of combinations of a grid search (None for other samplers)."""
+        if self.sampler != "grid":
+            return None
+        return math.prod(len(p.discrete_values or []) for p in self.space.values())
+
+    def grid_search_space(self) -> dict[str, list[Any]]:
+        """GridSampler's search space: every value of every key, as Optuna stores them."""
+        return {key: list(p.discrete_values or []) for key, p in self.space.items()}
+
+    def identity(self) -> dict[str, Any]:
+        """What a study is a search of: space, objectives and constraints (a rerun may not change them)."""
+        return {"space": {k: p.spec for k, p in self.space.items()},
+                "objectives": [[k, v] for k, v in self.objectives.items()],
+                "constraints": dict(sorted(self.constraints.items()))}
+
+    def identity_hash(self) -> str:
+        """Short hash of :meth:`identity`."""
+        text = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def decode(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Optuna's parameter values of a trial -> config overrides (list choices decoded)."""
+        return {key: self.space[key].decode(value) if key in self.space else value
+                for key, value in params.items()}
+
+    def uses_throughput(self) -> bool:
+        """Whether objectives or constraints depend on measured speed."""
+        speed = ("model/throughput", "model/latency_ms", "model/speedup")
+        return (any(m in speed for m in self.objectives)
+                or any(k in ("min_throughput", "max_latency_ms") for k in self.constraints))
+
+
+def _resolve_experiment(value: Any, sweep_path: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise SweepError(f"{sweep_path}: experiment: give the base experiment file, "
+                         f"e.g. experiment: experiments/baseline.yaml")
+    path = Path(value)
+    if path.is_absolute() or path.is_file():
+        candidate = path
+    else:
+        candidate = sweep_path.parent / path  # relative to the sweep file, as a fallback
+    if not candidate.is_file():
+        raise SweepError(f"{sweep_path}: experiment: file not found: {value} (paths are relative "
+                         f"to the current directory or to the sweep file)")
+    return candidate
+
+
+def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | None = None) -> SweepSpec:
+    """Read and check a sweep file (the base experiment's keys are checked by the caller)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SweepError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path} must be a mapping with experiment, space and objectives")
+    unknown = [k for k in raw if k not in _TOP_KEYS]
+    if unknown:
+        raise SweepError(f"{path}: unknown key {unknown[0]!r}; a sweep file has {', '.join(_TOP_KEYS)}")
+
+    study = study_name or raw.get("study") or path.stem
+    if not isinstance(study, str) or not _STUDY_NAME.match(study):
+        raise SweepError(f"{path}: study {study!r} must be a plain directory name (letters, digits, '_', '-', '.')")
+    experiment = _resolve_experiment(raw.get("experiment"), path)
+
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise SweepError(f"{path}: space must map dotted config keys to distributions, "
+                         f"e.g. model.arch.ct_size: {{choices: [1, 2]}}")
+    space = {str(k): parse_param(str(k), v) for k, v in space_raw.items()}
+
+    objectives_raw = raw.get("objectives")
+    if not isinstance(objectives_raw, dict) or not objectives_raw:
+        raise SweepError(f"{path}: objectives must map metric names to maximize or minimize, "
+                         f"e.g. {{val/acc1_best: maximize}}")
+    objectives: dict[str, str] = {}
+    for metric, direction in objectives_raw.items():
+        if metric not in METRICS:
+            raise SweepError(f"objectives: unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+        if direction not in ("maximize", "minimize"):
+            raise SweepError(f"objectives.{metric}: {direction!r} must be maximize or minimize")
+        objectives[metric] = direction
+
+    constraints_raw = raw.get("constraints") or {}
+    if not isinstance(constraints_raw, dict):
+        raise SweepError(f"{path}: constraints must map {', '.join(CONSTRAINTS)} to numbers")
+    constraints: dict[str, float] = {}
+    for name, bound in constraints_raw.items():
+        if name not in CONSTRAINTS:
+            raise SweepError(f"constraints: unknown constraint {name!r}; use {', '.join(CONSTRAINTS)}")
+        if not _is_number(bound) or bound <= 0:
+            raise SweepError(f"constraints.{name}: must be a positive number, got {bound!r}")
+        constraints[name] = float(bound)
+
+    sampler, sampler_options = _named(raw.get("sampler") or "tpe", "sampler", SAMPLERS)
+    seed = sampler_options.pop("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SweepError(f"sampler.seed: must be a non-negative integer, got {seed!r}")
+    _check_options(SAMPLER_CLASSES[sampler], sampler_options, "sampler", SAMPLER_MANAGED)
+    if sampler == "grid":
+        for key, param in space.items():
+            if param.discrete_values is None:
+                raise SweepError(f"space.{key}: the grid sampler needs discrete values (choices, int "
+                                 f"ranges or float ranges with step); {param.spec} is a continuous range")
+
+    pruner: str | None = None
+    pruner_options: dict[str, Any] = {}
+    if raw.get("pruner") is not None:
+        pruner, pruner_options = _named(raw["pruner"], "pruner", PRUNERS)
+        _check_options(PRUNER_CLASSES[pruner], pruner_options, "pruner", ())
+        if len(objectives) > 1:
+            raise SweepError(f"pruner: Optuna cannot prune multi-objective studies; remove the pruner "
+                             f"or keep one objective (got {', '.join(objectives)})")
+        first = next(iter(objectives))
+        if first not in TRAINING_METRICS:
+            raise SweepError(f"pruner: the pruner follows {first!r}, which is not reported during "
+                             f"training; use one of {', '.join(TRAINING_METRICS)} as the objective")
+
+    if n_trials is None:
+        n_trials = raw.get("n_trials")
+    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
+        raise SweepError(f"n_trials: must be a positive integer, got {n_trials!r}")
+
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise SweepError(f"{path}: overrides must map dotted config keys to values, e.g. "
+                         f"{{trainer.max_epochs: 3}}")
+    overlap = sorted(set(overrides) & set(space))
+    if overlap:
+        raise SweepError(f"overrides.{overlap[0]}: also in space; a key is either searched or fixed")
+
+    return SweepSpec(path=path, study=study, experiment=experiment, space=space, objectives=objectives,
+                     constraints=constraints, sampler=sampler, sampler_options=sampler_options, seed=seed,
+                     pruner=pruner, pruner_options=pruner_options, n_trials=n_trials,
+                     overrides={str(k): v for k, v in overrides.items()})
+
+
+def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Which of space / objectives / constraints differ between two identities (and which keys)."""
+    parts = []
+    for section in ("space", "objectives", "constraints"):
+        a, b = old.get(section), new.get(section)
+        if json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str):
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            parts.append(f"{section} ({', '.join(keys)})")
+        else:
+            parts.append(section)
+    return ", ".join(parts) or "the study's spec"

@@ -1,0 +1,248 @@
+"""Sweep workers: each runs trials of one study until its budget of ``n_trials`` is spent.
+
+``n_trials`` is a total over every rerun, worker and machine: before each trial a worker
+takes the study's budget lock, recovers trials whose process died, counts the trials that are
+finished, running or waiting (a failed trial that was enqueued again counts once, as its
+retry) and asks for a new trial only while the count is below the budget. ``--workers K``
+spawns K processes (not forked: CUDA and OpenMP do not survive a fork), each with its own
+storage connection, its own GPU (``CUDA_VISIBLE_DEVICES``) or cores/K CPU threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from fvlab.sweep.space import PRUNER_CLASSES, SAMPLER_CLASSES, SweepSpec
+
+__all__ = ["WorkerSettings", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
+           "EXIT_INTERRUPTED"]
+
+log = logging.getLogger(__name__)
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class WorkerSettings:
+    """What a worker process needs (picklable: spawned workers re-read the sweep file)."""
+
+    sweep_path: str
+    study_name: str
+    n_trials: int | None
+    storage: str | None
+    journal: str
+    runs_dir: str
+    deadline: float | None = None
+    worker: int = 0
+    workers: int = 1
+    trials_at_start: int = 0
+    threads: int | None = None
+    cuda_device: str | None = None
+
+
+def count_budget(study: optuna.Study) -> tuple[int, int]:
+    """(trials that count towards n_trials, trials waiting to run)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    counted = sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    return counted, waiting
+
+
+def worker_seed(base: int, trials_at_start: int, worker: int, shared_storage: bool) -> int:
+    """Distinct sampler seeds per worker and rerun (and per machine on a shared database)."""
+    entropy = [base, trials_at_start, worker]
+    if shared_storage:
+        entropy.append(int.from_bytes(socket.gethostname().encode()[:8].ljust(8, b"\0"), "little"))
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
+    """The sweep's sampler, seeded; TPE is multivariate, with the constant liar for parallel workers."""
+    cls = SAMPLER_CLASSES[sweep.sampler]
+    options = dict(sweep.sampler_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if sweep.sampler == "tpe":
+            options.setdefault("multivariate", True)
+            options.setdefault("constant_liar", parallel)
+        if sweep.sampler == "grid":
+            return cls(sweep.grid_search_space(), seed=seed, **options)
+        return cls(seed=seed, **options)
+
+
+def make_pruner(sweep: SweepSpec) -> optuna.pruners.BasePruner | None:
+    """The sweep's pruner, or None."""
+    if sweep.pruner is None:
+        return None
+    return PRUNER_CLASSES[sweep.pruner](**sweep.pruner_options)
+
+
+class _QuietKnownFailures(logging.Filter):
+    # A failed trial's reason is in its user_attrs and our own line: no traceback of our raise.
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fvlab.sweep.objective import TrialFailed
+
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
+            record.exc_info = None
+        return True
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # The first SIGINT/SIGTERM stops the trial; a second one (Ctrl-C reaches every process of
+    # the group, and the parent forwards it too) must not break the recording of that stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix: str) -> str:
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    attrs = trial.user_attrs
+    if trial.state == TrialState.COMPLETE:
+        what = " ".join(f"{m}={v:.4g}" for m, v in zip(objectives, trial.values))
+    elif trial.state == TrialState.PRUNED:
+        what = f"pruned: {attrs.get('pruned_reason')}"
+    else:
+        what = f"{trial.state.name.lower()}: {attrs.get('fail_reason')}"
+    return f"{prefix}trial {number} ({attrs.get('run_name', '?')}): {what}"
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Run trials until the study's budget is spent (or the deadline passes); returns an exit code."""
+    if settings.cuda_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.cuda_device
+    import torch
+
+    from fvlab.experiment import apply_overrides, load_experiment
+    from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective, TrialFailed
+    from fvlab.sweep.space import load_sweep
+    from fvlab.sweep.storage import budget_lock, open_storage, recover_dead_trials, retry_trial
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    # SIGTERM's default (or Lightning's, outside fit) would end the process with the trial RUNNING.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_QuietKnownFailures())
+    prefix = f"[{settings.study_name}{f' w{settings.worker}' if settings.workers > 1 else ''}] "
+    journal = Path(settings.journal)
+    try:
+        sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials)
+        base = load_experiment(sweep.experiment).base_config()
+        storage = open_storage(settings.storage, journal)
+        seed = worker_seed(sweep.seed, settings.trials_at_start, settings.worker,
+                           isinstance(storage, RDBStorage) and storage.engine.dialect.name != "sqlite")
+        study = optuna.load_study(study_name=settings.study_name, storage=storage,
+                                  sampler=make_sampler(sweep, seed, parallel=True),
+                                  pruner=make_pruner(sweep))
+        profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
+                                        speedup="model/speedup" in sweep.objectives)
+        objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler)
+        objectives = list(sweep.objectives)
+        budget = settings.n_trials
+        while True:
+            if settings.deadline is not None and time.time() >= settings.deadline:
+                print(f"{prefix}--timeout reached; no new trials", flush=True)
+                break
+            with contextlib.ExitStack() as lock:
+                lock.enter_context(budget_lock(storage, settings.storage, journal, settings.study_name))
+                for number in recover_dead_trials(study, storage):
+                    print(f"{prefix}trial {number}: its process is gone; failed and queued again", flush=True)
+                counted, waiting = count_budget(study)
+                if not waiting and budget is not None and counted >= budget:
+                    break
+
+                def locked_objective(trial: optuna.Trial) -> list[float]:
+                    lock.close()  # the trial exists now: other workers may count it and go on
+                    return objective(trial)
+
+                objective.current_trial = None
+                try:
+                    study.optimize(locked_objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+                except KeyboardInterrupt:
+                    number = objective.current_trial
+                    if number is not None:
+                        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+                        if frozen.state == TrialState.FAIL:
+                            retry_trial(study, frozen)
+                        print(f"{prefix}interrupted: trial {number} recorded as failed (interrupted) and "
+                              f"queued again; rerun the same command to resume", file=sys.stderr, flush=True)
+                    return EXIT_INTERRUPTED
+            if objective.current_trial is not None:
+                print(_trial_line(study, objective.current_trial, objectives, prefix), flush=True)
+    except KeyboardInterrupt:
+        print(f"{prefix}interrupted between trials", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _spawned_worker(settings: WorkerSettings) -> None:
+    sys.exit(run_worker(settings))
+
+
+def _cuda_devices() -> list[str]:
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [str(i) for i in range(count)]
+
+
+def run_workers(settings: WorkerSettings) -> int:
+    """Run ``settings.workers`` worker processes (spawned) and wait for them; returns an exit code."""
+    if settings.workers <= 1:
+        return run_worker(settings)
+    devices = _cuda_devices()
+    cores = os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(settings.workers):
+        own = WorkerSettings(**{**settings.__dict__, "worker": index})
+        if devices:
+            own.cuda_device = devices[index % len(devices)]
+        else:
+            own.threads = max(1, cores // settings.workers)
+        process = context.Process(target=_spawned_worker, args=(own,), name=f"fvlab-sweep-{index}")
+        process.start()
+        processes.append(process)
+
+    def forward(signum: int, frame: Any) -> None:
+        # Workers stop on the first SIGINT or SIGTERM and ignore repeats.
+        for process in processes:
+            if process.is_alive() and process.pid:
+                os.kill(process.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for process in processes:
+            while process.is_alive():
+                process.join(timeout=1.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [p.exitcode for p in processes]
+    if any(code == EXIT_INTERRUPTED for code in codes):
+        return EXIT_INTERRUPTED
+    return 0 if all(code == 0 for code in codes) else 1

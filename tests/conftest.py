@@ -1,0 +1,101 @@
+"""Shared fixtures: a throwaway PostgreSQL server for the storage tests of ``fvlab sweep``.
+
+The server is Debian's ``postgresql`` (``.ci/run`` installs it): initdb into a temporary
+directory, a free port on 127.0.0.1, stopped at the end of the session. PostgreSQL refuses to
+run as root, so under root it runs as the ``postgres`` user. Without the binaries the tests
+that need it skip and say why; under CI (``CI=true``) they fail instead, so CI always runs them.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+POSTGRES_ENV = "FVLAB_TEST_POSTGRES_URL"
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """URL of a PostgreSQL server (``postgresql://fvlab@127.0.0.1:PORT``) for this test session."""
+    if os.environ.get(POSTGRES_ENV):
+        yield os.environ[POSTGRES_ENV].rstrip("/")
+        return
+    bindir = _postgres_bin()
+    if bindir is None:
+        _unavailable("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        _unavailable("the psycopg2 driver is missing (pip install -e '.[test]')")
+    root = Path(tempfile.mkdtemp(prefix="fvlab-pg-"))
+    data, port = root / "data", _free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")  # initdb and postgres refuse to run as root
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    run = dict(check=True, capture_output=True, text=True, timeout=120)
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "fvlab", "--auth=trust",
+                        "--no-sync", "-E", "UTF8"], **run)
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
+                        "-w", "-t", "60", "-o",
+                        f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off -c max_connections=200",
+                        "start"], **run)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+        shutil.rmtree(root, ignore_errors=True)
+        _unavailable(f"could not start PostgreSQL: {getattr(err, 'stderr', '') or err} {log[-500:]}")
+    try:
+        yield f"postgresql://fvlab@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import psycopg2
+
+    name = f"fvlab_test_{os.getpid()}_{next(_databases)}"
+    conn = psycopg2.connect(f"{postgres_server}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return f"{postgres_server}/{name}"

@@ -1,0 +1,208 @@
+"""`fvlab sweep`: space parsing, bad sweep files, real sweeps on real storages, faults, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from fvlab.cli import main
+from fvlab.sweep import sweep_command
+from fvlab.sweep.space import SweepError, parse_param
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"name": "tiny_base", "seed_everything": 0,
+        "model": {"arch": {"name": "fastervit_micro"}, "lr": 3.0e-3},
+        "data": {"class_path": "fvlab.data.SyntheticDataModule",
+                 "init_args": {"image_size": 32, "num_classes": 4, "num_samples": 64, "val_samples": 32,
+                               "batch_size": 32}},
+        "trainer": {"max_epochs": 1, "limit_train_batches": 2, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False},
+        "ablation": {"other": {"model.lr": 1.0e-3}}, "seeds": [0, 1]}  # both ignored by sweeps
+SWEEP = {"study": "tiny", "experiment": "base.yaml",
+         "space": {"model.arch.ct_size": {"choices": [1, 2]},
+                   "model.arch.depths": {"choices": [[1, 1, 1, 1], [1, 1, 2, 1]]},
+                   "model.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}},
+         "objectives": {"val/acc1_best": "maximize", "model/throughput": "maximize"},
+         "sampler": {"name": "tpe", "seed": 0}, "n_trials": 3}
+
+
+def write_sweep(tmp_path: Path, name: str = "sweep.yaml", base: dict | None = None, **changes) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base or BASE, sort_keys=False))
+    sweep = {**SWEEP, **changes}
+    sweep = {k: v for k, v in sweep.items() if v is not None}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def run_sweep(tmp_path: Path, sweep: Path, *extra: str) -> int:
+    return sweep_command([str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra])
+
+
+def journal_study(path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+# ---- the space ---------------------------------------------------------------------------
+
+
+def test_space_distributions_and_list_choices_round_trip() -> None:
+    depths = parse_param("model.arch.depths", {"choices": [[1, 1, 2, 1], [1, 1, 4, 1]]})
+    assert depths.distribution == CategoricalDistribution(["1-1-2-1", "1-1-4-1"])
+    assert depths.decode("1-1-4-1") == [1, 1, 4, 1]
+    mixed = parse_param("model.arch.window_size", {"choices": [2, [2, 2, 4, 2]]})
+    assert [mixed.decode(c) for c in mixed.distribution.choices] == [2, [2, 2, 4, 2]]
+    hat = parse_param("model.arch.hat", {"choices": [True, [False, False, True, False]]})
+    assert hat.distribution.choices == ("true", "false-false-true-false")
+    assert hat.decode("true") is True
+    scalar = parse_param("model.arch.ct_size", {"choices": [0, 1, 2]})
+    assert scalar.distribution == CategoricalDistribution([0, 1, 2]) and scalar.decoded is None
+    assert parse_param("k", {"low": 2, "high": 4, "step": 1}).distribution == IntDistribution(2, 4, step=1)
+    assert parse_param("k", {"low": 1.0e-4, "high": 1.0e-2, "log": True}).distribution == \
+        FloatDistribution(1e-4, 1e-2, log=True)
+    stepped = parse_param("k", {"low": 0.0, "high": 0.5, "step": 0.25})
+    assert stepped.distribution == FloatDistribution(0.0, 0.5, step=0.25)
+    assert stepped.discrete_values == [0.0, 0.25, 0.5]
+    assert parse_param("k", {"low": 0.0, "high": 1.0}).discrete_values is None
+    # A real trial gets the decoded list.
+    study = optuna.create_study()
+    trial = study.ask()
+    assert depths.suggest(trial) in ([1, 1, 2, 1], [1, 1, 4, 1])
+    assert isinstance(trial.params["model.arch.depths"], str)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"choices": []}, "non-empty"),
+    ({"low": 3, "high": 1}, "low 3 > high 1"),
+    ({"low": 0.0, "high": 1.0, "log": True}, "log needs low > 0"),
+    ({"low": 1, "high": 4, "spacing": 1}, "unknown key 'spacing'"),
+    ({"choices": [1, 1]}, "repeat"),
+    ({"low": 1.0e-3, "high": 1.0e-1, "log": True, "step": 0.1}, "step or log"),
+])
+def test_bad_distributions(spec: dict, message: str) -> None:
+    with pytest.raises(SweepError, match="space.k: .*" + message.replace("(", r"\(")):
+        parse_param("k", spec)
+
+
+BAD_SWEEPS = [
+    ({"objectives": {"val/top1": "maximize"}}, "objectives: unknown metric 'val/top1'"),
+    ({"objectives": {"val/acc1_best": "up"}}, "objectives.val/acc1_best"),
+    ({"space": {"model.arch.windowsize": {"choices": [1, 2]}}}, "space.model.arch.windowsize: not a key"),
+    ({"space": {"model.arch.ct_size": {"choices": []}}}, "space.model.arch.ct_size: choices must be a non-empty"),
+    ({"space": {"model.lr": {"low": 0.1, "high": 0.01}}}, "space.model.lr: low 0.1 > high 0.01"),
+    ({"space": {"model.lr": {"low": 0.0, "high": 0.01, "log": True}}}, "space.model.lr: log needs low > 0"),
+    ({"sampler": "bayes"}, "sampler: unknown sampler 'bayes'"),
+    ({"sampler": {"name": "tpe", "n_startup": 3}}, "sampler.n_startup: not an option"),
+    ({"pruner": "early"}, "pruner: unknown pruner 'early'"),
+    ({"sampler": "grid"}, "space.model.lr: the grid sampler needs discrete values"),
+    ({"pruner": "median"}, "Optuna cannot prune multi-objective studies"),
+    ({"experiment": "missing.yaml"}, "experiment: file not found: missing.yaml"),
+    ({"constraints": {"max_watts": 3}}, "constraints: unknown constraint 'max_watts'"),
+    ({"n_trials": 0}, "n_trials: must be a positive integer"),
+    ({"overrides": {"trainer.max_epoch": 2}}, "cannot be built"),
+    ({"stuff": 1}, "unknown key 'stuff'"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_SWEEPS, ids=[m.split(":")[0][:30] for _, m in BAD_SWEEPS])
+def test_bad_sweep_file_exits_2_and_writes_nothing(tmp_path: Path, capsys, changes: dict, message: str) -> None:
+    sweep = write_sweep(tmp_path, **changes)
+    assert run_sweep(tmp_path, sweep) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- one real sweep ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_trials(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    sweep = write_sweep(tmp_path)
+    assert run_sweep(tmp_path, sweep) == 0
+    return tmp_path
+
+
+def test_three_trial_sweep_storage_runs_and_front(three_trials: Path, capsys) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    study_dir = three_trials / "runs" / "tiny"
+    study = journal_study(study_dir / "study.journal", "tiny")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert study.metric_names == ["val/acc1_best", "model/throughput"]
+    for trial in trials:
+        attrs = trial.user_attrs
+        for key in ("params_m", "gflops", "throughput", "latency_ms", "val_acc1_best", "run_dir", "seed",
+                    "device", "precision"):
+            assert attrs.get(key) is not None, key
+        run_dir = Path(attrs["run_dir"])
+        assert run_dir.name == f"trial_{trial.number:04d}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "complete" and metrics["variant"] == run_dir.name
+        assert trial.values == [metrics["val/acc1_best"], metrics["model/throughput"]]
+        assert (run_dir / "config.yaml").is_file()
+        # The decoded list, not Optuna's string, reached the model.
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["model"]["arch"]["depths"] == [int(d) for d in trial.params["model.arch.depths"].split("-")]
+        events = list(run_dir.glob("events.out.tfevents.*"))
+        assert len(events) == 1  # one TensorBoard run per trial
+        accumulator = EventAccumulator(str(run_dir)).Reload()
+        assert {"val/acc1_best", "model/throughput"} <= set(accumulator.Tags()["scalars"])
+        hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+        assert {"model.arch.ct_size", "model.arch.depths", "model.lr"} <= set(hparams)
+    # Throughput is measured once per architecture: equal architectures share the figure.
+    by_arch = {}
+    for trial in trials:
+        arch = (trial.params["model.arch.ct_size"], trial.params["model.arch.depths"])
+        by_arch.setdefault(arch, set()).add(trial.user_attrs["throughput"])
+    assert all(len(figures) == 1 for figures in by_arch.values())
+    # Pareto front: table, CSV and runnable configs.
+    front = (study_dir / "pareto.csv").read_text().splitlines()
+    assert front[0].startswith("trial,run,val/acc1_best,model/throughput,model.arch.ct_size,model.arch.depths")
+    best = sorted((study_dir / "best").glob("trial_*.yaml"))
+    assert best and len(best) == len(front) - 1
+
+
+def test_exported_config_runs_with_fvlab_fit(three_trials: Path) -> None:
+    study_dir = three_trials / "runs" / "tiny"
+    exported = sorted((study_dir / "best").glob("trial_*.yaml"))[0]
+    out = three_trials / "refit"
+    assert main(["fit", str(exported), "--runs-dir", str(out)]) == 0
+    refit = json.loads((out / "tiny_best" / exported.stem / "metrics.json").read_text())
+    trial = json.loads((study_dir / exported.stem / "metrics.json").read_text())
+    assert refit["status"] == "complete"
+    assert refit["config_hash"] == trial["config_hash"]  # the same resolved config, trained again
+
+
+def test_rerun_resumes_and_changed_space_exits_2(three_trials: Path, capsys) -> None:
+    sweep = three_trials / "sweep.yaml"
+    journal = three_trials / "runs" / "tiny" / "study.journal"
+    size = journal.stat().st_size
+    capsys.readouterr()
+    assert run_sweep(three_trials, sweep) == 0  # budget met: nothing new
+    assert len(journal_study(journal, "tiny").get_trials()) == 3
+    assert "3 trial(s) (3 complete)" in capsys.readouterr().out
+    changed = write_sweep(three_trials, "changed.yaml",
+                          space={**SWEEP["space"], "model.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True}})
+    size = journal.stat().st_size
+    assert run_sweep(three_trials, changed) == 2
+    err = capsys.readouterr().err
+    assert "different space (model.lr)" in err and "--study-name" in err
+    assert journal.stat().st_size == size
