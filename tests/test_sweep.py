@@ -206,3 +206,64 @@ def test_rerun_resumes_and_changed_space_exits_2(three_trials: Path, capsys) -> 
     err = capsys.readouterr().err
     assert "different space (model.lr)" in err and "--study-name" in err
     assert journal.stat().st_size == size
+
+
+# ---- constraints, impossible geometry, pruning ------------------------------------------------
+
+
+def test_infeasible_trial_is_never_trained_and_unbuildable_is_pruned(tmp_path: Path) -> None:
+    # 32 px: stage 3 sees 2x2 tokens, so window 4 cannot be built; dim 32 costs ~0.0064 GFLOPs.
+    sweep = write_sweep(tmp_path, study="constrained", sampler={"name": "grid", "seed": 0},
+                        space={"model.arch.window_size": {"choices": [2, 4]},
+                               "model.arch.dim": {"choices": [16, 32]}},
+                        objectives={"val/acc1_best": "maximize"}, constraints={"max_gflops": 0.004},
+                        n_trials=10)
+    assert run_sweep(tmp_path, sweep) == 0
+    study_dir = tmp_path / "runs" / "constrained"
+    trials = journal_study(study_dir / "study.journal", "constrained").get_trials()
+    assert len(trials) == 4  # the grid, each combination once (n_trials capped)
+    by_params = {(t.params["model.arch.window_size"], t.params["model.arch.dim"]): t for t in trials}
+    feasible, infeasible = by_params[(2, 16)], by_params[(2, 32)]
+    assert feasible.state == TrialState.COMPLETE and feasible.constraints["max_gflops"] <= 0
+    assert infeasible.state == TrialState.PRUNED
+    assert infeasible.user_attrs["pruned_reason"].startswith("infeasible, not trained: model/gflops=")
+    assert infeasible.user_attrs["gflops"] > 0.004 and infeasible.constraints["max_gflops"] > 0
+    assert not Path(infeasible.user_attrs["run_dir"]).exists()  # never trained
+    assert (infeasible.datetime_complete - infeasible.datetime_start).total_seconds() < 15
+    for dim in (16, 32):
+        unbuildable = by_params[(4, dim)]
+        assert unbuildable.state == TrialState.PRUNED
+        assert "cannot be built: window_size[2]=4 does not fit stage 3" in unbuildable.user_attrs["pruned_reason"]
+    assert [row.split(",")[0] for row in (study_dir / "pareto.csv").read_text().splitlines()[1:]] == \
+        [str(feasible.number)]
+
+
+def _seed_training_first(choices: list, first) -> int:
+    """A sampler seed whose grid order (as the worker derives it) proposes ``first`` first."""
+    from fvlab.sweep.workers import worker_seed
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for seed in range(100):
+        sampler = optuna.samplers.GridSampler({"model.lr": choices}, seed=worker_seed(seed, 0, 0, False))
+        trial = optuna.create_study(sampler=sampler).ask()
+        if trial.suggest_categorical("model.lr", choices) == first:
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_pruning_stops_a_bad_trial_early(tmp_path: Path) -> None:
+    choices = [3.0e-3, 1.0e-9]  # the second learns nothing: its validation loss stays where it starts
+    seed = _seed_training_first(choices, 3.0e-3)
+    base = {**BASE, "data": {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "num_samples": 128}}}
+    sweep = write_sweep(tmp_path, base=base, study="pruned", space={"model.lr": {"choices": choices}},
+                        objectives={"val/loss": "minimize"}, sampler={"name": "grid", "seed": seed},
+                        pruner={"name": "median", "n_startup_trials": 1}, n_trials=2,
+                        overrides={"trainer.max_epochs": 3, "trainer.limit_train_batches": 4})
+    assert run_sweep(tmp_path, sweep) == 0
+    good, bad = journal_study(tmp_path / "runs" / "pruned" / "study.journal", "pruned").get_trials()
+    assert good.params["model.lr"] == 3.0e-3 and good.state == TrialState.COMPLETE
+    assert bad.state == TrialState.PRUNED
+    assert bad.user_attrs["pruned_reason"].startswith("pruned at epoch 1: val/loss=")
+    metrics = json.loads((Path(bad.user_attrs["run_dir"]) / "metrics.json").read_text())
+    assert metrics["status"] == "pruned" and metrics["epochs"] < 3  # stopped after its first epoch
+    assert list(bad.intermediate_values) == [0]

@@ -181,6 +181,8 @@ def recover_dead_trials(study: optuna.Study, storage: BaseStorage) -> list[int]:
         if not isinstance(tag, dict) or tag.get("host") != host or process_alive(tag):
             continue
         try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                        f"worker process {tag.get('pid')} ended while running it (killed?)")
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except Exception:  # another worker recovered it first
             continue
