@@ -108,3 +108,245 @@ def test_one_seed_has_no_interval_and_still_prints(tmp_path: Path) -> None:
     ct1 = next(line for line in text.splitlines() if line.startswith("| ct1 "))
     assert "+0.0200 [n/a]" in ct1 and "0.9700 " in ct1 and "±" not in ct1
     assert "n/a: fewer than two seeds completed in both ct1 and the reference" in text
+
+
+# ---- fvlab report ----------------------------------------------------------------------
+
+PNG_SIZE = (880, 550)  # plots.FIGSIZE x plots.DPI
+
+
+def write_run(run_dir: Path, metrics: dict | None, arch: dict, curve: list[float] = ()) -> Path:
+    """A run directory as `fvlab fit` leaves it: config.yaml, metrics.json, TensorBoard events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir.mkdir(parents=True)
+    config = {"name": "ablate", "variant": run_dir.parent.name if run_dir.name.startswith("seed_")
+              else run_dir.name, "model": {"arch": {"name": "fastervit_tiny", "window_size": None, **arch}}}
+    (run_dir / "config.yaml").write_text("# fvlab: resolved config\n" + json.dumps(config))
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    writer = SummaryWriter(str(run_dir))
+    for epoch, value in enumerate(curve):  # as Lightning logs them: the epoch scalar at the same step
+        writer.add_scalar("val/acc1", value, global_step=10 * epoch + 9)
+        writer.add_scalar("epoch", epoch, global_step=10 * epoch + 9)
+    if curve and metrics is None:
+        writer.add_scalar("model/throughput", 650.0, global_step=0)
+    writer.close()
+    return run_dir
+
+
+def hand_built_experiment(root: Path) -> Path:
+    """ref and ct4 over seeds 0-2 (ct4's seed 2 failed), slow (dominated), and a running variant."""
+    exp = root / "ablate"
+    accs = {"ref": [0.80, 0.84, 0.82], "ct4": [0.90, 0.95, None], "slow": [0.70, 0.72, 0.74]}
+    speeds = {"ref": 700.0, "ct4": 500.0, "slow": 400.0}
+    for variant, values in accs.items():
+        for seed, acc in enumerate(values):
+            metrics = run(variant, seed, acc) if acc is not None else \
+                run(variant, seed, status="failed", error="FloatingPointError: loss is nan")
+            metrics.update({"model/throughput": speeds[variant], "epochs": 2, "wall_s": 5.0})
+            write_run(exp / variant / f"seed_{seed}", metrics,
+                      {"ct_size": 4 if variant == "ct4" else None, "hat": variant != "slow"},
+                      [0.5, acc or 0.4])
+    write_run(exp / "running" / "seed_0", None, {"ct_size": 1, "hat": True}, [0.3, 0.6, 0.65])
+    return exp
+
+
+def test_report_of_hand_built_runs(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from fvlab.cli import main
+
+    exp = hand_built_experiment(tmp_path)
+    assert main(["report", str(exp)]) == 0
+    out = capsys.readouterr().out
+    md = (exp / "report" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in md.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+    header = [c.strip() for c in next(line for line in md.splitlines() if line.startswith("| variant")).split("|")[1:-1]]
+    assert header[:4] == ["variant", "ct_size", "hat", "seeds"]  # window_size is the same everywhere
+    cell = lambda variant, column: rows[variant][header.index(column)]  # noqa: E731
+    assert cell("ref", "ct_size") == "1" and cell("ct4", "ct_size") == "4" and cell("slow", "hat") == "false"
+    assert cell("ref", "val/acc1_best") == f"0.8200 ± {math.sqrt(0.0008 / 2):.4f}"
+    assert cell("ct4", "val/acc1_best") == f"0.9250 ± {math.sqrt(0.00125):.4f}"
+    assert cell("ct4", "seeds") == "2/3 (1 failed)"
+    # ct4 - ref over seeds 0, 1: .10 and .11 -> mean .105, sd sqrt(.00005), t(1)
+    half = T975[1] * math.sqrt(0.00005) / math.sqrt(2)
+    assert cell("ct4", "Δ vs ref [95% CI]") == f"+0.1050 [{0.105 - half:+.4f}, {0.105 + half:+.4f}] *"
+    # Pareto (accuracy against throughput): ref is fastest, ct4 most accurate, slow loses on both.
+    assert (cell("ref", "Pareto"), cell("ct4", "Pareto"), cell("slow", "Pareto")) == ("yes", "yes", "")
+    assert cell("running (running)", "val/acc1_best") == "0.6500"
+    assert cell("running (running)", "seeds") == "0/3 (1 running, 2 missing)"
+    assert "failed: ct4 seed 2: FloatingPointError: loss is nan (left out of the statistics)" in md
+    assert "running: running seed 0 (its latest figures are shown)" in md
+    assert "| ct4 " in out and "report.md" in out
+    for name in ("accuracy_vs_throughput", "accuracy_vs_gflops", "val_acc1_per_epoch"):
+        assert f"]({name}.png)" in md
+        with Image.open(exp / "report" / f"{name}.png") as image:
+            assert image.size == PNG_SIZE
+    means = {r["variant"]: r for r in csv.DictReader((exp / "report" / "report.csv").open()) if r["kind"] == "mean"}
+    assert float(means["slow"]["val/acc1_best"]) == pytest.approx(0.72) and means["slow"]["pareto"] == "False"
+
+
+def test_report_of_several_experiments_is_one_table(tmp_path: Path, capsys) -> None:
+    from fvlab.cli import main
+
+    runs = tmp_path / "runs"
+    hand_built_experiment(runs)
+    other = runs / "window"
+    for seed in (0, 1):
+        write_run(other / "w2" / f"seed_{seed}", {**run("w2", seed, 0.6 + seed / 10), "experiment": "window"},
+                  {"window_size": 2})
+    assert main(["report", str(runs / "ablate"), str(other)]) == 0
+    md = (runs / "report" / "report.md").read_text()  # the directories' common parent
+    assert "| ablate/ct4 " in md and "| window/w2 " in md and "Δ vs reference [95% CI]" in md
+    assert "| window/w2 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make", ["empty", "missing", "unrelated", "file"])
+def test_report_of_nothing_is_bad_input(tmp_path: Path, capsys, make: str) -> None:
+    from fvlab.cli import main
+
+    target = tmp_path / "runs"
+    if make == "empty":
+        target.mkdir()
+    elif make == "unrelated":
+        (target / "notes").mkdir(parents=True)
+        (target / "notes" / "a.txt").write_text("hello")
+    elif make == "file":
+        target.write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["report", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fvlab report: error:") and "study.journal" in err and "metrics.json" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def make_study(study_dir: Path):
+    """A real journal study as `fvlab sweep` leaves it: trials with user_attrs and run directories."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_dir.mkdir(parents=True)
+    storage = JournalStorage(JournalFileBackend(str(study_dir / "study.journal")))
+    study = optuna.create_study(study_name="hat_search", storage=storage, directions=["maximize", "maximize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_metric_names(["val/acc1_best", "model/throughput"])
+    space = {"model.arch.ct_size": optuna.distributions.CategoricalDistribution([0, 1, 2]),
+             "model.arch.window_size": optuna.distributions.CategoricalDistribution([2, 4])}
+    table = [(0.90, 800.0, 0.2, "complete"), (0.93, 600.0, 0.3, "complete"), (0.85, 900.0, 0.1, "complete"),
+             (0.80, 500.0, 0.4, "complete"), (0.95, 300.0, 0.9, "infeasible"), (None, 700.0, 0.2, "pruned"),
+             (None, None, None, "failed")]
+    for acc, speed, gflops, state in table:
+        trial = study.ask(space)
+        run_dir = study_dir / f"trial_{trial.number:04d}"
+        metrics = {"experiment": "hat_search", "variant": run_dir.name, "seed": 0, "epochs": 2,
+                   "wall_s": 10.0, "status": state if state != "infeasible" else "complete"}
+        trial.set_user_attr("run_dir", str(run_dir))
+        if gflops is not None:
+            attrs = {"params_m": 1.5, "gflops": gflops, "throughput": speed, "latency_ms": 2.0}
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            trial.set_constraint("max_gflops", gflops - 0.5)
+            metrics.update({"model/gflops": gflops, "model/throughput": speed})
+        if acc is not None:
+            trial.set_user_attr("val_acc1_best", acc)
+            metrics["val/acc1_best"] = acc
+            study.tell(trial, [acc, speed])
+        elif state == "pruned":
+            trial.set_user_attr("reason", "pruned at epoch 1: below the median")
+            metrics["error"] = "pruned at epoch 1: below the median"
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            metrics["error"] = "FloatingPointError: loss is nan"
+            study.tell(trial, state=TrialState.FAIL)
+        write_run(run_dir, metrics, {"ct_size": trial.params["model.arch.ct_size"]})
+    return study
+
+
+def test_report_of_a_study_with_pruned_failed_and_infeasible_trials(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from fvlab.cli import main
+
+    study_dir = tmp_path / "runs" / "hat_search"
+    make_study(study_dir)
+    assert main(["report", str(study_dir)]) == 0
+    out = capsys.readouterr().out
+    md = (study_dir / "report" / "report.md").read_text()
+    lines = [line for line in md.splitlines() if line.startswith("| #")]
+    assert len(lines) == 7  # the trial directories are rows of the study, not an experiment
+    state = {line.split("|")[1].strip(): line for line in lines}
+    assert "| complete " in state["#0"] and "| infeasible " in state["#4"]
+    assert "| pruned " in state["#5"] and "pruned at epoch 1: below the median" in state["#5"]
+    assert "| failed " in state["#6"] and "FloatingPointError: loss is nan" in state["#6"]
+    pareto = {t for t, line in state.items() if "| yes " in line}
+    assert pareto == {"#0", "#1", "#2"}  # #3 dominated; #4 infeasible though most accurate
+    assert "Variants" not in md and "7 trials, 4 complete, 1 infeasible, 1 pruned, 1 failed" in out
+    for name in ("accuracy_vs_throughput", "study_history_0", "study_history_1", "study_importances",
+                 "study_pareto_front", "study_hypervolume"):
+        with Image.open(study_dir / "report" / f"{name}.png") as image:
+            assert image.size == PNG_SIZE, name
+    trials = [r for r in csv.DictReader((study_dir / "report" / "report.csv").open()) if r["kind"] == "trial"]
+    assert [r["status"] for r in trials][4:] == ["infeasible", "pruned", "failed"]
+
+
+def test_report_from_storage_with_one_complete_trial_skips_importances(tmp_path: Path, capsys) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from fvlab.cli import main
+
+    journal = tmp_path / "one.journal"
+    study = optuna.create_study(study_name="single", storage=JournalStorage(JournalFileBackend(str(journal))),
+                                direction="maximize")
+    study.optimize(lambda t: t.suggest_float("model.lr", 1e-4, 1e-2, log=True), n_trials=1)
+    assert main(["report", "--storage", str(journal), "--study-name", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "--study-name 'nope' is not in --storage" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["report", "--storage", str(journal), "--study-name", "single", "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "](study_history.png)" in md and "parameter importances need at least two complete trials" in md
+
+
+def test_report_of_a_real_two_seed_fit(tmp_path: Path, capsys) -> None:
+    import yaml
+    from PIL import Image
+
+    from fvlab.cli import main
+
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "exp", "seed_everything": 0, "seeds": [0, 1],
+        "model": {"arch": {"name": "fastervit_micro"}, "lr": 1e-3},
+        "data": {"class_path": "fvlab.data.SyntheticDataModule",
+                 "init_args": {"image_size": 32, "num_classes": 4, "in_chans": 3, "num_samples": 64,
+                               "val_samples": 32, "batch_size": 16}},
+        "trainer": {"max_epochs": 2, "limit_train_batches": 1, "limit_val_batches": 1,
+                    "log_every_n_steps": 1, "num_sanity_val_steps": 0},
+        "ablation": {"no_carrier": {"model.arch.hat": False}, "ct1": {"model.arch.ct_size": 1}}},
+        sort_keys=False))
+    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
+    root = tmp_path / "runs" / "exp"
+    assert main(["report", str(root)]) == 0
+    capsys.readouterr()
+    md = (root / "report" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| variant"))
+    assert "| hat " in header  # the arch setting the variants differ in
+    for variant in ("no_carrier", "ct1"):
+        accs = [json.loads((root / variant / f"seed_{s}" / "metrics.json").read_text())["val/acc1_best"]
+                for s in (0, 1)]
+        mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / math.sqrt(2)  # sample std of two values
+        row = next(line for line in md.splitlines() if line.startswith(f"| {variant} "))
+        assert f"{mean:.4f} ± {std:.4f}" in row and "| 2/2 " in row
+    assert "| reference " in next(line for line in md.splitlines() if line.startswith("| no_carrier "))
+    from fvlab.report.collect import read_run
+
+    assert [epoch for epoch, _ in read_run(root / "ct1" / "seed_1").curve] == [1, 2]
+    with Image.open(root / "report" / "val_acc1_per_epoch.png") as image:
+        assert image.size == PNG_SIZE

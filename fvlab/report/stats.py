@@ -182,7 +182,8 @@ def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = N
         # Seeds the others ran count as missing here; unseeded runs (None) expect nothing more.
         stats.expected_seeds = [s for s in all_seeds if s is not None] or \
             sorted({r.get("seed") for r in stats.runs}, key=str)
-        complete = stats.complete
+        # A variant with no finished seed shows its running seeds' latest figures (marked running).
+        complete = stats.complete or stats.running
         for key in SEED_METRICS:
             values = [v for v in (_number(r.get(key)) for r in complete) if v is not None]
             stats.mean[key], stats.std[key] = _mean_std(values)
@@ -244,30 +245,36 @@ def difference_cell(stats: VariantStats) -> str:
     return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
 
 
-def summary_notes(variants: Sequence[VariantStats]) -> list[str]:
+def explanation(reference: str | None = None, confidence: float = CONFIDENCE) -> str:
+    """The line saying what ± and the mark mean."""
+    to = f"the reference variant {reference!r}" if reference else "its experiment's reference variant"
+    return (f"± is the sample standard deviation (n-1) over the completed seeds. Δ is the mean "
+            f"per-seed difference of {PRIMARY_METRIC} to {to}, paired by seed, with its "
+            f"{confidence:.0%} paired-t confidence interval; {SIGNIFICANT_MARK} marks an interval "
+            f"that excludes zero (a difference larger than seed-to-seed noise).")
+
+
+def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix: str = "") -> list[str]:
     """The lines under the table: what ± and the mark mean, which seeds failed or are missing."""
     if not variants:
         return []
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     confidence = next((v.difference.confidence for v in variants if v.difference), CONFIDENCE)
-    notes = [f"± is the sample standard deviation (n-1) over the completed seeds. Δ is the mean "
-             f"per-seed difference of {PRIMARY_METRIC} to the reference variant {reference!r}, "
-             f"paired by seed, with its {confidence:.0%} paired-t confidence interval; "
-             f"{SIGNIFICANT_MARK} marks an interval that excludes zero (a difference larger "
-             f"than seed-to-seed noise)."]
-    lone = [v.variant for v in variants if v.difference is not None and v.difference.n < 2]
+    notes = [explanation(reference, confidence)] if explain else []
+    lone = [prefix + v.variant for v in variants if v.difference is not None and v.difference.n < 2]
     if lone:
         notes.append(f"n/a: fewer than two seeds completed in both {', '.join(lone)} and the "
                      f"reference, so no interval; list several seeds (seeds: [0, 1, 2]) for one.")
     for v in variants:
         for run in v.failed:
-            notes.append(f"{run.get('status')}: {v.variant} "
+            notes.append(f"{run.get('status')}: {prefix}{v.variant} "
                          f"{seed_label(run.get('seed'))}: {run.get('error') or 'no reason recorded'}"
                          f" (left out of the statistics)")
         for run in v.running:
-            notes.append(f"running: {v.variant} {seed_label(run.get('seed'))} (left out of the statistics)")
+            shown = " (its latest figures are shown)" if not v.complete else " (left out of the statistics)"
+            notes.append(f"running: {prefix}{v.variant} {seed_label(run.get('seed'))}{shown}")
         for seed in v.missing_seeds:
-            notes.append(f"missing: {v.variant} {seed_label(seed)} (not run yet)")
+            notes.append(f"missing: {prefix}{v.variant} {seed_label(seed)} (not run yet)")
     return notes
 
 

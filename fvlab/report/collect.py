@@ -1,0 +1,335 @@
+"""What ``fvlab report`` reads: run directories, their TensorBoard curves, and Optuna studies.
+
+A run directory holds metrics.json (final figures), config.yaml (the resolved config) and the
+TensorBoard events. A run still in progress has no metrics.json yet (or says ``running``): its
+latest figures come from the events, read with TensorBoard's own ``EventAccumulator``.
+A study directory holds ``study.journal`` (Optuna's journal file storage) and the trials' run
+directories ``trial_NNNN/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from fvlab.report.stats import MODEL_METRICS, RUNNING
+
+__all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "discover", "read_run",
+           "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",
+           "variant_order_hint"]
+
+STUDY_FILE = "study.journal"
+EVENTS_PREFIX = "events.out.tfevents."
+_SEED_DIR = re.compile(r"^seed_(\d+)$")
+_TRIAL_DIR = re.compile(r"^trial_(\d+)$")
+# Optuna user_attrs of fvlab's sweep -> metrics.json names.
+TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "params_m": "model/params_m", "gflops": "model/gflops",
+               "throughput": "model/throughput", "latency_ms": "model/latency_ms"}
+_REASON_ATTRS = ("reason", "error", "fail_reason", "prune_reason", "pruned_reason", "infeasible_reason",
+                 "infeasible")
+
+
+class ReportInputError(ValueError):
+    """A directory or study the report cannot read: the message says what it expected."""
+
+
+@dataclass
+class Run:
+    """One run directory: its figures (metrics.json, or the latest events), arch and val/acc1 curve."""
+
+    path: Path
+    metrics: dict[str, Any]
+    arch: dict[str, Any] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def experiment(self) -> str:
+        """The experiment (or study) name."""
+        return str(self.metrics.get("experiment") or "")
+
+    @property
+    def variant(self) -> str:
+        """The variant (or trial directory) name."""
+        return str(self.metrics.get("variant") or "default")
+
+
+@dataclass
+class Trial:
+    """One Optuna trial as a report row."""
+
+    number: int
+    state: str  # complete | pruned | failed | infeasible | running | waiting
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    reason: str = ""
+    run: Run | None = None
+
+
+@dataclass
+class StudyData:
+    """A study: its trials, objectives and where it came from."""
+
+    name: str
+    source: str
+    study: Any  # optuna.Study
+    trials: list[Trial]
+    objective_names: list[str]
+
+
+# ---- run directories -------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory holding metrics.json or TensorBoard events directly."""
+    try:
+        return (path / "metrics.json").is_file() or any(
+            name.startswith(EVENTS_PREFIX) for name in os.listdir(path))
+    except OSError:
+        return False
+
+
+def discover(directory: Path, skip: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """Run directories and study journals in or under ``directory`` (checkpoints and ``skip`` ignored)."""
+    runs, journals = [], []
+    skip_resolved = skip.resolve() if skip is not None else None
+    for root, dirs, files in os.walk(directory):
+        root_path = Path(root)
+        if STUDY_FILE in files:
+            journals.append(root_path / STUDY_FILE)
+        if is_run_dir(root_path):
+            runs.append(root_path)
+            dirs[:] = []  # a run directory holds no other runs
+            continue
+        dirs[:] = sorted(d for d in dirs if d != "checkpoints" and not d.startswith(".")
+                         and (skip_resolved is None or (root_path / d).resolve() != skip_resolved))
+    return runs, journals
+
+
+def _event_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})
+    try:
+        accumulator.Reload()
+    except Exception as err:  # a truncated file of a crashed run: use what is there
+        warnings.warn(f"{path}: TensorBoard events unreadable ({err})")
+        return {}
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags().get("scalars", [])}
+
+
+def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/acc1") -> list[tuple[int, float]]:
+    """(epoch starting at 1, value) per validation; the epoch comes from Lightning's ``epoch`` scalar."""
+    epoch_at = {step: int(value) for step, value in scalars.get("epoch", [])}
+    by_epoch: dict[int, float] = {}
+    for index, (step, value) in enumerate(scalars.get(tag, [])):
+        # A resumed run may log an epoch again: the later value wins.
+        by_epoch[epoch_at.get(step, index) + 1] = value
+    return sorted(by_epoch.items())
+
+
+def _latest_figures(scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for tag in ("val/acc1", "val/acc5", "val/loss", "val/acc1_best", "train/loss_epoch", *MODEL_METRICS):
+        if scalars.get(tag):
+            figures[tag] = scalars[tag][-1][1]
+    curve = read_curve(scalars)
+    if curve:
+        figures["epochs"] = curve[-1][0]
+        figures.setdefault("val/acc1_best", max(v for _, v in curve))
+    return figures
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _fmt_setting(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def resolved_arch(arch: Any) -> dict[str, Any]:
+    """FasterViT settings of a config's ``model.arch``: the variant's values where the config says null."""
+    if isinstance(arch, str):
+        arch = {"name": arch}
+    if not isinstance(arch, Mapping):
+        return {}
+    from fvlab.models import FasterViT
+    from fvlab.models.registry import VARIANTS
+
+    defaults = {k: p.default for k, p in inspect.signature(FasterViT).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults.update(VARIANTS.get(str(arch.get("name")), {}))
+    settings = {}
+    for key, value in arch.items():
+        if key in ("checkpoint_path", "class_path", "init_args"):
+            continue
+        settings[key] = _fmt_setting(defaults.get(key) if value is None else value)
+    return settings
+
+
+def read_run(path: Path, *, events: bool = True) -> Run:
+    """One run directory; without a final metrics.json its latest figures come from the events."""
+    metrics: dict[str, Any] = {}
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    config = _read_config(path)
+    scalars = _event_scalars(path) if events else {}
+    if not metrics or metrics.get("status") in (None, RUNNING):
+        metrics = {**_latest_figures(scalars), **{k: v for k, v in metrics.items() if v is not None},
+                   "status": RUNNING}
+    seed_match = _SEED_DIR.match(path.name)
+    variant_dir = path.parent if seed_match else path
+    metrics.setdefault("variant", config.get("variant") or variant_dir.name)
+    metrics.setdefault("experiment", config.get("name") or variant_dir.parent.name)
+    if metrics.get("seed") is None:
+        metrics["seed"] = int(seed_match.group(1)) if seed_match else config.get("seed_everything")
+    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    arch = resolved_arch((model.get("init_args") or model).get("arch"))
+    return Run(path, metrics, arch, read_curve(scalars))
+
+
+def variant_order_hint(experiment_dir: Path) -> tuple[list[str], str | None]:
+    """Variant order and reference from the summary.csv that ``fvlab fit`` wrote, if any."""
+    try:
+        with (experiment_dir / "summary.csv").open() as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("kind") == "mean"]
+    except (OSError, csv.Error):
+        return [], None
+    return [row["variant"] for row in rows if row.get("variant")], next(
+        (row["reference"] for row in rows if row.get("reference")), None)
+
+
+# ---- Optuna studies --------------------------------------------------------------------
+
+
+def _journal_storage(path: Path) -> Any:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except Exception as err:
+        raise ReportInputError(f"{path}: not a readable Optuna journal ({type(err).__name__}: {err})") from None
+
+
+def load_journal_studies(path: Path, study_name: str | None = None) -> list[tuple[Any, str]]:
+    """(study, source) for every study in a journal file, or only ``study_name``."""
+    import optuna
+
+    storage = _journal_storage(path)
+    names = optuna.get_all_study_names(storage)
+    if study_name is not None:
+        if study_name not in names:
+            raise ReportInputError(f"{path} holds no study {study_name!r}; it holds: {', '.join(names) or 'none'}")
+        names = [study_name]
+    return [(optuna.load_study(study_name=name, storage=storage), str(path)) for name in names]
+
+
+def load_storage_study(url: str, study_name: str | None) -> tuple[Any, str]:
+    """A study from any Optuna storage URL (``sqlite:///...``, ``postgresql://...``) or journal file path."""
+    import optuna
+
+    if url.endswith(".journal") or Path(url).is_file():
+        if not Path(url).is_file():
+            raise ReportInputError(f"--storage {url}: journal file not found")
+        storage: Any = _journal_storage(Path(url))
+    else:
+        storage = url
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as err:
+        raise ReportInputError(f"--storage {url}: cannot open it ({type(err).__name__}: {err}); give an "
+                               f"Optuna URL such as sqlite:///runs/study.db or a study.journal path") from None
+    if study_name is None:
+        if len(names) != 1:
+            raise ReportInputError(f"--storage {url} holds {len(names)} studies; name one with "
+                                   f"--study-name ({', '.join(names) or 'none'})")
+        study_name = names[0]
+    if study_name not in names:
+        raise ReportInputError(f"--study-name {study_name!r} is not in --storage {url}; it holds: "
+                               f"{', '.join(names) or 'no study'}")
+    return optuna.load_study(study_name=study_name, storage=storage), url
+
+
+def _reason(*sources: Mapping[str, Any]) -> str:
+    for source in sources:
+        for key in _REASON_ATTRS:
+            value = source.get(key)
+            if value and not isinstance(value, bool):
+                return str(value)
+    return ""
+
+
+def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
+               study_dir: Path | None = None) -> StudyData:
+    """Report rows of a study's trials, joined with their run directories."""
+    from optuna.trial import TrialState
+
+    names = list(study.metric_names or [f"objective {i}" for i in range(len(study.directions))])
+    trials = []
+    for frozen in study.get_trials(deepcopy=False):
+        attrs, system = dict(frozen.user_attrs), dict(frozen.system_attrs)
+        run = None
+        candidates = []
+        if attrs.get("run_dir"):
+            candidates.append(Path(str(attrs["run_dir"])))
+            if study_dir is not None:
+                candidates.append(study_dir / Path(str(attrs["run_dir"])).name)
+        if study_dir is not None:
+            candidates.append(study_dir / f"trial_{frozen.number:04d}")
+        for candidate in candidates:
+            run = runs_by_path.get(candidate.resolve())
+            if run is not None:
+                break
+        metrics: dict[str, Any] = dict(run.metrics) if run is not None else {}
+        if frozen.values is not None:
+            for name, value in zip(names, frozen.values):
+                metrics.setdefault(name, value)
+        for attr, name in TRIAL_ATTRS.items():
+            if attrs.get(attr) is not None:
+                metrics[name] = attrs[attr]
+        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
+                 TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}.get(frozen.state, str(frozen.state))
+        reason = _reason(attrs, system, metrics if state != "complete" else {})
+        # Optuna 5's Trial.set_constraint(key, value) -> "constraints:key"; older samplers' list -> "constraints".
+        violated = {key.partition(":")[2]: value for key, value in system.items()
+                    if key.startswith("constraints:") and value > 0}
+        violated.update({f"constraint {i}": value for i, value in enumerate(system.get("constraints") or [])
+                         if value > 0})
+        infeasible = bool(violated) or attrs.get("infeasible") not in (None, False) or attrs.get("feasible") is False
+        if infeasible and state == "complete":
+            state = "infeasible"
+            reason = reason or "; ".join(f"{key} exceeded by {value:.4g}" for key, value in violated.items()) \
+                or "infeasible"
+        if state == "pruned" and not reason:
+            reason = f"pruned at epoch {frozen.last_step}" if frozen.last_step is not None else "pruned"
+        trials.append(Trial(frozen.number, state, dict(frozen.params), metrics, reason, run))
+    return StudyData(study.study_name, source, study, trials, names)
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float, or None when missing or not finite."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

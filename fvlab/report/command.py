@@ -1,0 +1,362 @@
+"""``fvlab report DIR... [--out DIR] [--storage URL --study-name NAME]``: report.md, report.csv, PNGs.
+
+DIR may be a run directory, an experiment directory (``runs/<experiment>``, variants and seeds
+below it), a study directory (``runs/<study>`` with ``study.journal`` and ``trial_NNNN/``) or a
+directory holding several of these (``runs``). Experiments end up in one combined variant table;
+each study gets its own trial table. ``--out`` defaults to ``report/`` in the directory the DIRs
+share (``DIR/report/`` for one DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from fvlab.report import collect
+from fvlab.report.collect import ReportInputError, Run, StudyData, finite
+from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING, VariantStats,
+                                aggregate, difference_cell, explanation, markdown_table, mean_std_cell,
+                                summary_notes, write_csv)
+
+__all__ = ["Report", "build_report", "write_report", "report_command"]
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+EXPECTED = ("run directories (with metrics.json or TensorBoard events: runs/<experiment>, "
+            "runs/<experiment>/<variant>) or a study directory with study.journal (runs/<study>)")
+PARETO_NOTE = ("Pareto: yes marks the rows that no other row beats on both val/acc1_best and "
+               "throughput (complete runs and feasible trials only).")
+
+
+@dataclass
+class Report:
+    """Everything read, grouped: experiments (variant statistics) and studies (trials)."""
+
+    sources: list[str]
+    experiments: dict[str, list[Run]] = field(default_factory=dict)
+    variants: dict[str, list[VariantStats]] = field(default_factory=dict)
+    studies: list[StudyData] = field(default_factory=list)
+
+    def variant_rows(self) -> list[tuple[str, VariantStats]]:
+        """(row label, statistics) over all experiments; ``exp/variant`` when there are several."""
+        several = len(self.variants) > 1
+        return [((f"{name}/" if several else "") + v.variant, v)
+                for name, variants in self.variants.items() for v in variants]
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+
+def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name: str | None = None,
+                 skip: Path | None = None) -> Report:
+    """Read every run and study in ``dirs`` (and ``storage``); ReportInputError when there is nothing."""
+    run_paths: dict[Path, Path] = {}
+    journals: list[Path] = []
+    for directory in dirs:
+        if not directory.exists():
+            raise ReportInputError(f"{directory}: no such directory; expected {EXPECTED}")
+        if not directory.is_dir():
+            raise ReportInputError(f"{directory} is a file; give a directory: {EXPECTED}")
+        found_runs, found_journals = collect.discover(directory, skip=skip)
+        if not found_runs and not found_journals:
+            raise ReportInputError(f"{directory} holds no run or study: expected {EXPECTED}")
+        run_paths.update((p.resolve(), p) for p in found_runs)
+        journals += [j for j in found_journals if j.resolve() not in {k.resolve() for k in journals}]
+    runs = {resolved: collect.read_run(path) for resolved, path in run_paths.items()}
+    studies: list[tuple[Any, str, Path | None]] = []
+    for journal in journals:
+        for study, source in collect.load_journal_studies(journal):
+            if storage is None and study_name is not None and study.study_name != study_name:
+                continue
+            studies.append((study, source, journal.parent))
+    if storage is None and study_name is not None and not studies:
+        raise ReportInputError(f"--study-name {study_name!r}: no such study in "
+                               f"{', '.join(map(str, journals)) or 'the directories (no study.journal)'}; "
+                               f"with another storage add --storage URL")
+    if storage is not None:
+        study, source = collect.load_storage_study(storage, study_name)
+        studies.append((study, source, None))
+    report = Report([str(d) for d in dirs] + ([storage] if storage else []))
+    used: set[Path] = set()
+    for study, source, study_dir in studies:
+        data = collect.read_study(study, source, runs, study_dir)
+        used |= {t.run.path.resolve() for t in data.trials if t.run is not None}
+        report.studies.append(data)
+    for resolved, run in runs.items():
+        if resolved not in used:
+            report.experiments.setdefault(run.experiment, []).append(run)
+    for name, members in report.experiments.items():
+        experiment_dirs = {(r.path.parent.parent if r.path.name.startswith("seed_") else r.path.parent)
+                           for r in members}
+        order, reference = [], None
+        for experiment_dir in sorted(experiment_dirs):
+            hint, hint_reference = collect.variant_order_hint(experiment_dir)
+            order += hint
+            reference = reference or hint_reference
+        present = {r.variant for r in members}
+        # Without fit's summary.csv: training order (the first run's config.yaml was written first).
+        rest = sorted(present - set(order), key=lambda v: min(_started(r) for r in members if r.variant == v))
+        order = [v for v in dict.fromkeys(order) if v in present] + rest
+        report.variants[name] = aggregate([r.metrics for r in members], reference=reference,
+                                          variant_order=order, experiment=name)
+    return report
+
+
+def _started(run: Run) -> float:
+    try:
+        return (run.path / "config.yaml").stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+# ---- tables ----------------------------------------------------------------------------
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _differing(settings: Sequence[dict[str, Any]]) -> list[str]:
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    return [k for k in keys if k != "name" and len({repr(s.get(k)) for s in settings}) > 1] + \
+        (["name"] if len({repr(s.get("name")) for s in settings}) > 1 else [])
+
+
+def _variant_arch(report: Report, experiment: str, variant: str) -> dict[str, Any]:
+    return next((r.arch for r in report.experiments.get(experiment, []) if r.variant == variant and r.arch), {})
+
+
+def _model_cells(metrics: dict[str, Any]) -> list[str]:
+    return [_value(None) if metrics.get(k) is None else MODEL_TITLES[k][1].format(metrics[k])
+            for k in MODEL_METRICS]
+
+
+def variant_pareto(report: Report) -> list[bool]:
+    """Pareto flags of the variant rows (mean accuracy against throughput, complete variants)."""
+    from fvlab.report.plots import pareto_optimal
+
+    points = []
+    for _, v in report.variant_rows():
+        acc, speed = v.mean.get(PRIMARY_METRIC), v.model.get("model/throughput")
+        points.append((speed, acc) if v.n and v.status == "complete" and acc is not None
+                      and speed is not None else None)
+    return pareto_optimal(points)
+
+
+def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """The combined variant table, its notes and its CSV rows."""
+    rows = report.variant_rows()
+    arch = [_variant_arch(report, v.experiment, v.variant) for _, v in rows]
+    columns = _differing(arch)
+    several = len(report.variants) > 1
+    reference = "reference" if several else next((v.variant for _, v in rows if v.is_reference), "")
+    header = ["variant", *columns, "seeds", PRIMARY_METRIC, f"Δ vs {reference} [95% CI]",
+              *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto"]
+    pareto = variant_pareto(report)
+    table, csv_rows = [], []
+    for (label, v), settings, optimal in zip(rows, arch, pareto):
+        label = label + (" (running)" if v.status == RUNNING else "")
+        table.append([label, *(_value(settings.get(c)) for c in columns), v.seeds_cell(),
+                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v), *_model_cells(v.model),
+                      _value(None if v.epochs is None else round(v.epochs, 1)),
+                      _value(None if v.wall_s is None else round(v.wall_s, 1)), "yes" if optimal else ""])
+        d = v.difference
+        csv_rows.append({"kind": "mean", "source": v.experiment, "variant": v.variant, "status": v.status,
+                         "n_complete": v.n, "n_failed": len(v.failed), "n_running": len(v.running),
+                         "n_missing": len(v.missing_seeds),
+                         **{f"arch.{c}": settings.get(c) for c in columns},
+                         **{k: v.mean.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss")},
+                         **{f"{k}_std": v.std.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss")},
+                         "delta/val/acc1_best": d.mean if d else None, "delta_ci_low": d.low if d else None,
+                         "delta_ci_high": d.high if d else None,
+                         "reference": next((u.variant for u in report.variants[v.experiment] if u.is_reference), ""),
+                         **v.model, "epochs": v.epochs, "wall_s": v.wall_s, "pareto": optimal})
+        for run in v.runs:
+            csv_rows.append({"kind": "run", "source": v.experiment, "variant": v.variant,
+                             "seed": run.get("seed"), "status": run.get("status"),
+                             **{f"arch.{c}": settings.get(c) for c in columns},
+                             **{k: run.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss", *MODEL_METRICS,
+                                                          "epochs", "wall_s", "precision")},
+                             "reason": run.get("error")})
+    notes = [explanation(None if several else reference)]
+    for name, variants in report.variants.items():
+        notes += summary_notes(variants, explain=False, prefix=f"{name}/" if several else "")
+    notes.append(PARETO_NOTE)
+    return markdown_table(header, table), notes, csv_rows
+
+
+def _short_names(keys: Sequence[str]) -> dict[str, str]:
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    return {k: (s if list(short.values()).count(s) == 1 else k) for k, s in short.items()}
+
+
+def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], list[bool]]:
+    """One study's trial table, its notes, CSV rows and Pareto flags."""
+    from fvlab.report.plots import pareto_optimal
+
+    trials = data.trials
+    columns = _differing([t.params for t in trials]) or list(dict.fromkeys(k for t in trials for k in t.params))
+    names = _short_names(columns)
+    extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, *MODEL_METRICS)
+             and any(t.metrics.get(n) is not None for t in trials)]
+    pareto = pareto_optimal([
+        (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
+        if t.state == "complete" and finite(t.metrics.get("model/throughput")) is not None
+        and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials])
+    header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, *extra,
+              *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto", "reason"]
+    table, csv_rows = [], []
+    for t, optimal in zip(trials, pareto):
+        acc = finite(t.metrics.get(PRIMARY_METRIC))
+        table.append([f"#{t.number}", t.state, *(_value(t.params.get(c)) for c in columns),
+                      "-" if acc is None else f"{acc:.4f}", *(_value(t.metrics.get(n)) for n in extra),
+                      *_model_cells({k: finite(t.metrics.get(k)) for k in MODEL_METRICS}),
+                      _value(t.metrics.get("epochs")), _value(finite(t.metrics.get("wall_s"))),
+                      "yes" if optimal else "", t.reason[:80]])
+        csv_rows.append({"kind": "trial", "source": data.name, "trial": t.number, "status": t.state,
+                         **{f"param.{c}": t.params.get(c) for c in columns},
+                         **{k: t.metrics.get(k) for k in (PRIMARY_METRIC, *extra, *MODEL_METRICS, "epochs",
+                                                          "wall_s")},
+                         "pareto": optimal, "reason": t.reason,
+                         "run_dir": str(t.run.path) if t.run is not None else None})
+    counts = {s: sum(t.state == s for t in trials) for s in dict.fromkeys(t.state for t in trials)}
+    notes = [f"{data.name} ({data.source}): {len(trials)} trials, "
+             + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; objectives: {', '.join(data.objective_names)}."]
+    notes += [f"{t.state}: trial #{t.number}: {t.reason or 'no reason recorded'}" for t in trials
+              if t.state in ("failed", "pruned", "infeasible")]
+    notes.append(PARETO_NOTE)
+    return markdown_table(header, table), notes, csv_rows, pareto
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+
+def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    from fvlab.report.plots import Point, Series, plot_accuracy_against, plot_curves, plot_study
+
+    points, series = [], []
+    for label, v in report.variant_rows():
+        if v.mean.get(PRIMARY_METRIC) is not None:
+            points.append(Point(label, v.experiment, v.mean[PRIMARY_METRIC], v.std.get(PRIMARY_METRIC),
+                                v.model.get("model/throughput"), v.model.get("model/gflops")))
+        runs = [r for r in report.experiments.get(v.experiment, []) if r.variant == v.variant
+                and r.metrics.get("status") in ("complete", RUNNING)]
+        series.append(Series(label, v.experiment, [r.curve for r in runs if r.curve]))
+    for data in report.studies:
+        for t in data.trials:
+            acc = finite(t.metrics.get(PRIMARY_METRIC))
+            if t.state in ("complete", "infeasible") and acc is not None:
+                points.append(Point(f"#{t.number}", data.name, acc, None, finite(t.metrics.get("model/throughput")),
+                                    finite(t.metrics.get("model/gflops")), feasible=t.state == "complete"))
+            if t.run is not None and t.run.curve:
+                series.append(Series(f"#{t.number}", data.name, [t.run.curve]))
+    made: list[tuple[Path, str]] = []
+    skipped: list[str] = []
+    has_seeds = any(p.accuracy_std for p in points)
+    bars = " (error bars: ± std over seeds)" if has_seeds else ""
+    path = plot_accuracy_against(points, "throughput", out / "accuracy_vs_throughput.png",
+                                 "Accuracy against measured throughput")
+    if path:
+        made.append((path, f"Accuracy against measured throughput{bars}: points on the dashed Pareto "
+                           f"front are the best trade-offs; up and right is better."))
+    path = plot_accuracy_against(points, "gflops", out / "accuracy_vs_gflops.png", "Accuracy against GFLOPs")
+    if path:
+        made.append((path, f"Accuracy against GFLOPs{bars}: up and left is better; compare with the "
+                           f"throughput plot to see where FLOPs do not predict speed."))
+    if not points:
+        skipped.append("accuracy plots: no complete run with val/acc1_best yet")
+    path = plot_curves(series, out / "val_acc1_per_epoch.png", "Validation accuracy per epoch")
+    if path:
+        made.append((path, "Validation top-1 accuracy per epoch" + (" (line: mean over seeds, band: ± std)"
+                                                                   if any(len(s.curves) > 1 for s in series) else "")
+                     + ": curves still rising at the end were stopped before converging."))
+    for data in report.studies:
+        prefix = "study" if len(report.studies) == 1 else f"study_{data.name}"
+        study_made, study_skipped = plot_study(data, out, prefix)
+        made += study_made
+        skipped += study_skipped
+    return made, skipped
+
+
+def write_report(report: Report, out: Path) -> str:
+    """Write report.md, report.csv and the PNGs into ``out``; returns the text for stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[tuple[str, str, list[str]]] = []
+    csv_rows: list[dict[str, Any]] = []
+    if report.variants:
+        table, notes, rows = variant_table(report)
+        title = "Variants" + (f" of {next(iter(report.variants))}" if len(report.variants) == 1 else
+                              f" of {', '.join(report.variants)}")
+        sections.append((title, table, notes))
+        csv_rows += rows
+    for data in report.studies:
+        table, notes, rows, _ = trial_table(data)
+        sections.append((f"Trials of study {data.name}", table, notes))
+        csv_rows += rows
+    plots, skipped = _plots(report, out)
+    md = ["# fvlab report", "", "Sources: " + ", ".join(f"`{s}`" for s in report.sources), ""]
+    stdout = []
+    for title, table, notes in sections:
+        md += [f"## {title}", "", table, "", *(f"{n}\n" for n in notes)]
+        stdout += [title, "", table, "", *notes, ""]
+    if plots:
+        md += ["## Plots", ""]
+        for path, caption in plots:
+            md += [f"![{caption}]({path.name})", "", f"*{caption}*", ""]
+    md += [f"Not plotted: {s}\n" for s in skipped]
+    (out / "report.md").write_text("\n".join(md).rstrip() + "\n")
+    fields = list(dict.fromkeys(["kind", "source", "variant", "seed", "trial", "status"]
+                                + [k for row in csv_rows for k in row]))
+    write_csv(out / "report.csv", csv_rows, fields)
+    stdout.append(f"report: {out / 'report.md'} (+ report.csv, {len(plots)} plots)")
+    return "\n".join(stdout)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """Exit with code 2 and a one-line message."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def report_command(argv: Sequence[str]) -> int:
+    """``fvlab report``: tables and plots comparing runs, variants, seeds and trials."""
+    parser = _ArgumentParser(prog="fvlab report", description=report_command.__doc__)
+    parser.add_argument("dirs", nargs="*", type=Path, metavar="DIR",
+                        help="run, experiment or study directories (e.g. runs/ablate_carrier runs/hat_search)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where report.md, report.csv and the PNGs go (default: report/ in the "
+                             "directory the DIRs share, i.e. DIR/report for one DIR)")
+    parser.add_argument("--storage", default=None, help="an Optuna storage URL (sqlite:///..., "
+                        "postgresql://...) or a study.journal path")
+    parser.add_argument("--study-name", default=None, help="the study to report from --storage "
+                        "(or from the DIRs' journals)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.dirs and args.storage is None:
+            raise ReportInputError(f"give one or more directories: {EXPECTED}; or --storage URL --study-name NAME")
+        if args.out is None:
+            if not args.dirs:
+                raise ReportInputError("--out DIR is needed when the report reads only --storage")
+            args.out = Path(os.path.commonpath([d.absolute() for d in args.dirs])) / "report"
+            if len(args.dirs) == 1:
+                args.out = args.dirs[0] / "report"
+        if args.out.exists() and not args.out.is_dir():
+            raise ReportInputError(f"--out {args.out} is a file; give a directory")
+        report = build_report(args.dirs, storage=args.storage, study_name=args.study_name, skip=args.out)
+    except ReportInputError as err:
+        print(f"fvlab report: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(write_report(report, args.out))
+    return EXIT_OK
