@@ -240,7 +240,7 @@ def make_study(study_dir: Path):
              "model.arch.window_size": optuna.distributions.CategoricalDistribution([2, 4])}
     table = [(0.90, 800.0, 0.2, "complete"), (0.93, 600.0, 0.3, "complete"), (0.85, 900.0, 0.1, "complete"),
              (0.80, 500.0, 0.4, "complete"), (0.95, 300.0, 0.9, "infeasible"), (None, 700.0, 0.2, "pruned"),
-             (None, None, None, "failed")]
+             (None, None, None, "failed"), (None, 200.0, 0.8, "infeasible")]
     for acc, speed, gflops, state in table:
         trial = study.ask(space)
         run_dir = study_dir / f"trial_{trial.number:04d}"
@@ -257,6 +257,9 @@ def make_study(study_dir: Path):
             trial.set_user_attr("val_acc1_best", acc)
             metrics["val/acc1_best"] = acc
             study.tell(trial, [acc, speed])
+        elif state == "infeasible":  # as fvlab sweep does it: pruned before training, with the reason
+            trial.set_user_attr("pruned_reason", "infeasible, not trained: model/gflops=0.8 > max_gflops 0.5")
+            study.tell(trial, state=TrialState.PRUNED)
         elif state == "pruned":
             trial.set_user_attr("reason", "pruned at epoch 1: below the median")
             metrics["error"] = "pruned at epoch 1: below the median"
@@ -279,20 +282,21 @@ def test_report_of_a_study_with_pruned_failed_and_infeasible_trials(tmp_path: Pa
     out = capsys.readouterr().out
     md = (study_dir / "report" / "report.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| #")]
-    assert len(lines) == 7  # the trial directories are rows of the study, not an experiment
+    assert len(lines) == 8  # the trial directories are rows of the study, not an experiment
     state = {line.split("|")[1].strip(): line for line in lines}
     assert "| complete " in state["#0"] and "| infeasible " in state["#4"]
     assert "| pruned " in state["#5"] and "pruned at epoch 1: below the median" in state["#5"]
     assert "| failed " in state["#6"] and "FloatingPointError: loss is nan" in state["#6"]
     pareto = {t for t, line in state.items() if "| yes " in line}
     assert pareto == {"#0", "#1", "#2"}  # #3 dominated; #4 infeasible though most accurate
-    assert "Variants" not in md and "7 trials, 4 complete, 1 infeasible, 1 pruned, 1 failed" in out
+    assert "| infeasible " in state["#7"] and "infeasible, not trained: model/gflops=0.8 > max_gflops" in state["#7"]
+    assert "Variants" not in md and "8 trials, 4 complete, 2 infeasible, 1 pruned, 1 failed" in out
     for name in ("accuracy_vs_throughput", "study_history_0", "study_history_1", "study_importances",
                  "study_pareto_front", "study_hypervolume"):
         with Image.open(study_dir / "report" / f"{name}.png") as image:
             assert image.size == PNG_SIZE, name
     trials = [r for r in csv.DictReader((study_dir / "report" / "report.csv").open()) if r["kind"] == "trial"]
-    assert [r["status"] for r in trials][4:] == ["infeasible", "pruned", "failed"]
+    assert [r["status"] for r in trials][4:] == ["infeasible", "pruned", "failed", "infeasible"]
 
 
 def test_report_from_storage_with_one_complete_trial_skips_importances(tmp_path: Path, capsys) -> None:
@@ -329,22 +333,19 @@ def test_report_of_a_real_two_seed_fit(tmp_path: Path, capsys) -> None:
                                "val_samples": 32, "batch_size": 16}},
         "trainer": {"max_epochs": 2, "limit_train_batches": 1, "limit_val_batches": 1,
                     "log_every_n_steps": 1, "num_sanity_val_steps": 0},
-        "ablation": {"no_carrier": {"model.arch.hat": False}, "ct1": {"model.arch.ct_size": 1}}},
-        sort_keys=False))
+        "ablation": {"ct1": {"model.arch.ct_size": 1}}}, sort_keys=False))
     assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
     root = tmp_path / "runs" / "exp"
     assert main(["report", str(root)]) == 0
     capsys.readouterr()
     md = (root / "report" / "report.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| variant"))
-    assert "| hat " in header  # the arch setting the variants differ in
-    for variant in ("no_carrier", "ct1"):
+    for variant in ("ct1",):
         accs = [json.loads((root / variant / f"seed_{s}" / "metrics.json").read_text())["val/acc1_best"]
                 for s in (0, 1)]
         mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / math.sqrt(2)  # sample std of two values
         row = next(line for line in md.splitlines() if line.startswith(f"| {variant} "))
         assert f"{mean:.4f} ± {std:.4f}" in row and "| 2/2 " in row
-    assert "| reference " in next(line for line in md.splitlines() if line.startswith("| no_carrier "))
+    assert "| reference " in next(line for line in md.splitlines() if line.startswith("| ct1 "))
     from fvlab.report.collect import read_run
 
     assert [epoch for epoch, _ in read_run(root / "ct1" / "seed_1").curve] == [1, 2]

@@ -316,7 +316,8 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
         violated.update({f"constraint {i}": value for i, value in enumerate(system.get("constraints") or [])
                          if value > 0})
         infeasible = bool(violated) or attrs.get("infeasible") not in (None, False) or attrs.get("feasible") is False
-        if infeasible and state == "complete":
+        # fvlab's sweep prunes an infeasible architecture before training it.
+        if infeasible and state in ("complete", "pruned"):
             state = "infeasible"
             reason = reason or "; ".join(f"{key} exceeded by {value:.4g}" for key, value in violated.items()) \
                 or "infeasible"

@@ -332,7 +332,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def report_command(argv: Sequence[str]) -> int:
     """``fvlab report``: tables and plots comparing runs, variants, seeds and trials."""
-    parser = _ArgumentParser(prog="fvlab report", description=report_command.__doc__)
+    parser = _ArgumentParser(prog="fvlab report", description="report.md, report.csv and PNG plots "
+                             "comparing runs, variants, seeds and the trials of Optuna studies")
     parser.add_argument("dirs", nargs="*", type=Path, metavar="DIR",
                         help="run, experiment or study directories (e.g. runs/ablate_carrier runs/hat_search)")
     parser.add_argument("--out", type=Path, default=None,
