@@ -267,3 +267,76 @@ def test_pruning_stops_a_bad_trial_early(tmp_path: Path) -> None:
     metrics = json.loads((Path(bad.user_attrs["run_dir"]) / "metrics.json").read_text())
     assert metrics["status"] == "pruned" and metrics["epochs"] < 3  # stopped after its first epoch
     assert list(bad.intermediate_values) == [0]
+
+
+# ---- faults and workers, on the journal file and on PostgreSQL --------------------------------
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def storage(request) -> str | None:
+    """None (the default journal file) or the URL of a fresh PostgreSQL database."""
+    if request.param == "journal":
+        return None
+    return request.getfixturevalue("postgres_url")
+
+
+def load_study(tmp_path: Path, name: str, storage: str | None) -> optuna.Study:
+    if storage is None:
+        return journal_study(tmp_path / "runs" / name / "study.journal", name)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def fvlab_process(*args: str) -> subprocess.Popen:
+    code = "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def assert_budget_spent(study: optuna.Study, n_trials: int) -> list[optuna.trial.FrozenTrial]:
+    from fvlab.sweep.workers import count_budget
+
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == n_trials and count_budget(study) == (n_trials, 0)
+    runs = [t.user_attrs["run_name"] for t in finished]
+    assert len(set(runs)) == n_trials  # no trial ran twice
+    return trials
+
+
+def test_kill_9_then_rerun_finishes_every_trial_once(tmp_path: Path, storage: str | None) -> None:
+    sweep = write_sweep(tmp_path, study="killed", n_trials=3,
+                        overrides={"trainer.max_epochs": 2, "trainer.limit_train_batches": 4})
+    extra = ["--storage", storage] if storage else []
+    process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra)
+    victim = tmp_path / "runs" / "killed" / "trial_0001" / "config.yaml"
+    deadline = time.time() + 240
+    while not victim.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGKILL)  # in the middle of trial 1's fit
+    process.wait()
+    running = [t.number for t in load_study(tmp_path, "killed", storage).get_trials()
+               if t.state == TrialState.RUNNING]
+    assert running == [1]
+    assert run_sweep(tmp_path, sweep, *extra) == 0
+    trials = assert_budget_spent(load_study(tmp_path, "killed", storage), 3)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [1] and "ended while running it" in failed[0].user_attrs["fail_reason"]
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
+    assert retry.state == TrialState.COMPLETE and retry.params == failed[0].params
+    assert retry.user_attrs["run_name"] == "trial_0001"  # the killed trial's directory, finished
+    assert json.loads((tmp_path / "runs" / "killed" / "trial_0001" / "metrics.json").read_text())["status"] \
+        == "complete"
+
+
+def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None) -> None:
+    sweep = write_sweep(tmp_path, study="parallel", n_trials=4)
+    extra = ["--storage", storage] if storage else []
+    assert run_sweep(tmp_path, sweep, "--workers", "2", *extra) == 0
+    trials = assert_budget_spent(load_study(tmp_path, "parallel", storage), 4)
+    assert len(trials) == 4
+    assert len({t.user_attrs["fvlab_process"]["pid"] for t in trials}) == 2  # both workers trained
+    # A rerun with its budget met starts nothing.
+    assert run_sweep(tmp_path, sweep, "--workers", "2", *extra) == 0
+    assert len(load_study(tmp_path, "parallel", storage).get_trials()) == 4
