@@ -7,6 +7,7 @@ layer-wise lr decay), ``create_scheduler_v2`` (cosine with warm-up by default), 
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torchmetrics import MaxMetric, MeanMetric
@@ -23,11 +24,37 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fvlab.models import ArchConfig
 
-__all__ = ["ImageClassifier", "NonFiniteLossError"]
+__all__ = ["ImageClassifier", "NonFiniteLossError", "SCHEDULERS", "check_optimizer_name",
+           "check_scheduler_name"]
+
+# The names timm's create_scheduler_v2 accepts (it keeps no list), plus "none": a constant lr.
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "rsqrt", "constant",
+              "none")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def _unknown_name(key: str, kind: str, value: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(value.lower(), known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ValueError(f"{key}: unknown {kind} '{value}'{hint}; known: {', '.join(known)}")
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise ValueError unless timm's create_optimizer_v2 knows ``name`` (optionally ``lookahead_``)."""
+    known = list_optimizers()
+    parts = name.lower().split("_")
+    # timm reads the last part as the optimizer and a leading "lookahead" as its wrapper.
+    if parts[-1] not in known or (len(parts) > 1 and (len(parts) > 2 or parts[0] != "lookahead")):
+        raise _unknown_name("model.optimizer", "optimizer", name, known + ["lookahead_<name>"])
+
+
+def check_scheduler_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is one of SCHEDULERS."""
+    if name not in SCHEDULERS:
+        raise _unknown_name("model.scheduler", "scheduler", name, list(SCHEDULERS))
 
 
 class ImageClassifier(pl.LightningModule):
@@ -45,10 +72,17 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: decoupled weight decay (not applied to norms, biases, position MLPs).
         momentum: momentum for SGD-like optimizers.
         layer_decay: layer-wise lr decay factor (None: off), via the model's group_matcher.
-        scheduler: timm scheduler name (``cosine``, ``step``, ``plateau`` ...; ``none``: constant lr).
+        scheduler: timm scheduler name (one of ``SCHEDULERS``: ``cosine``, ``step``, ``plateau``
+            ...; ``none``: constant lr). Schedules span ``trainer.max_steps`` when that ends
+            training before ``trainer.max_epochs``. ``plateau`` decays the lr by ``decay_rate``
+            once ``val/acc1`` has not improved for more than ``patience_epochs`` epochs; it
+            steps once per epoch, whatever ``step_per_batch`` says.
         warmup_epochs: linear warm-up epochs.
         warmup_lr: learning rate at the start of warm-up.
         min_lr: final learning rate of the decay.
+        decay_epochs: epochs between decays (``step``; None: timm's default, 90).
+        decay_rate: lr factor of each decay (``step``, ``multistep``, ``plateau``).
+        patience_epochs: epochs without improvement of ``val/acc1`` before ``plateau`` decays.
         step_per_batch: update the schedule every optimizer step (True) or once per epoch.
         label_smoothing: label smoothing of the cross-entropy.
         mixup: mixup alpha (0: off).
@@ -56,7 +90,7 @@ class ImageClassifier(pl.LightningModule):
         mixup_prob: probability of applying mixup or cutmix to a batch.
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         ema: keep an exponential moving average of the weights and validate with it.
-        ema_decay: EMA decay per optimizer step.
+        ema_decay: EMA decay per optimizer step (not per micro-batch under gradient accumulation).
         channels_last: train in channels_last memory format (faster with AMP on GPUs).
         compile: wrap the network in ``torch.compile``.
     """
@@ -67,8 +101,9 @@ class ImageClassifier(pl.LightningModule):
                  weight_decay: float = 0.05, momentum: float = 0.9,
                  layer_decay: Optional[float] = None, scheduler: str = "cosine",
                  warmup_epochs: float = 0.0, warmup_lr: float = 1e-6, min_lr: float = 1e-6,
-                 step_per_batch: bool = True, label_smoothing: float = 0.1, mixup: float = 0.0,
-                 cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                 decay_epochs: Optional[float] = None, decay_rate: float = 0.1,
+                 patience_epochs: int = 10, step_per_batch: bool = True,
+                 label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
                  ema: bool = False, ema_decay: float = 0.9998, channels_last: bool = False,
                  compile: bool = False):
         super().__init__()
@@ -79,6 +114,11 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"model.lr must be > 0, got {lr}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"model.label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_optimizer_name(optimizer)
+        check_scheduler_name(scheduler)
+        if scheduler == "rsqrt" and warmup_epochs <= 0:  # timm's rsqrt decays from the warm-up's end
+            raise ValueError("model.scheduler rsqrt needs model.warmup_epochs > 0, got "
+                             f"{warmup_epochs}; set model.warmup_epochs (e.g. 1) or use cosine")
         self.arch = arch
         self.model = arch.build(num_classes=num_classes, in_chans=in_chans)
         if image_size is not None:
@@ -88,6 +128,7 @@ class ImageClassifier(pl.LightningModule):
         # Not registered as a submodule: it would duplicate every key of the state dict.
         object.__setattr__(self, "network", torch.compile(self.model) if compile else self.model)
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema else None
+        self._ema_updated_at_step = 0
         self.mixup_fn = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
                                switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
                                num_classes=num_classes)
@@ -125,24 +166,41 @@ class ImageClassifier(pl.LightningModule):
             loss = self.train_loss(self(x), soft)
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        # On a GPU the check costs a host sync, so it runs at logging steps only there.
-        check = loss.device.type == "cpu" or self.global_step % self.trainer.log_every_n_steps == 0
-        if check and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}; lower model.lr or enable gradient clipping "
-                f"(--trainer.gradient_clip_val 1.0)")
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=x.shape[0])
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
-                 on_epoch=False, batch_size=x.shape[0])
+        self.log("train/lr", self.base_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Raise NonFiniteLossError on every process when the loss is NaN or infinite on any one."""
+        # On a GPU the check costs a host sync, so it runs at logging steps only there; every
+        # process takes the same branch (same device type, same step), so the vote below never
+        # waits for a process that skipped it.
+        if loss.device.type != "cpu" and self.global_step % self.trainer.log_every_n_steps:
+            return
+        finite = bool(torch.isfinite(loss))
+        # A process that raised alone would leave its peers waiting in the gradient all-reduce.
+        if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            return
+        where = (f"{loss.item()} on process {self.global_rank}" if not finite
+                 else "not finite on another process")
+        raise NonFiniteLossError(
+            f"training loss is {where} at epoch {self.current_epoch}, step {self.global_step}; "
+            f"lower model.lr or enable gradient clipping (--trainer.gradient_clip_val 1.0)")
+
+    def on_train_start(self) -> None:
+        """Start counting optimizer steps for the EMA where training starts (or resumes)."""
+        self._ema_updated_at_step = self.global_step
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA weights after each optimizer step."""
-        if self.ema is not None:
+        """Update the EMA weights once per optimizer step, not per accumulated micro-batch."""
+        # global_step counts optimizer steps: it moves only on the last micro-batch of an
+        # accumulation (Lightning's own WeightAveraging callback keys on it the same way).
+        if self.ema is not None and self.global_step > self._ema_updated_at_step:
             self.ema.update(self.model, step=self.global_step)
+            self._ema_updated_at_step = self.global_step
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Loss and top-1/top-5 accuracy (of the EMA weights when EMA is on)."""
@@ -176,25 +234,52 @@ class ImageClassifier(pl.LightningModule):
     # ---- optimisation ------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        """timm optimizer and scheduler, stepped per batch or per epoch."""
+        """timm optimizer and scheduler, stepped per batch or per epoch (plateau: per epoch)."""
         hp = self.hparams
         optimizer = create_optimizer_v2(self.model, opt=hp.optimizer, lr=self.effective_lr(),
                                         weight_decay=hp.weight_decay, momentum=hp.momentum,
                                         layer_decay=hp.layer_decay)
         if hp.scheduler == "none":
+            # timm's schedulers apply the layer-decay scales; without one, apply them here.
+            for group in optimizer.param_groups:
+                group["lr"] *= group.get("lr_scale", 1.0)
             return optimizer
-        epochs = max(self.trainer.max_epochs or 1, 1)
-        updates_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / epochs)) \
-            if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched=hp.scheduler, num_epochs=epochs, warmup_epochs=hp.warmup_epochs,
-            warmup_lr=hp.warmup_lr, min_lr=hp.min_lr, step_on_epochs=not hp.step_per_batch,
-            updates_per_epoch=updates_per_epoch)
-        interval = "step" if hp.step_per_batch else "epoch"
-        config = {"scheduler": scheduler, "interval": interval}
         if hp.scheduler == "plateau":
-            config["monitor"] = "val/acc1"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+            # timm's plateau schedule steps per epoch on the monitored metric; Lightning hands
+            # the metric to lr_scheduler_step only for configs marked reduce_on_plateau.
+            scheduler, _ = create_scheduler_v2(
+                optimizer, sched="plateau", warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
+                min_lr=hp.min_lr, decay_rate=hp.decay_rate, patience_epochs=hp.patience_epochs,
+                plateau_mode="max")
+            return {"optimizer": optimizer, "lr_scheduler": {
+                "scheduler": scheduler, "interval": "epoch", "monitor": "val/acc1",
+                "reduce_on_plateau": True, "strict": False}}
+        updates_per_epoch, total_updates = self.schedule_length()
+        # timm counts in epochs; a run cut short by max_steps ends after a fraction of one.
+        epochs = total_updates / updates_per_epoch
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=hp.scheduler,
+            num_epochs=epochs if hp.step_per_batch else math.ceil(epochs),
+            warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
+            decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate,
+            step_on_epochs=not hp.step_per_batch, updates_per_epoch=updates_per_epoch)
+        interval = "step" if hp.step_per_batch else "epoch"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def schedule_length(self) -> tuple[int, int]:
+        """Optimizer steps per epoch and in the run (max_steps or max_epochs, whichever ends first)."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # already min(max_steps, max_epochs x steps)
+        if math.isinf(total):
+            raise ValueError(f"model.scheduler '{self.hparams.scheduler}' needs a run length: set "
+                             f"trainer.max_epochs or trainer.max_steps, or model.scheduler none")
+        total = max(1, int(total))
+        if trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()  # as estimated_stepping_batches does without max_epochs
+        batches = trainer.num_training_batches
+        if math.isinf(batches):  # an iterable dataset without a length: the run is one epoch
+            return total, total
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches)), total
 
     def effective_lr(self) -> float:
         """The peak learning rate, scaled to the global batch when ``lr_base_batch`` is set."""
@@ -210,10 +295,17 @@ class ImageClassifier(pl.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Step a timm scheduler: by optimizer updates or by epochs (Lightning knows only torch's)."""
-        if self.hparams.step_per_batch:
+        if self.hparams.step_per_batch and self.hparams.scheduler != "plateau":
             scheduler.step_update(num_updates=self.global_step)
         else:
-            scheduler.step(epoch=self.current_epoch + 1, metric=metric)
+            scheduler.step(epoch=self.current_epoch + 1,
+                           metric=None if metric is None else float(metric))
+
+    def base_lr(self) -> float:
+        """The learning rate of the head's parameter group: the base rate, not a layer-decayed one."""
+        groups = self.trainer.optimizers[0].param_groups
+        # Layer decay scales each group by lr_scale; the head's scale is the largest (1.0).
+        return max(groups, key=lambda group: group.get("lr_scale", 1.0))["lr"]
 
     # ---- logging helpers ---------------------------------------------------------------
 
