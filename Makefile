@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/fvlab fit experiments/ablate_carrier.yaml
+	$(VENV)/bin/fvlab report runs/ablate_carrier
 	@echo "Compare the variants: $(VENV)/bin/tensorboard --logdir runs/ablate_carrier"
 
 test: $(STAMP)
@@ -22,6 +23,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/fit_overhead.py
+
+# The README's picture: the demo's accuracy against measured throughput.
+docs: demo
+	mkdir -p docs
+	cp runs/ablate_carrier/report/accuracy_vs_throughput.png docs/ablate_carrier_accuracy_vs_throughput.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

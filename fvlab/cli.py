@@ -333,8 +333,9 @@ def fit_command(argv: Sequence[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from fvlab.lit.callbacks import MODEL_METRICS
-    from fvlab.lit.runner import BadConfig, build_run, find_runs, fit_run, read_metrics, release_memory
+    from fvlab.lit.runner import BadConfig, build_run, find_runs, fit_run, release_memory
     from fvlab.report import write_summary
+    from fvlab.report.collect import read_run
 
     args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__, seeds=True)
     _quiet_lightning()
@@ -395,8 +396,7 @@ def fit_command(argv: Sequence[str]) -> int:
         return EXIT_FAILURE if failed else EXIT_OK
     # Every run of the experiment directory, not only this command's: a rerun of one variant's
     # config.yaml keeps the other rows.
-    results = [read_metrics(run_dir) or {"variant": run_dir.name, "status": "running"}
-               for run_dir in find_runs(root)]
+    results = [read_run(run_dir, events=False).metrics for run_dir in find_runs(root)]
     results += [{"experiment": experiment.name, "variant": job.variant, "seed": job.seed,
                  "status": "not run"} for job in jobs if not (job.run_dir / "metrics.json").is_file()]
     table = write_summary(root, results, title=f"{experiment.name} ({experiment.path})",

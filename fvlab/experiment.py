@@ -10,6 +10,8 @@ that same run in place.
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +67,31 @@ def get_dotted(config: Mapping, key: str, default: Any = None) -> Any:
     return node
 
 
+def _keep_accepted_init_args(section: dict) -> None:
+    # As LightningCLI does on `--data.class_path OTHER`: keep the init_args the new class accepts.
+    module_name, _, class_name = str(section.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        parameters = inspect.signature(cls).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return  # an unknown class: LightningCLI reports it
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    init_args = section.get("init_args")
+    if isinstance(init_args, dict):
+        section["init_args"] = {k: v for k, v in init_args.items() if k in parameters}
+
+
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of ``config`` with dotted ``overrides`` ({"model.arch.ct_size": 2}) applied."""
     out = copy.deepcopy(dict(config))
     for key, value in overrides.items():
+        before = get_dotted(out, key)
         set_dotted(out, key, value)
+        if key.endswith(".class_path") and value != before:
+            section = get_dotted(out, key.rpartition(".")[0])
+            if isinstance(section, dict):
+                _keep_accepted_init_args(section)
     return out
 
 

@@ -209,7 +209,13 @@ def _one_line(err: BaseException) -> str:
         subtypes = [line for line in lines if line.startswith("Subtypes:")]
         hint = subtypes[0] if subtypes else (expected[0] if expected else "")
         lines = [lines[0].rstrip(":"), *(given[:1]), hint] if given else lines[:3]
-    return re.sub(r"\s+", " ", "; ".join(part for part in lines if part))[:600]
+    text = re.sub(r"\s+", " ", "; ".join(part for part in lines if part))
+    # jsonargparse names an unknown key by its group; users wrote the dotted key.
+    text = re.sub(r"Group '([\w.]+)' does not accept option '([\w.]+)'",
+                  r"unknown key '\1.\2'; see the accepted keys with --print_config", text)
+    text = re.sub(r"Option '([\w.]+)' is not accepted",
+                  r"unknown key '\1'; the sections are model, data, trainer and seed_everything", text)
+    return text[:2000]
 
 
 def config_hash(resolved: Mapping[str, Any]) -> str:
