@@ -304,9 +304,14 @@ def assert_budget_spent(study: optuna.Study, n_trials: int) -> list[optuna.trial
     return trials
 
 
+# One architecture: its model metrics are measured once and shared through the study.
+LR_ONLY = {"model.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
+
+
 def test_kill_9_then_rerun_finishes_every_trial_once(tmp_path: Path, storage: str | None) -> None:
-    sweep = write_sweep(tmp_path, study="killed", n_trials=3,
-                        overrides={"trainer.max_epochs": 2, "trainer.limit_train_batches": 4})
+    sweep = write_sweep(tmp_path, study="killed", n_trials=3, space=LR_ONLY,
+                        objectives={"val/acc1_best": "maximize"},
+                        overrides={"trainer.limit_train_batches": 4})
     extra = ["--storage", storage] if storage else []
     process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra)
     victim = tmp_path / "runs" / "killed" / "trial_0001" / "config.yaml"
@@ -331,7 +336,8 @@ def test_kill_9_then_rerun_finishes_every_trial_once(tmp_path: Path, storage: st
 
 
 def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None) -> None:
-    sweep = write_sweep(tmp_path, study="parallel", n_trials=4)
+    sweep = write_sweep(tmp_path, study="parallel", n_trials=4, space=LR_ONLY,
+                        objectives={"val/acc1_best": "maximize"})
     extra = ["--storage", storage] if storage else []
     assert run_sweep(tmp_path, sweep, "--workers", "2", *extra) == 0
     trials = assert_budget_spent(load_study(tmp_path, "parallel", storage), 4)
@@ -340,3 +346,24 @@ def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None
     # A rerun with its budget met starts nothing.
     assert run_sweep(tmp_path, sweep, "--workers", "2", *extra) == 0
     assert len(load_study(tmp_path, "parallel", storage).get_trials()) == 4
+
+
+def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, study="stopped", n_trials=2, space=LR_ONLY,
+                        objectives={"val/acc1_best": "maximize"},
+                        overrides={"trainer.max_epochs": 50, "trainer.limit_train_batches": 2})
+    process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"))
+    checkpoint = tmp_path / "runs" / "stopped" / "trial_0000" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGTERM)  # Lightning turns it into SystemExit inside fit
+    assert process.wait(timeout=120) == 1
+    assert "interrupted" in process.stderr.read()
+    trials = load_study(tmp_path, "stopped", None).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["fail_reason"] == "interrupted"
+    assert trials[1].params == trials[0].params  # queued again: a rerun resumes it
+    metrics = json.loads((checkpoint.parent.parent / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"].startswith("interrupted")

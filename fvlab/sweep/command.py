@@ -114,8 +114,14 @@ def _open_study(args: argparse.Namespace, sweep: Any, kind: str, journal: Path) 
                                 else optuna.study.StudyDirection.MINIMIZE for d in sweep.directions]:
             raise SweepError(f"study {sweep.study!r} has other directions; use another --study-name")
         return storage, study
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
     study = optuna.create_study(study_name=sweep.study, storage=storage, directions=sweep.directions)
-    study.set_metric_names(list(sweep.objectives))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names(list(sweep.objectives))  # optuna-dashboard labels the axes
     study.set_user_attr("fvlab_spec", sweep.identity())
     study.set_user_attr("fvlab_spec_hash", sweep.identity_hash())
     study.set_user_attr("fvlab_device", kind)
@@ -165,7 +171,10 @@ def sweep_command(argv: Sequence[str]) -> int:
     from fvlab.sweep.storage import storage_label
     from fvlab.sweep.workers import WorkerSettings, run_workers
 
+    import optuna
+
     _quiet_lightning()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial
     try:
         sweep, base, kind = prepare_sweep(args)
         study_dir = Path(args.runs_dir) / sweep.study
