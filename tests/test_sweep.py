@@ -367,3 +367,19 @@ def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> Non
     assert trials[1].params == trials[0].params  # queued again: a rerun resumes it
     metrics = json.loads((checkpoint.parent.parent / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"].startswith("interrupted")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_are_valid(path: Path, monkeypatch) -> None:
+    import argparse
+
+    from fvlab.sweep.command import prepare_sweep
+    from fvlab.sweep.space import load_sweep
+
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(path.relative_to(ROOT))
+    assert sweep.n_trials and sweep.study == path.stem
+    if "imagenet" not in path.name:  # needs an ImageNet folder
+        args = argparse.Namespace(sweep=str(path.relative_to(ROOT)), n_trials=None, timeout=None, workers=1,
+                                  study_name=None, storage=None, runs_dir="runs")
+        prepare_sweep(args)  # every space key exists in the resolved base config
