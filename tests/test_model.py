@@ -304,3 +304,131 @@ def test_import_fvlab_exposes_model_api() -> None:
         warnings.simplefilter("error")
         model = fvlab.create_model("fastervit_micro")
     assert isinstance(model, fvlab.FasterViT)
+
+
+# ---- eval-mode cache of position terms ---------------------------------------------------
+
+
+def _position_mlp_params(model: FasterViT) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if ".cpb_mlp." in name]
+
+
+def _reference_logits(model: FasterViT, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a freshly built copy of ``model``'s weights: no cache to go stale."""
+    fresh = create_model("fastervit_micro", num_classes=model.num_classes).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return fresh(x)
+
+
+def test_eval_cache_sees_weights_replaced_through_data() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_micro", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)  # fills the cache
+        for p in _position_mlp_params(model):
+            p.data = p.data * 1.5  # new storage, same version counter
+        after = model(x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    assert torch.allclose(after, _reference_logits(model, x), atol=1e-6)
+
+
+def test_eval_cache_sees_load_state_dict_with_assign() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_micro", num_classes=5).eval()
+    other = create_model("fastervit_micro", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)  # fills the cache
+        model.load_state_dict(other.state_dict(), assign=True)
+        assert torch.allclose(model(x), other(x), atol=1e-6)
+
+
+def test_term_cached_under_inference_mode_serves_a_later_backward() -> None:
+    torch.manual_seed(0)
+    model = create_model("fastervit_micro", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    # Eval mode with gradients: attribution into the weights ...
+    logits = model(x)
+    logits.sum().backward()
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[0].weight.grad.abs().sum() > 0
+    # ... and into the input of a frozen model, which reuses the cached terms.
+    model.requires_grad_(False)
+    with torch.inference_mode():
+        model(x)
+    image = x.clone().requires_grad_(True)
+    model(image).sum().backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+# ---- fuse, forward_intermediates, group_matcher -----------------------------------------
+
+
+def _model_with_live_batchnorms(num_classes: int) -> FasterViT:
+    torch.manual_seed(0)
+    model = create_model("fastervit_tiny", num_classes=num_classes)
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64))  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_fuse_twice_folds_every_batchnorm_including_the_head_one() -> None:
+    model = _model_with_live_batchnorms(num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        fused = copy.deepcopy(model).fuse().fuse()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert (fused(x) - expected).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match="before fuse"):
+        fused.reset_classifier(3)
+
+
+def test_fuse_without_a_head_keeps_the_final_norm_for_features() -> None:
+    model = _model_with_live_batchnorms(num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_features(x)
+        fused = copy.deepcopy(model).fuse()
+        assert isinstance(fused.norm, torch.nn.BatchNorm2d)
+        assert (fused.forward_features(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_forward_intermediates_stop_early_and_final_norm() -> None:
+    model = _model_with_live_batchnorms(num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, every = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x), atol=1e-6)
+        early, first = model.forward_intermediates(x, indices=[0], norm=True, stop_early=True)
+        assert len(first) == 1 and torch.equal(first[0], every[0])
+        assert torch.equal(early, every[0])  # the last stage run, not normalised
+        _, normed = model.forward_intermediates(x, indices=1, norm=True)
+        assert torch.allclose(normed[0], model.forward_features(x), atol=1e-6)
+        assert model.forward_intermediates(x, indices=[1, -1], intermediates_only=True)[1].shape \
+            == every[3].shape
+
+
+def test_layer_decay_puts_each_downsample_after_its_stage_blocks() -> None:
+    model = create_model("fastervit_tiny", num_classes=4)
+    groups = timm.optim.param_groups_layer_decay(model, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    lr_scale = {name: scale[id(p)] for name, p in model.named_parameters()}
+
+    def of(prefix: str) -> set[float]:
+        return {s for name, s in lr_scale.items() if name.startswith(prefix)}
+
+    for i, depth in enumerate(model.depths[:-1]):
+        (downsample,) = of(f"levels.{i}.downsample.")
+        assert downsample > max(of(f"levels.{i}.blocks.{depth - 1}."))
+        assert downsample < min(of(f"levels.{i + 1}."))  # the next stage, its tokenizer too
+    assert max(of("levels.2.global_tokenizer.")) < min(of("levels.2.blocks.0."))
+    assert max(lr_scale.values()) == lr_scale["head.weight"] == 1.0

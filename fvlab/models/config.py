@@ -25,6 +25,9 @@ class ArchConfig:
     Unset fields (None) keep the variant's value. Without ``name`` every architecture field
     falls back to ``FasterViT``'s own defaults. ``layer_scale``/``layer_scale_conv`` of 0
     switch layer scale off. Per-stage fields take one value for all stages or a list.
+    ``checkpoint_path``: weights to start from: an official or timm file, or a checkpoint of
+    ``fvlab fit`` (``runs/<exp>/<variant>/checkpoints/best.ckpt``; its EMA weights when that
+    run used ``model.ema``, as they are the ones its validation and best.ckpt went by).
     """
 
     name: Optional[str] = "fastervit_tiny"

@@ -27,10 +27,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.models._features import feature_take_indices  # what timm's own models use
 
 __all__ = ["FasterViT", "NUM_CONV_STAGES", "POSITION_MLP_HIDDEN"]
 
 NUM_CONV_STAGES = 2  # stages 1-2 are residual conv blocks, the rest transformer blocks
+_AFTER_LAST_BLOCK = 9999  # group_matcher ordinal of a stage's downsample: after any block index
 POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official checkpoints
 
 
@@ -95,12 +97,29 @@ def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[in
 # --------------------------------------------------------------------------------------
 
 
+def _built_outside_inference_mode(build: Callable[[], Any]) -> Any:
+    """Run ``build`` without recording a graph, returning normal tensors even under inference_mode.
+
+    A tensor made under ``torch.inference_mode`` can never be saved for backward: cached
+    there and reused later with gradients enabled, it would fail the backward pass.
+    """
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            return build()
+    with torch.no_grad():
+        return build()
+
+
 class _PositionMLP(nn.Module):
     """Base of the position terms: an MLP over coordinates whose output depends on geometry only.
 
-    In eval mode the output is cached per geometry, device and dtype, and per version of the
-    MLP's weights, so in-place updates (EMA, ``load_state_dict``) invalidate it. When training,
-    or when gradients must flow into the MLP, it is recomputed on every call.
+    In eval mode the output is cached per geometry, device and dtype, and per state of the
+    MLP's weights: their storage and autograd version counter (so in-place updates such as
+    EMA, optimiser steps, ``load_state_dict`` and ``.data = ...`` reassignment all invalidate
+    it), and a ``load_state_dict`` post-hook drops it. Writes *inside* ``.data``
+    (``p.data.mul_(2)``) bypass the version counter by design; after those, call
+    ``model.eval()`` again, which drops every cached term. When training, or when gradients
+    must flow into the MLP, the term is recomputed on every call.
     """
 
     def __init__(self, out_features: int):
@@ -111,25 +130,35 @@ class _PositionMLP(nn.Module):
             nn.Linear(POSITION_MLP_HIDDEN, out_features, bias=False),
         )
         self._geometry: dict[tuple, Any] = {}
-        self._value: tuple[tuple, torch.Tensor] | None = None
+        self._value: tuple[tuple, list[torch.Tensor], torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(_PositionMLP._drop_cached_value)
+
+    @staticmethod
+    def _drop_cached_value(module: "_PositionMLP", incompatible_keys: Any) -> None:
+        module._value = None
 
     def _geometry_cached(self, key: tuple, build: Callable[[], Any]) -> Any:
         # Integer tables never depend on weights: cache them in every mode.
         if key not in self._geometry:
             if len(self._geometry) >= 8:
                 self._geometry.clear()
-            self._geometry[key] = build()
+            self._geometry[key] = _built_outside_inference_mode(build)
         return self._geometry[key]
 
     def _value_cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if self.training or needs_graph or torch.compiler.is_compiling():
+        params = list(self.parameters())
+        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if (self.training or needs_graph or torch.compiler.is_compiling()
+                or any(p.is_inference() for p in params)):  # no version counter to key on
             self._value = None
             return compute()
-        full_key = (key, tuple(p._version for p in self.parameters()))
+        full_key = (key, tuple((p.data_ptr(), p._version) for p in params))
         if self._value is None or self._value[0] != full_key:
-            self._value = (full_key, compute())
-        return self._value[1]
+            # The weights' tensors are held with the value so that their memory cannot be
+            # freed and reused by new weights at the same address while the key names it.
+            self._value = (full_key, [p.detach() for p in params],
+                           _built_outside_inference_mode(compute))
+        return self._value[2]
 
     def train(self, mode: bool = True) -> "_PositionMLP":
         """Switch mode and drop the cached value so no stale term survives a mode change."""
@@ -482,6 +511,18 @@ class FasterViTStage(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+def _fuse_bn_into_following_linear(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
+    """A linear layer equal to ``linear(mean_hw(bn(x)))`` applied to ``mean_hw(x)`` (eval mode)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                      dtype=linear.weight.dtype)
+    fused.weight.copy_(linear.weight * scale)
+    bias = linear.weight @ shift
+    fused.bias.copy_(bias if linear.bias is None else bias + linear.bias)
+    return fused
+
+
 def _per_stage(name: str, value: Any, n: int, kind: type | tuple[type, ...]) -> list:
     """Broadcast a scalar to one value per stage, or check a per-stage list's length."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
@@ -623,9 +664,12 @@ class FasterViT(nn.Module):
         return dict(
             stem=r"^patch_embed",
             blocks=r"^levels\.(\d+)" if coarse else [
-                (r"^levels\.(\d+)\.downsample", (0,)),
+                # Each group sorts by (stage, block): the tokenizer runs before block 0 and
+                # the downsample after the last block, so it gets a group of its own there
+                # (timm's 99999 would merge it into the last block's group instead).
                 (r"^levels\.(\d+)\.global_tokenizer", None),
                 (r"^levels\.(\d+)\.blocks\.(\d+)", None),
+                (r"^levels\.(\d+)\.downsample", (_AFTER_LAST_BLOCK,)),
                 (r"^norm", (99999,)),
             ],
         )
@@ -645,6 +689,10 @@ class FasterViT(nn.Module):
         """Replace the head with a fresh one for ``num_classes`` (0: no head)."""
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
+        if self.fused:
+            raise RuntimeError("this FasterViT was fused for inference (model.fuse()), which may "
+                               "fold the final BatchNorm into the head; call reset_classifier "
+                               "before fuse()")
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
@@ -670,17 +718,18 @@ class FasterViT(nn.Module):
                               norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-stage feature maps (before each downsample), as timm's feature API expects."""
+        """Per-stage feature maps (before each downsample), as timm's feature API expects.
+
+        ``indices``: the last n stages if an int, all if None, else the listed ones. The final
+        norm belongs to the last stage: ``norm`` applies it to that intermediate only, and the
+        returned final map is normalised only when the last stage ran (not ``stop_early``
+        before it); otherwise it is the last stage run's output, before its downsample.
+        """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         n = len(self.levels)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
-        last = max(take) if (stop_early or intermediates_only) else n - 1
+        take, max_index = feature_take_indices(n, indices)
+        last = max_index if (stop_early or intermediates_only) else n - 1
         intermediates = []
         x = self.patch_embed(x)
         for i, stage in enumerate(self.levels[:last + 1]):
@@ -691,7 +740,7 @@ class FasterViT(nn.Module):
                 x = stage.downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return (self.norm(x) if last == n - 1 else x), intermediates
 
     # ---- geometry -------------------------------------------------------------------
 
@@ -719,20 +768,33 @@ class FasterViT(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> "FasterViT":
-        """Fold every BatchNorm into its preceding conv, in place, for inference only."""
+        """Fold every BatchNorm into a neighbouring linear layer, in place, for inference only.
+
+        The stem's and the conv blocks' BatchNorms go into the convs before them. With a
+        classifier head, the final BatchNorm goes into the head: in eval mode it is a
+        per-channel affine map, which commutes with the average pooling before the head, so
+        the logits stay the same while ``forward_features``, ``forward_head(pre_logits=True)``
+        and ``forward_intermediates`` then return the last stage's features without that
+        norm. Without a head (``num_classes=0``: a feature backbone) the final norm stays.
+        Calling ``fuse`` again changes nothing.
+        """
         from torch.nn.utils.fusion import fuse_conv_bn_eval
 
         self.eval()
         stem = self.patch_embed.conv_down
         for conv_i, bn_i in ((0, 1), (3, 4)):
-            stem[conv_i] = fuse_conv_bn_eval(stem[conv_i], stem[bn_i])
-            stem[bn_i] = nn.Identity()
+            if isinstance(stem[bn_i], nn.BatchNorm2d):
+                stem[conv_i] = fuse_conv_bn_eval(stem[conv_i], stem[bn_i])
+                stem[bn_i] = nn.Identity()
         for stage in self.levels:
-            if stage.conv:
-                for block in stage.blocks:
+            for block in stage.blocks if stage.conv else ():
+                if isinstance(block.norm1, nn.BatchNorm2d):
                     block.conv1 = fuse_conv_bn_eval(block.conv1, block.norm1)
                     block.conv2 = fuse_conv_bn_eval(block.conv2, block.norm2)
                     block.norm1 = block.norm2 = nn.Identity()
+        if isinstance(self.norm, nn.BatchNorm2d) and isinstance(self.head, nn.Linear):
+            self.head = _fuse_bn_into_following_linear(self.norm, self.head)
+            self.norm = nn.Identity()
         self.fused = True
         return self
 

@@ -91,17 +91,35 @@ def _read_checkpoint(path: str | Path) -> Mapping[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: FasterViT | None = None
-                         ) -> dict[str, torch.Tensor]:
-    """Extract a FasterViT state dict from an official, timm, Lightning or plain checkpoint."""
+# Where a LightningModule keeps its FasterViT in its state dict, best first: fvlab's
+# ImageClassifier keeps the EMA copy, the weights it validates and picks best.ckpt by, under
+# "ema.module."; the trained weights under "model." (beside metric states such as
+# "val_acc1_best.max_value").
+LIGHTNING_EMA_PREFIX = "ema.module."
+LIGHTNING_MODEL_PREFIX = "model."
+
+
+def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: FasterViT | None = None,
+                         use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Extract a FasterViT state dict from an official, timm, Lightning or plain checkpoint.
+
+    A checkpoint written by ``fvlab fit`` with ``model.ema`` holds two sets of weights: the
+    EMA ones (``ema.module.*``, what validation and best.ckpt went by) are taken with
+    ``use_ema``, the trained ones (``model.*``) without it.
+    """
     state = checkpoint
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
             break
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    # Wrappers: DataParallel/DDP ("module."), our LightningModule ("model."), torch.compile.
-    for prefix in ("module.", "model.", "_orig_mod."):
+    prefixes = (LIGHTNING_EMA_PREFIX, LIGHTNING_MODEL_PREFIX) if use_ema else (LIGHTNING_MODEL_PREFIX,)
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    # Wrappers: DataParallel/DDP ("module."), torch.compile ("_orig_mod.").
+    for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     out = {}
@@ -114,9 +132,10 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: FasterViT | None 
     return out
 
 
-def load_checkpoint(model: FasterViT, checkpoint_path: str | Path) -> FasterViT:
-    """Load a checkpoint file into ``model``, raising on any missing, unexpected or misshapen key."""
-    state = checkpoint_filter_fn(_read_checkpoint(checkpoint_path), model)
+def load_checkpoint(model: FasterViT, checkpoint_path: str | Path, use_ema: bool = True) -> FasterViT:
+    """Load a checkpoint file into ``model`` (its EMA weights if it has them and ``use_ema``),
+    raising on any missing, unexpected or misshapen key."""
+    state = checkpoint_filter_fn(_read_checkpoint(checkpoint_path), model, use_ema=use_ema)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
