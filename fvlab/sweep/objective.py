@@ -216,7 +216,9 @@ class SweepObjective:
             trial.set_user_attr("seed", spec.seed)
             trial.set_user_attr("device", str(spec.device))
             trial.set_user_attr("precision", spec.precision)
-            self._check(trial, self.profiler.cheap(spec))
+            if any(name in self.sweep.constraints for name in ("max_gflops", "max_params_m")):
+                # Over a size budget: pruned without timing it (about a second).
+                self._check(trial, self.profiler.cheap(spec))
             metrics = self.profiler.measure(spec)
             self._check(trial, metrics)
             ckpt_path = None
