@@ -191,14 +191,55 @@ def _timm_create(variant: str, pretrained: bool = False, **kwargs: Any) -> Faste
         **config, **kwargs)
 
 
-def _register(name: str) -> None:
-    def create(pretrained: bool = False, **kwargs: Any) -> FasterViT:
-        return _timm_create(name, pretrained, **kwargs)
-    create.__name__ = create.__qualname__ = name
-    create.__doc__ = f"FasterViT variant {name!r} (fvlab)."
-    create.__module__ = __name__
-    globals()[name] = register_model(create)
+@register_model
+def fastervit_0(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-0 (31.4 M params, 3.37 GFLOPs at 224)."""
+    return _timm_create("fastervit_0", pretrained, **kwargs)
 
 
-for _name in VARIANTS:
-    _register(_name)
+@register_model
+def fastervit_1(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-1 (53.4 M params, 5.33 GFLOPs at 224)."""
+    return _timm_create("fastervit_1", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_2(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-2 (75.9 M params, 8.78 GFLOPs at 224)."""
+    return _timm_create("fastervit_2", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_3(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-3 (159.6 M params, 18.4 GFLOPs at 224)."""
+    return _timm_create("fastervit_3", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_4(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4 (365.6 M params, official registry config)."""
+    return _timm_create("fastervit_4", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_5(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-5 (957.5 M params)."""
+    return _timm_create("fastervit_5", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_6(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-6 (1360.3 M params)."""
+    return _timm_create("fastervit_6", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_tiny(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """A CPU-sized FasterViT for 64-128 px images (fvlab)."""
+    return _timm_create("fastervit_tiny", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_micro(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """A smoke-test FasterViT for 32-64 px images (fvlab)."""
+    return _timm_create("fastervit_micro", pretrained, **kwargs)
