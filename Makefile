@@ -23,6 +23,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/fit_overhead.py
+	$(PY) benchmarks/precision.py
+	$(PY) benchmarks/allocator.py
+	$(PY) benchmarks/sweep_overhead.py
 
 # The README's picture: the demo's accuracy against measured throughput.
 docs: demo

@@ -298,12 +298,14 @@ def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequen
                    hparams=run_hparams)
 
 
-def profile_run(spec: RunSpec, throughput: bool = True) -> dict[str, float | None]:
+def profile_run(spec: RunSpec, throughput: bool = True, batch_size: int | None = None,
+                repeats: int | None = None) -> dict[str, float | None]:
     """The four ``model/*`` metrics of the built network, at the run's image size, device and precision."""
     datamodule = spec.datamodule
     image_size = getattr(datamodule, "image_size", None) or 224
     return model_metrics(spec.model.model, image_size, in_chans=getattr(datamodule, "in_chans", None),
-                         device=spec.device, precision=spec.precision, throughput=throughput)
+                         device=spec.device, precision=spec.precision, throughput=throughput,
+                         batch_size=batch_size, repeats=repeats)
 
 
 # ---- run directories -------------------------------------------------------------------
@@ -464,6 +466,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     result["epochs"] = trainer.current_epoch
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
     result.update({k: profile.metrics.get(k) for k in MODEL_METRICS})
+    result.update({k: v for k, v in profile.metrics.items() if k.startswith("model/")})  # e.g. speedup
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
     if stopper is not None and result["status"] == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
