@@ -57,7 +57,10 @@ def _profile_targets(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]
         config = experiment.config(variant)
         if args.image_size:
             config.setdefault("data", {"class_path": DEFAULT_DATA})
-            set_dotted(config, "data.image_size", args.image_size)
+            try:
+                set_dotted(config, "data.image_size", args.image_size)
+            except ExperimentError as err:
+                raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
         try:
             build_run(config, None, {"trainer.logger": False}, experiment=experiment.name, variant=variant)
         except BadConfig as err:
@@ -131,7 +134,7 @@ def profile_command(argv: Sequence[str]) -> int:
 
     from fvlab.lit.runner import build_run, release_memory
     from fvlab.models import build_model
-    from fvlab.profile import profile_model
+    from fvlab.profile import autocast_for_precision, profile_model
 
     _quiet_lightning()
     try:
@@ -142,6 +145,7 @@ def profile_command(argv: Sequence[str]) -> int:
         return EXIT_BAD_INPUT
     rows = []
     for name, config in targets:
+        amp, amp_dtype = args.amp, None
         if config is None:
             network, image_size, in_chans = build_model(name), args.image_size or 224, None
         else:
@@ -149,9 +153,11 @@ def profile_command(argv: Sequence[str]) -> int:
             network = spec.model.model
             image_size = getattr(spec.datamodule, "image_size", None) or 224
             in_chans = getattr(spec.datamodule, "in_chans", None)
+            if amp is None and device == spec.device:
+                amp, amp_dtype = autocast_for_precision(spec.precision)  # as `fvlab fit` measures it
             del spec
         metrics = profile_model(network.to(device), image_size, throughput=not args.no_throughput,
-                                batch_size=args.batch_size, device=device, amp=args.amp,
+                                batch_size=args.batch_size, device=device, amp=amp, amp_dtype=amp_dtype,
                                 repeats=args.repeats, in_chans=in_chans)
         rows.append({"name": name, "image_size": image_size, **metrics})
         del network
@@ -177,7 +183,8 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str,
     parser.add_argument("--force", action="store_true", help="re-run variants that are complete")
     parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
                         help="'last' resumes each run from its last checkpoint; or a file")
-    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    parser.add_argument("--runs-dir", default=None, help="where run directories go (default: runs, "
+                        "or, for a run's own config.yaml, the runs directory it lives in)")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\nAny other option is a LightningCLI override, e.g. --trainer.max_epochs 2 "
@@ -226,6 +233,22 @@ class FitJob:
         return self.variant if self.seed is None else f"{self.variant}/seed_{self.seed}"
 
 
+def _own_runs_dir(path: Path, experiment: Any) -> Path | None:
+    """For a run's own config.yaml (runs/<name>/<variant>[/seed_<s>]/config.yaml), its runs directory."""
+    from fvlab.lit.runner import CONFIG_HEADER
+
+    try:
+        if path.name != "config.yaml" or not path.read_text().startswith(CONFIG_HEADER):
+            return None
+    except OSError:
+        return None
+    run_dir = path.resolve().parent
+    variant_dir = run_dir.parent if run_dir.name.startswith("seed_") else run_dir
+    if variant_dir.name != experiment.variant_names()[0] or variant_dir.parent.name != experiment.name:
+        return None
+    return variant_dir.parent.parent
+
+
 def _load_selection(args: argparse.Namespace) -> tuple[Any, list[str], list[int] | None]:
     from fvlab.experiment import ExperimentError, load_experiment
 
@@ -239,6 +262,8 @@ def _load_selection(args: argparse.Namespace) -> tuple[Any, list[str], list[int]
     if unknown:
         raise BadInput(f"unknown variant {', '.join(map(repr, unknown))} in {args.experiment}; "
                        f"known: {', '.join(known)}")
+    if args.runs_dir is None:
+        args.runs_dir = str(_own_runs_dir(Path(args.experiment), experiment) or "runs")
     seeds = getattr(args, "seeds", None) or experiment.seeds
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise BadInput(f"--seeds {' '.join(map(str, seeds))} repeats a seed; list each seed once")
@@ -318,8 +343,10 @@ def _fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:
     """Record a run that could not even be built as that run's failure."""
     from fvlab.lit.runner import _write_json
 
+    from fvlab.lit.runner import FINAL_METRICS
+
     result = {"experiment": experiment, "variant": job.variant, "seed": job.seed, "status": "failed",
-              "error": error}
+              "error": error, "epochs": 0, "wall_s": 0.0, **dict.fromkeys(FINAL_METRICS)}
     job.run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(job.run_dir / "metrics.json", result)
     return result
@@ -396,9 +423,10 @@ def fit_command(argv: Sequence[str]) -> int:
         return EXIT_FAILURE if failed else EXIT_OK
     # Every run of the experiment directory, not only this command's: a rerun of one variant's
     # config.yaml keeps the other rows.
-    results = [read_run(run_dir, events=False).metrics for run_dir in find_runs(root)]
+    found = list(find_runs(root))
+    results = [read_run(run_dir, events=False).metrics for run_dir in found]
     results += [{"experiment": experiment.name, "variant": job.variant, "seed": job.seed,
-                 "status": "not run"} for job in jobs if not (job.run_dir / "metrics.json").is_file()]
+                 "status": "not run"} for job in jobs if job.run_dir not in found]
     table = write_summary(root, results, title=f"{experiment.name} ({experiment.path})",
                           reference=experiment.reference, variant_order=experiment.variant_names())
     print(f"\n{experiment.name}: {root}/summary.md, summary.csv; tensorboard --logdir {root}\n")
@@ -419,6 +447,9 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
         if args.seeds and len(args.seeds) > 1:
             raise BadInput(f"fvlab {stage} takes at most one seed (--seeds S)")
         experiment, selected, seeds = _load_selection(args)
+        if not args.variant and len(selected) > 1:
+            raise BadInput(f"{args.experiment} has {len(selected)} variants; name one with --variant "
+                           f"({', '.join(selected)})")
         variant, seed = selected[0], seeds[0] if seeds else None
         run_dir = run_dir_for(Path(args.runs_dir) / experiment.name, variant, seed)
         ckpt = args.ckpt_path

@@ -571,10 +571,15 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
         capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)  # a hang times out
-    assert done.returncode != 0
-    v1 = json.loads((tmp_path / "runs" / "exp" / "v1" / "metrics.json").read_text()) \
-        if (tmp_path / "runs" / "exp" / "v1" / "metrics.json").exists() else {"status": "killed"}
-    assert v1["status"] != "complete"
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "ends the job on every rank" in done.stderr
+    v1 = tmp_path / "runs" / "exp" / "v1" / "metrics.json"
+    if rank == 0:  # rank 0 records its own reason
+        metrics = json.loads(v1.read_text())
+        assert metrics["status"] == "failed" and "corrupt sample on rank 0" in metrics["error"]
+    else:  # rank 0 records the broken collective, unless the launcher ended it first
+        assert not v1.exists() or json.loads(v1.read_text())["status"] == "failed"
+        assert "corrupt sample on rank 1" in done.stderr
     assert not (tmp_path / "runs" / "exp" / "v2" / "metrics.json").exists()  # the job ended
 
 
@@ -645,3 +650,40 @@ def test_growing_seeds_trains_only_the_new_ones(tmp_path: Path, capsys) -> None:
     assert out.count("fitting ") == 2 and "a/seed_2" in out and "b/seed_2" in out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(list(root.glob("*/seed_*/metrics.json"))) == 6
+
+
+def test_data_overrides_work_without_a_data_section(tmp_path: Path) -> None:
+    from fvlab.lit.runner import build_run
+    spec = build_run({"model": {"arch": dict(MICRO)}}, None, ["--data.batch_size", "8",
+                                                              "--data.image_size", "32"])
+    assert spec.datamodule.batch_size == 8 and type(spec.datamodule).__name__ == "DigitsDataModule"
+
+
+def test_seeded_and_unseeded_runs_of_a_variant_never_nest(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--seeds", "0", "1") == 2
+    assert "holds a run without seeds" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "exp" / "default" / "seed_0").exists()
+    assert run_fit(tmp_path, experiment, "--seeds", "0", "--runs-dir", str(tmp_path / "seeded")) == 0
+    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "seeded"), "--force"]) == 2
+    assert "holds runs with seeds" in capsys.readouterr().err
+    assert (tmp_path / "seeded" / "exp" / "default" / "seed_0" / "metrics.json").is_file()
+
+
+def test_a_runs_config_yaml_finds_its_own_runs_dir(tmp_path: Path, capsys, monkeypatch) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", seeds=[3])
+    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "elsewhere")]) == 0
+    own = tmp_path / "elsewhere" / "exp" / "default" / "seed_3" / "config.yaml"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["fit", str(own)]) == 0  # no --runs-dir: the run's own, not ./runs
+    assert "default/seed_3: complete, skipped" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_needs_a_variant_when_there_are_several(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"a": {}, "b": {}})
+    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "--variant" in capsys.readouterr().err

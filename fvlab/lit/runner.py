@@ -49,8 +49,8 @@ __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profil
            "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
-FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss_epoch",
-                 *MODEL_METRICS)
+FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss", "train/loss_epoch",
+                 "train/lr", *MODEL_METRICS)
 CONFIG_HEADER = "# fvlab: resolved config"
 # Settings that change what is shown, not what is trained: left out of the config hash.
 _UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
@@ -236,7 +236,8 @@ def _resolve_precision(config: dict[str, Any]) -> str | None:
         return None
     from fvlab.runtime import resolve_precision
 
-    trainer["precision"] = resolve_precision("auto", accelerator=str(trainer.get("accelerator") or "auto"))
+    trainer["precision"] = resolve_precision("auto", accelerator=str(trainer.get("accelerator") or "auto"),
+                                             devices=trainer.get("devices") or "auto")
     return "auto"
 
 
@@ -253,13 +254,14 @@ def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequen
     """
     from fvlab.experiment import ExperimentError, apply_overrides, parse_cli_overrides
 
+    config = dict(config)
+    config.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
     try:
         if not isinstance(overrides, Mapping):
             overrides = parse_cli_overrides(overrides)
         config = apply_overrides(config, overrides)
     except ExperimentError as err:
         raise BadConfig(str(err)) from None
-    config.setdefault("data", dict(DEFAULT_DATA))
     if seed is not None:
         config["seed_everything"] = seed
     requested_precision = _resolve_precision(config)
@@ -344,6 +346,19 @@ def find_runs(root: Path) -> Iterator[Path]:
                         if grand.is_dir() and grand.name.startswith("seed_") and _is_run_dir(grand))
 
 
+def _layout_conflict(run_dir: Path) -> str:
+    """Why seeded and unseeded runs of one variant would nest inside each other, or ''."""
+    seeded = run_dir.name.startswith("seed_")
+    if seeded and run_dir.parent.is_dir() and _is_run_dir(run_dir.parent):
+        return (f"{run_dir.parent} holds a run without seeds; runs with seeds would nest inside it. "
+                f"Move it away, or use another --runs-dir")
+    if not seeded and run_dir.is_dir() and any(child.name.startswith("seed_") and _is_run_dir(child)
+                                               for child in run_dir.iterdir()):
+        return (f"{run_dir} holds runs with seeds (seed_*/); train it with --seeds, or use "
+                f"another --runs-dir")
+    return ""
+
+
 @dataclass
 class RunPlan:
     """What to do with a run directory: ``skip`` it, start it ``fresh`` or ``resume`` it."""
@@ -369,6 +384,9 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
     """Skip a complete unchanged run, resume or restart on request; refuse to lose work silently."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
+    layout = _layout_conflict(run_dir)
+    if layout:
+        raise RunRefused(layout)
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
         return RunPlan("fresh", note="resume requested, but nothing to resume" if resume else "")
     if not run_dir.is_dir() or not _is_run_dir(run_dir):
@@ -464,6 +482,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
         result.update(status="failed", error=f"{type(err).__name__}: {err}{where}")
     result["wall_s"] = round(time.perf_counter() - start, 2)
     result["epochs"] = trainer.current_epoch
+    result.update(dict.fromkeys(FINAL_METRICS))  # every metric name is a key, null when never reached
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
     result.update({k: profile.metrics.get(k) for k in MODEL_METRICS})
     result.update({k: v for k, v in profile.metrics.items() if k.startswith("model/")})  # e.g. speedup

@@ -325,6 +325,11 @@ def write_report(report: Report, out: Path) -> str:
 
 
 class _ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--o`` is not ``--out``) and with one-line errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> None:
         """Exit with code 2 and a one-line message."""
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")

@@ -227,10 +227,12 @@ class SweepSpec:
         return {key: list(p.discrete_values or []) for key, p in self.space.items()}
 
     def identity(self) -> dict[str, Any]:
-        """What a study is a search of: space, objectives and constraints (a rerun may not change them)."""
+        """What a study is a search of: space, objectives, constraints and the overrides every trial
+        trains with (a rerun may not change them, or trials trained differently would mix)."""
         return {"space": {k: p.spec for k, p in self.space.items()},
                 "objectives": [[k, v] for k, v in self.objectives.items()],
-                "constraints": dict(sorted(self.constraints.items()))}
+                "constraints": dict(sorted(self.constraints.items())),
+                "overrides": dict(sorted(self.overrides.items()))}
 
     def identity_hash(self) -> str:
         """Short hash of :meth:`identity`."""

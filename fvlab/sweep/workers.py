@@ -126,6 +126,9 @@ def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix:
 
 def run_worker(settings: WorkerSettings) -> int:
     """Run trials until the study's budget is spent (or the deadline passes); returns an exit code."""
+    from fvlab.runtime import tune_allocator
+
+    tune_allocator()  # a spawned worker measures under the same allocator state as `fvlab fit`
     if settings.cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.cuda_device
     import torch
