@@ -5,7 +5,9 @@ top), so every large tensor page-faults all its pages again; ``tune_allocator()`
 memory in the heap. Each measurement runs in a fresh subprocess (so no mode inherits another's
 heap): build the workload, warm up, then time a few repeats and count the page faults
 (``getrusage`` ru_minflt / ru_majflt) per measured iteration. Rounds alternate the order of the
-modes; the speed ratio against ``default`` is taken within each round and its median reported.
+modes; the speed ratio against ``default`` is taken within each round and its median reported,
+in wall-clock time and in CPU time (user+sys of all threads, which other processes on a shared
+machine disturb less); the kernel's share (sys) is where page faults cost.
 
     python benchmarks/allocator.py                                # default vs tuned, 5 rounds
     python benchmarks/allocator.py --modes default threshold tuned tuned_pad --rounds 3
@@ -33,7 +35,6 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 MODES = ("default", "threshold", "tuned", "tuned_pad")
@@ -80,11 +81,14 @@ def official_step(batch_size: int = 16, image_size: int = 224) -> Callable[[], N
     return step
 
 
-def measure(workload: str, mode: str, precision: str, warmup: int, repeats: int) -> dict[str, Any]:
+def measure(workload: str, mode: str, precision: str, warmup: int, repeats: int,
+            threads: int) -> dict[str, Any]:
     """Run in the subprocess: time ``repeats`` calls after ``warmup`` and count their page faults."""
     apply_mode(mode)
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     from precision import inference_step, training_step
 
     torch.manual_seed(0)
@@ -106,6 +110,8 @@ def measure(workload: str, mode: str, precision: str, warmup: int, repeats: int)
         seconds.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": statistics.median(seconds),
+            "cpu": (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / repeats,
+            "sys": (after.ru_stime - before.ru_stime) / repeats,
             "minflt": (after.ru_minflt - before.ru_minflt) / repeats,
             "majflt": (after.ru_majflt - before.ru_majflt) / repeats,
             "maxrss_mib": after.ru_maxrss / 1024}
@@ -118,7 +124,7 @@ def run_child(workload: str, mode: str, args: argparse.Namespace) -> dict[str, A
         env.pop(key, None)  # the parent's glibc tunables would blur the modes
     out = subprocess.run([sys.executable, __file__, "--child", workload, mode,
                           "--precision", args.precision, "--warmup", str(args.warmup),
-                          "--repeats", str(args.repeats)],
+                          "--repeats", str(args.repeats), "--threads", str(args.threads)],
                          env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{workload}/{mode} subprocess failed:\n{out.stderr[-2000:]}")
@@ -134,22 +140,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.child:
-        print(json.dumps(measure(*args.child, args.precision, args.warmup, args.repeats)))
+        print(json.dumps(measure(*args.child, args.precision, args.warmup, args.repeats, args.threads)))
         return
     if "default" not in args.modes:
         args.modes.insert(0, "default")
 
     import torch
 
-    print(f"# glibc malloc state, {args.precision}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    threads = args.threads or torch.get_num_threads()
+    print(f"# glibc malloc state, {args.precision}, {threads} threads, torch {torch.__version__}; "
           f"{args.rounds} rounds of fresh subprocesses, modes alternating; per subprocess "
           f"{args.warmup} warm-up + {args.repeats} timed calls (median)")
-    print(f"{'workload':<40} {'mode':<10} {'items/s':>8} {'vs default':>11} {'min-max':>12} "
-          f"{'minflt/it':>10} {'majflt/it':>9} {'maxRSS MiB':>10}")
+    print("# speed: wall-clock items/s and its ratio to default; cpu: the ratio of CPU seconds per "
+          "call (user+sys, all threads; less disturbed by other processes); sys ms/it: kernel time per call")
+    print(f"{'workload':<40} {'mode':<10} {'items/s':>8} {'speed':>7} {'min-max':>11} {'cpu':>7} "
+          f"{'sys ms/it':>9} {'minflt/it':>9} {'majflt/it':>9} {'maxRSS MiB':>10}")
     for workload in args.workloads:
         label, items = WORKLOADS[workload]
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes}
@@ -165,9 +175,12 @@ def main() -> None:
         for mode in args.modes:
             runs = results[mode]
             ratios = [d["seconds"] / m["seconds"] for d, m in zip(results["default"], runs)]
+            cpu_ratios = [d["cpu"] / m["cpu"] for d, m in zip(results["default"], runs)]
             print(f"{label:<40} {mode:<10} {items / statistics.median(r['seconds'] for r in runs):>8.2f} "
-                  f"{statistics.median(ratios):>10.3f}x {min(ratios):>5.2f}-{max(ratios):.2f}x "
-                  f"{statistics.median(r['minflt'] for r in runs):>10.0f} "
+                  f"{statistics.median(ratios):>6.3f}x {min(ratios):>4.2f}-{max(ratios):.2f}x "
+                  f"{statistics.median(cpu_ratios):>6.3f}x "
+                  f"{1000 * statistics.median(r['sys'] for r in runs):>9.1f} "
+                  f"{statistics.median(r['minflt'] for r in runs):>9.0f} "
                   f"{statistics.median(r['majflt'] for r in runs):>9.1f} "
                   f"{statistics.median(r['maxrss_mib'] for r in runs):>10.0f}")
 

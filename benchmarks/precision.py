@@ -10,6 +10,7 @@ each round; the median over rounds is reported.
     python benchmarks/precision.py                 # demo training step + FasterViT-0 inference
     python benchmarks/precision.py --rounds 15
     python benchmarks/precision.py --learn 2       # also train the digits demo 2 epochs each way
+    python benchmarks/precision.py --rounds 0 --learn 4   # the learning check only
 
 Training: the ``make demo`` step: fastervit_tiny (window 4, ct_size 2) on 1x128x128 images,
 batch 64, timm AdamW, label-smoothed cross-entropy. Inference: FasterViT-0 at 224, batch 16,
@@ -161,10 +162,12 @@ def main() -> None:
           f"precision auto -> {resolve_precision('auto', 'cpu')}")
     print(f"# (oneDNN's _is_mkldnn_bf16_supported() = {torch.ops.mkldnn._is_mkldnn_bf16_supported()}: "
           f"true on any AVX-512 CPU, emulated or not)")
-    print(f"# {args.rounds} alternating rounds, ~{args.seconds:g} s per side per round; ratio = bf16/fp32 speed")
-    print(f"{'workload':<34} {'fp32':>9} {'bf16':>9} {'unit':>8} {'median':>9} {'min-max':>13}")
-    compare("train fastervit_tiny 128px b64", training_step, 1, args.rounds, args.seconds)
-    compare("infer FasterViT-0 224px b16", inference_step, 16, args.rounds, args.seconds)
+    if args.rounds > 0:
+        print(f"# {args.rounds} alternating rounds, ~{args.seconds:g} s per side per round; "
+              f"ratio = bf16/fp32 speed")
+        print(f"{'workload':<34} {'fp32':>9} {'bf16':>9} {'unit':>8} {'median':>9} {'min-max':>13}")
+        compare("train fastervit_tiny 128px b64", training_step, 1, args.rounds, args.seconds)
+        compare("infer FasterViT-0 224px b16", inference_step, 16, args.rounds, args.seconds)
     if args.learn > 0:
         learn(args.learn)
 

@@ -168,8 +168,9 @@ def tune_allocator() -> bool:
     ``free``, and trims the heap top; every large tensor then page-faults all its pages afresh,
     and how often depends on what the process did before. With trimming and mmap turned off,
     freed memory stays in the heap and is reused without faults, at the cost of keeping the
-    process's peak heap mapped. Call once at start-up, before large allocations; no-op (False)
-    on non-glibc systems or when ``FVLAB_TUNE_ALLOCATOR=0``. Idempotent.
+    process's peak heap mapped (the peak RSS of a training step or FasterViT-0 inference moved
+    by under 4%, benchmarks/allocator.py). Call once at start-up, before large allocations;
+    no-op (False) on non-glibc systems or when ``FVLAB_TUNE_ALLOCATOR=0``. Idempotent.
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -183,14 +184,17 @@ def tune_allocator() -> bool:
     libc.mallopt.restype = ctypes.c_int
     settings = (
         # Never trim the heap top: freed memory stays mapped and is reused without faults.
-        # glibc reads the int as size_t, so -1 is SIZE_MAX: no threshold at all.
+        # glibc reads the int as size_t, so -1 is SIZE_MAX: no threshold at all. Setting it
+        # also ends glibc's dynamic thresholds, which would reset it on the next munmap.
         (M_TRIM_THRESHOLD, -1),
-        # No mmap'd chunks at all: glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit, so a
-        # high threshold alone still mmaps (and unmaps on free) every tensor above 32 MiB.
+        # No mmap'd chunks at all. Raising M_MMAP_THRESHOLD instead is not enough: glibc caps it
+        # at 32 MiB on 64-bit, so every tensor above 32 MiB would still be mmapped and unmapped
+        # on free (the official FasterViT-0 at batch 16 then still faults 37k pages per call).
         (M_MMAP_MAX, 0),
-        # Setting the threshold also stops glibc's dynamic threshold adjustment.
-        (M_MMAP_THRESHOLD, 32 * 2**20),
     )
+    # With no mmap the mmap threshold is moot; M_TOP_PAD is left alone: without trimming the heap
+    # stops growing once warm, and a 64 MiB pad changed nothing measurable.
     # mallopt returns 1 on success, 0 on error.
-    _allocator_tuned = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    results = [libc.mallopt(param, value) for param, value in settings]
+    _allocator_tuned = all(result == 1 for result in results)
     return _allocator_tuned

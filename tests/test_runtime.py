@@ -16,7 +16,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from fvlab.runtime import (cpu_flags_from_cpuinfo, cpu_has_native_bf16, cuda_device_indices,
-                           native_bf16_from_flags, resolve_precision, tune_allocator)
+                           native_bf16_from_flags, resolve_precision)
 
 ROOT = Path(__file__).resolve().parents[1]
 
