@@ -287,6 +287,18 @@ def model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_cha
                   throughput: bool = True, batch_size: int | None = None,
                   repeats: int | None = None) -> dict[str, float | None]:
     """The four ``model/*`` metrics of one network; a failed measurement is None with a warning."""
+    device_type = torch.device(device).type if device is not None else "cpu"
+    # Measuring inside a run must leave every generator as it was: the run trains the same
+    # whether or not its architecture was measured earlier (seeds of a variant share one measurement).
+    cuda = [torch.device(device).index or 0] if device_type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _model_metrics(network, image_size, in_chans=in_chans, device=device, precision=precision,
+                              throughput=throughput, batch_size=batch_size, repeats=repeats)
+
+
+def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_chans: int | None,
+                   device: str | torch.device | None, precision: str | None, throughput: bool,
+                   batch_size: int | None, repeats: int | None) -> dict[str, float | None]:
     metrics: dict[str, float | None] = dict.fromkeys(
         ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms"))
     metrics["model/params_m"] = count_params(network) / 1e6

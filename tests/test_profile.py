@@ -228,3 +228,19 @@ def test_profile_callback_logs_to_tensorboard_and_hparams(tmp_path: Path) -> Non
     assert session.session_start_info.hparams["lr"].number_value == pytest.approx(1e-3)
     assert session.session_start_info.hparams["arch"].string_value == "fastervit_micro"
     assert "hp_metric" not in scalars
+
+
+def test_measuring_a_model_leaves_the_global_rng_alone() -> None:
+    # A run trains the same whether or not its architecture was measured first (the seeds of a
+    # variant share one measurement); fusing the copy used to draw from the global RNG.
+    from fvlab.profile import model_metrics
+    model = create_model("fastervit_micro", num_classes=4)
+    torch.manual_seed(0)
+    before = torch.get_rng_state().clone()
+    metrics = model_metrics(model, 32, repeats=2)
+    assert metrics["model/throughput"] > 0
+    assert torch.equal(torch.get_rng_state(), before)
+    fused = create_model("fastervit_micro", num_classes=4).eval()
+    state = torch.get_rng_state().clone()
+    fused.fuse()
+    assert torch.equal(torch.get_rng_state(), state)

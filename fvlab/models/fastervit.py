@@ -515,8 +515,10 @@ def _fuse_bn_into_following_linear(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.
     """A linear layer equal to ``linear(mean_hw(bn(x)))`` applied to ``mean_hw(x)`` (eval mode)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
-                      dtype=linear.weight.dtype)
+    # Built on the meta device, then filled: initialising a real Linear would draw from the
+    # global RNG, and fusing a copy for a measurement must not change what a run trains.
+    fused = nn.Linear(linear.in_features, linear.out_features, device="meta",
+                      dtype=linear.weight.dtype).to_empty(device=linear.weight.device)
     fused.weight.copy_(linear.weight * scale)
     bias = linear.weight @ shift
     fused.bias.copy_(bias if linear.bias is None else bias + linear.bias)
