@@ -315,9 +315,11 @@ def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -
     if experiment.name in SMALL:
         assert main(["fit", str(path), "--runs-dir", str(tmp_path / "runs"),
                      "--trainer.fast_dev_run", "1"]) == 0
+        from fvlab.experiment import run_dir_for
         for variant in experiment.variant_names():
-            metrics = json.loads((tmp_path / "runs" / experiment.name / variant / "metrics.json").read_text())
-            assert metrics["status"] == "complete"
+            for seed in experiment.seeds or [None]:
+                run = run_dir_for(tmp_path / "runs" / experiment.name, variant, seed)
+                assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
 
 
 def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:

@@ -43,10 +43,12 @@ def _is_url(storage: str) -> bool:
 
 
 def _driver_url(url: str) -> str:
-    # SQLAlchemy's plain postgresql:// means psycopg2; fall back to psycopg 3 when only it is installed.
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
-            and importlib.util.find_spec("psycopg") is not None:
-        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    # What a plain postgresql:// means depends on SQLAlchemy's version (psycopg2 up to 2.0,
+    # psycopg 3 from 2.1): name whichever driver is installed, psycopg 3 first.
+    if url.startswith("postgresql://"):
+        for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+            if importlib.util.find_spec(module) is not None:
+                return f"postgresql+{driver}://" + url.removeprefix("postgresql://")
     return url
 
 
