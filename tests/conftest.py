@@ -54,9 +54,9 @@ def postgres_server() -> Iterator[str]:
     if bindir is None:
         _unavailable("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
-        _unavailable("the psycopg2 driver is missing (pip install -e '.[test]')")
+        _unavailable("the psycopg driver is missing (pip install -e '.[test]')")
     root = Path(tempfile.mkdtemp(prefix="fvlab-pg-"))
     data, port = root / "data", _free_port()
     as_user: list[str] = []
@@ -90,12 +90,9 @@ _databases = itertools.count()
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A fresh, empty database on the session's PostgreSQL server."""
-    import psycopg2
+    import psycopg
 
     name = f"fvlab_test_{os.getpid()}_{next(_databases)}"
-    conn = psycopg2.connect(f"{postgres_server}/postgres")
-    conn.autocommit = True
-    with conn.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    conn.close()
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
     return f"{postgres_server}/{name}"
