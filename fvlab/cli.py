@@ -13,24 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
+
 
 DEFAULT_DATA = "fvlab.data.DigitsDataModule"
 
 
 class BadInput(Exception):
     """Bad user input: reported in one line, exit code 2."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse without abbreviations (``--f`` is not ``--force``) and with one-line errors."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> None:
-        """Exit with code 2 and a one-line message (argparse prints the whole usage)."""
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 # ---- fvlab profile ---------------------------------------------------------------------
@@ -112,7 +102,7 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
 
 def profile_command(argv: Sequence[str]) -> int:
     """``fvlab profile``: params, GFLOPs, throughput and latency per model, without training."""
-    parser = _ArgumentParser(prog="fvlab profile", description=profile_command.__doc__)
+    parser = ArgumentParser(prog="fvlab profile", description=profile_command.__doc__)
     parser.add_argument("experiment", nargs="?", help="experiment YAML: profile every variant")
     parser.add_argument("--arch", help="a variant name, e.g. fastervit_0")
     parser.add_argument("--image-size", type=int, help="input side in pixels (default: the "
@@ -166,14 +156,13 @@ def profile_command(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-
 # ---- fvlab fit / validate / test -------------------------------------------------------
 
 
 def _split_fit_args(prog: str, argv: Sequence[str], description: str,
                     seeds: bool = False) -> tuple[argparse.Namespace, list[str]]:
     """fvlab's own options; everything else goes to LightningCLI as overrides."""
-    parser = _ArgumentParser(prog=prog, description=description, add_help=False)
+    parser = ArgumentParser(prog=prog, description=description, add_help=False)
     parser.add_argument("experiment", help="experiment YAML file (or a run's config.yaml)")
     parser.add_argument("--variant", action="append", default=None,
                         help="run only this variant (repeatable)")

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 from timm.optim import list_optimizers
 from timm.scheduler import create_scheduler_v2
 
@@ -22,24 +21,9 @@ from fvlab.data import SyntheticDataModule
 from fvlab.data.base import InMemoryImages
 from fvlab.lit.module import SCHEDULERS, ImageClassifier
 from fvlab.models import ArchConfig
+from test_fit import FAST_TRAINER, MICRO, write_experiment  # the fit tests' tiny experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-MICRO = {"name": "fastervit_micro"}
-SYNTHETIC = {"class_path": "fvlab.data.SyntheticDataModule",
-             "init_args": {"image_size": 32, "num_classes": 4, "in_chans": 3, "num_samples": 64,
-                           "val_samples": 32, "batch_size": 16}}
-FAST_TRAINER = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
-                "num_sanity_val_steps": 0}
-
-
-def write_experiment(path: Path, **sections) -> Path:
-    config = {"name": "exp", "seed_everything": 0, "model": {"arch": dict(MICRO), "lr": 1e-3},
-              "data": SYNTHETIC, "trainer": FAST_TRAINER}
-    config.update(sections)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
 
 def micro(**kwargs) -> ImageClassifier:
     torch.manual_seed(0)

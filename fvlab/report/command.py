@@ -9,7 +9,6 @@ share (``DIR/report/`` for one DIR).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
 from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING, VariantStats,
@@ -25,7 +25,6 @@ from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUN
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 EXPECTED = ("run directories (with metrics.json or TensorBoard events: runs/<experiment>, "
             "runs/<experiment>/<variant>) or a study directory with study.journal (runs/<study>)")
 PARETO_NOTE = ("Pareto: yes marks the rows that no other row beats on both val/acc1_best and "
@@ -324,20 +323,9 @@ def write_report(report: Report, out: Path) -> str:
     return "\n".join(stdout)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse without abbreviations (``--o`` is not ``--out``) and with one-line errors."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> None:
-        """Exit with code 2 and a one-line message."""
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def report_command(argv: Sequence[str]) -> int:
     """``fvlab report``: tables and plots comparing runs, variants, seeds and trials."""
-    parser = _ArgumentParser(prog="fvlab report", description="report.md, report.csv and PNG plots "
+    parser = ArgumentParser(prog="fvlab report", description="report.md, report.csv and PNG plots "
                              "comparing runs, variants, seeds and the trials of Optuna studies")
     parser.add_argument("dirs", nargs="*", type=Path, metavar="DIR",
                         help="run, experiment or study directories (e.g. runs/ablate_carrier runs/hat_search)")

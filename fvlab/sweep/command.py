@@ -8,23 +8,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
+
 __all__ = ["sweep_command", "prepare_sweep"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 STUDY_ATTRS = ("fvlab_spec", "fvlab_spec_hash", "fvlab_device")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> None:
-        """Exit with code 2 and one line."""
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="fvlab sweep", description="Optuna search over a base experiment's "
+    parser = ArgumentParser(prog="fvlab sweep", description="Optuna search over a base experiment's "
                              "settings; rerunning the same command resumes the study.")
     parser.add_argument("sweep", help="sweep YAML file (see sweeps/)")
     parser.add_argument("--n-trials", type=int, help="total trials of the study, across reruns and workers "

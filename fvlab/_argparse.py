@@ -1,0 +1,21 @@
+"""The argument parser every ``fvlab`` command uses, and the exit codes of DESIGN.md."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_BAD_INPUT", "ArgumentParser"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--f`` is not ``--force``) and with one-line errors (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> None:
+        """Exit with code 2 and a one-line message (argparse prints the whole usage)."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
