@@ -144,14 +144,14 @@ def _model_cells(metrics: dict[str, Any]) -> list[str]:
 
 def variant_pareto(report: Report) -> list[bool]:
     """Pareto flags of the variant rows (mean accuracy against throughput, complete variants)."""
-    from fvlab.report.plots import pareto_optimal
+    from fvlab.pareto import pareto_optimal
 
     points = []
     for _, v in report.variant_rows():
         acc, speed = v.mean.get(PRIMARY_METRIC), v.model.get("model/throughput")
         points.append((speed, acc) if v.n and v.status == "complete" and acc is not None
                       and speed is not None else None)
-    return pareto_optimal(points)
+    return pareto_optimal(points, ("maximize", "maximize"))
 
 
 def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]:
@@ -203,7 +203,7 @@ def _short_names(keys: Sequence[str]) -> dict[str, str]:
 
 def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], list[bool]]:
     """One study's trial table, its notes, CSV rows and Pareto flags."""
-    from fvlab.report.plots import pareto_optimal
+    from fvlab.pareto import pareto_optimal
 
     trials = data.trials
     columns = _differing([t.params for t in trials]) or list(dict.fromkeys(k for t in trials for k in t.params))
@@ -213,7 +213,7 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
     pareto = pareto_optimal([
         (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
         if t.state == "complete" and finite(t.metrics.get("model/throughput")) is not None
-        and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials])
+        and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
     header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, *extra,
               *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto", "reason"]
     table, csv_rows = [], []

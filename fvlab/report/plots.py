@@ -13,7 +13,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["FIGSIZE", "DPI", "Point", "Series", "pareto_optimal", "plot_accuracy_against",
+from fvlab.pareto import pareto_optimal  # noqa: E402
+
+__all__ = ["FIGSIZE", "DPI", "Point", "Series", "plot_accuracy_against",
            "plot_curves", "plot_study"]
 
 FIGSIZE = (8.0, 5.0)  # inches; at DPI 110: 880 x 550 px, legible at 100% zoom
@@ -43,22 +45,6 @@ class Series:
     label: str
     group: str
     curves: list[list[tuple[int, float]]]
-
-
-def pareto_optimal(points: Sequence[tuple[float, float] | None], maximize_x: bool = True) -> list[bool]:
-    """Which (x, y) points no other point beats on both (y maximised; x maximised or minimised)."""
-    def better_or_equal(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        return (a[0] >= b[0] if maximize_x else a[0] <= b[0]) and a[1] >= b[1]
-
-    flags = []
-    for i, p in enumerate(points):
-        if p is None:
-            flags.append(False)
-            continue
-        dominated = any(q is not None and j != i and better_or_equal(q, p) and q != p
-                        for j, q in enumerate(points))
-        flags.append(not dominated)
-    return flags
 
 
 def _spread(values: Sequence[float], min_gap: float) -> list[float]:
@@ -126,7 +112,8 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
             taken.append((x, p.accuracy))
             ax.annotate(p.label, (x, p.accuracy), textcoords="offset points",
                         xytext=(7, 5 - 13 * clashes), fontsize=10)
-        flags = pareto_optimal([(getattr(p, axis), p.accuracy) for p in usable], maximize_x)
+        flags = pareto_optimal([(getattr(p, axis), p.accuracy) for p in usable],
+                               ("maximize" if maximize_x else "minimize", "maximize"))
         front = sorted((getattr(p, axis), p.accuracy) for p, f in zip(usable, flags) if f)
         if len(front) > 1:
             xs, ys = zip(*front)

@@ -17,6 +17,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.experiment import apply_overrides
+from fvlab.pareto import pareto_optimal
 from fvlab.sweep.space import SweepSpec, encode_choice
 
 __all__ = ["front_trials", "front_rows", "format_front", "write_front", "export_configs"]
@@ -24,13 +25,18 @@ __all__ = ["front_trials", "front_rows", "format_front", "write_front", "export_
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The best feasible trial, or the feasible Pareto front, ordered by trial number."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
         return []
-    try:
-        trials = [study.best_trial] if len(study.directions) == 1 else list(study.best_trials)
-    except ValueError:  # no feasible complete trial
-        return []
-    return sorted(trials, key=lambda t: t.number)
+    if len(study.directions) == 1:
+        try:
+            return [study.best_trial]
+        except ValueError:  # no feasible complete trial
+            return []
+    # Not Optuna's best_trials: it compares exactly, and the objectives went through float32.
+    feasible = [t for t in complete if all(c <= 0.0 for c in t.constraints.values())]
+    flags = pareto_optimal([t.values for t in feasible], study.directions)
+    return sorted((t for t, optimal in zip(feasible, flags) if optimal), key=lambda t: t.number)
 
 
 def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, Any]]:
