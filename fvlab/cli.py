@@ -7,6 +7,7 @@ written); 1 a failure while running.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
+from fvlab.models.registry import checkpoints_trusted, trust_checkpoints
 
 
 DEFAULT_DATA = "fvlab.data.DigitsDataModule"
@@ -21,6 +23,20 @@ DEFAULT_DATA = "fvlab.data.DigitsDataModule"
 
 class BadInput(Exception):
     """Bad user input: reported in one line, exit code 2."""
+
+
+TRUST_HELP = ("load checkpoint files that hold more than tensors (their pickle can run code): "
+              "only for files you trust")
+
+
+def _check_checkpoint(path: str | Path) -> None:
+    """BadInput unless the checkpoint file loads as tensors and plain values (or is trusted)."""
+    from fvlab.models.registry import UntrustedCheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(path, mmap=True)  # mapped, not read: cheap even for big files
+    except UntrustedCheckpointError as err:
+        raise BadInput(str(err)) from None
 
 
 # ---- fvlab profile ---------------------------------------------------------------------
@@ -114,7 +130,9 @@ def profile_command(argv: Sequence[str]) -> int:
                         help="autocast for throughput (default: on for CUDA)")
     parser.add_argument("--repeats", type=int, help="timed repetitions")
     parser.add_argument("--no-throughput", action="store_true", help="params and GFLOPs only")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
+    trust_checkpoints(args.trust_checkpoint)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
     for name in ("image_size", "batch_size", "repeats"):
@@ -174,6 +192,7 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str,
                         help="'last' resumes each run from its last checkpoint; or a file")
     parser.add_argument("--runs-dir", default=None, help="where run directories go (default: runs, "
                         "or, for a run's own config.yaml, the runs directory it lives in)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\nAny other option is a LightningCLI override, e.g. --trainer.max_epochs 2 "
@@ -184,9 +203,10 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str,
         key = item[2:].partition("=")[0] if item.startswith("--") else ""
         if key and "." not in key and key not in ("seed_everything", "print_config"):
             parser.error(f"unknown option --{key}; the options are --variant, "
-                         f"{'--seeds, ' if seeds else ''}--force, --ckpt_path, --runs-dir, and "
+                         f"{'--seeds, ' if seeds else ''}--force, --ckpt_path, --runs-dir, --trust-checkpoint, and "
                          f"dotted config overrides such as --trainer.max_epochs 2")
     args.print_config = "--print_config" in rest
+    trust_checkpoints(args.trust_checkpoint)
     rest = [item for item in rest if item != "--print_config"]
     return args, rest
 
@@ -308,6 +328,8 @@ def _plan_fit(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Path
             except RunRefused as err:
                 raise BadInput(str(err)) from None
             ckpt = args.ckpt_path if args.ckpt_path not in (None, "last") else plan.ckpt_path
+            if ckpt is not None:
+                _check_checkpoint(ckpt)
             jobs.append(FitJob(variant, seed, config, run_dir, plan.action, ckpt, plan.note))
     return experiment, root, jobs
 
@@ -450,6 +472,7 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
             ckpt = str(path)
         elif not Path(ckpt).is_file():
             raise BadInput(f"--ckpt_path: checkpoint file not found: {ckpt}")
+        _check_checkpoint(ckpt)
         # run_dir=None, no logger: evaluating writes nothing into the run directory.
         spec = build_run(experiment.config(variant), None,
                          {**parse_cli_overrides(overrides), "trainer.logger": False},
@@ -460,7 +483,8 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     except BadInput as err:
         print(f"fvlab {stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt)
+    getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt,
+                                 weights_only=not checkpoints_trusted())
     return EXIT_OK
 
 
@@ -517,7 +541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return COMMANDS[command](rest)
+        # Its own context: what a command sets (--trust-checkpoint) ends with it.
+        return contextvars.copy_context().run(COMMANDS[command], rest)
     except KeyboardInterrupt:
         return 130
     except SystemExit as exc:  # argparse's --help and errors

@@ -42,6 +42,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from fvlab.lit.callbacks import MODEL_METRICS, ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
+from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
@@ -471,7 +472,8 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     start = time.perf_counter()
     interrupted = False
     try:
-        trainer.fit(model, datamodule=spec.datamodule, ckpt_path=ckpt_path)
+        # Explicit: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+        trainer.fit(model, datamodule=spec.datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
         interrupted = trainer.interrupted
         result["status"] = "complete"
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into sys.exit(1)

@@ -2,8 +2,10 @@
 
 from fvlab.models.fastervit import FasterViT
 from fvlab.models.config import ArchConfig
-from fvlab.models.registry import (VARIANTS, CheckpointMismatchError, build_model,
-                                   checkpoint_filter_fn, create_model, list_variants, load_checkpoint, variant_config)
+from fvlab.models.registry import (VARIANTS, CheckpointMismatchError, UntrustedCheckpointError, build_model,
+                                   checkpoint_filter_fn, create_model, list_variants, load_checkpoint,
+                                   read_checkpoint, trusted_checkpoints, variant_config)
 
-__all__ = ["ArchConfig", "FasterViT", "VARIANTS", "CheckpointMismatchError", "build_model", "checkpoint_filter_fn",
-           "create_model", "list_variants", "load_checkpoint", "variant_config"]
+__all__ = ["ArchConfig", "FasterViT", "VARIANTS", "CheckpointMismatchError", "UntrustedCheckpointError",
+           "build_model", "checkpoint_filter_fn", "create_model", "list_variants", "load_checkpoint",
+           "read_checkpoint", "trusted_checkpoints", "variant_config"]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import pickle
-import warnings
+import re
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from fvlab.models.fastervit import DERIVED_SUFFIXES, TOKENIZER_ALIAS, FasterViT
 
-__all__ = ["VARIANTS", "CheckpointMismatchError", "build_model", "create_model", "list_variants",
-           "load_checkpoint", "checkpoint_filter_fn", "variant_config"]
+__all__ = ["VARIANTS", "CheckpointMismatchError", "UntrustedCheckpointError", "build_model", "create_model",
+           "list_variants", "load_checkpoint", "read_checkpoint", "trust_checkpoints", "trusted_checkpoints",
+           "checkpoints_trusted", "checkpoint_filter_fn", "variant_config"]
 
 _IMAGENET = dict(depths=[2, 3, 6, 5], num_heads=[2, 4, 8, 16], window_size=7, ct_size=2,
                  hat=[False, False, True, False], mlp_ratio=4.0)
@@ -78,17 +82,63 @@ def variant_config(name: str, **overrides: Any) -> dict[str, Any]:
     return {**VARIANTS[name], **overrides}
 
 
-def _read_checkpoint(path: str | Path) -> Mapping[str, Any]:
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that holds more than tensors and the plain values official checkpoints hold."""
+
+
+# Official NVlabs (timm train script) checkpoints pickle their argparse options beside the weights.
+OFFICIAL_CHECKPOINT_GLOBALS = [argparse.Namespace]
+_TRUST_CHECKPOINTS: ContextVar[bool] = ContextVar("fvlab_trust_checkpoints", default=False)
+
+
+def trust_checkpoints(trust: bool = True) -> Token[bool]:
+    """Let checkpoints run their pickled code for the rest of this context (the CLI's --trust-checkpoint)."""
+    return _TRUST_CHECKPOINTS.set(trust)
+
+
+@contextmanager
+def trusted_checkpoints(trust: bool = True) -> Iterator[None]:
+    """Within the block, checkpoint files load as fully trusted pickles (``trust``) or not."""
+    token = trust_checkpoints(trust)
+    try:
+        yield
+    finally:
+        _TRUST_CHECKPOINTS.reset(token)
+
+
+def checkpoints_trusted() -> bool:
+    """Whether the current context trusts checkpoint files (``--trust-checkpoint``)."""
+    return _TRUST_CHECKPOINTS.get()
+
+
+def read_checkpoint(path: str | Path, *, trust_checkpoint: bool | None = None, mmap: bool = False) -> Any:
+    """Load a checkpoint file as tensors and plain values; UntrustedCheckpointError for anything else.
+
+    ``trust_checkpoint`` (default: the context's setting) loads any pickle, which can run code.
+    ``mmap`` maps the tensors instead of reading them: a cheap check of a big file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Official training checkpoints also pickle their argparse namespace.
-        warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False: "
-                      f"only load checkpoint files you trust", stacklevel=3)
+    if trust_checkpoint is None:
+        trust_checkpoint = checkpoints_trusted()
+    if trust_checkpoint:
         return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(OFFICIAL_CHECKPOINT_GLOBALS):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not mmap or "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+    except pickle.UnpicklingError as err:
+        # torch's own text suggests allowlisting the global: the opposite of what an unknown file needs.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        refused = f"it pickles {found.group(1)}" if found else str(err).split("\n", 1)[0][:200]
+        raise UntrustedCheckpointError(
+            f"checkpoint {path} holds more than tensors and plain values ({refused}); loading it could run code. Only if you trust this file, pass --trust-checkpoint "
+              "(in Python: create_model(..., trust_checkpoint=True))") from None
 
 
 # Where a LightningModule keeps its FasterViT in its state dict, best first: fvlab's
@@ -132,10 +182,12 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: FasterViT | None 
     return out
 
 
-def load_checkpoint(model: FasterViT, checkpoint_path: str | Path, use_ema: bool = True) -> FasterViT:
+def load_checkpoint(model: FasterViT, checkpoint_path: str | Path, use_ema: bool = True,
+                    trust_checkpoint: bool | None = None) -> FasterViT:
     """Load a checkpoint file into ``model`` (its EMA weights if it has them and ``use_ema``),
-    raising on any missing, unexpected or misshapen key."""
-    state = checkpoint_filter_fn(_read_checkpoint(checkpoint_path), model, use_ema=use_ema)
+    raising on any missing, unexpected or misshapen key (``trust_checkpoint``: see read_checkpoint)."""
+    state = checkpoint_filter_fn(read_checkpoint(checkpoint_path, trust_checkpoint=trust_checkpoint), model,
+                                 use_ema=use_ema)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -154,16 +206,21 @@ def load_checkpoint(model: FasterViT, checkpoint_path: str | Path, use_ema: bool
     return model
 
 
-def create_model(name: str, checkpoint_path: str | Path | None = None, **overrides: Any) -> FasterViT:
-    """Build a named variant with ``overrides``; load ``checkpoint_path`` (official or ours) if given."""
+def create_model(name: str, checkpoint_path: str | Path | None = None, trust_checkpoint: bool | None = None,
+                 **overrides: Any) -> FasterViT:
+    """Build a named variant with ``overrides``; load ``checkpoint_path`` (official or ours) if given.
+
+    The checkpoint is read as tensors and plain values only; ``trust_checkpoint=True`` loads any
+    pickle (it can run code: only for files you trust).
+    """
     model = FasterViT(**variant_config(name, **overrides))
     model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name].default.to_dict(), architecture=name)
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        load_checkpoint(model, checkpoint_path, trust_checkpoint=trust_checkpoint)
     return model
 
 
-def build_model(arch: str | Mapping[str, Any], **overrides: Any) -> FasterViT:
+def build_model(arch: str | Mapping[str, Any], trust_checkpoint: bool | None = None, **overrides: Any) -> FasterViT:
     """Build from an arch spec: a variant name, ``{name: ..., **overrides}`` or full arguments."""
     spec = {"name": arch} if isinstance(arch, str) else dict(arch)
     spec.update(overrides)
@@ -177,9 +234,9 @@ def build_model(arch: str | Mapping[str, Any], **overrides: Any) -> FasterViT:
     if name is None:
         model = FasterViT(**spec)
         if checkpoint_path is not None:
-            load_checkpoint(model, checkpoint_path)
+            load_checkpoint(model, checkpoint_path, trust_checkpoint=trust_checkpoint)
         return model
-    return create_model(name, checkpoint_path=checkpoint_path, **spec)
+    return create_model(name, checkpoint_path=checkpoint_path, trust_checkpoint=trust_checkpoint, **spec)
 
 
 def _timm_create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
