@@ -299,6 +299,20 @@ def test_report_of_a_study_with_pruned_failed_and_infeasible_trials(tmp_path: Pa
     assert [r["status"] for r in trials][4:] == ["infeasible", "pruned", "failed", "infeasible"]
 
 
+def test_a_study_reached_twice_is_reported_once(tmp_path: Path) -> None:
+    from fvlab.cli import main
+
+    study_dir = tmp_path / "runs" / "hat_search"
+    make_study(study_dir)
+    (tmp_path / "link").symlink_to(study_dir)
+    # The directory, a symlink to it, its parent, and its journal again as --storage.
+    assert main(["report", str(study_dir), str(tmp_path / "link"), str(tmp_path / "runs"), "--storage",
+                 str(tmp_path / "link" / "study.journal"), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.count("Trials of study hat_search") == 1 and "Variants" not in md
+    assert len([line for line in md.splitlines() if line.startswith("| #")]) == 8
+
+
 def test_report_from_storage_with_one_complete_trial_skips_importances(tmp_path: Path, capsys) -> None:
     import optuna
     from optuna.storages import JournalStorage
@@ -351,3 +365,10 @@ def test_report_of_a_real_two_seed_fit(tmp_path: Path, capsys) -> None:
     assert [epoch for epoch, _ in read_run(root / "ct1" / "seed_1").curve] == [1, 2]
     with Image.open(root / "report" / "val_acc1_per_epoch.png") as image:
         assert image.size == PNG_SIZE
+    # The same runs reached through several paths (parent, experiment, run, symlink) count once.
+    (tmp_path / "link").symlink_to(root)
+    assert main(["report", str(tmp_path / "runs"), str(root), str(root / "ct1"), str(tmp_path / "link"),
+                 "--out", str(tmp_path / "twice")]) == 0
+    again = (tmp_path / "twice" / "report.md").read_text()
+    assert next(line for line in again.splitlines() if line.startswith("| ct1 ")) == \
+        next(line for line in md.splitlines() if line.startswith("| ct1 "))

@@ -78,7 +78,10 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
                                f"with another storage add --storage URL")
     if storage is not None:
         study, source = collect.load_storage_study(storage, study_name)
-        studies.append((study, source, None))
+        # The journal of a DIR given again as --storage is one study, not two.
+        if (Path(storage).resolve(), study.study_name) not in {(Path(src).resolve(), s.study_name)
+                                                               for s, src, _ in studies}:
+            studies.append((study, source, None))
     report = Report([str(d) for d in dirs] + ([storage] if storage else []))
     used: set[Path] = set()
     for study, source, study_dir in studies:
