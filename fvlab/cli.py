@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
 from fvlab.models.registry import checkpoints_trusted, trust_checkpoints
+from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 
 DEFAULT_DATA = "fvlab.data.DigitsDataModule"
@@ -209,19 +210,6 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str,
     trust_checkpoints(args.trust_checkpoint)
     rest = [item for item in rest if item != "--print_config"]
     return args, rest
-
-
-def _quiet_lightning() -> None:
-    import logging
-    import warnings
-
-    # Lightning's start-up chatter (accelerator lines, adverts) would drown the table.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    warnings.filterwarnings("ignore", message=r".*instantiate_classes.*deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 
 @dataclass

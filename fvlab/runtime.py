@@ -198,3 +198,24 @@ def tune_allocator() -> bool:
     results = [libc.mallopt(param, value) for param, value in settings]
     _allocator_tuned = all(result == 1 for result in results)
     return _allocator_tuned
+
+
+# Lightning's per-run start-up chatter and warnings that say nothing about fvlab's runs.
+_QUIET_WARNINGS = (r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*",
+                   r".*args parameter is intended to run from within Python.*",
+                   r".*smaller than the logging interval.*", r".*instantiate_classes.*deprecated.*")
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up lines (accelerator, adverts) and known warnings off the terminal.
+
+    ``fvlab fit`` prints one table and ``fvlab sweep`` one line per trial; Lightning would
+    otherwise print its chatter for every run.
+    """
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)

@@ -41,6 +41,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from fvlab.lit.callbacks import MODEL_METRICS, ModelProfileCallback
+from fvlab.experiment import CONFIG_HEADER, is_run_dir
 from fvlab.lit.module import ImageClassifier
 from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
@@ -52,7 +53,6 @@ __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profil
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
 FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss", "train/loss_epoch",
                  "train/lr", *MODEL_METRICS)
-CONFIG_HEADER = "# fvlab: resolved config"
 # Settings that change what is shown, not what is trained: left out of the config hash.
 _UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
@@ -322,16 +322,6 @@ def read_metrics(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_run_dir(path: Path) -> bool:
-    config = path / "config.yaml"
-    if (path / "metrics.json").is_file():
-        return True
-    try:
-        return config.is_file() and config.read_text().startswith(CONFIG_HEADER)
-    except OSError:
-        return False
-
-
 def find_runs(root: Path) -> Iterator[Path]:
     """Run directories under an experiment or study directory: ``<variant>/`` and ``<variant>/seed_<s>/``."""
     root = Path(root)
@@ -340,20 +330,20 @@ def find_runs(root: Path) -> Iterator[Path]:
     for child in sorted(root.iterdir()):
         if not child.is_dir():
             continue
-        if _is_run_dir(child):
+        if is_run_dir(child):
             yield child
         else:
             yield from (grand for grand in sorted(child.iterdir())
-                        if grand.is_dir() and grand.name.startswith("seed_") and _is_run_dir(grand))
+                        if grand.is_dir() and grand.name.startswith("seed_") and is_run_dir(grand))
 
 
 def _layout_conflict(run_dir: Path) -> str:
     """Why seeded and unseeded runs of one variant would nest inside each other, or ''."""
     seeded = run_dir.name.startswith("seed_")
-    if seeded and run_dir.parent.is_dir() and _is_run_dir(run_dir.parent):
+    if seeded and run_dir.parent.is_dir() and is_run_dir(run_dir.parent):
         return (f"{run_dir.parent} holds a run without seeds; runs with seeds would nest inside it. "
                 f"Move it away, or use another --runs-dir")
-    if not seeded and run_dir.is_dir() and any(child.name.startswith("seed_") and _is_run_dir(child)
+    if not seeded and run_dir.is_dir() and any(child.name.startswith("seed_") and is_run_dir(child)
                                                for child in run_dir.iterdir()):
         return (f"{run_dir} holds runs with seeds (seed_*/); train it with --seeds, or use "
                 f"another --runs-dir")
@@ -390,7 +380,7 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
         raise RunRefused(layout)
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
         return RunPlan("fresh", note="resume requested, but nothing to resume" if resume else "")
-    if not run_dir.is_dir() or not _is_run_dir(run_dir):
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
         raise RunRefused(f"{run_dir} exists and is not an fvlab run directory (no metrics.json or "
                          f"fvlab config.yaml); move it away or choose another --runs-dir")
     previous = read_metrics(run_dir) or {}

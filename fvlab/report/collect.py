@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from fvlab.experiment import is_run_dir
 from fvlab.report.stats import MODEL_METRICS, RUNNING
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "discover", "read_run",
@@ -29,7 +30,6 @@ __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "disco
            "variant_order_hint"]
 
 STUDY_FILE = "study.journal"
-EVENTS_PREFIX = "events.out.tfevents."
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 # Optuna user_attrs of fvlab's sweep -> metrics.json names.
@@ -87,15 +87,6 @@ class StudyData:
 
 
 # ---- run directories -------------------------------------------------------------------
-
-
-def is_run_dir(path: Path) -> bool:
-    """A directory holding metrics.json or TensorBoard events directly."""
-    try:
-        return (path / "metrics.json").is_file() or any(
-            name.startswith(EVENTS_PREFIX) for name in os.listdir(path))
-    except OSError:
-        return False
 
 
 def discover(directory: Path, skip: Path | None = None) -> tuple[list[Path], list[Path]]:

@@ -25,7 +25,7 @@ from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUN
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
-EXPECTED = ("run directories (with metrics.json or TensorBoard events: runs/<experiment>, "
+EXPECTED = ("run directories (with metrics.json or fvlab's config.yaml: runs/<experiment>, "
             "runs/<experiment>/<variant>) or a study directory with study.journal (runs/<study>)")
 PARETO_NOTE = ("Pareto: yes marks the rows that no other row beats on both val/acc1_best and "
                "throughput (complete runs and feasible trials only).")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
+from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 __all__ = ["sweep_command", "prepare_sweep"]
 
@@ -141,19 +142,6 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
     print(f"\n{study_dir}/pareto.md, pareto.csv" + (f"; configs: {study_dir}/best/ ({len(paths)})" if paths else ""))
     print(f"tensorboard --logdir {study_dir}")
     print(f"optuna-dashboard {label}")
-
-
-def _quiet_lightning() -> None:
-    import logging
-    import warnings
-
-    # One line per trial, not Lightning's start-up chatter per trial.
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (r".*isinstance\(treespec, LeafSpec\).*", r".*does not have many workers.*",
-                    r".*args parameter is intended to run from within Python.*",
-                    r".*smaller than the logging interval.*", r".*instantiate_classes.*deprecated.*"):
-        warnings.filterwarnings("ignore", message=message)
 
 
 def sweep_command(argv: Sequence[str]) -> int:
