@@ -211,43 +211,51 @@ def test_fit_run_keeps_a_pruned_trials_figures(tmp_path: Path) -> None:
 
 DECIDE = """
 import json, sys
+from pathlib import Path
 import optuna
 from fvlab.sweep.rungs import RungsPruner
 from fvlab.sweep.storage import open_storage
-storage = open_storage(sys.argv[1] if sys.argv[1] != "-" else None, __import__("pathlib").Path(sys.argv[2]))
-study = optuna.load_study(study_name="rungs", storage=storage)
-pruner = RungsPruner(1, 3)
-for values in json.loads(sys.argv[3]):
-    trial = study.ask()
-    pruner.record(trial, 1, values)
-    study.tell(trial, values)
-print(json.dumps([[d.go_on, d.rank, d.trials] for n in range(len(study.trials))
-                  for d in [pruner.decide(study, n, 1)]]))
+pruner, answers = RungsPruner(1, 3), []
+for url, journal in json.loads(sys.argv[1]):
+    study = optuna.load_study(study_name="rungs", storage=open_storage(url, Path(journal)))
+    for values in json.loads(sys.argv[2]):
+        trial = study.ask()
+        pruner.record(trial, 1, values)
+        study.tell(trial, values)
+    answers.append([[d.go_on, d.rank, d.trials] for n in range(len(study.trials))
+                    for d in [pruner.decide(study, n, 1)]])
+print(json.dumps(answers))
 """
 
 
-@pytest.fixture(params=["journal", "postgresql"])
-def storage_url(request) -> str | None:
-    """None (a journal file) or the URL of a fresh PostgreSQL database."""
-    return None if request.param == "journal" else request.getfixturevalue("postgres_url")
-
-
-def test_two_processes_decide_alike(tmp_path: Path, storage_url: str | None) -> None:
-    journal = tmp_path / "study.journal"
-    study = optuna.create_study(study_name="rungs", storage=open_storage(storage_url, journal), directions=MAX2)
-    pruner = RungsPruner(1, 3)
-    for values in [(0.5, 100), (0.6, 90), (0.3, 300)]:
-        pruner.record(study.ask(), 1, values)
+def test_two_processes_decide_alike(tmp_path: Path, request) -> None:
+    # One second process serves both storages (its imports are most of this test's time).
+    storages: list[tuple[str | None, str]] = [(None, str(tmp_path / "study.journal"))]
+    skipped = None
+    try:
+        storages.append((request.getfixturevalue("postgres_url"), ""))
+    except pytest.skip.Exception as err:  # no PostgreSQL here (CI fails instead): the journal still counts
+        skipped = str(err)
+    studies = []
+    for url, journal in storages:
+        study = optuna.create_study(study_name="rungs", storage=open_storage(url, Path(journal)), directions=MAX2)
+        for values in [(0.5, 100), (0.6, 90), (0.3, 300)]:
+            RungsPruner(1, 3).record(study.ask(), 1, values)
+        studies.append(study)
     other = [[0.7, 80], [0.2, 50], [0.55, 95]]
-    code = subprocess.run([sys.executable, "-c", DECIDE, storage_url or "-", str(journal), json.dumps(other)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code = subprocess.run([sys.executable, "-c", DECIDE, json.dumps(storages), json.dumps(other)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert code.returncode == 0, code.stderr[-2000:]
     theirs = json.loads(code.stdout.strip().splitlines()[-1])
-    mine = [[d.go_on, d.rank, d.trials] for n in range(6) for d in [pruner.decide(study, n, 1)]]
-    assert theirs == mine and len(mine) == 6
-    # One front of five trade-offs (trial 4 is dominated); of six, two go on: the front's
-    # extremes, best throughput (trial 2) and best accuracy (trial 3), by crowding distance.
-    assert [go for go, _, _ in mine] == [False, False, True, True, False, False]
+    for study, answer in zip(studies, theirs, strict=True):
+        pruner = RungsPruner(1, 3)
+        mine = [[d.go_on, d.rank, d.trials] for n in range(6) for d in [pruner.decide(study, n, 1)]]
+        assert answer == mine
+        # One front of five trade-offs (trial 4 is dominated); of six, two go on: the front's
+        # extremes, best throughput (trial 2) and best accuracy (trial 3), by crowding distance.
+        assert [go for go, _, _ in mine] == [False, False, True, True, False, False]
+    if skipped:
+        pytest.skip(f"journal file checked; PostgreSQL not: {skipped}")
 
 
 # ---- the sweep file -----------------------------------------------------------------------------------
