@@ -15,7 +15,7 @@ import torch
 from optuna.trial import TrialState
 
 from fvlab.sweep.front import crowding_distance, hypervolume, losses, non_dominated_fronts, pareto_indices, rank_order
-from fvlab.sweep.rungs import PRUNED_RUNG_ATTR, RungsCallback, RungsPruner, decide, rung_epochs
+from fvlab.sweep.rungs import PRUNED_RUNG_ATTR, RungsCallback, RungsPruner, rung_epochs
 from fvlab.sweep.space import load_sweep
 from fvlab.sweep.storage import open_storage
 from fvlab.sweep.workers import make_pruner
