@@ -39,7 +39,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
     from fvlab.lit.runner import BadConfig, build_run
     from fvlab.sweep.objective import device_kind
-    from fvlab.sweep.space import SweepError, load_sweep
+    from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep
 
     if args.n_trials is not None and args.n_trials < 1:
         raise SweepError(f"--n-trials must be >= 1, got {args.n_trials}")
@@ -60,6 +60,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         spec = build_run(configured, None, {"trainer.logger": False})
     except BadConfig as err:
         raise SweepError(f"{args.sweep}: the base experiment with overrides cannot be built: {err}") from None
+    check_rungs_epochs(sweep, get_dotted(spec.config, "trainer.max_epochs", None))
     missing = object()
     for key in sweep.space:
         if get_dotted(spec.config, key, missing) is missing:

@@ -205,7 +205,12 @@ class SweepObjective:
         trial.set_user_attr("run_dir", str(run_dir))
         config = apply_overrides(self.base_config, {**self.sweep.overrides, **params})
         callbacks = []
-        if self.sweep.pruner:
+        if self.sweep.pruner == "rungs":
+            from fvlab.sweep.rungs import RungsCallback
+
+            # The study's RungsPruner decides; model/* values come from the measurement fit_run is given.
+            callbacks.append(RungsCallback(trial, list(self.sweep.objectives)))
+        elif self.sweep.pruner:
             callbacks.append(PruningCallback(trial, next(iter(self.sweep.objectives))))
         try:
             spec = build_run(config, run_dir, experiment=self.sweep.study, variant=run_name,

@@ -36,7 +36,7 @@ CONSTRAINTS = {"max_gflops": ("model/gflops", "max"), "max_params_m": ("model/pa
                "min_throughput": ("model/throughput", "min"),
                "max_latency_ms": ("model/latency_ms", "max")}
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
-PRUNERS = ("median", "hyperband")
+PRUNERS = ("median", "hyperband", "asha", "rungs")
 _TOP_KEYS = ("study", "experiment", "space", "objectives", "constraints", "sampler", "pruner",
              "n_trials", "overrides")
 _RANGE_KEYS = ("low", "high", "step", "log")
@@ -189,7 +189,10 @@ SAMPLER_CLASSES = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.N
                    "grid": optuna.samplers.GridSampler}
 # Set by fvlab itself (seeds per worker, constraints through trial.set_constraint).
 SAMPLER_MANAGED = ("seed", "search_space", "constraints_func", "constant_liar")
-PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
+PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+                  "asha": optuna.pruners.SuccessiveHalvingPruner}
+# pruner: rungs (fvlab.sweep.rungs, any number of objectives): its options and their defaults.
+RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3}
 
 
 @dataclass
@@ -330,10 +333,13 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
     pruner_options: dict[str, Any] = {}
     if raw.get("pruner") is not None:
         pruner, pruner_options = _named(raw["pruner"], "pruner", PRUNERS)
+    if pruner == "rungs":
+        pruner_options = _check_rungs(pruner_options, objectives)
+    elif pruner is not None:
         _check_options(PRUNER_CLASSES[pruner], pruner_options, "pruner", ())
         if len(objectives) > 1:
-            raise SweepError(f"pruner: Optuna cannot prune multi-objective studies; remove the pruner "
-                             f"or keep one objective (got {', '.join(objectives)})")
+            raise SweepError(f"pruner: Optuna cannot prune multi-objective studies; use pruner: rungs, "
+                             f"remove the pruner or keep one objective (got {', '.join(objectives)})")
         first = next(iter(objectives))
         if first not in TRAINING_METRICS:
             raise SweepError(f"pruner: the pruner follows {first!r}, which is not reported during "
@@ -356,6 +362,39 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
                      constraints=constraints, sampler=sampler, sampler_options=sampler_options, seed=seed,
                      pruner=pruner, pruner_options=pruner_options, n_trials=n_trials,
                      overrides={str(k): v for k, v in overrides.items()})
+
+
+def _check_rungs(options: Mapping[str, Any], objectives: Mapping[str, str]) -> dict[str, Any]:
+    """``pruner: {name: rungs, ...}``'s options with defaults; every objective must be known at a rung."""
+    for option, value in options.items():
+        if option not in RUNGS_OPTIONS:
+            raise SweepError(f"pruner.{option}: not an option of rungs; known: {', '.join(RUNGS_OPTIONS)}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SweepError(f"pruner.{option}: must be an integer, got {value!r}")
+    checked = {**RUNGS_OPTIONS, **options}
+    if checked["min_epochs"] < 1:
+        raise SweepError(f"pruner.min_epochs: must be at least 1, got {checked['min_epochs']}")
+    if checked["reduction_factor"] < 2:
+        raise SweepError(f"pruner.reduction_factor: must be at least 2 (keep the best 1/reduction_factor "
+                         f"at each rung), got {checked['reduction_factor']}")
+    late = [m for m in objectives if m not in TRAINING_METRICS and not m.startswith("model/")]
+    if late:
+        raise SweepError(f"pruner: rungs compares objectives at validation; {late[0]!r} is not known there; "
+                         f"use {', '.join(TRAINING_METRICS)} or model/* objectives")
+    if not any(m in TRAINING_METRICS for m in objectives):
+        raise SweepError(f"pruner: rungs needs an objective measured in training ({', '.join(TRAINING_METRICS)}); "
+                         f"{', '.join(objectives)} are all known before training")
+    return checked
+
+
+def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any) -> None:
+    """``pruner: rungs`` needs a rung below the base experiment's resolved ``trainer.max_epochs``."""
+    if sweep.pruner != "rungs" or not isinstance(max_epochs, int) or max_epochs < 0:
+        return
+    min_epochs = sweep.pruner_options["min_epochs"]
+    if min_epochs >= max_epochs:
+        raise SweepError(f"pruner.min_epochs: {min_epochs} is not below trainer.max_epochs {max_epochs}, so no "
+                         f"rung would ever stop a trial; lower min_epochs or raise trainer.max_epochs")
 
 
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

@@ -91,6 +91,10 @@ def make_pruner(sweep: SweepSpec) -> optuna.pruners.BasePruner | None:
     """The sweep's pruner, or None."""
     if sweep.pruner is None:
         return None
+    if sweep.pruner == "rungs":
+        from fvlab.sweep.rungs import RungsPruner  # imports Lightning: only where trials run
+
+        return RungsPruner(**sweep.pruner_options)
     return PRUNER_CLASSES[sweep.pruner](**sweep.pruner_options)
 
 
