@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fvlab import pareto
+
 __all__ = ["losses", "dominates", "non_dominated_fronts", "crowding_distance", "rank_order",
            "pareto_indices", "hypervolume"]
 
@@ -33,8 +35,8 @@ def losses(values: Sequence[Sequence[float]] | np.ndarray, directions: Sequence[
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether loss vector ``a`` Pareto-dominates ``b`` (no worse everywhere, better somewhere)."""
-    return bool(np.all(a <= b) and np.any(a < b))
+    """Whether loss vector ``a`` Pareto-dominates ``b``: fvlab's one rule (fvlab.pareto), within its tolerance."""
+    return pareto.dominates(a.tolist(), b.tolist(), ["minimize"] * len(a))
 
 
 def non_dominated_fronts(loss: np.ndarray) -> list[list[int]]:
