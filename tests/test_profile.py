@@ -244,3 +244,70 @@ def test_measuring_a_model_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state().clone()
     fused.fuse()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- side by side ---------------------------------------------------------------------
+
+
+def test_median_interval_uses_binomial_order_statistics() -> None:
+    from fvlab.profile import median_interval
+
+    # n = 15: P(Binom(15, 1/2) <= 3) = 576/32768, twice that 0.035 <= 0.05, while k = 5 gives
+    # 0.118: the 95% interval is [x_(4), x_(12)].
+    assert median_interval([float(v) for v in range(15, 0, -1)]) == (8.0, 4.0, 12.0)
+    # Too few values for a 95% interval from order statistics: the range.
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+class Twice(torch.nn.Module):
+    """A model that does exactly twice the work of another: its speedup must come out near 0.5."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + self.inner(x)
+
+
+def test_side_by_side_rotates_the_order_and_measures_ratios_per_round() -> None:
+    from fvlab.profile import measure_side_by_side
+
+    torch.manual_seed(0)
+    base = create_model("fastervit_micro", num_classes=3)
+    models = {"base": base, "twice": Twice(create_model("fastervit_micro", num_classes=3))}
+    state = torch.random.get_rng_state()
+    results = measure_side_by_side(models, 32, batch_size=4, rounds=5, round_s=0.02, warmup=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # measuring never moves the global RNG
+    assert base.training  # measured on prepared copies: the callers' models are untouched
+    base_r, twice = results["base"], results["twice"]
+    assert base_r.speedup == 1.0 and twice.reference == "base" and twice.rounds == 5
+    assert 0.3 < twice.speedup < 0.75, twice
+    assert twice.speedup_lo <= twice.speedup <= twice.speedup_hi
+    for r in results.values():
+        assert r.images_per_s_lo <= r.images_per_s <= r.images_per_s_hi
+        assert r.latency_ms_lo <= r.latency_ms <= r.latency_ms_hi
+        assert r.threads == torch.get_num_threads() and r.backend == "eager"
+        assert set(r.metrics()) == {"model/throughput", "model/throughput_lo", "model/throughput_hi",
+                                    "model/latency_ms", "model/speedup"}
+    assert base_r.images_per_s > twice.images_per_s
+
+
+def test_side_by_side_interleaves_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fvlab.profile as profile
+
+    calls: list[str] = []
+    models = {name: create_model("fastervit_micro", num_classes=3) for name in "abc"}
+    real = profile._prepare_for_inference
+
+    def tagged(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        prepared = real(model, *args, **kwargs)
+        name = next(n for n, m in models.items() if m is model)
+        prepared.register_forward_hook(lambda m, a, o: calls.append(name) if a[0].shape[0] == 2 else None)
+        return prepared
+
+    monkeypatch.setattr(profile, "_prepare_for_inference", tagged)
+    profile.measure_side_by_side(models, 32, batch_size=2, rounds=3, round_s=1e-9, warmup=0,
+                                 latency=False)
+    timed = calls[6:]  # after each model's warm-up call and its calibration call
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
