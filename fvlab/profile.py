@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import time
 import warnings
@@ -432,7 +433,7 @@ def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequ
                          *, reference: str | None = None, batch_size: int | None = None,
                          device: str | torch.device | None = None, precision: str | None = None,
                          in_chans: int | Mapping[str, int] | None = None, channels_last: bool | None = None,
-                         rounds: int | None = None, round_s: float = 0.2, warmup: int | None = None,
+                         rounds: int | None = None, round_s: float | None = None, warmup: int | None = None,
                          latency: bool = True, backend: str = "eager", fuse: bool = True) -> dict[str, SideBySide]:
     """Throughput (and batch-1 latency) of several models measured in interleaved rounds in this process.
 
@@ -457,7 +458,8 @@ def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequ
     batch_size = batch_size or defaults["batch_size"]
     channels_last = defaults["channels_last"] if channels_last is None else channels_last
     warmup = defaults["warmup"] if warmup is None else warmup
-    rounds = rounds or (30 if device.type == "cuda" else 15)
+    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or (30 if device.type == "cuda" else 15))
+    round_s = round_s or float(os.environ.get("FVLAB_PROFILE_ROUND_S") or 0.2)
     if batch_size < 1 or rounds < 1 or warmup < 0 or round_s <= 0:
         raise ValueError(f"batch_size and rounds must be >= 1, warmup >= 0 and round_s > 0, got "
                          f"{batch_size}, {rounds}, {warmup}, {round_s}")
