@@ -6,7 +6,10 @@ cosine) and loss. `fvlab fit`'s side is built exactly as the command builds it (
 TensorBoard logging, profile and checkpoint callbacks); its steps are timed from the second
 training batch to the last, so one-time work (profiling at fit start, the checkpoint at
 epoch end) stays outside, as it does for the plain loop. Rounds alternate the two sides
-and the ratio is taken within each round; the median is reported.
+and the ratio is taken within each round; the median is reported. Both sides run at the same
+precision: once in fp32 and once at the experiment's own precision (``auto`` resolves to
+bf16-mixed on CPUs with native bf16), the plain loop under the same autocast; comparing fit in
+bf16 against a plain loop in fp32 would measure precision, not overhead.
 
     python benchmarks/fit_overhead.py                     # experiments/baseline.yaml
     python benchmarks/fit_overhead.py --steps 30 --rounds 7
@@ -46,10 +49,10 @@ class StepTimer(pl.Callback):
         self.steps = batch_idx
 
 
-def lightning_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
+def lightning_steps_per_s(config: dict, steps: int, workdir: Path, precision: str) -> float:
     """Steps/s of one `fvlab fit` epoch of ``steps`` batches."""
     spec = build_run(config, workdir / "run", [
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
+        "--trainer.precision", precision, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps),
         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false"],
         experiment="overhead", variant="lightning")
@@ -59,10 +62,11 @@ def lightning_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
     return timer.steps / (timer.end - timer.start)
 
 
-def plain_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
-    """Steps/s of a hand-written loop over the same model, data, optimizer and schedule."""
-    spec = build_run(config, workdir / "plain", ["--trainer.max_epochs", "1"],
+def plain_steps_per_s(config: dict, steps: int, workdir: Path, precision: str) -> float:
+    """Steps/s of a hand-written loop over the same model, data, optimizer, schedule and precision."""
+    spec = build_run(config, workdir / "plain", ["--trainer.max_epochs", "1", "--trainer.precision", "32-true"],
                      experiment="overhead", variant="plain")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     module, data = spec.model, spec.datamodule
     data.setup("fit")
     model = module.model.train()
@@ -80,7 +84,8 @@ def plain_steps_per_s(config: dict, steps: int, workdir: Path) -> float:
         if i == 1:
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y, label_smoothing=hp.label_smoothing)
+        with autocast:  # as Lightning's bf16-mixed: autocast forward and loss, fp32 weights
+            loss = F.cross_entropy(model(x), y, label_smoothing=hp.label_smoothing)
         loss.backward()
         optimizer.step()
         scheduler.step_update(num_updates=i + 1)
@@ -102,25 +107,33 @@ def main() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     experiment = load_experiment(args.experiment)
     config = experiment.config(experiment.variant_names()[0])
-    ratios, fit_rates, plain_rates = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            sides = ["fit", "plain"] if r % 2 == 0 else ["plain", "fit"]
-            rates = {}
-            for side in sides:
-                torch.manual_seed(r)
-                fn = lightning_steps_per_s if side == "fit" else plain_steps_per_s
-                rates[side] = fn(config, args.steps, Path(tmp) / f"{r}")
-            fit_rates.append(rates["fit"])
-            plain_rates.append(rates["plain"])
-            ratios.append(rates["fit"] / rates["plain"])
+    own = build_run(config, None, {"trainer.logger": False}).precision  # `auto` resolved here
     batch = config.get("data", {}).get("init_args", {}).get("batch_size")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "CPU")
     print(f"# {experiment.path}: {config['model']['arch']}, batch {batch}, {args.steps} steps "
-          f"per round, {args.rounds} alternating rounds, {torch.get_num_threads()} threads, CPU")
-    print(f"fvlab fit   steps/s (median): {statistics.median(fit_rates):.2f}")
-    print(f"plain loop  steps/s (median): {statistics.median(plain_rates):.2f}")
-    print(f"ratio fit/plain (median): {statistics.median(ratios):.3f}  "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+          f"per round, {args.rounds} alternating rounds, {torch.get_num_threads()} threads, {cpu}")
+    worst = float("inf")
+    for precision in dict.fromkeys(["32-true", own]):
+        ratios, fit_rates, plain_rates = [], [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.rounds):
+                sides = ["fit", "plain"] if r % 2 == 0 else ["plain", "fit"]
+                rates = {}
+                for side in sides:
+                    torch.manual_seed(r)
+                    fn = lightning_steps_per_s if side == "fit" else plain_steps_per_s
+                    rates[side] = fn(config, args.steps, Path(tmp) / f"{r}", precision)
+                fit_rates.append(rates["fit"])
+                plain_rates.append(rates["plain"])
+                ratios.append(rates["fit"] / rates["plain"])
+        worst = min(worst, statistics.median(ratios))
+        print(f"precision {precision}{' (the experiment precision)' if precision == own else ''}:")
+        print(f"  fvlab fit   steps/s (median): {statistics.median(fit_rates):.2f}")
+        print(f"  plain loop  steps/s (median): {statistics.median(plain_rates):.2f}")
+        print(f"  ratio fit/plain (median): {statistics.median(ratios):.3f}  "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(f"goal fit/plain >= 0.95 at every precision: {'met' if worst >= 0.95 else 'NOT met'} ({worst:.3f})")
 
 
 if __name__ == "__main__":

@@ -43,23 +43,23 @@ def _check_checkpoint(path: str | Path) -> None:
 # ---- fvlab profile ---------------------------------------------------------------------
 
 
-def _profile_targets(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | None]]:
-    """(row name, run config or None for --arch) for every model to profile, each checked as `fit` checks it."""
-    import gc
-
+def _profile_targets(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str, Any]]:
+    """(experiment or None, name -> built run or --arch target) for every model to profile, each
+    checked as `fit` checks it; all held together, since they are measured side by side."""
     from fvlab.experiment import ExperimentError, load_experiment, set_dotted
+    from fvlab.lit.measure import Target
     from fvlab.lit.runner import BadConfig, build_run
-    from fvlab.models import list_variants
+    from fvlab.models import build_model, list_variants
 
     if args.experiment is None:
         if args.arch not in list_variants():
             raise BadInput(f"unknown arch {args.arch!r}; known: {', '.join(list_variants())}")
-        return [(args.arch, None)]
+        return None, {args.arch: Target(build_model(args.arch), args.image_size or 224, None, device)}
     try:
         experiment = load_experiment(args.experiment)
     except ExperimentError as err:
         raise BadInput(str(err)) from None
-    targets = []
+    targets = {}
     for variant in experiment.variant_names():
         config = experiment.config(variant)
         if args.image_size:
@@ -69,12 +69,11 @@ def _profile_targets(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]
             except ExperimentError as err:
                 raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
         try:
-            build_run(config, None, {"trainer.logger": False}, experiment=experiment.name, variant=variant)
+            targets[variant] = build_run(config, None, {"trainer.logger": False}, experiment=experiment.name,
+                                         variant=variant)
         except BadConfig as err:
             raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
-        gc.collect()  # checked, then dropped: big ablations are not held in memory together
-        targets.append((variant, config))
-    return targets
+    return experiment, targets
 
 
 def _profile_device(name: str | None) -> Any:
@@ -99,79 +98,103 @@ def _profile_device(name: str | None) -> Any:
     return device
 
 
+def _interval_cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """``1183 [1150, 1204]``: a median with its 95% interval, or ``-``."""
+    value, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if value is None:
+        return "-"
+    return fmt.format(value) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
+
+
 def _format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["model", "resolution", "params (M)", "GFLOPs", "throughput (img/s)", "batch",
-              "device", "dtype", "latency (ms)"]
-    lines = []
-    for row in rows:
-        tp = row.get("throughput") or {}
-        lines.append([
-            row["name"], f"{row['image_size']}", f"{row['model/params_m']:.2f}",
-            f"{row['model/gflops']:.3f}",
-            f"{row['model/throughput']:.1f}" if "model/throughput" in row else "-",
-            str(tp.get("batch_size", "-")), str(tp.get("device", "-")), str(tp.get("dtype", "-")),
-            f"{row['model/latency_ms']:.2f}" if "model/latency_ms" in row else "-"])
-    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+    from fvlab.report.stats import markdown_table
+
+    header = ["model", "resolution", "batch", "params (M)", "GFLOPs", "throughput (img/s) [95%]",
+              "speedup [95%]", "latency (ms) [95%]", "backend", "precision", "device"]
+    cells = [[row["name"], str(row["image_size"]), str(row.get("batch_size") or "-"),
+              f"{row['model/params_m']:.2f}",
+              f"{row['model/gflops']:.3f}" if row.get("model/gflops") is not None else "-",
+              _interval_cell(row, "model/throughput", "{:.0f}"), _interval_cell(row, "model/speedup", "{:.3f}"),
+              _interval_cell(row, "model/latency_ms", "{:.2f}"), str(row.get("backend", "-")),
+              str(row.get("precision", "-")), str(row.get("device", "-"))] for row in rows]
+    return markdown_table(header, cells)
 
 
 def profile_command(argv: Sequence[str]) -> int:
-    """``fvlab profile``: params, GFLOPs, throughput and latency per model, without training."""
+    """``fvlab profile``: params, GFLOPs, throughput and latency per model, measured side by side, without training."""
+    from fvlab.profile import BACKENDS
+
     parser = ArgumentParser(prog="fvlab profile", description=profile_command.__doc__)
     parser.add_argument("experiment", nargs="?", help="experiment YAML: profile every variant")
     parser.add_argument("--arch", help="a variant name, e.g. fastervit_0")
     parser.add_argument("--image-size", type=int, help="input side in pixels (default: the "
                         "experiment's data image size, or 224 with --arch)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--batch-size", type=int, help="throughput batch (default: 128 on CUDA, 32 on CPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="one row per model and batch size (default: 128 on CUDA, 32 on CPU)")
+    parser.add_argument("--batch-size", type=int, help="one throughput batch (same as --batch-sizes B)")
+    parser.add_argument("--backend", choices=BACKENDS, default="eager",
+                        help="eager PyTorch, torch.compile (inductor), or the exported ONNX graph in "
+                             "ONNX Runtime (default: eager)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the experiment's, "
+                        "or cuda if available)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="autocast for throughput (default: on for CUDA)")
-    parser.add_argument("--repeats", type=int, help="timed repetitions")
+                        help="autocast (bf16, fp16 on CUDA; default: the run's precision, or on for CUDA "
+                             "with --arch)")
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int,
+                        help="interleaved timing rounds (default: 15 on CPU, 30 on CUDA)")
+    parser.add_argument("--runs-dir", default="runs", help="where runs/<experiment>/profile.json goes "
+                        "(default: runs)")
     parser.add_argument("--no-throughput", action="store_true", help="params and GFLOPs only")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
     trust_checkpoints(args.trust_checkpoint)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
-    for name in ("image_size", "batch_size", "repeats"):
+    if args.batch_size is not None and args.batch_sizes is not None:
+        parser.error("give --batch-size or --batch-sizes, not both")
+    batch_sizes = args.batch_sizes or ([args.batch_size] if args.batch_size else [None])
+    for name in ("image_size", "rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(b is not None and b < 1 for b in batch_sizes):
+        parser.error(f"batch sizes must be >= 1, got {' '.join(map(str, batch_sizes))}")
+    if args.backend == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            parser.error("--backend onnxruntime needs ONNX Runtime: pip install 'fvlab[export]'")
 
-    from fvlab.lit.runner import build_run, release_memory
-    from fvlab.models import build_model
-    from fvlab.profile import autocast_for_precision, profile_model
+    from fvlab.lit.measure import profile_rows, write_profile_json
+    from fvlab.lit.runner import release_memory
 
     _quiet_lightning()
     try:
         device = _profile_device(args.device)
-        targets = _profile_targets(args)
+        experiment, specs = _profile_targets(args, device)
     except BadInput as err:
         print(f"fvlab profile: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    rows = []
-    for name, config in targets:
-        amp, amp_dtype = args.amp, None
-        if config is None:
-            network, image_size, in_chans = build_model(name), args.image_size or 224, None
-        else:
-            spec = build_run(config, None, {"trainer.logger": False})
-            network = spec.model.model
-            image_size = getattr(spec.datamodule, "image_size", None) or 224
-            in_chans = getattr(spec.datamodule, "in_chans", None)
-            if amp is None and device == spec.device:
-                amp, amp_dtype = autocast_for_precision(spec.precision)  # as `fvlab fit` measures it
-            del spec
-        metrics = profile_model(network.to(device), image_size, throughput=not args.no_throughput,
-                                batch_size=args.batch_size, device=device, amp=amp, amp_dtype=amp_dtype,
-                                repeats=args.repeats, in_chans=in_chans)
-        rows.append({"name": name, "image_size": image_size, **metrics})
-        del network
-        release_memory()
-    print(json.dumps(rows, indent=2) if args.json else _format_table(rows))
+    reference = experiment.reference if experiment is not None else None
+    precision = None
+    if args.amp is not None:
+        precision = ("16-mixed" if device.type == "cuda" else "bf16-mixed") if args.amp else "32-true"
+    elif args.experiment is None and device.type == "cuda":
+        precision = "16-mixed"
+    elif any(getattr(spec, "device", device) != device for spec in specs.values()):
+        precision = "32-true"  # the run's precision belongs to its own device
+    rows = profile_rows(specs, batch_sizes=batch_sizes, reference=reference, throughput=not args.no_throughput,
+                        rounds=args.rounds, backend=args.backend, device=device, precision=precision)
+    del specs
+    release_memory()
+    path = None
+    if experiment is not None and not args.no_throughput:
+        path = Path(args.runs_dir) / experiment.name / "profile.json"
+        write_profile_json(path, rows)
+    print(json.dumps(rows, indent=2, default=str) if args.json else _format_table(rows))
+    if path is not None and not args.json:
+        print(f"\nwritten to {path}")
     return EXIT_OK
 
 

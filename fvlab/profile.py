@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Throughput", "count_params", "count_flops", "flop_breakdown", "measure_throughput",
-           "profile_model", "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
+__all__ = ["Throughput", "SideBySide", "BACKENDS", "count_params", "count_flops", "flop_breakdown",
+           "measure_throughput", "measure_side_by_side", "median_interval", "profile_model",
+           "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -322,3 +324,193 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
             if device_type == "cuda":
                 torch.cuda.empty_cache()
     return metrics
+
+
+# ---- Side by side ---------------------------------------------------------------------
+#
+# On a shared machine the speed available to one process moves 10-30% from one second to the
+# next, so a figure measured alone ranks nothing. The models being compared are therefore
+# measured in interleaved rounds in one process (A B C, then B C A, ...), each slot timing enough
+# batches to last about ``round_s``; every figure is the median over rounds with a
+# distribution-free 95% interval, and a speedup is the median of per-round ratios, so a burst of
+# load that slows one round slows both sides of its ratio.
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+CONFIDENCE = 0.95
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(median, lo, hi): the median and its distribution-free interval from order statistics."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    n = len(ordered)
+    # The interval [x_(k), x_(n-k+1)] covers the median with probability 1 - 2 P(Binom(n, 1/2) < k):
+    # take the largest k that keeps that at least ``confidence`` (k = 1, the range, for tiny n).
+    k, tail = 1, 0.5 ** n
+    while k < n // 2:
+        tail_next = tail + math.comb(n, k) * 0.5 ** n
+        if 2 * tail_next > 1 - confidence:
+            break
+        k, tail = k + 1, tail_next
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k]
+
+
+@dataclass
+class SideBySide:
+    """One model's figures from an interleaved measurement: medians over rounds with 95% intervals."""
+
+    name: str
+    images_per_s: float
+    images_per_s_lo: float
+    images_per_s_hi: float
+    latency_ms: float | None
+    latency_ms_lo: float | None
+    latency_ms_hi: float | None
+    speedup: float | None
+    speedup_lo: float | None
+    speedup_hi: float | None
+    reference: str | None
+    batch_size: int
+    rounds: int
+    device: str
+    dtype: str
+    channels_last: bool
+    backend: str
+    threads: int
+    compile_s: float | None = None
+
+    def metrics(self) -> dict[str, float | None]:
+        """The ``model/*`` figures of DESIGN.md's metric table."""
+        return {"model/throughput": self.images_per_s, "model/throughput_lo": self.images_per_s_lo,
+                "model/throughput_hi": self.images_per_s_hi, "model/latency_ms": self.latency_ms,
+                "model/speedup": self.speedup}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON."""
+        return asdict(self)
+
+
+def _compiled(model: nn.Module, x: torch.Tensor, autocast: Any) -> tuple[Any, float]:
+    """``torch.compile`` (inductor) of a prepared model and the seconds its first calls took."""
+    compiled = torch.compile(model, dynamic=False)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        compiled(x)
+        compiled(x[:1])  # the batch-1 latency shape compiles now, not inside a timed round
+    return compiled, time.perf_counter() - start
+
+
+def _rounds_of(runners: dict[str, Any], inputs: dict[str, torch.Tensor], device: torch.device,
+               autocast: Any, rounds: int, round_s: float, warmup: int) -> dict[str, list[float]]:
+    """Images/s of every runner in each of ``rounds`` interleaved rounds (order rotated each round)."""
+    names = list(runners)
+    calls: dict[str, int] = {}
+    with torch.inference_mode(), autocast:
+        for name in names:  # warm-up, and how many calls fill one slot of ``round_s``
+            x = inputs[name]
+            for _ in range(max(warmup, 1)):
+                runners[name](x)
+            _synchronize(device)
+            start = time.perf_counter()
+            runners[name](x)
+            _synchronize(device)
+            calls[name] = max(1, round(round_s / max(time.perf_counter() - start, 1e-6)))
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                x, n = inputs[name], calls[name]
+                _synchronize(device)
+                start = time.perf_counter()
+                for _ in range(n):
+                    runners[name](x)
+                _synchronize(device)
+                rates[name].append(n * len(x) / (time.perf_counter() - start))
+    return rates
+
+
+def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequence[int] | Mapping[str, Any] = 224,
+                         *, reference: str | None = None, batch_size: int | None = None,
+                         device: str | torch.device | None = None, precision: str | None = None,
+                         in_chans: int | Mapping[str, int] | None = None, channels_last: bool | None = None,
+                         rounds: int | None = None, round_s: float | None = None, warmup: int | None = None,
+                         latency: bool = True, backend: str = "eager", fuse: bool = True) -> dict[str, SideBySide]:
+    """Throughput (and batch-1 latency) of several models measured in interleaved rounds in this process.
+
+    Each model is copied and prepared as a deployment runs it (eval, BatchNorm folded,
+    channels_last where it helps, autocast at the run's ``precision``), warmed up, then timed in
+    ``rounds`` rounds, the order rotated each round. ``image_size`` and ``in_chans`` may differ
+    per model (mappings by name). ``reference`` (default: the first model) is what
+    ``speedup`` is the per-round ratio to. Backends: ``eager``, ``compile`` (torch.compile,
+    its compile time reported as ``compile_s``), ``onnxruntime`` (the exported graph, CPU or
+    the CUDA provider; see fvlab.export).
+    """
+    if not models:
+        raise ValueError("no models to measure")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    names = list(models)
+    reference = reference if reference is not None else names[0]
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not among the models ({', '.join(names)})")
+    device = torch.device(device) if device is not None else _model_device(models[names[0]])
+    defaults = default_benchmark_settings(device)
+    batch_size = batch_size or defaults["batch_size"]
+    channels_last = defaults["channels_last"] if channels_last is None else channels_last
+    warmup = defaults["warmup"] if warmup is None else warmup
+    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or (30 if device.type == "cuda" else 15))
+    round_s = round_s or float(os.environ.get("FVLAB_PROFILE_ROUND_S") or 0.2)
+    if batch_size < 1 or rounds < 1 or warmup < 0 or round_s <= 0:
+        raise ValueError(f"batch_size and rounds must be >= 1, warmup >= 0 and round_s > 0, got "
+                         f"{batch_size}, {rounds}, {warmup}, {round_s}")
+    amp, amp_dtype = autocast_for_precision(precision)
+    if amp and amp_dtype is torch.float16 and device.type == "cpu":
+        amp_dtype = torch.bfloat16
+    dtype = f"amp_{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def shape(name: str, n: int) -> tuple[int, ...]:
+        size = image_size[name] if isinstance(image_size, Mapping) else image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        chans = in_chans[name] if isinstance(in_chans, Mapping) else in_chans
+        return (n, chans or getattr(models[name], "in_chans", 3), h, w)
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp)
+
+    runners: dict[str, Any] = {}
+    compile_s: dict[str, float | None] = dict.fromkeys(names)
+    batches = {name: _random_input(shape(name, batch_size), device).contiguous(memory_format=memory_format)
+               for name in names}
+    singles = {name: _random_input(shape(name, 1), device).contiguous(memory_format=memory_format)
+               for name in names}
+    for name in names:
+        prepared = _prepare_for_inference(models[name], device, channels_last, fuse)
+        if backend == "compile":
+            prepared, compile_s[name] = _compiled(prepared, batches[name], autocast())
+        elif backend == "onnxruntime":
+            from fvlab.export import onnxruntime_runner
+
+            prepared = onnxruntime_runner(prepared, shape(name, batch_size), device=device)
+        runners[name] = prepared
+    rates = _rounds_of(runners, batches, device, autocast(), rounds, round_s, warmup)
+    lat_rates = (_rounds_of(runners, singles, device, autocast(), rounds, round_s / 2, warmup)
+                 if latency else None)
+    threads = torch.get_num_threads()
+    results = {}
+    for name in names:
+        tp = median_interval(rates[name])
+        ratios = [a / b for a, b in zip(rates[name], rates[reference])]
+        sp = median_interval(ratios)
+        # Batch-1 latency: per-call seconds, so the interval's ends swap relative to the rates.
+        lat = median_interval([1000.0 / r for r in lat_rates[name]]) if lat_rates else (None, None, None)
+        results[name] = SideBySide(
+            name=name, images_per_s=tp[0], images_per_s_lo=tp[1], images_per_s_hi=tp[2],
+            latency_ms=lat[0], latency_ms_lo=lat[1], latency_ms_hi=lat[2],
+            speedup=sp[0], speedup_lo=sp[1], speedup_hi=sp[2], reference=reference,
+            batch_size=batch_size, rounds=rounds, device=str(device), dtype=dtype,
+            channels_last=channels_last, backend=backend, threads=threads, compile_s=compile_s[name])
+    del runners
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results

@@ -23,6 +23,11 @@ import pytest
 
 POSTGRES_ENV = "FVLAB_TEST_POSTGRES_URL"
 
+# Side-by-side throughput in a few short rounds: the tests check the protocol, not the figures
+# (benchmarks/ measure). Set here so that the fvlab processes the tests start inherit it too.
+os.environ.setdefault("FVLAB_PROFILE_ROUNDS", "3")
+os.environ.setdefault("FVLAB_PROFILE_ROUND_S", "0.005")
+
 
 def _postgres_bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))

@@ -125,19 +125,32 @@ ablation:
 """
 
 
-def test_profile_json_has_one_entry_per_variant(tmp_path: Path, capsys) -> None:
+def test_profile_json_has_one_entry_per_variant_and_batch_size(tmp_path: Path, capsys) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text(EXPERIMENT)
-    assert main(["profile", str(path), "--json", "--batch-size", "4", "--repeats", "2"]) == 0
+    assert main(["profile", str(path), "--json", "--batch-sizes", "1", "4", "--rounds", "3",
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["no_carrier", "ct1", "wide"]
+    assert [(r["name"], r["batch_size"]) for r in rows] == [
+        ("no_carrier", 1), ("ct1", 1), ("wide", 1), ("no_carrier", 4), ("ct1", 4), ("wide", 4)]
     for row in rows:
-        assert row["image_size"] == 32
+        assert row["image_size"] == 32 and row["backend"] == "eager" and row["rounds"] == 3
         for name in MODEL_METRICS:
             assert row[name] > 0
-    by_name = {r["name"]: r for r in rows}
+        assert row["model/throughput_lo"] <= row["model/throughput"] <= row["model/throughput_hi"]
+        assert row["reference"] == "no_carrier"  # the experiment's first variant: speedups against it
+    by_name = {r["name"]: r for r in rows if r["batch_size"] == 4}
+    assert by_name["no_carrier"]["model/speedup"] == 1.0
     assert by_name["wide"]["model/params_m"] > by_name["ct1"]["model/params_m"]
     assert by_name["no_carrier"]["model/gflops"] < by_name["ct1"]["model/gflops"]
+    # profile.json: the same rows, merged by (variant, batch size, backend) on a rerun.
+    written = json.loads((tmp_path / "runs" / "tiny_profile" / "profile.json").read_text())
+    assert [(r["name"], r["batch_size"]) for r in written] == [(r["name"], r["batch_size"]) for r in rows]
+    assert main(["profile", str(path), "--json", "--batch-sizes", "4", "--rounds", "2",
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    written = json.loads((tmp_path / "runs" / "tiny_profile" / "profile.json").read_text())
+    assert sorted((r["name"], r["batch_size"], r["rounds"]) for r in written) == sorted(
+        [(n, 1, 3) for n in ("no_carrier", "ct1", "wide")] + [(n, 4, 2) for n in ("no_carrier", "ct1", "wide")])
 
 
 def test_profile_table_for_an_arch(capsys) -> None:
@@ -152,6 +165,8 @@ def test_profile_table_for_an_arch(capsys) -> None:
     (["profile", "missing.yaml"], "missing.yaml"),
     (["profile", "--arch", "fastervit_0", "--image-size", "0"], "--image-size"),
     (["profile"], "experiment file or --arch"),
+    (["profile", "--arch", "fastervit_0", "--batch-sizes", "8", "0"], "batch sizes must be >= 1"),
+    (["profile", "--arch", "fastervit_0", "--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
 ])
 def test_profile_bad_input_exits_2(argv: list[str], message: str, capsys) -> None:
     assert main(argv) == 2
@@ -244,3 +259,74 @@ def test_measuring_a_model_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state().clone()
     fused.fuse()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- side by side ---------------------------------------------------------------------
+
+
+def test_median_interval_uses_binomial_order_statistics() -> None:
+    from fvlab.profile import median_interval
+
+    # n = 15: P(Binom(15, 1/2) <= 3) = 576/32768, twice that 0.035 <= 0.05, while k = 5 gives
+    # 0.118: the 95% interval is [x_(4), x_(12)].
+    assert median_interval([float(v) for v in range(15, 0, -1)]) == (8.0, 4.0, 12.0)
+    # Too few values for a 95% interval from order statistics: the range.
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+class Sleeper(torch.nn.Module):
+    """A model whose forward takes ``ms`` milliseconds of sleep: its speed does not depend on the load
+    of a shared machine, so ratios between two of them are known in advance."""
+
+    def __init__(self, ms: float):
+        super().__init__()
+        self.ms = ms
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.ms / 1000)
+        return x.flatten(1)[:, :3] + self.weight
+
+
+def test_side_by_side_rotates_the_order_and_measures_ratios_per_round() -> None:
+    from fvlab.profile import measure_side_by_side
+
+    models = {"base": Sleeper(3.0), "twice": Sleeper(6.0)}
+    state = torch.random.get_rng_state()
+    results = measure_side_by_side(models, 32, batch_size=4, rounds=5, round_s=0.03, warmup=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # measuring never moves the global RNG
+    assert models["base"].training  # measured on prepared copies: the callers' models are untouched
+    base, twice = results["base"], results["twice"]
+    assert base.speedup == 1.0 and twice.reference == "base" and twice.rounds == 5
+    assert 0.35 < twice.speedup < 0.65, twice
+    assert twice.speedup_lo <= twice.speedup <= twice.speedup_hi
+    assert 3.0 < base.latency_ms < 6.0 < twice.latency_ms < 12.0
+    for r in results.values():
+        assert r.images_per_s_lo <= r.images_per_s <= r.images_per_s_hi
+        assert r.latency_ms_lo <= r.latency_ms <= r.latency_ms_hi
+        assert r.threads == torch.get_num_threads() and r.backend == "eager"
+        assert set(r.metrics()) == {"model/throughput", "model/throughput_lo", "model/throughput_hi",
+                                    "model/latency_ms", "model/speedup"}
+    assert base.images_per_s > twice.images_per_s
+
+
+def test_side_by_side_interleaves_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fvlab.profile as profile
+
+    calls: list[str] = []
+    models = {name: create_model("fastervit_micro", num_classes=3) for name in "abc"}
+    real = profile._prepare_for_inference
+
+    def tagged(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        prepared = real(model, *args, **kwargs)
+        name = next(n for n, m in models.items() if m is model)
+        prepared.register_forward_hook(lambda m, a, o: calls.append(name) if a[0].shape[0] == 2 else None)
+        return prepared
+
+    monkeypatch.setattr(profile, "_prepare_for_inference", tagged)
+    profile.measure_side_by_side(models, 32, batch_size=2, rounds=3, round_s=1e-9, warmup=0,
+                                 latency=False)
+    timed = calls[6:]  # after each model's warm-up call and its calibration call
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]

@@ -390,3 +390,20 @@ def test_report_of_a_real_two_seed_fit(tmp_path: Path, capsys) -> None:
     again = (tmp_path / "twice" / "report.md").read_text()
     assert next(line for line in again.splitlines() if line.startswith("| ct1 ")) == \
         next(line for line in md.splitlines() if line.startswith("| ct1 "))
+
+
+def test_report_plots_throughput_against_batch_size_from_profile_json(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from fvlab.cli import main
+
+    exp = hand_built_experiment(tmp_path)
+    rows = [{"name": name, "batch_size": b, "backend": "eager", "model/throughput": rate * b / (b + 1),
+             "model/throughput_lo": 0.9 * rate * b / (b + 1), "model/throughput_hi": 1.1 * rate * b / (b + 1)}
+            for name, rate in (("ref", 700.0), ("ct4", 500.0)) for b in (1, 8, 32)]
+    (exp / "profile.json").write_text(json.dumps(rows))
+    assert main(["report", str(exp)]) == 0
+    md = (exp / "report" / "report.md").read_text()
+    assert "](throughput_vs_batch.png)" in md
+    with Image.open(exp / "report" / "throughput_vs_batch.png") as image:
+        assert image.size == PNG_SIZE

@@ -198,6 +198,15 @@ def read_run(path: Path, *, events: bool = True) -> Run:
     return Run(path, metrics, arch, read_curve(scalars))
 
 
+def read_profile(experiment_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``fvlab profile``'s profile.json in an experiment directory (none when absent)."""
+    try:
+        rows = json.loads((Path(experiment_dir) / "profile.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
+
 def variant_order_hint(experiment_dir: Path) -> tuple[list[str], str | None]:
     """Variant order and reference from the summary.csv that ``fvlab fit`` wrote, if any."""
     try:

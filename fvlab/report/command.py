@@ -39,6 +39,7 @@ class Report:
     experiments: dict[str, list[Run]] = field(default_factory=dict)
     variants: dict[str, list[VariantStats]] = field(default_factory=dict)
     studies: list[StudyData] = field(default_factory=list)
+    profiles: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # `fvlab profile`'s profile.json
 
     def variant_rows(self) -> list[tuple[str, VariantStats]]:
         """(row label, statistics) over all experiments; ``exp/variant`` when there are several."""
@@ -96,6 +97,7 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
                            for r in members}
         order, reference = [], None
         for experiment_dir in sorted(experiment_dirs):
+            report.profiles.setdefault(name, []).extend(collect.read_profile(experiment_dir))
             hint, hint_reference = collect.variant_order_hint(experiment_dir)
             order += hint
             reference = reference or hint_reference
@@ -246,13 +248,16 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
 
 
 def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    from fvlab.report.plots import Point, Series, plot_accuracy_against, plot_curves, plot_study
+    from fvlab.report.plots import (Point, Series, plot_accuracy_against, plot_batch_curves, plot_curves,
+                                    plot_study)
 
     points, series = [], []
     for label, v in report.variant_rows():
         if v.mean.get(PRIMARY_METRIC) is not None:
             points.append(Point(label, v.experiment, v.mean[PRIMARY_METRIC], v.std.get(PRIMARY_METRIC),
-                                v.model.get("model/throughput"), v.model.get("model/gflops")))
+                                v.model.get("model/throughput"), v.model.get("model/gflops"),
+                                throughput_lo=v.model.get("model/throughput_lo"),
+                                throughput_hi=v.model.get("model/throughput_hi")))
         runs = [r for r in report.experiments.get(v.experiment, []) if r.variant == v.variant
                 and r.metrics.get("status") in ("complete", RUNNING)]
         series.append(Series(label, v.experiment, [r.curve for r in runs if r.curve]))
@@ -279,6 +284,14 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
                            f"throughput plot to see where FLOPs do not predict speed."))
     if not points:
         skipped.append("accuracy plots: no complete run with val/acc1_best yet")
+    for name, rows in report.profiles.items():
+        suffix = "" if len(report.profiles) == 1 else f"_{name}"
+        path = plot_batch_curves(rows, out / f"throughput_vs_batch{suffix}.png",
+                                 f"{name}: throughput against batch size (fvlab profile --batch-sizes)")
+        if path:
+            made.append((path, f"{name}: images/s against batch size per variant, measured side by side "
+                               f"(median and 95% interval over interleaved rounds): where the curves cross, "
+                               f"the ranking depends on the batch size."))
     path = plot_curves(series, out / "val_acc1_per_epoch.png", "Validation accuracy per epoch")
     if path:
         made.append((path, "Validation top-1 accuracy per epoch" + (" (line: mean over seeds, band: ± std)"

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fvlab.pareto import pareto_optimal  # noqa: E402
 
 __all__ = ["FIGSIZE", "DPI", "Point", "Series", "plot_accuracy_against",
-           "plot_curves", "plot_study"]
+           "plot_curves", "plot_study", "plot_batch_curves"]
 
 FIGSIZE = (8.0, 5.0)  # inches; at DPI 110: 880 x 550 px, legible at 100% zoom
 DPI = 110
@@ -36,6 +36,8 @@ class Point:
     throughput: float | None = None
     gflops: float | None = None
     feasible: bool = True
+    throughput_lo: float | None = None  # the 95% interval of the side-by-side measurement
+    throughput_hi: float | None = None
 
 
 @dataclass
@@ -97,8 +99,14 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
         several = len(colours) > 1
         for group, colour in colours.items():
             members = [p for p in usable if p.group == group]
+            xerr = None
+            if axis == "throughput" and any(p.throughput_lo is not None for p in members):
+                xerr = [[max(p.throughput - p.throughput_lo, 0.0) if p.throughput_lo is not None else 0.0
+                         for p in members],
+                        [max(p.throughput_hi - p.throughput, 0.0) if p.throughput_hi is not None else 0.0
+                         for p in members]]
             ax.errorbar([getattr(p, axis) for p in members], [p.accuracy for p in members],
-                        yerr=[p.accuracy_std or 0.0 for p in members], fmt="o", color=colour,
+                        yerr=[p.accuracy_std or 0.0 for p in members], xerr=xerr, fmt="o", color=colour,
                         ecolor=colour, elinewidth=1.2, capsize=4, markersize=7,
                         label=group if several else None, zorder=3)
         # Points at (nearly) the same place get their labels stacked instead of overprinted.
@@ -125,8 +133,13 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
         ax.margins(y=0.1)  # room for the labels of the top points
         ax.set_xlabel(x_label, fontsize=11)
         ax.set_ylabel(ACCURACY_LABEL, fontsize=11)
+        bars = []
         if any(p.accuracy_std for p in usable):
-            title = (title + "\n" if title else "") + "error bars: ± std over seeds"
+            bars.append("vertical: ± std over seeds")
+        if axis == "throughput" and any(p.throughput_lo is not None for p in usable):
+            bars.append("horizontal: 95% interval of the side-by-side measurement")
+        if bars:
+            title = (title + "\n" if title else "") + "error bars: " + "; ".join(bars)
         ax.set_title(title, fontsize=12)
         # Room for the labels right of the rightmost point.
         left, right = ax.get_xlim()
@@ -267,3 +280,37 @@ def plot_study(data: Any, out: Path, prefix: str) -> tuple[list[tuple[Path, str]
                      f"Hypervolume history of {data.name} (reference point {[round(r, 4) for r in reference]}): "
                      f"it rises while the search still finds better trade-offs."))
     return made, skipped
+
+
+def plot_batch_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Throughput against batch size per variant (log x), with 95% intervals: ``fvlab profile --batch-sizes``."""
+    by_curve: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("model/throughput") is not None and row.get("batch_size"):
+            by_curve.setdefault((str(row["name"]), str(row.get("backend", "eager"))), []).append(row)
+    curves = {key: sorted(points, key=lambda r: r["batch_size"]) for key, points in by_curve.items()
+              if len({r["batch_size"] for r in points}) > 1}
+    if not curves:
+        return None
+    several_backends = len({backend for _, backend in curves}) > 1
+    with plt.style.context("default"):
+        fig, ax = _new_figure()
+        colours = _colours([name for name, _ in curves])
+        for (name, backend), points in curves.items():
+            xs = [r["batch_size"] for r in points]
+            ys = [r["model/throughput"] for r in points]
+            lo = [r.get("model/throughput_lo") if r.get("model/throughput_lo") is not None else y
+                  for r, y in zip(points, ys)]
+            hi = [r.get("model/throughput_hi") if r.get("model/throughput_hi") is not None else y
+                  for r, y in zip(points, ys)]
+            ax.errorbar(xs, ys, yerr=[[max(y - a, 0.0) for y, a in zip(ys, lo)],
+                                      [max(b - y, 0.0) for y, b in zip(ys, hi)]],
+                        marker="o", capsize=3, color=colours[name],
+                        linestyle="--" if several_backends and backend != "eager" else "-",
+                        label=f"{name} ({backend})" if several_backends else name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (log scale)", fontsize=11)
+        ax.set_ylabel("model/throughput: images/s (median, 95% interval)", fontsize=11)
+        ax.set_title(title or "Throughput against batch size, measured side by side", fontsize=12)
+        ax.legend(fontsize=9, loc="best")
+        return _save(fig, path)

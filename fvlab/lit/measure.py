@@ -1,0 +1,231 @@
+"""Model figures of built runs, measured side by side and cached per architecture identity.
+
+``fvlab fit`` measures all of an experiment's variants together before training the first,
+``fvlab profile`` always measures, and ``fvlab sweep`` measures each new architecture next to
+its base architecture (DESIGN.md, "Throughput: measured side by side"). The protocol itself is
+:func:`fvlab.profile.measure_side_by_side`; this module turns built runs into its inputs and
+keeps the figures per architecture identity, so that adding seeds never re-measures and a
+table never mixes figures of different identities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from fvlab.lit.runner import RunSpec
+from fvlab.profile import count_flops, count_params, measure_side_by_side
+
+__all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
+           "THROUGHPUT_METRICS", "profile_rows", "write_profile_json"]
+
+# The figures the side-by-side protocol gives; params and GFLOPs need no timing.
+THROUGHPUT_METRICS = ("model/throughput", "model/throughput_lo", "model/throughput_hi",
+                      "model/latency_ms", "model/speedup")
+
+
+def device_kind(device: torch.device) -> str:
+    """What throughput figures are comparable across: the processor model, not its index."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+        return f"cpu: {name}"
+    return device.type
+
+
+def arch_identity(spec: RunSpec, backend: str = "eager", batch_size: int | None = None) -> dict[str, Any]:
+    """What a throughput figure depends on: architecture, input geometry, device, precision, threads, backend."""
+    model = spec.config.get("model") or {}
+    datamodule = spec.datamodule
+    return {"arch": model.get("arch"), "image_size": getattr(datamodule, "image_size", None),
+            "in_chans": getattr(datamodule, "in_chans", None),
+            "num_classes": getattr(datamodule, "num_classes", None),
+            "channels_last": model.get("channels_last"), "device": device_kind(spec.device),
+            "precision": spec.precision,
+            "threads": torch.get_num_threads() if spec.device.type == "cpu" else None,
+            "backend": backend, "batch_size": batch_size}
+
+
+def identity_key(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of an identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Target:
+    """One network to measure, with its input geometry, device and precision."""
+
+    network: torch.nn.Module
+    image_size: int | tuple[int, int] = 224
+    in_chans: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "32-true"
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> "Target":
+        """The built run's network at its data's geometry, device and precision."""
+        datamodule = spec.datamodule
+        return cls(spec.model.model, getattr(datamodule, "image_size", None) or 224,
+                   getattr(datamodule, "in_chans", None), spec.device, spec.precision)
+
+
+def _targets(models: Mapping[str, RunSpec | Target]) -> dict[str, Target]:
+    return {name: m if isinstance(m, Target) else Target.of(m) for name, m in models.items()}
+
+
+def measure_specs(specs: Mapping[str, RunSpec | Target], *, reference: str | None = None,
+                  throughput: bool = True, batch_size: int | None = None, rounds: int | None = None,
+                  round_s: float | None = None, backend: str = "eager", device: torch.device | None = None,
+                  precision: str | None = None, counts: Mapping[str, Mapping[str, Any]] | None = None,
+                  ) -> dict[str, dict[str, Any]]:
+    """``model/*`` figures of each built run (or target), the throughputs measured side by side in one process.
+
+    A failed measurement is a warning and None (a measurement never fails a run). Runs on
+    different devices or precisions are not comparable: they must not be passed together.
+    ``device`` and ``precision`` replace the runs' own (``fvlab profile --device``); ``counts``
+    are params and GFLOPs already counted (they do not depend on the batch size).
+    """
+    targets = _targets(specs)
+    names = list(targets)
+    reference = reference if reference in targets else names[0]
+    devices = {str(t.device) for t in targets.values()}
+    precisions = {t.precision for t in targets.values()}
+    if device is None and len(devices) > 1 or precision is None and len(precisions) > 1:
+        raise ValueError(f"runs measured side by side must share device and precision, got "
+                         f"{sorted(devices)} and {sorted(precisions)}")
+    metrics: dict[str, dict[str, Any]] = {}
+    for name, target in targets.items():
+        figures: dict[str, Any] = {"model/params_m": count_params(target.network) / 1e6, "model/gflops": None,
+                                   **dict.fromkeys(THROUGHPUT_METRICS)}
+        if counts and name in counts:
+            figures["model/gflops"] = counts[name].get("model/gflops")
+        else:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    figures["model/gflops"] = count_flops(target.network, target.image_size,
+                                                          in_chans=target.in_chans)
+            except Exception as err:  # a measurement never fails a run
+                warnings.warn(f"{name}: FLOP count failed, recorded as null: {type(err).__name__}: {err}",
+                              stacklevel=2)
+        metrics[name] = figures
+    if not throughput:
+        return metrics
+    first = targets[names[0]]
+    device = device or first.device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        # Measuring must leave every generator as it was: a run trains the same whether or not
+        # its architecture was measured first.
+        with torch.random.fork_rng(devices=cuda):
+            results = measure_side_by_side(
+                {name: t.network for name, t in targets.items()},
+                {name: t.image_size for name, t in targets.items()},
+                in_chans={name: t.in_chans for name, t in targets.items()},
+                reference=reference, batch_size=batch_size, device=device,
+                precision=precision or first.precision, rounds=rounds, round_s=round_s, backend=backend)
+    except Exception as err:  # out of memory, an unsupported dtype on this device ...
+        warnings.warn(f"throughput measurement failed, recorded as null: {type(err).__name__}: {err}",
+                      stacklevel=2)
+        return metrics
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for name, result in results.items():
+        metrics[name].update(result.metrics())
+        metrics[name]["throughput"] = result.to_dict()
+    return metrics
+
+
+class MeasurementCache:
+    """Figures per architecture identity in one JSON file (an experiment's ``measurements.json``).
+
+    A speedup is stored under a key that includes the reference's identity: the same
+    architecture against another reference is another figure.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def key(identity: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str:
+        """Cache key of an identity measured against a reference identity."""
+        return identity_key({"model": dict(identity), "reference": dict(reference or {})})
+
+    def get(self, identity: Mapping[str, Any], reference: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The figures measured for ``identity`` against ``reference``, or None."""
+        return self.entries.get(self.key(identity, reference))
+
+    def put(self, identity: Mapping[str, Any], reference: Mapping[str, Any] | None,
+            figures: Mapping[str, Any]) -> None:
+        """Remember the figures (written to disk by :meth:`save`)."""
+        self.entries[self.key(identity, reference)] = {**dict(figures), "identity": dict(identity)}
+
+    def save(self) -> None:
+        """Write the file atomically (a reader never sees half a file)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+def profile_rows(specs: Mapping[str, RunSpec | Target], *, batch_sizes: list[int | None],
+                 reference: str | None = None, throughput: bool = True, rounds: int | None = None,
+                 backend: str = "eager", device: torch.device | None = None,
+                 precision: str | None = None) -> list[dict[str, Any]]:
+    """One row per model and batch size: params, GFLOPs and the side-by-side figures (``fvlab profile``)."""
+    targets = _targets(specs)
+    rows: list[dict[str, Any]] = []
+    counts = None
+    for batch_size in batch_sizes:
+        measured = measure_specs(targets, reference=reference, throughput=throughput, batch_size=batch_size,
+                                 rounds=rounds, backend=backend, device=device, precision=precision,
+                                 counts=counts)
+        counts = measured  # params and GFLOPs do not depend on the batch size
+        for name, figures in measured.items():
+            target = targets[name]
+            detail = figures.pop("throughput", None) or {}
+            rows.append({"name": name, "image_size": target.image_size,
+                         "batch_size": detail.get("batch_size", batch_size), "backend": backend,
+                         "precision": detail.get("dtype", precision or target.precision),
+                         "device": detail.get("device", str(device or target.device)),
+                         "threads": detail.get("threads"), "rounds": detail.get("rounds"),
+                         "reference": detail.get("reference"), "compile_s": detail.get("compile_s"),
+                         "model/latency_ms_lo": detail.get("latency_ms_lo"),
+                         "model/latency_ms_hi": detail.get("latency_ms_hi"),
+                         "model/speedup_lo": detail.get("speedup_lo"), "model/speedup_hi": detail.get("speedup_hi"),
+                         **figures})
+    return rows
+
+
+def write_profile_json(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Merge ``rows`` into ``profile.json``: a row replaces the one of the same model, batch and backend."""
+    path = Path(path)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = []
+    new_keys = {(r["name"], r["batch_size"], r["backend"]) for r in rows}
+    kept = [r for r in old if isinstance(r, dict)
+            and (r.get("name"), r.get("batch_size"), r.get("backend")) not in new_keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(kept + rows, indent=2, default=str) + "\n")
+    tmp.replace(path)
