@@ -25,7 +25,7 @@ from fvlab.lit.runner import RunSpec
 from fvlab.profile import count_flops, count_params, measure_side_by_side
 
 __all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
-           "THROUGHPUT_METRICS", "profile_rows", "write_profile_json"]
+           "THROUGHPUT_METRICS", "profile_rows", "write_profile_json", "measure_experiment"]
 
 # The figures the side-by-side protocol gives; params and GFLOPs need no timing.
 THROUGHPUT_METRICS = ("model/throughput", "model/throughput_lo", "model/throughput_hi",
@@ -229,3 +229,40 @@ def write_profile_json(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(kept + rows, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+MEASUREMENTS_FILE = "measurements.json"
+
+
+def measure_experiment(experiment: Any, overrides: Mapping[str, Any], root: Path, *, force: bool = False,
+                       throughput: bool = True) -> dict[str, dict[str, Any]]:
+    """``model/*`` figures of every variant of an experiment, measured together (``fvlab fit``).
+
+    All variants are built and measured side by side against the experiment's reference (or
+    first) variant, even when only a few will train, so the table's figures share one moment.
+    The figures are cached in ``root/measurements.json`` per architecture identity (and the
+    reference's): adding seeds or variants that are already measured re-measures nothing;
+    ``force`` measures again. Raises BadConfig when a variant cannot be built.
+    """
+    from fvlab.lit.runner import build_run, release_memory
+
+    names = experiment.variant_names()
+    reference = experiment.reference if experiment.reference in names else names[0]
+    specs = {name: build_run(experiment.config(name), None, {**dict(overrides), "trainer.logger": False},
+                             experiment=experiment.name, variant=name) for name in names}
+    identities = {name: arch_identity(spec) for name, spec in specs.items()}
+    cache = MeasurementCache(Path(root) / MEASUREMENTS_FILE)
+    known = {name: cache.get(identities[name], identities[reference]) for name in names}
+    complete = all(figures is not None and (not throughput or figures.get("model/throughput") is not None)
+                   for figures in known.values())
+    if force or not complete:
+        measured = measure_specs(specs, reference=reference, throughput=throughput)
+        for name, figures in measured.items():
+            figures.pop("throughput", None)
+            cache.put(identities[name], identities[reference], figures)
+            known[name] = cache.get(identities[name], identities[reference])
+        cache.save()
+    del specs
+    release_memory()
+    return {name: {k: v for k, v in figures.items() if k.startswith("model/")}
+            for name, figures in known.items()}
