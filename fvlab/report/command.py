@@ -53,6 +53,8 @@ class Report:
 def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name: str | None = None,
                  skip: Path | None = None) -> Report:
     """Read every run and study in ``dirs`` (and ``storage``); ReportInputError when there is nothing."""
+    from fvlab.runtime import hide_password
+
     run_paths: dict[Path, Path] = {}
     journals: list[Path] = []
     for directory in dirs:
@@ -79,7 +81,7 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
     if storage is not None:
         study, source = collect.load_storage_study(storage, study_name)
         studies.append((study, source, None))
-    report = Report([str(d) for d in dirs] + ([storage] if storage else []))
+    report = Report([str(d) for d in dirs] + ([hide_password(storage)] if storage else []))
     used: set[Path] = set()
     for study, source, study_dir in studies:
         data = collect.read_study(study, source, runs, study_dir)
