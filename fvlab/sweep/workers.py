@@ -90,6 +90,13 @@ def claim_worker_index(study: optuna.Study) -> int:
     return index
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+    # GridSampler stops study.optimize() when the grid is spent, and raises outside it; the
+    # workers' budget (n_trials capped at the grid's size) already ends the search.
+    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
+        """Nothing: the budget, not the sampler, ends the search."""
+
+
 def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
     """The sweep's sampler, seeded; TPE is multivariate, with the constant liar for parallel workers."""
     cls = SAMPLER_CLASSES[sweep.sampler]
@@ -100,7 +107,7 @@ def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers
             options.setdefault("multivariate", True)
             options.setdefault("constant_liar", parallel)
         if sweep.sampler == "grid":
-            return cls(sweep.grid_search_space(), seed=seed, **options)
+            return _GridSampler(sweep.grid_search_space(), seed=seed, **options)
         return cls(seed=seed, **options)
 
 
@@ -210,7 +217,9 @@ def run_worker(settings: WorkerSettings) -> int:
                 counted, waiting = count_budget(study)
                 if not waiting and budget is not None and counted >= budget:
                     break
-                trial = study.ask()  # a queued retry first
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "heartbeat ... with Study.optimize": _tell runs it
+                    trial = study.ask()  # a queued retry first
                 # Before the lock goes: another worker must not take this trial for a dead one.
                 trial.set_user_attr("fvlab_process", process_tag())
             _tell(study, trial, objective)
