@@ -219,3 +219,33 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def hide_password(url: str) -> str:
+    """A storage URL as fvlab prints or writes it: the password, if any, replaced by ``***``."""
+    if "://" not in url or "@" not in url:
+        return url  # a journal path or a URL without credentials: as the user gave it
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy understands: mask user:password@ by hand
+        scheme, _, rest = url.partition("://")
+        credentials, at, host = rest.rpartition("@")
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}{':***' if ':' in credentials else ''}{at}{host}"
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
+def scrub_password(text: str, url: str | None) -> str:
+    """``text`` with ``url``'s password (and the URL itself) masked: for error messages that quote it."""
+    if not url:
+        return text
+    text = text.replace(url, hide_password(url))
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password if "://" in url else None
+    except Exception:
+        password = None
+    return text.replace(str(password), "***") if password else text

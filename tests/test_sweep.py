@@ -128,6 +128,13 @@ def test_bad_sweep_file_exits_2_and_writes_nothing(tmp_path: Path, capsys, chang
     assert not (tmp_path / "runs").exists()
 
 
+def test_unreachable_storage_error_hides_the_password(tmp_path: Path, capsys) -> None:
+    sweep = write_sweep(tmp_path)
+    assert run_sweep(tmp_path, sweep, "--storage", "postgresql://fvlab:pw-xyz@127.0.0.1:1/sweeps") == 2
+    err = capsys.readouterr().err
+    assert "--storage postgresql://fvlab:***@127.0.0.1:1/sweeps: OperationalError" in err and "pw-xyz" not in err
+
+
 # ---- one real sweep ----------------------------------------------------------------------
 
 
@@ -208,6 +215,39 @@ def test_rerun_resumes_and_changed_space_exits_2(three_trials: Path, capsys) -> 
     assert journal.stat().st_size == size
 
 
+def test_changed_base_experiment_or_threads_exit_2(three_trials: Path, capsys) -> None:
+    import torch
+
+    journal = three_trials / "runs" / "tiny" / "study.journal"
+    edited = three_trials / "edited"
+    edited.mkdir(exist_ok=True)
+
+    def rerun(base: dict) -> int:
+        sweep = write_sweep(edited, base=base)
+        return sweep_command([str(sweep), "--runs-dir", str(three_trials / "runs")])
+
+    capsys.readouterr()
+    # The sweep ignores the ablation block and seeds, and model.lr is searched: no change.
+    assert rerun({**BASE, "ablation": {"x": {"model.lr": 0.5}}, "seeds": [4], "model": {**BASE["model"], "lr": 0.1}}) == 0
+    assert "3 trial(s) (3 complete)" in capsys.readouterr().out
+    size = journal.stat().st_size
+    changed = {**BASE, "model": {**BASE["model"], "weight_decay": 0.1},
+               "trainer": {**BASE["trainer"], "max_epochs": 2}}
+    assert rerun(changed) == 2
+    err = capsys.readouterr().err
+    assert "different base experiment (model.weight_decay, trainer.max_epochs)" in err and "--study-name" in err
+    assert len(err.strip().splitlines()) == 1 and journal.stat().st_size == size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert rerun(BASE) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"with {threads} CPU thread(s) per worker, this command would use {threads + 1}" in err
+    assert "--workers" in err and "--study-name" in err and journal.stat().st_size == size
+
+
 # ---- constraints, impossible geometry, pruning ------------------------------------------------
 
 
@@ -244,7 +284,7 @@ def _seed_training_first(choices: list, first) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for seed in range(100):
-        sampler = optuna.samplers.GridSampler({"model.lr": choices}, seed=worker_seed(seed, 0, 0, False))
+        sampler = optuna.samplers.GridSampler({"model.lr": choices}, seed=worker_seed(seed, 0))
         trial = optuna.create_study(sampler=sampler).ask()
         if trial.suggest_categorical("model.lr", choices) == first:
             return seed
@@ -286,9 +326,10 @@ def load_study(tmp_path: Path, name: str, storage: str | None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def fvlab_process(*args: str) -> subprocess.Popen:
+def fvlab_process(*args: str, stdout: Path | None = None) -> subprocess.Popen:
     code = "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT,
+                            stdout=stdout.open("w") if stdout else subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -308,19 +349,25 @@ def assert_budget_spent(study: optuna.Study, n_trials: int) -> list[optuna.trial
 LR_ONLY = {"model.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}
 
 
-def test_kill_9_then_rerun_finishes_every_trial_once(tmp_path: Path, storage: str | None) -> None:
+PASSWORD = "s3cret-pw"  # the test server trusts local connections: accepted and ignored
+
+
+def test_kill_9_then_rerun_resumes_in_its_own_run_directory(tmp_path: Path, storage: str | None, capsys) -> None:
+    if storage is not None:
+        storage = storage.replace("://fvlab@", f"://fvlab:{PASSWORD}@")
     sweep = write_sweep(tmp_path, study="killed", n_trials=3, space=LR_ONLY,
                         objectives={"val/acc1_best": "maximize"},
-                        overrides={"trainer.limit_train_batches": 4})
+                        overrides={"trainer.limit_train_batches": 4, "trainer.max_epochs": 4})
     extra = ["--storage", storage] if storage else []
-    process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra)
-    victim = tmp_path / "runs" / "killed" / "trial_0001" / "config.yaml"
-    deadline = time.time() + 240
+    log = tmp_path / "killed.out"
+    process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra, stdout=log)
+    victim = tmp_path / "runs" / "killed" / "trial_0001" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
     while not victim.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert process.poll() is None, process.stderr.read()
-    process.send_signal(signal.SIGKILL)  # in the middle of trial 1's fit
-    process.wait()
+    process.send_signal(signal.SIGKILL)  # in the middle of trial 1's fit, after its first epoch
+    _, killed_err = process.communicate()
     running = [t.number for t in load_study(tmp_path, "killed", storage).get_trials()
                if t.state == TrialState.RUNNING]
     assert running == [1]
@@ -330,9 +377,62 @@ def test_kill_9_then_rerun_finishes_every_trial_once(tmp_path: Path, storage: st
     assert [t.number for t in failed] == [1] and "ended while running it" in failed[0].user_attrs["fail_reason"]
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
     assert retry.state == TrialState.COMPLETE and retry.params == failed[0].params
-    assert retry.user_attrs["run_name"] == "trial_0001"  # the killed trial's directory, finished
-    assert json.loads((tmp_path / "runs" / "killed" / "trial_0001" / "metrics.json").read_text())["status"] \
+    # Its own directory, continued from the killed attempt's last.ckpt (not started over).
+    assert retry.user_attrs["run_name"] == f"trial_{retry.number:04d}" != "trial_0001"
+    assert retry.user_attrs["resumed"]["global_step"] >= 2  # at least the first epoch (64 images, batch 32)
+    study_dir = tmp_path / "runs" / "killed"
+    assert not (study_dir / "trial_0001" / "metrics.json").exists()  # what the killed attempt left
+    assert json.loads((study_dir / retry.user_attrs["run_name"] / "metrics.json").read_text())["status"] \
         == "complete"
+    # The report's row of the killed attempt shows what it wrote (no accuracy), not the retry's.
+    report = ["report", str(study_dir), "--out", str(tmp_path / "report")]
+    assert main(report + (["--storage", storage, "--study-name", "killed"] if storage else [])) == 0
+    import csv
+
+    from fvlab.report.collect import read_run
+
+    rows = {int(r["trial"]): r for r in csv.DictReader((tmp_path / "report" / "report.csv").open())
+            if r["kind"] == "trial"}
+    own = read_run(study_dir / "trial_0001").metrics.get("val/acc1_best")  # from its events
+    assert rows[1]["status"] == "failed" and rows[1]["wall_s"] == ""  # no final figures: it was killed
+    assert rows[1]["val/acc1_best"] == ("" if own is None else str(own))
+    assert rows[retry.number]["wall_s"] and float(rows[retry.number]["val/acc1_best"]) >= 0
+    if storage is not None:  # the password is never printed or written
+        out = capsys.readouterr()
+        assert "fvlab:***@" in out.out
+        written = [f.read_text(errors="ignore") for f in tmp_path.rglob("*")
+                   if f.is_file() and f.suffix in (".md", ".json", ".csv", ".yaml", ".txt")]
+        assert any("***" in text for text in written)  # report.md names its masked source
+        for text in (out.out, out.err, killed_err, log.read_text(), *written):
+            assert PASSWORD not in text
+
+
+def test_retry_gets_its_own_tag_and_a_trial_killed_4_times_is_given_up(tmp_path: Path) -> None:
+    import socket
+
+    from fvlab.sweep.storage import MAX_RETRIES, recover_dead_trials, open_storage
+    from fvlab.sweep.workers import count_budget
+
+    storage = open_storage(None, tmp_path / "study.journal")
+    study = optuna.create_study(study_name="s", storage=storage)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = {"host": socket.gethostname(), "pid": gone.pid, "start": "gone"}
+    trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
+    for attempt in range(MAX_RETRIES + 1):
+        trial.set_user_attr("fvlab_process", dead)  # the worker running it was killed
+        trial.set_user_attr("run_dir", f"runs/s/trial_{trial.number:04d}")
+        assert recover_dead_trials(study, storage) == [(trial.number, attempt < MAX_RETRIES)]
+        if attempt == MAX_RETRIES:
+            break
+        trial = study.ask()  # the queued retry, RUNNING before its worker tags it
+        assert "fvlab_process" not in trial.user_attrs  # not the dead worker's tag
+        assert recover_dead_trials(study, storage) == []  # so no other worker fails the live retry
+        assert trial.user_attrs["resume_from"][0] == f"runs/s/trial_{trial.number - 1:04d}"
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * (MAX_RETRIES + 1)
+    assert "not retried: killed 4 times" in trials[-1].user_attrs["fail_reason"]
+    assert count_budget(study) == (1, 0)  # the given-up trial counts once
 
 
 def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None) -> None:
@@ -346,6 +446,46 @@ def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None
     # A rerun with its budget met starts nothing.
     assert run_sweep(tmp_path, sweep, "--workers", "2", *extra) == 0
     assert len(load_study(tmp_path, "parallel", storage).get_trials()) == 4
+
+
+# Every trial infeasible: pruned after its GFLOPs count, never trained (races without training time).
+UNTRAINED = dict(space={"model.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+                        "model.arch.ct_size": {"choices": [1, 2]}},
+                 objectives={"val/acc1_best": "maximize"}, constraints={"max_gflops": 1.0e-6},
+                 sampler={"name": "random", "seed": 0})
+
+
+def test_two_sweeps_started_together_share_the_budget_and_propose_differently(tmp_path: Path,
+                                                                               storage: str | None) -> None:
+    from fvlab.sweep.workers import WORKERS_ATTR, count_budget
+
+    sweep = write_sweep(tmp_path, study="together", n_trials=4, **UNTRAINED)
+    extra = ["--storage", storage] if storage else []
+    processes = [fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra)
+                 for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    assert not any("Traceback" in e for e in errors), errors
+    study = load_study(tmp_path, "together", storage)
+    trials = study.get_trials()
+    assert len(trials) == 4 and count_budget(study) == (4, 0)
+    assert all(t.state == TrialState.PRUNED for t in trials)
+    assert study.user_attrs[WORKERS_ATTR] == 2
+    first: dict[int, dict] = {}
+    for t in trials:
+        first.setdefault(t.user_attrs["fvlab_process"]["pid"], t.params)
+    assert len(first) == 2  # both took trials
+    one, two = first.values()
+    assert one != two  # distinct sampler seeds
+
+
+def test_a_single_fixed_seed_worker_reproduces_its_search(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, n_trials=2, **UNTRAINED)
+    searches = []
+    for name in ("first", "again"):
+        assert run_sweep(tmp_path, sweep, "--study-name", name) == 0
+        searches.append([t.params for t in load_study(tmp_path, name, None).get_trials()])
+    assert searches[0] == searches[1] and len({str(p) for p in searches[0]}) == 2
 
 
 def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> None:

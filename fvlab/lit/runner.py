@@ -48,7 +48,7 @@ from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
            "fit_run", "run_one", "read_metrics", "find_runs", "release_memory", "config_hash",
-           "DEFAULT_DATA", "FINAL_METRICS"]
+           "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
 FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss", "train/loss_epoch",
@@ -219,14 +219,19 @@ def _one_line(err: BaseException) -> str:
     return text[:2000]
 
 
-def config_hash(resolved: Mapping[str, Any]) -> str:
-    """A short stable hash of a resolved config, ignoring display-only settings."""
+def without_display_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a resolved config without the display-only settings (progress bar, model summary)."""
     config = copy.deepcopy(dict(resolved))
     for key in _UNHASHED:
         section, _, name = key.partition(".")
         if isinstance(config.get(section), dict):
             config[section].pop(name, None)
-    text = json.dumps(config, sort_keys=True, default=str)
+    return config
+
+
+def config_hash(resolved: Mapping[str, Any]) -> str:
+    """A short stable hash of a resolved config, ignoring display-only settings."""
+    text = json.dumps(without_display_keys(resolved), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

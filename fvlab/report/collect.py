@@ -245,8 +245,13 @@ def load_journal_studies(path: Path, study_name: str | None = None) -> list[tupl
 
 
 def load_storage_study(url: str, study_name: str | None) -> tuple[Any, str]:
-    """A study from any Optuna storage URL (``sqlite:///...``, ``postgresql://...``) or journal file path."""
+    """A study from any Optuna storage URL (``sqlite:///...``, ``postgresql://...``) or journal file path;
+    (study, source), the source with the URL's password hidden."""
     import optuna
+
+    from fvlab.runtime import hide_password, scrub_password
+
+    shown = hide_password(url)
 
     if url.endswith(".journal") or Path(url).is_file():
         if not Path(url).is_file():
@@ -257,17 +262,18 @@ def load_storage_study(url: str, study_name: str | None) -> tuple[Any, str]:
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as err:
-        raise ReportInputError(f"--storage {url}: cannot open it ({type(err).__name__}: {err}); give an "
-                               f"Optuna URL such as sqlite:///runs/study.db or a study.journal path") from None
+        raise ReportInputError(scrub_password(f"--storage {shown}: cannot open it ({type(err).__name__}: {err}); "
+                               f"give an Optuna URL such as sqlite:///runs/study.db or a study.journal path",
+                               url)) from None
     if study_name is None:
         if len(names) != 1:
-            raise ReportInputError(f"--storage {url} holds {len(names)} studies; name one with "
+            raise ReportInputError(f"--storage {shown} holds {len(names)} studies; name one with "
                                    f"--study-name ({', '.join(names) or 'none'})")
         study_name = names[0]
     if study_name not in names:
-        raise ReportInputError(f"--study-name {study_name!r} is not in --storage {url}; it holds: "
+        raise ReportInputError(f"--study-name {study_name!r} is not in --storage {shown}; it holds: "
                                f"{', '.join(names) or 'no study'}")
-    return optuna.load_study(study_name=study_name, storage=storage), url
+    return optuna.load_study(study_name=study_name, storage=storage), shown
 
 
 def _reason(*sources: Mapping[str, Any]) -> str:

@@ -54,6 +54,8 @@ class Report:
 def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name: str | None = None,
                  skip: Path | None = None) -> Report:
     """Read every run and study in ``dirs`` (and ``storage``); ReportInputError when there is nothing."""
+    from fvlab.runtime import hide_password
+
     run_paths: dict[Path, Path] = {}
     journals: list[Path] = []
     for directory in dirs:
@@ -83,7 +85,7 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
         if (Path(storage).resolve(), study.study_name) not in {(Path(src).resolve(), s.study_name)
                                                                for s, src, _ in studies}:
             studies.append((study, source, None))
-    report = Report([str(d) for d in dirs] + ([storage] if storage else []))
+    report = Report([str(d) for d in dirs] + ([hide_password(storage)] if storage else []))
     used: set[Path] = set()
     for study, source, study_dir in studies:
         data = collect.read_study(study, source, runs, study_dir)

@@ -13,7 +13,7 @@ from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 __all__ = ["sweep_command", "prepare_sweep"]
 
-STUDY_ATTRS = ("fvlab_spec", "fvlab_spec_hash", "fvlab_device")
+STUDY_ATTRS = ("fvlab_spec", "fvlab_spec_hash", "fvlab_device", "fvlab_threads")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     import gc
 
     from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
-    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.lit.runner import BadConfig, build_run, without_display_keys
     from fvlab.sweep.objective import device_kind
     from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep
 
@@ -67,6 +67,15 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
             raise SweepError(f"space.{key}: not a key of the resolved config of {sweep.experiment}; "
                              f"use dotted keys such as model.arch.window_size or model.lr")
     kind = device_kind(spec.device)
+    resolved = without_display_keys(spec.config)
+    for key in sweep.space:  # searched keys: their base value never reaches a trial
+        *parents, last = key.split(".")
+        section = resolved
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(last, None)
+    sweep.base = resolved
     del spec
     gc.collect()
     runs_dir = Path(args.runs_dir)
@@ -76,52 +85,80 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
 
 
 def _open_study(args: argparse.Namespace, sweep: Any, kind: str, journal: Path) -> Any:
-    """Create the study, or load it and check that it is the same search; SweepError otherwise."""
-    import optuna
+    """Create the study, or load it and check that it is the same search; SweepError otherwise.
 
-    from fvlab.sweep.space import SweepError, describe_change
-    from fvlab.sweep.storage import open_storage
+    Under the study's budget lock, so that commands started together create it once and
+    every other one finds it with its identity already recorded.
+    """
+    from fvlab.runtime import hide_password, scrub_password
+    from fvlab.sweep.space import SweepError
+    from fvlab.sweep.storage import budget_lock, open_storage, retrying
+    from fvlab.sweep.workers import worker_threads
 
     study_dir = journal.parent
     if args.storage is None and not journal.exists() and study_dir.is_dir() \
             and any(study_dir.glob("trial_*")):
         raise SweepError(f"{study_dir} holds trials but no study.journal; move it away or choose "
                          f"another --study-name")
+    # Threads set the speed of a CPU; on a GPU they do not enter the throughput figures.
+    threads = worker_threads(args.workers) if kind.startswith("cpu") else None
+    where = hide_password(args.storage) if args.storage else str(journal)
     try:
         storage = open_storage(args.storage, journal)
     except Exception as err:  # a bad URL or an unreachable server
-        raise SweepError(f"--storage {args.storage}: {type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:300]}") from None
-    known = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if sweep.study in known:
-        study = optuna.load_study(study_name=sweep.study, storage=storage)
-        attrs = study.user_attrs
-        if attrs.get("fvlab_spec_hash") != sweep.identity_hash():
-            changed = describe_change(attrs.get("fvlab_spec") or {}, sweep.identity())
-            raise SweepError(f"study {sweep.study!r} in {args.storage or journal} was created with a different "
-                             f"{changed}; restore the file or start a new study with --study-name NAME")
-        if sweep.uses_throughput() and attrs.get("fvlab_device") not in (None, kind):
-            raise SweepError(f"study {sweep.study!r} measured throughput on {attrs['fvlab_device']!r}, this machine "
-                             f"is {kind!r}: a study's throughput figures must come from one device kind; "
-                             f"use another --study-name here")
-        if study.directions != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
-                                else optuna.study.StudyDirection.MINIMIZE for d in sweep.directions]:
-            raise SweepError(f"study {sweep.study!r} has other directions; use another --study-name")
-        return storage, study
+        raise SweepError(scrub_password(f"--storage {args.storage}: {type(err).__name__}: "
+                                        f"{' '.join(str(err).split())[:300]}", args.storage)) from None
+    with budget_lock(storage, args.storage, journal, sweep.study):
+        study = retrying(lambda: _load_or_create(storage, sweep, kind, threads), "creating the study")
+    _check_study(study, sweep, kind, threads, where)
+    return storage, study
+
+
+def _load_or_create(storage: Any, sweep: Any, kind: str, threads: int | None) -> Any:
     import warnings
 
+    import optuna
     from optuna.exceptions import ExperimentalWarning
 
-    study = optuna.create_study(study_name=sweep.study, storage=storage, directions=sweep.directions)
+    if sweep.study in optuna.get_all_study_names(storage):
+        return optuna.load_study(study_name=sweep.study, storage=storage)
+    study = optuna.create_study(study_name=sweep.study, storage=storage, directions=sweep.directions,
+                                load_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         study.set_metric_names(list(sweep.objectives))  # optuna-dashboard labels the axes
     study.set_user_attr("fvlab_spec", sweep.identity())
     study.set_user_attr("fvlab_spec_hash", sweep.identity_hash())
     study.set_user_attr("fvlab_device", kind)
+    study.set_user_attr("fvlab_threads", threads)
     study.set_user_attr("fvlab_sweep_file", str(sweep.path))
     study.set_user_attr("fvlab_experiment", str(sweep.experiment))
-    return storage, study
+    return study
+
+
+def _check_study(study: Any, sweep: Any, kind: str, threads: int | None, where: str) -> None:
+    """A resumed study must be the same search, measured the same way."""
+    import optuna
+
+    from fvlab.sweep.space import SweepError, describe_change
+
+    attrs = study.user_attrs
+    if attrs.get("fvlab_spec_hash") != sweep.identity_hash():
+        changed = describe_change(attrs.get("fvlab_spec") or {}, sweep.identity())
+        raise SweepError(f"study {sweep.study!r} in {where} was created with a different "
+                         f"{changed}; restore the files or start a new study with --study-name NAME")
+    if sweep.uses_throughput() and attrs.get("fvlab_device") not in (None, kind):
+        raise SweepError(f"study {sweep.study!r} measured throughput on {attrs['fvlab_device']!r}, this machine "
+                         f"is {kind!r}: a study's throughput figures must come from one device kind; "
+                         f"use another --study-name here")
+    if sweep.uses_throughput() and attrs.get("fvlab_threads") not in (None, threads):
+        raise SweepError(f"study {sweep.study!r} measured throughput with {attrs['fvlab_threads']} CPU thread(s) "
+                         f"per worker, this command would use {threads}: a study's throughput figures must "
+                         f"come from one thread count; rerun with the --workers of the first run (on a "
+                         f"machine with as many cores) or start a new study with --study-name NAME")
+    if study.directions != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
+                            else optuna.study.StudyDirection.MINIMIZE for d in sweep.directions]:
+        raise SweepError(f"study {sweep.study!r} has other directions; use another --study-name")
 
 
 def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label: str) -> None:
@@ -170,8 +207,7 @@ def sweep_command(argv: Sequence[str]) -> int:
     settings = WorkerSettings(
         sweep_path=str(sweep.path), study_name=sweep.study, n_trials=n_trials, storage=args.storage,
         journal=str(journal), runs_dir=str(args.runs_dir),
-        deadline=time.time() + args.timeout if args.timeout else None, workers=args.workers,
-        trials_at_start=len(study.get_trials(deepcopy=False)))
+        deadline=time.time() + args.timeout if args.timeout else None, workers=args.workers)
     label = storage_label(args.storage, journal)
     print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
           f"{args.workers} worker(s), storage {label}", flush=True)

@@ -4,7 +4,9 @@ A trial samples its settings, builds the run (an impossible geometry is pruned w
 builder's reason), measures the architecture once (params, GFLOPs, throughput, latency are
 shared by every trial with the same architecture), checks the constraints on the built model
 (an infeasible trial is pruned, never trained) and then fits through the run library's
-``fit_run``; the pruning callback stops a losing run at a validation.
+``fit_run``; the pruning callback stops a losing run at a validation. Every attempt has its
+own run directory, ``trial_NNNN`` after its Optuna trial: a retry continues from a copy of the
+checkpoint of the attempt it repeats, whose directory keeps what that attempt wrote.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,13 +27,12 @@ import optuna
 import torch
 
 from fvlab.experiment import apply_overrides
-from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, plan_run, profile_run, release_memory
+from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.profile import autocast_for_precision, measure_throughput
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
-from fvlab.sweep.storage import process_tag
 
 __all__ = ["TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "device_kind",
-           "arch_key", "SPEEDUP_ROUNDS"]
+           "arch_key", "continue_attempt", "SPEEDUP_ROUNDS"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,37 @@ def device_kind(device: torch.device) -> str:
             pass
         return f"cpu: {name}"
     return device.type
+
+
+def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | None:
+    """Copy the newest loadable ``last.ckpt`` (and ``best.ckpt``) of the earlier attempts' directories
+    into ``run_dir/checkpoints``, its ModelCheckpoint state pointed there; (last.ckpt, its global step)."""
+    for previous in earlier:
+        source = Path(previous) / "checkpoints"
+        if not (source / "last.ckpt").is_file():
+            continue
+        try:
+            # Our own run directory's file, loaded as Lightning's resume loads it.
+            state = torch.load(source / "last.ckpt", map_location="cpu", weights_only=False)
+        except Exception:  # killed while writing it: try an earlier attempt, else start afresh
+            continue
+        target = run_dir / "checkpoints"
+        old, new = os.path.realpath(source), os.path.realpath(target)
+        # ModelCheckpoint restores its best score only when its dirpath is unchanged.
+        for key, callback in (state.get("callbacks") or {}).items():
+            if key.startswith("ModelCheckpoint") and isinstance(callback, dict):
+                for name, value in list(callback.items()):
+                    if isinstance(value, str) and value.startswith(old):
+                        callback[name] = new + value[len(old):]
+                if isinstance(callback.get("best_k_models"), dict):
+                    callback["best_k_models"] = {(new + k[len(old):] if k.startswith(old) else k): v
+                                                 for k, v in callback["best_k_models"].items()}
+        target.mkdir(parents=True, exist_ok=True)
+        if (source / "best.ckpt").is_file():
+            shutil.copy2(source / "best.ckpt", target / "best.ckpt")
+        torch.save(state, target / "last.ckpt")
+        return str(target / "last.ckpt"), int(state.get("global_step", 0))
+    return None
 
 
 def arch_key(spec: RunSpec) -> str:
@@ -189,17 +223,10 @@ class SweepObjective:
         self.base_config = dict(base_config)
         self.study_dir = Path(study_dir)
         self.profiler = profiler
-        self.current_trial: int | None = None
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        self.current_trial = trial.number
-        trial.set_user_attr("fvlab_process", process_tag())
-        for stale in ("fail_reason", "pruned_reason"):  # inherited by a retried trial
-            if trial.user_attrs.get(stale) is not None:
-                trial.set_user_attr(stale, None)
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
-        # A retried trial keeps the run directory (and checkpoints) of the trial it repeats.
-        run_name = trial.user_attrs.get("run_name") or f"trial_{trial.number:04d}"
+        run_name = f"trial_{trial.number:04d}"  # every attempt its own: a retry has its own number
         run_dir = self.study_dir / run_name
         trial.set_user_attr("run_name", run_name)
         trial.set_user_attr("run_dir", str(run_dir))
@@ -227,9 +254,13 @@ class SweepObjective:
             metrics = self.profiler.measure(spec)
             self._check(trial, metrics)
             ckpt_path = None
-            if (run_dir / "checkpoints" / "last.ckpt").is_file():
-                # Only a retried trial finds its directory: resume where it stopped.
-                ckpt_path = plan_run(run_dir, spec.config_hash, resume=True).ckpt_path
+            if trial.user_attrs.get("resume_from"):  # a retry: continue where the attempt stopped
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                resumed = continue_attempt(list(trial.user_attrs["resume_from"]), run_dir)
+                if resumed is not None:
+                    ckpt_path = resumed[0]
+                    trial.set_user_attr("resumed", {"checkpoint": ckpt_path, "global_step": resumed[1]})
             result = fit_run(spec, ckpt_path=ckpt_path, model_metrics=metrics)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")

@@ -212,6 +212,9 @@ class SweepSpec:
     pruner_options: dict[str, Any] = field(default_factory=dict)
     n_trials: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The base experiment's config with the overrides, as build_run resolves it (set by the
+    # command once it has built it): trials trained from another base must not join the study.
+    base: dict[str, Any] | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -230,12 +233,15 @@ class SweepSpec:
         return {key: list(p.discrete_values or []) for key, p in self.space.items()}
 
     def identity(self) -> dict[str, Any]:
-        """What a study is a search of: space, objectives, constraints and the overrides every trial
-        trains with (a rerun may not change them, or trials trained differently would mix)."""
+        """What a study is a search of: space, objectives, constraints, the overrides and the resolved
+        base config every trial trains from (a rerun may not change them, or trials trained
+        differently would mix). How the search runs is not part of it: sampler, pruner, n_trials
+        and any later re-training of the front may change between reruns."""
         return {"space": {k: p.spec for k, p in self.space.items()},
                 "objectives": [[k, v] for k, v in self.objectives.items()],
                 "constraints": dict(sorted(self.constraints.items())),
-                "overrides": dict(sorted(self.overrides.items()))}
+                "overrides": dict(sorted(self.overrides.items())),
+                "base": json.loads(json.dumps(self.base, sort_keys=True, default=str))}
 
     def identity_hash(self) -> str:
         """Short hash of :meth:`identity`."""
@@ -397,16 +403,29 @@ def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any) -> None:
                          f"rung would ever stop a trial; lower min_epochs or raise trainer.max_epochs")
 
 
+def _changed_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            keys += _changed_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """Which of space / objectives / constraints differ between two identities (and which keys)."""
+    """Which sections of two identities differ, and which keys (dotted in the base config)."""
     parts = []
-    for section in ("space", "objectives", "constraints"):
+    for section in ("space", "objectives", "constraints", "overrides", "base"):
         a, b = old.get(section), new.get(section)
         if json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            parts.append(f"{section} ({', '.join(keys)})")
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if section != "base" \
+                else _changed_keys(a, b)
+            shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+            parts.append(f"{'base experiment' if section == 'base' else section} ({shown})")
         else:
-            parts.append(section)
+            parts.append("base experiment" if section == "base" else section)
     return ", ".join(parts) or "the study's spec"

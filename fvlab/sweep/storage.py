@@ -10,19 +10,27 @@
 ``budget_lock`` serialises "count the trials, then ask for a new one" between processes, so
 that workers sharing a study end with exactly ``n_trials``: a file lock for the journal and
 SQLite, an advisory lock for PostgreSQL (and MySQL).
+
+A retried trial runs in its own run directory and continues from the checkpoint of the
+attempt it repeats; a trial killed ``MAX_RETRIES + 1`` times (an out-of-memory killer) is
+not queued again, and its ``fail_reason`` says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import importlib.util
+import logging
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -31,11 +39,19 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = ["open_storage", "storage_label", "budget_lock", "process_tag", "process_alive",
-           "recover_dead_trials", "retry_trial", "HEARTBEAT_INTERVAL", "GRACE_PERIOD", "SQLITE_TIMEOUT"]
+           "recover_dead_trials", "retry_trial", "retrying", "RetryAttempt", "HEARTBEAT_INTERVAL",
+           "GRACE_PERIOD", "SQLITE_TIMEOUT", "MAX_RETRIES", "KILLED"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEARTBEAT_INTERVAL = 60
 GRACE_PERIOD = 600
 SQLITE_TIMEOUT = 60
+MAX_RETRIES = 3  # a trial killed again and again (the OOM killer) is given up after 3 retries
+KILLED = "worker process"  # how recover_dead_trials' fail_reason starts
+# What an attempt wrote about itself; its retry starts without them.
+_ATTEMPT_ATTRS = ("fvlab_process", "fail_reason", "pruned_reason", "run_name", "run_dir", "val_acc1_best")
 
 
 def _is_url(storage: str) -> bool:
@@ -52,14 +68,60 @@ def _driver_url(url: str) -> str:
     return url
 
 
-def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+class RetryAttempt(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry with fvlab's attempt semantics: the retry gets its own process tag and run
+    directory (the dead attempt's tag would let another worker fail the live retry; its directory
+    keeps what that attempt wrote) and ``resume_from`` lists the earlier attempts' directories."""
+
+    def __init__(self, max_retry: int | None = MAX_RETRIES):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Enqueue ``trial`` again (unless its retries are spent), without its attempt's attributes."""
+        attempt = copy.deepcopy(trial)
+        attrs = dict(attempt.user_attrs)
+        earlier = [attrs["run_dir"]] if attrs.get("run_dir") else []
+        attrs["resume_from"] = earlier + [d for d in attrs.get("resume_from") or [] if d not in earlier]
+        attempt.user_attrs = {k: v for k, v in attrs.items() if k not in _ATTEMPT_ATTRS}
+        if self._max_retry is not None and len(trial.system_attrs.get("retry_history", [])) >= self._max_retry:
+            log.warning("trial %d failed and is not retried: %d retries spent", trial.number, self._max_retry)
+        super().__call__(study, attempt)
+
+
+_RACES = ("already exists", "duplicate", "deadlock", "could not serialize")
+
+
+def retrying(action: Callable[[], T], what: str, attempts: int = 6) -> T:
+    """``action()``, tried again on database errors: processes that start together race on
+    Optuna's schema creation (duplicate ``CREATE TYPE``) and on creating one study."""
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    from optuna.exceptions import DuplicatedStudyError
+
+    for attempt in range(attempts):
+        try:
+            return action()
+        except (DBAPIError, DuplicatedStudyError) as err:
+            # An unreachable server or a wrong password is not a race: report it at once.
+            race = isinstance(err, (IntegrityError, DuplicatedStudyError)) or any(
+                word in str(err).lower() for word in _RACES)
+            if not race or attempt == attempts - 1:
+                raise
+            log.debug("%s: %s; trying again", what, type(err).__name__)
+            time.sleep(random.uniform(0.2, 1.0) * (attempt + 1))  # jitter: racers do not meet again
+    raise AssertionError("unreachable")
 
 
 def open_storage(storage: str | None, journal: Path) -> BaseStorage:
     """The study's storage: ``storage`` (an Optuna URL or a journal file path) or the journal file."""
+    if storage is not None and _is_url(storage) and not storage.startswith("sqlite"):
+        return retrying(lambda: _open_storage(storage, journal), "setting up the storage")
+    return _open_storage(storage, journal)
+
+
+def _open_storage(storage: str | None, journal: Path) -> BaseStorage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         if storage is None or not _is_url(storage):
@@ -71,13 +133,15 @@ def open_storage(storage: str | None, journal: Path) -> BaseStorage:
         kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}
         if not storage.startswith("mysql"):
             kwargs.update(heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                          heartbeat_stale_trial_callback=_retry_callback())
+                          heartbeat_stale_trial_callback=RetryAttempt())
         return RDBStorage(_driver_url(storage), **kwargs)
 
 
 def storage_label(storage: str | None, journal: Path) -> str:
-    """What optuna-dashboard is given for this storage (URL or journal path)."""
-    return storage if storage else str(journal)
+    """What optuna-dashboard is given for this storage (URL, its password hidden, or journal path)."""
+    from fvlab.runtime import hide_password
+
+    return hide_password(storage) if storage else str(journal)
 
 
 def _sqlite_path(url: str) -> str | None:
@@ -168,27 +232,38 @@ def process_alive(tag: dict[str, Any]) -> bool:
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a failed trial again with the same parameters (and its intermediate values)."""
-    _retry_callback()(study, trial)
+    RetryAttempt(max_retry=None)(study, trial)
 
 
-def recover_dead_trials(study: optuna.Study, storage: BaseStorage) -> list[int]:
-    """Fail the RUNNING trials of this host whose process is gone and enqueue them again.
+def recover_dead_trials(study: optuna.Study, storage: BaseStorage) -> list[tuple[int, bool]]:
+    """Fail the RUNNING trials of this host whose process is gone and enqueue them again,
+    unless the trial was killed ``MAX_RETRIES + 1`` times: then its ``fail_reason`` says why.
+    Returns (trial number, queued again) per trial failed.
 
     A journal file has no heartbeat: after a ``kill -9`` the trial would stay RUNNING forever.
     """
     host = socket.gethostname()
     recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    for trial in trials:
         tag = trial.user_attrs.get("fvlab_process")
-        if not isinstance(tag, dict) or tag.get("host") != host or process_alive(tag):
+        if trial.state != TrialState.RUNNING or not isinstance(tag, dict) or tag.get("host") != host \
+                or process_alive(tag):
             continue
+        # Interrupted attempts (Ctrl-C) do not count: only kills, the OOM killer's signature.
+        killed = 1 + sum(1 for n in trial.system_attrs.get("retry_history", [])
+                         if str(by_number[n].user_attrs.get("fail_reason") or "").startswith(KILLED))
+        reason = f"{KILLED} {tag.get('pid')} ended while running it (killed?)"
+        if killed > MAX_RETRIES:
+            reason += (f"; not retried: killed {killed} times ({MAX_RETRIES} retries at most; out of memory? "
+                       f"see dmesg)")
         try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                        f"worker process {tag.get('pid')} ended while running it (killed?)")
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except Exception:  # another worker recovered it first
             continue
-        frozen = storage.get_trial(trial._trial_id)
-        retry_trial(study, frozen)
-        recovered.append(trial.number)
+        if killed <= MAX_RETRIES:
+            retry_trial(study, storage.get_trial(trial._trial_id))
+        recovered.append((trial.number, killed <= MAX_RETRIES))
     return recovered

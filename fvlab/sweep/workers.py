@@ -3,7 +3,11 @@
 ``n_trials`` is a total over every rerun, worker and machine: before each trial a worker
 takes the study's budget lock, recovers trials whose process died, counts the trials that are
 finished, running or waiting (a failed trial that was enqueued again counts once, as its
-retry) and asks for a new trial only while the count is below the budget. ``--workers K``
+retry) and asks for a new trial (``study.ask()``) only while the count is below the budget;
+the trial carries its process tag before the lock is released, runs, and is told its result
+(``study.tell()``). Each worker claims an index in the study, in start order, and seeds its
+sampler from ``sampler.seed`` and that index: workers propose different configurations, and a
+single worker with a fixed seed repeats its search. ``--workers K``
 spawns K processes (not forked: CUDA and OpenMP do not survive a fork), each with its own
 storage connection, its own GPU (``CUDA_VISIBLE_DEVICES``) or cores/K CPU threads.
 """
@@ -11,11 +15,11 @@ storage connection, its own GPU (``CUDA_VISIBLE_DEVICES``) or cores/K CPU thread
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -26,16 +30,17 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from fvlab.sweep.space import PRUNER_CLASSES, SAMPLER_CLASSES, SweepSpec
 
 __all__ = ["WorkerSettings", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
-           "EXIT_INTERRUPTED"]
+           "worker_seed", "worker_threads", "claim_worker_index", "EXIT_INTERRUPTED", "WORKERS_ATTR"]
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130
+WORKERS_ATTR = "fvlab_workers_started"  # study user attr: how many workers have claimed an index
 
 
 @dataclass
@@ -51,7 +56,6 @@ class WorkerSettings:
     deadline: float | None = None
     worker: int = 0
     workers: int = 1
-    trials_at_start: int = 0
     threads: int | None = None
     cuda_device: str | None = None
 
@@ -65,12 +69,32 @@ def count_budget(study: optuna.Study) -> tuple[int, int]:
     return counted, waiting
 
 
-def worker_seed(base: int, trials_at_start: int, worker: int, shared_storage: bool) -> int:
-    """Distinct sampler seeds per worker and rerun (and per machine on a shared database)."""
-    entropy = [base, trials_at_start, worker]
-    if shared_storage:
-        entropy.append(int.from_bytes(socket.gethostname().encode()[:8].ljust(8, b"\0"), "little"))
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+def worker_seed(base: int, index: int) -> int:
+    """The sampler seed of the study's ``index``-th worker (in start order, over reruns and machines)."""
+    return int(np.random.SeedSequence([base, index]).generate_state(1)[0])
+
+
+def worker_threads(workers: int) -> int:
+    """CPU threads each of ``workers`` worker processes runs (and measures throughput) with."""
+    import torch
+
+    if workers <= 1:
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def claim_worker_index(study: optuna.Study) -> int:
+    """The next worker index of the study; call under the budget lock (the read-increment-write)."""
+    index = int(study.user_attrs.get(WORKERS_ATTR, 0))
+    study.set_user_attr(WORKERS_ATTR, index + 1)
+    return index
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    # GridSampler stops study.optimize() when the grid is spent, and raises outside it; the
+    # workers' budget (n_trials capped at the grid's size) already ends the search.
+    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
+        """Nothing: the budget, not the sampler, ends the search."""
 
 
 def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
@@ -83,7 +107,7 @@ def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers
             options.setdefault("multivariate", True)
             options.setdefault("constant_liar", parallel)
         if sweep.sampler == "grid":
-            return cls(sweep.grid_search_space(), seed=seed, **options)
+            return _GridSampler(sweep.grid_search_space(), seed=seed, **options)
         return cls(seed=seed, **options)
 
 
@@ -96,16 +120,6 @@ def make_pruner(sweep: SweepSpec) -> optuna.pruners.BasePruner | None:
 
         return RungsPruner(**sweep.pruner_options)
     return PRUNER_CLASSES[sweep.pruner](**sweep.pruner_options)
-
-
-class _QuietKnownFailures(logging.Filter):
-    # A failed trial's reason is in its user_attrs and our own line: no traceback of our raise.
-    def filter(self, record: logging.LogRecord) -> bool:
-        from fvlab.sweep.objective import TrialFailed
-
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
-            record.exc_info = None
-        return True
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -128,6 +142,29 @@ def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix:
     return f"{prefix}trial {number} ({attrs.get('run_name', '?')}): {what}"
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, objective: Any) -> None:
+    """Run the objective on an asked trial and tell the study how it ended."""
+    from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize() runs around a trial
+
+    from fvlab.sweep.objective import TrialFailed
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            values = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return
+        except TrialFailed:  # its reason is in the trial's user_attrs
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        except Exception as err:
+            if trial.user_attrs.get("fail_reason") is None:
+                trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    study.tell(trial, values)
+
+
 def run_worker(settings: WorkerSettings) -> int:
     """Run trials until the study's budget is spent (or the deadline passes); returns an exit code."""
     from fvlab.runtime import tune_allocator
@@ -138,64 +175,73 @@ def run_worker(settings: WorkerSettings) -> int:
     import torch
 
     from fvlab.experiment import apply_overrides, load_experiment
-    from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective, TrialFailed
+    from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective
     from fvlab.sweep.space import load_sweep
-    from fvlab.sweep.storage import budget_lock, open_storage, recover_dead_trials, retry_trial
+    from fvlab.sweep.storage import (budget_lock, open_storage, process_tag, recover_dead_trials,
+                                     retry_trial)
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     # SIGTERM's default (or Lightning's, outside fit) would end the process with the trial RUNNING.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("optuna.study._optimize").addFilter(_QuietKnownFailures())
     prefix = f"[{settings.study_name}{f' w{settings.worker}' if settings.workers > 1 else ''}] "
     journal = Path(settings.journal)
+    trial: optuna.Trial | None = None
     try:
         sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials)
         base = load_experiment(sweep.experiment).base_config()
         storage = open_storage(settings.storage, journal)
-        seed = worker_seed(sweep.seed, settings.trials_at_start, settings.worker,
-                           isinstance(storage, RDBStorage) and storage.engine.dialect.name != "sqlite")
-        study = optuna.load_study(study_name=settings.study_name, storage=storage,
-                                  sampler=make_sampler(sweep, seed, parallel=True),
-                                  pruner=make_pruner(sweep))
+        study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(sweep))
+
+        def locked() -> contextlib.AbstractContextManager[None]:
+            return budget_lock(storage, settings.storage, journal, settings.study_name)
+
+        with locked():
+            index = claim_worker_index(study)
+        study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
         profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
                                         speedup="model/speedup" in sweep.objectives)
         objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler)
         objectives = list(sweep.objectives)
         budget = settings.n_trials
+        heartbeat = is_heartbeat_enabled(storage)
         while True:
             if settings.deadline is not None and time.time() >= settings.deadline:
                 print(f"{prefix}--timeout reached; no new trials", flush=True)
                 break
-            with contextlib.ExitStack() as lock:
-                lock.enter_context(budget_lock(storage, settings.storage, journal, settings.study_name))
-                for number in recover_dead_trials(study, storage):
-                    print(f"{prefix}trial {number}: its process is gone; failed and queued again", flush=True)
+            with locked():
+                if heartbeat:  # PostgreSQL: trials of machines that stopped beating
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(study)
+                for number, retried in recover_dead_trials(study, storage):
+                    print(f"{prefix}trial {number}: its process is gone; failed"
+                          + (" and queued again" if retried else ", not retried (killed too often)"), flush=True)
                 counted, waiting = count_budget(study)
                 if not waiting and budget is not None and counted >= budget:
                     break
-
-                def locked_objective(trial: optuna.Trial) -> list[float]:
-                    lock.close()  # the trial exists now: other workers may count it and go on
-                    return objective(trial)
-
-                objective.current_trial = None
-                try:
-                    study.optimize(locked_objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
-                except KeyboardInterrupt:
-                    number = objective.current_trial
-                    if number is not None:
-                        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-                        if frozen.state == TrialState.FAIL:
-                            retry_trial(study, frozen)
-                        print(f"{prefix}interrupted: trial {number} recorded as failed (interrupted) and "
-                              f"queued again; rerun the same command to resume", file=sys.stderr, flush=True)
-                    return EXIT_INTERRUPTED
-            if objective.current_trial is not None:
-                print(_trial_line(study, objective.current_trial, objectives, prefix), flush=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "heartbeat ... with Study.optimize": _tell runs it
+                    trial = study.ask()  # a queued retry first
+                # Before the lock goes: another worker must not take this trial for a dead one.
+                trial.set_user_attr("fvlab_process", process_tag())
+            _tell(study, trial, objective)
+            gc.collect()
+            print(_trial_line(study, trial.number, objectives, prefix), flush=True)
+            trial = None
     except KeyboardInterrupt:
-        print(f"{prefix}interrupted between trials", file=sys.stderr, flush=True)
+        if trial is None:
+            print(f"{prefix}interrupted between trials", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state == TrialState.RUNNING:
+            if frozen.user_attrs.get("fail_reason") is None:
+                trial.set_user_attr("fail_reason", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            retry_trial(study, study._storage.get_trial(trial._trial_id))
+        print(f"{prefix}interrupted: trial {trial.number} recorded as failed (interrupted) and "
+              f"queued again; rerun the same command to resume", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     finally:
         for sig, handler in previous.items():
@@ -222,7 +268,6 @@ def run_workers(settings: WorkerSettings) -> int:
     if settings.workers <= 1:
         return run_worker(settings)
     devices = _cuda_devices()
-    cores = os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     processes = []
     for index in range(settings.workers):
@@ -230,7 +275,7 @@ def run_workers(settings: WorkerSettings) -> int:
         if devices:
             own.cuda_device = devices[index % len(devices)]
         else:
-            own.threads = max(1, cores // settings.workers)
+            own.threads = worker_threads(settings.workers)
         process = context.Process(target=_spawned_worker, args=(own,), name=f"fvlab-sweep-{index}")
         process.start()
         processes.append(process)
