@@ -38,7 +38,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
 
     from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
     from fvlab.lit.runner import BadConfig, build_run, without_display_keys
-    from fvlab.sweep.objective import device_kind
+    from fvlab.lit.measure import device_kind
     from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep
 
     if args.n_trials is not None and args.n_trials < 1:

@@ -27,19 +27,18 @@ import optuna
 import torch
 
 from fvlab.experiment import apply_overrides
+from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
-from fvlab.profile import autocast_for_precision, measure_throughput
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
-__all__ = ["TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "device_kind",
-           "arch_key", "continue_attempt", "SPEEDUP_ROUNDS"]
+__all__ = ["TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "continue_attempt"]
 
 log = logging.getLogger(__name__)
 
-SPEEDUP_ROUNDS = 3
 ARCH_ATTR = "fvlab_arch:"
 # user_attrs names of the model metrics (DESIGN.md metric -> attribute).
 USER_ATTRS = {"model/params_m": "params_m", "model/gflops": "gflops", "model/throughput": "throughput",
+              "model/throughput_lo": "throughput_lo", "model/throughput_hi": "throughput_hi",
               "model/latency_ms": "latency_ms", "model/speedup": "speedup"}
 
 
@@ -73,21 +72,6 @@ class PruningCallback(pl.Callback):
             trainer.should_stop = True
 
 
-def device_kind(device: torch.device) -> str:
-    """What throughput figures are comparable across: the processor model, not its index."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-        except OSError:
-            pass
-        return f"cpu: {name}"
-    return device.type
-
-
 def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | None:
     """Copy the newest loadable ``last.ckpt`` (and ``best.ckpt``) of the earlier attempts' directories
     into ``run_dir/checkpoints``, its ModelCheckpoint state pointed there; (last.ckpt, its global step)."""
@@ -119,35 +103,25 @@ def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | Non
     return None
 
 
-def arch_key(spec: RunSpec) -> str:
-    """Identity of what throughput depends on: architecture, input geometry, device, precision, threads."""
-    config = spec.config
-    datamodule = spec.datamodule
-    identity = {"arch": (config.get("model") or {}).get("arch"),
-                "image_size": getattr(datamodule, "image_size", None),
-                "in_chans": getattr(datamodule, "in_chans", None),
-                "num_classes": getattr(datamodule, "num_classes", None),
-                "channels_last": (config.get("model") or {}).get("channels_last"),
-                "device": device_kind(spec.device), "precision": spec.precision,
-                "threads": torch.get_num_threads() if spec.device.type == "cpu" else None}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class ArchitectureProfiler:
     """``model/*`` metrics measured once per architecture, shared by every process through the study.
 
-    ``model/speedup`` is the candidate's throughput over the reference architecture's (the
-    base experiment's), measured in alternating rounds on this device: a busy machine slows
-    both alike, so the ratio holds where absolute images/s do not.
+    Throughput is measured side by side (DESIGN.md): each new architecture in interleaved
+    rounds with the base experiment's architecture, in one process, so ``model/throughput``
+    (median with its 95% interval) and ``model/speedup`` (median of per-round ratios to the
+    base) are taken at the same moment as the reference's; a busy machine slows both alike.
+    Figures are keyed by the architecture's identity and the reference's (device, precision,
+    threads, backend included), so a study never mixes figures of different identities.
     """
 
     def __init__(self, study: optuna.Study, reference_config: Mapping[str, Any] | None = None,
-                 speedup: bool = False):
+                 speedup: bool = False, throughput: bool = True):
         self.study = study
         self.reference_config = reference_config
         self.speedup = speedup
+        self.throughput = throughput
         self.cache: dict[str, dict[str, float | None]] = {}
-        self._reference: torch.nn.Module | None = None
+        self._reference: RunSpec | None = None
 
     def cached(self, key: str) -> dict[str, float | None] | None:
         """Metrics already measured for ``key`` (in this process or by another one)."""
@@ -157,49 +131,40 @@ class ArchitectureProfiler:
                 self.cache[key] = dict(shared)
         return self.cache.get(key)
 
+    def _reference_spec(self) -> RunSpec | None:
+        if self._reference is None and self.reference_config is not None:
+            self._reference = build_run(self.reference_config, None, {"trainer.logger": False})
+        return self._reference
+
+    def _key(self, spec: RunSpec) -> str:
+        reference = self._reference_spec()
+        return MeasurementCache.key(arch_identity(spec),
+                                    arch_identity(reference) if reference is not None else None)
+
     def cheap(self, spec: RunSpec) -> dict[str, float | None]:
         """Params and GFLOPs (no timing), from the cache when known."""
-        known = self.cached(arch_key(spec))
+        known = self.cached(self._key(spec))
         if known is not None:
             return known
         return profile_run(spec, throughput=False)
 
     def measure(self, spec: RunSpec) -> dict[str, float | None]:
-        """All model metrics of the run's architecture (measured the first time it is seen)."""
-        key = arch_key(spec)
+        """All model metrics of the run's architecture, measured next to the base architecture the first time."""
+        key = self._key(spec)
         known = self.cached(key)
-        if known is not None and "model/throughput" in known:
+        if known is not None and (not self.throughput or known.get("model/throughput") is not None):
             return known
-        metrics = profile_run(spec)
-        if self.speedup:
-            metrics["model/speedup"] = self._speedup(spec)
+        reference = self._reference_spec()
+        specs = {"candidate": spec}
+        if reference is not None and self.throughput:
+            specs = {"reference": reference, "candidate": spec}
+        measured = measure_specs(specs, reference=next(iter(specs)), throughput=self.throughput)
+        metrics = {k: v for k, v in measured["candidate"].items() if k.startswith("model/")}
+        if not self.speedup:
+            metrics.pop("model/speedup", None)
         self.cache[key] = metrics
         self.study.set_user_attr(ARCH_ATTR + key, metrics)
         return metrics
-
-    def _reference_network(self) -> torch.nn.Module:
-        if self._reference is None:
-            assert self.reference_config is not None
-            spec = build_run(self.reference_config, None, {"trainer.logger": False})
-            self._reference = spec.model.model
-        return self._reference
-
-    def _speedup(self, spec: RunSpec) -> float | None:
-        image_size = getattr(spec.datamodule, "image_size", None) or 224
-        in_chans = getattr(spec.datamodule, "in_chans", None)
-        amp, amp_dtype = autocast_for_precision(spec.precision)
-        try:
-            reference = self._reference_network()
-            ratios = []
-            for _ in range(SPEEDUP_ROUNDS):
-                rates = [measure_throughput(net, image_size, device=spec.device, amp=amp, amp_dtype=amp_dtype,
-                                            in_chans=in_chans, warmup=1, repeats=5).images_per_s
-                         for net in (reference, spec.model.model)]
-                ratios.append(rates[1] / rates[0])
-            return statistics.median(ratios)
-        except Exception as err:  # a measurement never fails a trial
-            log.warning("speedup measurement failed, recorded as null: %s: %s", type(err).__name__, err)
-            return None
 
 
 def _constraint_values(constraints: Mapping[str, float], metrics: Mapping[str, float | None]) -> dict[str, float]:

@@ -201,7 +201,8 @@ def run_worker(settings: WorkerSettings) -> int:
             index = claim_worker_index(study)
         study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
         profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
-                                        speedup="model/speedup" in sweep.objectives)
+                                        speedup="model/speedup" in sweep.objectives,
+                                        throughput=sweep.uses_throughput())
         objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler)
         objectives = list(sweep.objectives)
         budget = settings.n_trials
