@@ -24,15 +24,16 @@ Same/different was chosen over Pathfinder because Pathfinder needs long training
 model leaves chance, and because the local control is the same task moved. Measured: on CPU
 budgets (up to 12,000 training images, FasterViT-tiny) neither no_carrier nor ct1/ct2 left
 chance on ``apart``; relational labels have no first-order signal (each glyph alone says
-nothing), so models sit on a plateau first. README "Long-range task" has the numbers.
+nothing), so models sit on a plateau first. A label with a first-order part (the glyph a
+cue elsewhere points to) did separate them in a probe; README "Long-range task" has the numbers.
 
 Difficulty: ``num_glyphs`` (shapes to tell apart), ``jitter`` (how far glyphs wander, 0:
 centred) and ``noise`` (Gaussian pixel noise). Labels are balanced in every split (to one
 image). The three splits are drawn from one generator seeded by ``split_seed`` and are disjoint
 by construction: no image (glyph pair and positions, in either order) occurs twice in the whole
 dataset; a request for more images than the settings can draw without repeats is a DataError.
-The arrays are generated once per process and parameter set (about 0.5 s for the 4,000 images
-of the shipped experiments on one core).
+The arrays are generated once per process and parameter set (0.7 s of CPU for the 4,000
+images of the shipped experiments).
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ def distinct_same_images(image_size: int, layout: str, num_glyphs: int, jitter: 
     """How many different images of label "same" the layout can draw (the scarcer label)."""
     glyph = GLYPH_GRID * (image_size // CELLS_PER_IMAGE)
     half = image_size // 2
-    places = lambda room: round(room * jitter) + 1  # noqa: E731
+
+    def places(room: int) -> int:
+        return round(room * jitter) + 1
+
     if layout == "apart":  # 2 diagonals, each glyph anywhere in its quadrant's spread
         return num_glyphs * 2 * places(half - glyph) ** 4
     # 4 quadrants x 2 axes, each glyph in its part of the quadrant
@@ -140,7 +144,8 @@ def _unique_layouts(sizes: tuple[int, ...], num_glyphs: int, image_size: int, la
             return layouts, labels
         layouts[repeat] = _draw_layouts(labels[repeat], num_glyphs, image_size, layout, jitter, rng)
     raise DataError(f"cannot draw {len(labels)} distinct images of {num_glyphs} glyphs at image_size "
-                    f"{image_size} with jitter {jitter}: use fewer images, more glyphs, more jitter or a larger image_size")
+                    f"{image_size} with jitter {jitter}: use fewer images, more glyphs, more jitter "
+                    f"or a larger image_size")
 
 
 def _render(layouts: np.ndarray, glyphs: np.ndarray, image_size: int, noise: float,
