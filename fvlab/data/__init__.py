@@ -1,12 +1,14 @@
 """LightningDataModules: scikit-learn digits (the embedded default), image folders, torchvision
-datasets and synthetic images. Each knows ``num_classes``, ``in_chans`` and ``image_size`` right
-after construction, and reports bad configuration as :class:`DataError` before touching data."""
+datasets, synthetic images, and generated same/different glyph pairs (a long-range relation).
+Each knows ``num_classes``, ``in_chans`` and ``image_size`` right after construction, and
+reports bad configuration as :class:`DataError` before touching data."""
 
 from fvlab.data.base import DataError
 from fvlab.data.digits import DigitsDataModule
 from fvlab.data.folder import ImageFolderDataModule
+from fvlab.data.same_different import SameDifferentDataModule
 from fvlab.data.synthetic import SyntheticDataModule
 from fvlab.data.torchvision_data import TorchvisionDataModule
 
-__all__ = ["DataError", "DigitsDataModule", "ImageFolderDataModule", "SyntheticDataModule",
-           "TorchvisionDataModule"]
+__all__ = ["DataError", "DigitsDataModule", "ImageFolderDataModule", "SameDifferentDataModule",
+           "SyntheticDataModule", "TorchvisionDataModule"]
