@@ -40,8 +40,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from fvlab.lit.callbacks import MODEL_METRICS, ModelProfileCallback
+from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
+from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
@@ -49,8 +50,6 @@ __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profil
            "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
-FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss", "train/loss_epoch",
-                 "train/lr", *MODEL_METRICS)
 CONFIG_HEADER = "# fvlab: resolved config"
 # Settings that change what is shown, not what is trained: left out of the config hash.
 _UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from fvlab.report.stats import MODEL_METRICS, RUNNING
+from fvlab.metrics import MODEL_METRICS, VAL_METRICS
+from fvlab.report.stats import RUNNING
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",
@@ -33,8 +34,8 @@ EVENTS_PREFIX = "events.out.tfevents."
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 # Optuna user_attrs of fvlab's sweep -> metrics.json names.
-TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "params_m": "model/params_m", "gflops": "model/gflops",
-               "throughput": "model/throughput", "latency_ms": "model/latency_ms"}
+TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "test_acc1": "test/acc1",
+               **{metric.removeprefix("model/"): metric for metric in MODEL_METRICS}}
 _REASON_ATTRS = ("reason", "error", "fail_reason", "prune_reason", "pruned_reason", "infeasible_reason",
                  "infeasible")
 
@@ -140,7 +141,7 @@ def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/a
 
 def _latest_figures(scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for tag in ("val/acc1", "val/acc5", "val/loss", "val/acc1_best", "train/loss_epoch", *MODEL_METRICS):
+    for tag in (*VAL_METRICS, "train/loss_epoch", *MODEL_METRICS):
         if scalars.get(tag):
             figures[tag] = scalars[tag][-1][1]
     curve = read_curve(scalars)

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from fvlab.metrics import MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS, TEST_PRIMARY_METRIC
+
 __all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "PairedDifference", "VariantStats",
            "paired_difference", "aggregate", "format_summary", "summary_csv_rows", "write_summary",
            "markdown_table", "seed_label"]
 
-PRIMARY_METRIC = "val/acc1_best"
-SEED_METRICS = ("val/acc1_best", "val/acc1", "val/loss")
-MODEL_METRICS = ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms")
+# Per-seed figures: mean ± std over the completed seeds.
+SEED_METRICS = (PRIMARY_METRIC, "val/acc1", "val/loss", *TEST_METRICS)
 MODEL_TITLES = {"model/params_m": ("params (M)", "{:.3f}"), "model/gflops": ("GFLOPs", "{:.4f}"),
                 "model/throughput": ("throughput (img/s)", "{:.1f}"),
                 "model/latency_ms": ("latency (ms)", "{:.2f}")}

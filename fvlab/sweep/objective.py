@@ -24,6 +24,7 @@ import torch
 
 from fvlab.experiment import apply_overrides
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, plan_run, profile_run, release_memory
+from fvlab.metrics import MODEL_METRICS
 from fvlab.profile import autocast_for_precision, measure_throughput
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 from fvlab.sweep.storage import process_tag
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 SPEEDUP_ROUNDS = 3
 ARCH_ATTR = "fvlab_arch:"
 # user_attrs names of the model metrics (DESIGN.md metric -> attribute).
-USER_ATTRS = {"model/params_m": "params_m", "model/gflops": "gflops", "model/throughput": "throughput",
-              "model/latency_ms": "latency_ms", "model/speedup": "speedup"}
+USER_ATTRS = {metric: metric.removeprefix("model/") for metric in (*MODEL_METRICS, "model/speedup")}
 
 
 class TrialFailed(RuntimeError):
@@ -261,6 +261,8 @@ class SweepObjective:
                 metrics: Mapping[str, float | None]) -> list[float]:
         if result.get("val/acc1_best") is not None:
             trial.set_user_attr("val_acc1_best", result["val/acc1_best"])
+        if result.get("test/acc1") is not None:  # shown in the tables, never an objective
+            trial.set_user_attr("test_acc1", result["test/acc1"])
         status = result.get("status")
         if status == "pruned":
             self._prune(trial, result.get("error") or "pruned")
