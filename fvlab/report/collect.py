@@ -30,6 +30,7 @@ __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "disco
            "variant_order_hint"]
 
 STUDY_FILE = "study.journal"
+TEST_FILE = "test.json"  # written by `fvlab test` into the run directory
 EVENTS_PREFIX = "events.out.tfevents."
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
@@ -52,6 +53,7 @@ class Run:
     metrics: dict[str, Any]
     arch: dict[str, Any] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    tested: dict[str, Any] | None = None  # test.json of a later `fvlab test`, if any
 
     @property
     def experiment(self) -> str:
@@ -205,7 +207,11 @@ def read_run(path: Path, *, events: bool = True) -> Run:
         metrics["seed"] = int(seed_match.group(1)) if seed_match else config.get("seed_everything")
     model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     arch = resolved_arch((model.get("init_args") or model).get("arch"))
-    return Run(path, metrics, arch, read_curve(scalars))
+    try:
+        tested = json.loads((path / TEST_FILE).read_text())
+    except (OSError, ValueError):
+        tested = None
+    return Run(path, metrics, arch, read_curve(scalars), tested if isinstance(tested, dict) else None)
 
 
 def variant_order_hint(experiment_dir: Path) -> tuple[list[str], str | None]:
