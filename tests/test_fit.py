@@ -270,7 +270,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, c
     uninterrupted = json.loads((tmp_path / "a" / "exp" / "default" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "b" / "exp" / "default" / "metrics.json").read_text())
     assert resumed["status"] == "complete" and resumed["epochs"] == uninterrupted["epochs"] == 3
-    for name in ("val/acc1", "val/loss", "val/acc1_best", "train/loss_epoch"):
+    for name in ("val/acc1", "val/loss", "val/acc1_best", "train/loss_epoch", "test/acc1", "test/loss"):
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=1e-5), name
 
 
@@ -665,6 +665,32 @@ def test_seeds_give_different_runs_and_the_same_seed_the_same_run(tmp_path: Path
     again = json.loads((tmp_path / "again" / "exp" / "default" / "seed_1" / "metrics.json").read_text())
     for name in ("train/loss_epoch", "val/loss", "val/acc1"):
         assert again[name] == pytest.approx(seed1[name], abs=1e-6), name
+
+
+def _first_batches(config: dict, seed: int, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first training batches of a run as ``fvlab fit`` builds it (the model built first)."""
+    from fvlab.lit.runner import build_run
+    spec = build_run(config, None, seed=seed)
+    spec.datamodule.setup("fit")
+    batches = []
+    for images, labels in spec.datamodule.train_dataloader():
+        batches.append((images, labels))
+        if len(batches) == count:
+            return batches
+    return batches
+
+
+def test_variants_with_one_seed_see_the_same_batches() -> None:
+    # Digits: shuffled and augmented. The two architectures draw different amounts from the global
+    # generator while they are built (no carrier tokens, fewer weights to initialise).
+    data = {"class_path": "fvlab.data.DigitsDataModule", "init_args": {"image_size": 32, "batch_size": 8}}
+    with_hat = {"model": {"arch": {"name": "fastervit_micro", "ct_size": 2}}, "data": data}
+    without = {"model": {"arch": {"name": "fastervit_micro", "hat": False}}, "data": data}
+    a, b = _first_batches(with_hat, seed=3), _first_batches(without, seed=3)
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b, strict=True):
+        assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
+    other = _first_batches(with_hat, seed=4)
+    assert not torch.equal(a[0][1], other[0][1])  # another seed, another order
 
 
 def test_growing_seeds_trains_only_the_new_ones(tmp_path: Path, capsys) -> None:

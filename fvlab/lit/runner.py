@@ -545,7 +545,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
     if stopper is not None and result["status"] == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
-    if result["status"] == "complete" and not interrupted:  # failed or pruned runs have no test figures
+    if result.get("status") == "complete" and not interrupted:  # failed or pruned runs have no test figures
         try:
             result.update(test_run(spec))
         except (KeyboardInterrupt, SystemExit):
