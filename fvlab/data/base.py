@@ -47,8 +47,9 @@ def check_channels(in_chans: int, allowed: Sequence[int] = (1, 3)) -> None:
         raise DataError(f"in_chans must be one of {tuple(allowed)}, got {in_chans!r}")
 
 
-def stratified_split(labels: Sequence[int] | np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted indices of the rest and of ``holdout`` items drawn stratified by label; depends only on ``seed``."""
+def stratified_split(labels: Sequence[int] | np.ndarray, holdout: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of the rest and of ``holdout`` items drawn stratified by label; fixed by ``seed``."""
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels)
@@ -126,7 +127,8 @@ class SeededTransform:
         try:
             return self.transform(inputs)
         finally:
-            stream.torch, stream.python, stream.numpy = torch.get_rng_state(), random.getstate(), np.random.get_state()
+            stream.torch, stream.python = torch.get_rng_state(), random.getstate()
+            stream.numpy = np.random.get_state()
             torch.set_rng_state(outer[0])
             random.setstate(outer[1])
             np.random.set_state(outer[2])

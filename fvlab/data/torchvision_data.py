@@ -70,7 +70,7 @@ def build_transform(spec: DatasetSpec, image_size: int, in_chans: int, train: bo
 
 
 class TorchvisionDataModule(ImageDataModule):
-    """A torchvision dataset by name: validation is held out of its official train split, test is its test split.
+    """A torchvision dataset by name: val held out of its official train split, test its official test split.
 
     The validation images (``val_fraction`` of the official train split, stratified by class,
     fixed by ``split_seed``) select the model; the official test split is measured once, after

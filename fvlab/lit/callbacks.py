@@ -28,7 +28,7 @@ class ModelProfileCallback(pl.Callback):
     at fit start and before the first step (or given, already measured, as ``metrics``), go to
     every logger as scalars, to ``self.metrics`` and, at fit end, to ``trainer.callback_metrics``.
     A failed measurement is a warning and a None, never a failed run. With ``log_hparams`` the
-    metric names (and ``hparams_metrics``: the best validation accuracy and the test metrics) are registered with
+    metric names (and ``hparams_metrics``: best validation accuracy, test metrics) are registered with
     TensorBoard's HParams plugin next to the module's hyperparameters and ``hparams``.
 
     Args:

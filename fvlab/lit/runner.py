@@ -10,7 +10,7 @@ The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
   training; a failed measurement is a warning and a None.
 - ``plan_run`` is the skip / resume / refuse policy for an existing run directory.
 - ``fit_run`` writes the run directory, fits, and measures the best checkpoint once on the test
-  split (``test_run``); ``run_one`` builds, fits and frees one run.
+  split (``measure_test_split``); ``run_one`` builds, fits and frees one run.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
-           "fit_run", "test_run", "write_test_json", "run_one", "read_metrics", "find_runs", "release_memory", "config_hash",
-           "DEFAULT_DATA", "FINAL_METRICS"]
+           "fit_run", "measure_test_split", "write_test_json", "run_one", "read_metrics", "find_runs",
+           "release_memory", "config_hash", "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
 CONFIG_HEADER = "# fvlab: resolved config"
@@ -472,7 +472,7 @@ def _end_process_group(trainer: pl.Trainer) -> None:
             pass
 
 
-def test_run(spec: RunSpec, ckpt_path: str | None = "best") -> dict[str, Any]:
+def measure_test_split(spec: RunSpec, ckpt_path: str | None = "best") -> dict[str, Any]:
     """``test/*`` of a checkpoint (default the best) on the test split, with the module's eval weights.
 
     Lightning's own test path loads the checkpoint, so whatever the module keeps as its
@@ -493,7 +493,7 @@ def test_run(spec: RunSpec, ckpt_path: str | None = "best") -> dict[str, Any]:
 
 def write_test_json(run_dir: Path, checkpoint: str, metrics: Mapping[str, Any],
                     datamodule: pl.LightningDataModule) -> Path:
-    """``test.json`` of ``fvlab test``: the checkpoint, the split and the metrics (metrics.json stays as trained)."""
+    """``test.json`` of ``fvlab test``: checkpoint, split and metrics (metrics.json stays as trained)."""
     test_set = getattr(datamodule, "test_set", None)
     data = {"checkpoint": str(checkpoint), "split": "test", "data": type(datamodule).__name__,
             "images": len(test_set) if test_set is not None else None,
@@ -547,7 +547,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
     if result.get("status") == "complete" and not interrupted:  # failed or pruned runs have no test figures
         try:
-            result.update(test_run(spec))
+            result.update(measure_test_split(spec))
         except (KeyboardInterrupt, SystemExit):
             interrupted = True
         except Exception as err:  # the trained run stands; its test figures are missing, with the reason

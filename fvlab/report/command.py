@@ -186,8 +186,8 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
     for (label, v), settings, optimal in zip(rows, arch, pareto):
         label = label + (" (running)" if v.status == RUNNING else "")
         table.append([label, *(_value(settings.get(c)) for c in columns), v.seeds_cell(),
-                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v), mean_std_cell(v, TEST_PRIMARY_METRIC),
-                      *_model_cells(v.model),
+                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
+                      mean_std_cell(v, TEST_PRIMARY_METRIC), *_model_cells(v.model),
                       _value(None if v.epochs is None else round(v.epochs, 1)),
                       _value(None if v.wall_s is None else round(v.wall_s, 1)), "yes" if optimal else ""])
         d = v.difference
@@ -195,7 +195,8 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                          "n_complete": v.n, "n_failed": len(v.failed), "n_running": len(v.running),
                          "n_missing": len(v.missing_seeds),
                          **{f"arch.{c}": settings.get(c) for c in columns},
-                         **{k: v.mean.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss", *TEST_METRICS)},
+                         **{k: v.mean.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
+                                                       *TEST_METRICS)},
                          **{f"{k}_std": v.std.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
                                                                *TEST_METRICS)},
                          "delta/val/acc1_best": d.mean if d else None, "delta_ci_low": d.low if d else None,
