@@ -120,6 +120,26 @@ def test_digits_augments_train_only_and_reproducibly(digits: DigitsDataModule) -
     assert F.cosine_similarity(a.flatten(1), e.flatten(1)).mean() > 0.6
 
 
+def test_data_streams_resume_from_a_checkpointed_state(tmp_path: Path) -> None:
+    """What a resumed run needs: the next epoch's order and augmentation from the saved state."""
+    def epoch(dm: DigitsDataModule) -> list[torch.Tensor]:
+        return [images for images, _ in dm.train_dataloader()][:3]
+
+    unbroken = DigitsDataModule(image_size=16, batch_size=64)
+    unbroken.setup()
+    unbroken.seed_data(5)
+    epoch(unbroken)
+    torch.save(unbroken.state_dict(), tmp_path / "state.pt")
+    expected = epoch(unbroken)
+
+    resumed = DigitsDataModule(image_size=16, batch_size=64)
+    resumed.setup()
+    resumed.seed_data(5)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))  # as checkpoints load
+    for got, want in zip(epoch(resumed), expected, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_random_affine_identity_and_shift() -> None:
     images = torch.rand(4, 1, 16, 16)
     same = random_affine(images, max_translate=0.0, max_rotate=0.0, scale_range=(1.0, 1.0))
