@@ -342,7 +342,7 @@ def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -
 
 def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
     experiment = write_experiment(tmp_path / "exp.yaml", ablation={"v1": {}, "v2": {"model.arch.ct_size": 0}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + str(Path(__file__).parents[1])}
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -595,7 +595,7 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3,
                                                                    "callbacks": callbacks},
                                   ablation={"v1": {}, "v2": {}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + str(Path(__file__).parents[1])}
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
