@@ -484,18 +484,25 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
         elif not Path(ckpt).is_file():
             raise BadInput(f"--ckpt_path: checkpoint file not found: {ckpt}")
         _check_checkpoint(ckpt)
-        # run_dir=None, no logger: evaluating writes nothing into the run directory.
+        # run_dir=None, no logger: evaluating adds no events or checkpoints to the run directory.
         spec = build_run(experiment.config(variant), None,
                          {**parse_cli_overrides(overrides), "trainer.logger": False},
                          experiment=experiment.name, variant=variant, seed=seed)
+        if stage == "test" and getattr(spec.datamodule, "no_test_split", ""):
+            raise BadInput(f"{args.experiment} [{variant}]: no test split to test on: "
+                           f"{spec.datamodule.no_test_split}")
     except (BadConfig, ExperimentError) as err:
         print(f"fvlab {stage}: error: {args.experiment}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BadInput as err:
         print(f"fvlab {stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt,
-                                 weights_only=not checkpoints_trusted())
+    measured = getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt,
+                                            weights_only=not checkpoints_trusted())
+    if stage == "test" and spec.trainer.is_global_zero and run_dir.is_dir():
+        from fvlab.lit.runner import write_test_json
+
+        write_test_json(run_dir, ckpt, measured[0] if measured else {}, spec.datamodule)
     return EXIT_OK
 
 

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from fvlab.data import (DataError, DigitsDataModule, ImageFolderDataModule, SyntheticDataModule,
                         TorchvisionDataModule)
-from fvlab.data.digits import NUM_IMAGES, random_affine
+from fvlab.data.digits import NUM_IMAGES, random_affine, split_indices
 from fvlab.data.torchvision_data import DATASETS, build_transform, channel_stats
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -57,13 +58,14 @@ def test_digits_attributes_before_setup() -> None:
 
 
 def test_digits_batches_and_split_sizes(digits: DigitsDataModule) -> None:
-    n_val = math.ceil(0.2 * NUM_IMAGES)
-    assert (len(digits.train_set), len(digits.val_set)) == (NUM_IMAGES - n_val, n_val) == (1437, 360)
+    n_held = math.ceil(0.15 * NUM_IMAGES)
+    assert (len(digits.train_set), len(digits.val_set), len(digits.test_set)) == \
+        (NUM_IMAGES - 2 * n_held, n_held, n_held) == (1257, 270, 270)
     check_batch(first(digits.train_dataloader()), digits, 16)
     check_batch(first(digits.val_dataloader()), digits, 16)
     check_batch(first(digits.test_dataloader()), digits, 16)
-    assert len(digits.train_dataloader()) == 1437 // 16  # drop_last
-    assert len(digits.val_dataloader()) == math.ceil(360 / 16)
+    assert len(digits.train_dataloader()) == 1257 // 16  # drop_last
+    assert len(digits.val_dataloader()) == len(digits.test_dataloader()) == math.ceil(270 / 16)
     # Normalised with the training set's statistics.
     train = torch.cat([x for x, _ in digits.train_dataloader()])
     val = torch.cat([x for x, _ in digits.val_dataloader()])
@@ -79,13 +81,21 @@ def test_digits_split_is_fixed_and_stratified(digits: DigitsDataModule) -> None:
     assert torch.equal(other.val_set.images, digits.val_set.images)
     assert torch.equal(other.train_set.images, digits.train_set.images)
 
+    assert torch.equal(other.test_set.images, digits.test_set.images)
+
     reseeded = DigitsDataModule(image_size=32, split_seed=1)
     reseeded.setup()
     assert not torch.equal(reseeded.val_set.images, digits.val_set.images)
 
-    train_counts = torch.bincount(digits.train_set.labels, minlength=10)
-    val_counts = torch.bincount(digits.val_set.labels, minlength=10)
-    assert torch.all((val_counts - 0.2 * (train_counts + val_counts)).abs() <= 1)
+    # Three disjoint splits that together hold every image once, each stratified by class.
+    train, val, test = split_indices(load_digits().target, 0.15, 0.15, seed=0)
+    assert len(set(train) | set(val) | set(test)) == len(train) + len(val) + len(test) == NUM_IMAGES
+    assert torch.equal(digits.test_set.labels, torch.from_numpy(load_digits().target[test]))
+    counts = [torch.bincount(s.labels, minlength=10).float()
+              for s in (digits.train_set, digits.val_set, digits.test_set)]
+    total = sum(counts)
+    for split, share in zip(counts, (0.7, 0.15, 0.15)):
+        assert torch.all((split - share * total).abs() <= 1.5)
 
 
 def test_digits_augments_train_only_and_reproducibly(digits: DigitsDataModule) -> None:
@@ -95,9 +105,10 @@ def test_digits_augments_train_only_and_reproducibly(digits: DigitsDataModule) -
     assert torch.equal(labels_a, labels_b) and not torch.allclose(a, b)
     assert torch.equal(digits.val_set.__getitems__(index)[0], digits.val_set.__getitems__(index)[0])
 
-    pl.seed_everything(7, verbose=False)
+    digits.seed_data(7)
     c, _ = digits.train_set.__getitems__(index)
-    pl.seed_everything(7, verbose=False)
+    torch.rand(100)  # the global generator (the model's) does not move the augmentation
+    digits.seed_data(7)
     d, _ = digits.train_set.__getitems__(index)
     assert torch.equal(c, d)
 
@@ -107,6 +118,26 @@ def test_digits_augments_train_only_and_reproducibly(digits: DigitsDataModule) -
     assert torch.equal(e, plain.train_set.__getitems__(index)[0])
     # Augmented images are the plain ones moved a little, not different digits.
     assert F.cosine_similarity(a.flatten(1), e.flatten(1)).mean() > 0.6
+
+
+def test_data_streams_resume_from_a_checkpointed_state(tmp_path: Path) -> None:
+    """What a resumed run needs: the next epoch's order and augmentation from the saved state."""
+    def epoch(dm: DigitsDataModule) -> list[torch.Tensor]:
+        return [images for images, _ in dm.train_dataloader()][:3]
+
+    unbroken = DigitsDataModule(image_size=16, batch_size=64)
+    unbroken.setup()
+    unbroken.seed_data(5)
+    epoch(unbroken)
+    torch.save(unbroken.state_dict(), tmp_path / "state.pt")
+    expected = epoch(unbroken)
+
+    resumed = DigitsDataModule(image_size=16, batch_size=64)
+    resumed.setup()
+    resumed.seed_data(5)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))  # as checkpoints load
+    for got, want in zip(epoch(resumed), expected, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_random_affine_identity_and_shift() -> None:
@@ -138,7 +169,7 @@ def test_digits_in_worker_processes() -> None:
     loader = dm.train_dataloader()
     assert loader.persistent_workers
     batches = list(loader)
-    assert len(batches) == 1437 // 32
+    assert len(batches) == 1257 // 32
     check_batch(batches[0], dm, 32)
 
 
@@ -205,7 +236,25 @@ def test_image_folder_batches(tmp_path: Path, in_chans: int) -> None:
     images, labels = first(dm.val_dataloader())
     check_batch((images, labels), dm, 4, bound=5.0)
     assert labels.tolist() == [0, 0, 0, 0]  # sorted files, first class first
+    # Without test/ there is no test split: never the val images in its place.
+    assert dm.test_set is None and "no test/ folder" in dm.no_test_split
+    with pytest.raises(DataError, match="no test split"):
+        dm.test_dataloader()
+
+
+def test_image_folder_test_split(tmp_path: Path) -> None:
+    root = make_tree(tmp_path, per_class=2)
+    (root / "val").rename(root / "test")
+    make_tree(tmp_path / "other", per_class=1)
+    (tmp_path / "other" / "val").rename(root / "val")
+    dm = ImageFolderDataModule(str(root), image_size=16, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert not dm.no_test_split and (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (6, 3, 6)
+    assert {Path(p).parent.parent.name for p, _ in dm.test_set.samples} == {"test"}
     check_batch(first(dm.test_dataloader()), dm, 4, bound=5.0)
+    (root / "test" / "ant").rename(root / "test" / "ape")
+    with pytest.raises(DataError, match=r"missing in test: \['ant'\]"):
+        ImageFolderDataModule(str(root))
 
 
 def test_image_folder_grey_randaugment_runs_every_op(tmp_path: Path) -> None:
@@ -300,12 +349,18 @@ def fake_mnist(root: Path, name: str, n_train: int = 24, n_test: int = 12) -> di
 def test_torchvision_loads_mnist_format_files(tmp_path: Path, name: str, in_chans: int | None) -> None:
     labels = fake_mnist(tmp_path, name)
     dm = TorchvisionDataModule(name.lower(), root=str(tmp_path), image_size=32, batch_size=8, num_workers=0,
-                               in_chans=in_chans)
+                               in_chans=in_chans, val_fraction=0.5)
     assert (dm.name, dm.num_classes, dm.in_chans, dm.image_size) == (name, 10, in_chans or 1, 32)
     dm.setup("fit")
-    assert (len(dm.train_set), len(dm.val_set)) == (24, 12)
+    # val is held out of the official train split (stratified), test is the official test split.
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (12, 12, 12)
+    train, val = set(dm.train_set.indices), set(dm.val_set.indices)
+    assert not train & val and len(train | val) == 24
+    held = np.bincount(labels["train"][sorted(val)], minlength=10)
+    assert held.min() >= 1 and held.max() <= 2  # stratified: every class held out, none twice over
     check_batch(first(dm.train_dataloader()), dm, 8)
-    images, targets = first(dm.val_dataloader())
+    check_batch(first(dm.val_dataloader()), dm, 8)
+    images, targets = first(dm.test_dataloader())
     check_batch((images, targets), dm, 8)
     assert targets.tolist() == labels["t10k"][:8].tolist()
     # Image i is uniformly 10*i/255 before normalisation; resizing keeps it uniform.
@@ -369,8 +424,12 @@ def test_synthetic_batches_and_determinism() -> None:
     dm.setup()
     check_batch(first(dm.train_dataloader()), dm, 8, bound=8.0)
     check_batch(first(dm.val_dataloader()), dm, 8, bound=8.0)
+    check_batch(first(dm.test_dataloader()), dm, 8, bound=8.0)
     assert torch.bincount(dm.train_set.labels).tolist() == [10, 10, 10, 10]
+    assert torch.bincount(dm.test_set.labels).tolist() == [16, 16, 16, 16]  # test_samples=64, balanced
     assert abs(dm.train_set.images.std() - 1) < 0.1
+    # Its own test images, not the validation ones.
+    assert not any(torch.equal(image, other) for image in dm.test_set.images for other in dm.val_set.images)
 
     torch.manual_seed(99)  # the data depend on `seed` only
     same = SyntheticDataModule(**dict(dm.hparams, batch_size=32))

@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fvlab.cli import main
 from fvlab.data import SyntheticDataModule
-from fvlab.lit.callbacks import MODEL_METRICS
+from fvlab.metrics import MODEL_METRICS, TEST_METRICS
 from fvlab.lit.module import ImageClassifier
 from fvlab.models import ArchConfig
 
@@ -123,7 +123,7 @@ def test_fit_writes_one_run_per_variant_with_tensorboard_hparams(tmp_path: Path,
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["status"] == "complete" and metrics["epochs"] == 1
         assert metrics["image_size"] == 32 and metrics["device"] == "cpu"
-        for name in ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", *MODEL_METRICS):
+        for name in ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", *TEST_METRICS, *MODEL_METRICS):
             assert isinstance(metrics[name], float), name
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert (run / "checkpoints" / "best.ckpt").is_file()
@@ -134,11 +134,16 @@ def test_fit_writes_one_run_per_variant_with_tensorboard_hparams(tmp_path: Path,
         events = EventAccumulator(str(run))
         events.Reload()
         scalars = set(events.Tags()["scalars"])
-        assert {"val/acc1_best", "train/loss", "train/loss_epoch", "train/lr", *MODEL_METRICS} <= scalars
+        assert {"val/acc1_best", "train/loss", "train/loss_epoch", "train/lr", *TEST_METRICS,
+                *MODEL_METRICS} <= scalars
         assert "hp_metric" not in scalars
+        # Measured once, after training, the figure metrics.json holds.
+        assert [e.value for e in events.Scalars("test/acc1")] == [pytest.approx(metrics["test/acc1"])]
         content = events.PluginTagToContent("hparams")
         exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-        assert {m.name.tag for m in exp.experiment.metric_infos} == {"val/acc1_best", *MODEL_METRICS}
+        assert {m.name.tag for m in exp.experiment.metric_infos} == {"val/acc1_best", *TEST_METRICS,
+                                                                        *MODEL_METRICS}
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1  # fit and test in one events file
         session = plugin_data_pb2.HParamsPluginData.FromString(
             content["_hparams_/session_start_info"]).session_start_info
         assert session.hparams["arch.name"].string_value == "fastervit_micro"
@@ -146,7 +151,10 @@ def test_fit_writes_one_run_per_variant_with_tensorboard_hparams(tmp_path: Path,
     no_carrier = json.loads((root / "no_carrier" / "metrics.json").read_text())
     ct1 = json.loads((root / "ct1" / "metrics.json").read_text())
     assert no_carrier["model/params_m"] < ct1["model/params_m"]
-    assert "no_carrier" in (root / "summary.md").read_text()
+    summary = (root / "summary.md").read_text()
+    assert "no_carrier" in summary and "| test/acc1" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| ct1 "))
+    assert row.split("|")[5].strip() == f"{ct1['test/acc1']:.4f}"  # beside val/acc1_best and its Δ
     rows = (root / "summary.csv").read_text().splitlines()[1:]
     assert sum(row.startswith("run,") for row in rows) == 2  # one row per run, plus the means
 
@@ -262,7 +270,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, c
     uninterrupted = json.loads((tmp_path / "a" / "exp" / "default" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "b" / "exp" / "default" / "metrics.json").read_text())
     assert resumed["status"] == "complete" and resumed["epochs"] == uninterrupted["epochs"] == 3
-    for name in ("val/acc1", "val/loss", "val/acc1_best", "train/loss_epoch"):
+    for name in ("val/acc1", "val/loss", "val/acc1_best", "train/loss_epoch", "test/acc1", "test/loss"):
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=1e-5), name
 
 
@@ -281,9 +289,19 @@ def test_validate_and_test_from_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
     assert "val/acc1" in capsys.readouterr().out
     ckpt = tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt"
+    run = tmp_path / "runs" / "exp" / "default"
+    trained = (run / "metrics.json").read_text()
     assert main(["test", str(experiment), "--ckpt_path", str(ckpt),
                  "--runs-dir", str(tmp_path / "runs")]) == 0
     assert "test/acc1" in capsys.readouterr().out
+    tested = json.loads((run / "test.json").read_text())
+    assert tested["checkpoint"] == str(ckpt) and tested["split"] == "test"
+    assert set(tested["metrics"]) == set(TEST_METRICS) and 0 <= tested["metrics"]["test/acc1"] <= 1
+    assert (run / "metrics.json").read_text() == trained  # the figures of training stay as they were
+    assert main(["report", str(tmp_path / "runs" / "exp")]) == 0
+    line = f"fvlab test: default seed 0: test/acc1 {tested['metrics']['test/acc1']:.4g}"
+    assert line in capsys.readouterr().out
+    assert line in (tmp_path / "runs" / "exp" / "report" / "report.md").read_text()
     assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "none")]) == 2
 
 
@@ -324,7 +342,7 @@ def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -
 
 def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
     experiment = write_experiment(tmp_path / "exp.yaml", ablation={"v1": {}, "v2": {"model.arch.ct_size": 0}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + str(Path(__file__).parents[1])}
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -338,7 +356,7 @@ def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
     assert done.stdout.count("| v1") == 1  # the table comes from rank 0 only
 
 
-def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path) -> None:
+def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path, capsys) -> None:
     from PIL import Image
     for split, n in (("train", 8), ("val", 4)):
         for label, shade in (("dark", 40), ("light", 200)):
@@ -353,8 +371,17 @@ def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path) -> No
               "init_args": {"root": str(tmp_path / "tree"), "image_size": 32, "in_chans": 1,
                             "batch_size": 4, "num_workers": 0}})
     assert run_fit(tmp_path, experiment) == 0
+    out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["image_size"] == 32
+    # No test/ folder: no test figures, and the table says why instead of showing the val figure.
+    assert all(metrics[name] is None for name in TEST_METRICS) and "no test/ folder" in metrics["test_note"]
+    row = next(line for line in out.splitlines() if line.startswith("| default"))
+    assert row.split("|")[5].strip() == "-"
+    assert "test/acc1 of default: no test split" in out
+    assert main(["test", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "no test split" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "exp" / "default" / "test.json").exists()
     ckpt = torch.load(tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt",
                       weights_only=True)
     assert ckpt["state_dict"]["model.patch_embed.conv_down.0.weight"].shape[1] == 1  # grey input
@@ -568,7 +595,7 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3,
                                                                    "callbacks": callbacks},
                                   ablation={"v1": {}, "v2": {}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + str(Path(__file__).parents[1])}
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -638,6 +665,32 @@ def test_seeds_give_different_runs_and_the_same_seed_the_same_run(tmp_path: Path
     again = json.loads((tmp_path / "again" / "exp" / "default" / "seed_1" / "metrics.json").read_text())
     for name in ("train/loss_epoch", "val/loss", "val/acc1"):
         assert again[name] == pytest.approx(seed1[name], abs=1e-6), name
+
+
+def _first_batches(config: dict, seed: int, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first training batches of a run as ``fvlab fit`` builds it (the model built first)."""
+    from fvlab.lit.runner import build_run
+    spec = build_run(config, None, seed=seed)
+    spec.datamodule.setup("fit")
+    batches = []
+    for images, labels in spec.datamodule.train_dataloader():
+        batches.append((images, labels))
+        if len(batches) == count:
+            return batches
+    return batches
+
+
+def test_variants_with_one_seed_see_the_same_batches() -> None:
+    # Digits: shuffled and augmented. The two architectures draw different amounts from the global
+    # generator while they are built (no carrier tokens, fewer weights to initialise).
+    data = {"class_path": "fvlab.data.DigitsDataModule", "init_args": {"image_size": 32, "batch_size": 8}}
+    with_hat = {"model": {"arch": {"name": "fastervit_micro", "ct_size": 2}}, "data": data}
+    without = {"model": {"arch": {"name": "fastervit_micro", "hat": False}}, "data": data}
+    a, b = _first_batches(with_hat, seed=3), _first_batches(without, seed=3)
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b, strict=True):
+        assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
+    other = _first_batches(with_hat, seed=4)
+    assert not torch.equal(a[0][1], other[0][1])  # another seed, another order
 
 
 def test_growing_seeds_trains_only_the_new_ones(tmp_path: Path, capsys) -> None:

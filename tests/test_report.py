@@ -372,11 +372,15 @@ def test_report_of_a_real_two_seed_fit(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     md = (root / "report" / "report.md").read_text()
     for variant in ("ct1",):
-        accs = [json.loads((root / variant / f"seed_{s}" / "metrics.json").read_text())["val/acc1_best"]
-                for s in (0, 1)]
-        mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / math.sqrt(2)  # sample std of two values
         row = next(line for line in md.splitlines() if line.startswith(f"| {variant} "))
-        assert f"{mean:.4f} ± {std:.4f}" in row and "| 2/2 " in row
+        summary = next(line for line in (root / "summary.md").read_text().splitlines()
+                       if line.startswith(f"| {variant} "))
+        for metric in ("val/acc1_best", "test/acc1"):
+            accs = [json.loads((root / variant / f"seed_{s}" / "metrics.json").read_text())[metric]
+                    for s in (0, 1)]
+            mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / math.sqrt(2)  # sample std of two values
+            assert f"{mean:.4f} ± {std:.4f}" in row and "| 2/2 " in row, metric
+            assert f"{mean:.4f} ± {std:.4f}" in summary, metric
     assert "| reference " in next(line for line in md.splitlines() if line.startswith("| ct1 "))
     from fvlab.report.collect import read_run
 

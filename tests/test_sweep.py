@@ -164,6 +164,7 @@ def test_three_trial_sweep_storage_runs_and_front(three_trials: Path, capsys) ->
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["status"] == "complete" and metrics["variant"] == run_dir.name
         assert trial.values == [metrics["val/acc1_best"], metrics["model/throughput"]]
+        assert attrs["test_acc1"] == metrics["test/acc1"] is not None  # measured, never an objective
         assert (run_dir / "config.yaml").is_file()
         # The decoded list, not Optuna's string, reached the model.
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -182,7 +183,11 @@ def test_three_trial_sweep_storage_runs_and_front(three_trials: Path, capsys) ->
     assert all(len(figures) == 1 for figures in by_arch.values())
     # Pareto front: table, CSV and runnable configs.
     front = (study_dir / "pareto.csv").read_text().splitlines()
-    assert front[0].startswith("trial,run,val/acc1_best,model/throughput,model.arch.ct_size,model.arch.depths")
+    assert front[0].startswith("trial,run,val/acc1_best,model/throughput,test/acc1,model.arch.ct_size,"
+                               "model.arch.depths")
+    first = trials[int(front[1].split(",")[0])]
+    assert float(front[1].split(",")[4]) == first.user_attrs["test_acc1"]
+    assert "| test/acc1 |" in (study_dir / "pareto.md").read_text()
     best = sorted((study_dir / "best").glob("trial_*.yaml"))
     assert best and len(best) == len(front) - 1
 

@@ -1,15 +1,19 @@
-"""Shared pieces of the datamodules: the error type, argument checks, loaders, in-memory sets."""
+"""Shared pieces of the datamodules: the error type, argument checks, loaders, in-memory sets,
+and the random streams of data order and augmentation."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import random
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-__all__ = ["DataError", "ImageDataModule", "InMemoryImages", "collate_batch", "check_positive",
-           "check_image_size", "check_fraction", "check_channels", "MIN_IMAGE_SIZE"]
+__all__ = ["DataError", "DataRandom", "ImageDataModule", "InMemoryImages", "SeededTransform", "collate_batch",
+           "check_positive", "check_image_size", "check_fraction", "check_channels", "stratified_split",
+           "MIN_IMAGE_SIZE"]
 
 MIN_IMAGE_SIZE = 8
 
@@ -41,6 +45,96 @@ def check_channels(in_chans: int, allowed: Sequence[int] = (1, 3)) -> None:
     """Raise DataError unless ``in_chans`` is one of the supported channel counts."""
     if in_chans not in allowed:
         raise DataError(f"in_chans must be one of {tuple(allowed)}, got {in_chans!r}")
+
+
+def stratified_split(labels: Sequence[int] | np.ndarray, holdout: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of the rest and of ``holdout`` items drawn stratified by label; fixed by ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    rest, held = train_test_split(np.arange(len(labels)), test_size=holdout, stratify=labels,
+                                  random_state=seed)
+    return np.sort(rest), np.sort(held)
+
+
+class DataRandom:
+    """The random streams of data order and augmentation, seeded from the run's seed alone.
+
+    The model draws from the global generators while it is built, a different amount for each
+    architecture; drawing the shuffle and the augmentation from these streams instead gives two
+    variants with one seed the same batches, in the same order, augmented the same way.
+    ``order`` shuffles (the DataLoader's generator, which also seeds worker processes);
+    ``augment`` holds the torch, Python and NumPy states that augmentation in the main process
+    draws from (:class:`SeededTransform`).
+    """
+
+    def __init__(self, seed: int = 0):
+        self.order = torch.Generator()
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        """Restart both streams from ``seed``."""
+        self.order.manual_seed(seed)
+        # Different from the order stream, so a shuffle and an augmentation never share numbers.
+        child = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+        self.torch = torch.Generator().manual_seed(child).get_state()
+        self.python = random.Random(child).getstate()
+        self.numpy = np.random.RandomState(child).get_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both streams' states, as tensors and plain lists (checkpoints load with weights_only=True)."""
+        name, keys, pos, has_gauss, cached = self.numpy
+        version, internal, gauss = self.python
+        return {"order": self.order.get_state(), "torch": self.torch.clone(),
+                "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                          float(cached)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue both streams where :meth:`state_dict` left them."""
+        self.order.set_state(state["order"])
+        self.torch = state["torch"].clone()
+        version, internal, gauss = state["python"]
+        self.python = (version, tuple(int(v) for v in internal.tolist()), gauss)
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        self.numpy = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+
+
+class SeededTransform:
+    """Runs ``transform`` on the augmentation stream of a :class:`DataRandom` instead of the global one.
+
+    In the main process the global torch, Python and NumPy states are swapped for the stream's
+    around each call, so transforms written for the global generators (timm's, torchvision's,
+    :func:`random_affine`) draw from the stream and the model's generators never move. Worker
+    processes use their own global generators, which torch seeds from the DataLoader's
+    generator: the order stream.
+    """
+
+    def __init__(self, transform: Callable, stream: DataRandom):
+        self.transform = transform
+        self.stream = stream
+
+    def __call__(self, inputs: Any) -> Any:
+        """``transform(inputs)``, drawing from the augmentation stream."""
+        if get_worker_info() is not None:
+            return self.transform(inputs)
+        stream = self.stream
+        outer = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.set_rng_state(stream.torch)
+        random.setstate(stream.python)
+        np.random.set_state(stream.numpy)
+        try:
+            return self.transform(inputs)
+        finally:
+            stream.torch, stream.python = torch.get_rng_state(), random.getstate()
+            stream.numpy = np.random.get_state()
+            torch.set_rng_state(outer[0])
+            random.setstate(outer[1])
+            np.random.set_state(outer[2])
+
+    def __repr__(self) -> str:
+        return f"SeededTransform({self.transform!r})"
 
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -93,13 +187,22 @@ class ImageDataModule(pl.LightningDataModule):
     """Loaders shared by the fvlab datamodules; subclasses fill the sets in ``setup``.
 
     Subclasses set ``num_classes``, ``in_chans`` and ``image_size`` in ``__init__`` (the CLI
-    links them to the model before ``setup`` runs) and ``train_set``/``val_set`` (optionally
-    ``test_set``) in ``setup``.
+    links them to the model before ``setup`` runs) and ``train_set``, ``val_set`` and
+    ``test_set`` in ``setup``: three disjoint splits. ``val`` selects (best checkpoint, early
+    stop, pruning, sweep objectives); ``test`` is measured once, after training. A datamodule
+    without a test split says why in ``no_test_split`` and leaves ``test_set`` None: its test
+    metrics are null, never the validation figures.
+
+    Training batches are shuffled and augmented from ``data_random``, seeded with the run's seed
+    (:meth:`seed_data`; by default the seed ``seed_everything`` set before the datamodule was
+    built), so variants with one seed see the same batches whatever their models drew; its
+    state is checkpointed with the datamodule, so a resumed run continues the same streams.
     """
 
     num_classes: int
     in_chans: int
     image_size: int
+    no_test_split: str = ""  # why there is no test split, when there is none
 
     def __init__(self, batch_size: int, num_workers: int):
         super().__init__()
@@ -112,6 +215,25 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # torch.initial_seed() is the seed seed_everything set, however much was drawn since.
+        self.data_random = DataRandom(torch.initial_seed() % 2**32)
+
+    def seed_data(self, seed: int) -> None:
+        """Restart the data order and augmentation streams from ``seed`` (the run's seed)."""
+        self.data_random.seed(seed)
+
+    def augmented(self, transform: Callable) -> SeededTransform:
+        """``transform`` drawing from this datamodule's augmentation stream (for training sets)."""
+        return SeededTransform(transform, self.data_random)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data streams' state, saved in checkpoints by Lightning."""
+        return {"data_random": self.data_random.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the data streams of a checkpoint (a resumed run matches an unbroken one)."""
+        if "data_random" in state_dict:
+            self.data_random.load_state_dict(state_dict["data_random"])
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         """A DataLoader over ``dataset`` with the shared settings."""
@@ -121,6 +243,7 @@ class ImageDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
+            generator=self.data_random.order if train else None,
             # A set no larger than one batch would otherwise yield no training step at all.
             drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
@@ -138,5 +261,7 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches: the test split if there is one, else the validation set."""
-        return self._loader(self.test_set if self.test_set is not None else self.val_set, train=False)
+        """Test batches in a fixed order; DataError when the datamodule has no test split."""
+        if self.no_test_split:
+            raise DataError(f"{type(self).__name__} has no test split: {self.no_test_split}")
+        return self._loader(self.test_set, train=False)

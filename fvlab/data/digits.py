@@ -8,12 +8,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, check_channels, check_fraction,
-                             check_image_size)
+                             check_image_size, stratified_split)
 
-__all__ = ["DigitsDataModule", "DigitsBatchTransform", "random_affine", "split_indices"]
+__all__ = ["DigitsDataModule", "DigitsBatchTransform", "random_affine", "split_indices", "split_sizes"]
 
 # Fixed by the file that ships with scikit-learn; known here so __init__ can check the split
 # sizes without loading anything.
@@ -27,7 +26,8 @@ def random_affine(images: torch.Tensor, max_translate: float = 0.125, max_rotate
     """Rotate, scale and shift each image of a (B, C, H, W) batch at random; zeros fill the border.
 
     ``max_translate`` is a fraction of the image side, ``max_rotate`` in degrees. Random numbers
-    come from torch's global generator, so ``seed_everything`` makes them reproducible.
+    come from torch's global generator (the datamodule's augmentation stream during training,
+    see :class:`~fvlab.data.base.SeededTransform`).
     """
     n = images.shape[0]
     kw = dict(device=images.device, dtype=images.dtype)
@@ -62,11 +62,19 @@ class DigitsBatchTransform:
         return images.expand(-1, self.in_chans, -1, -1).contiguous()
 
 
-def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted train and val indices of a stratified split that depends only on ``seed``."""
-    train, val = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels,
-                                  random_state=seed)
-    return np.sort(train), np.sort(val)
+def split_sizes(total: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """Train, val and test image counts of a split of ``total`` images."""
+    n_val, n_test = math.ceil(val_fraction * total), math.ceil(test_fraction * total)
+    return total - n_val - n_test, n_val, n_test
+
+
+def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted train, val and test indices of a stratified three-way split that depends only on ``seed``."""
+    _, n_val, n_test = split_sizes(len(labels), val_fraction, test_fraction)
+    rest, test = stratified_split(labels, n_test, seed)
+    train, val = stratified_split(labels[rest], n_val, seed)
+    return rest[train], rest[val], test
 
 
 class DigitsDataModule(ImageDataModule):
@@ -74,39 +82,45 @@ class DigitsDataModule(ImageDataModule):
 
     The images are upscaled once to ``image_size`` (bilinear) and kept in memory as tensors,
     normalised with the training set's mean and std. Training batches get a light random
-    rotation, scale and shift (never a flip: a mirrored 2 is not a 2), drawn from torch's
-    global generator. Validation and test use the same held-out split.
+    rotation, scale and shift (never a flip: a mirrored 2 is not a 2), drawn from the
+    datamodule's augmentation stream (seeded with the run's seed). Train, validation and test
+    are three disjoint stratified splits, fixed by ``split_seed``.
 
     Args:
         image_size: side of the square images fed to the model (upscaled from 8 px), at least 8.
         batch_size: images per batch.
         num_workers: DataLoader worker processes; 0 is fastest here since batches are tensor slices.
-        val_fraction: share of the images held out for validation, in (0, 1); the split is stratified.
-        split_seed: seed of the train/val split; the same seed gives the same split, whatever
-            the global seed.
+        val_fraction: share of the images held out for validation (model selection), in (0, 1).
+        test_fraction: share of the images held out for the test, measured once after training,
+            in (0, 1).
+        split_seed: seed of the train/val/test split; the same seed gives the same split,
+            whatever the global seed.
         in_chans: 1 for greyscale, 3 to repeat the grey channel (for models built for RGB).
         augment: random rotation (up to 10 degrees), scale (0.9-1.1) and shift (up to 1/8 of the
             side) of the training images.
     """
 
     def __init__(self, image_size: int = 64, batch_size: int = 64, num_workers: int = 0,
-                 val_fraction: float = 0.2, split_seed: int = 0, in_chans: int = 1, augment: bool = True):
+                 val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: int = 0,
+                 in_chans: int = 1, augment: bool = True):
         super().__init__(batch_size, num_workers)
         check_image_size(image_size)
         check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction)
         check_channels(in_chans)
         if not 0 <= split_seed < 2**32:
             raise DataError(f"split_seed must lie in [0, 2**32), got {split_seed!r}")
-        n_val = math.ceil(val_fraction * NUM_IMAGES)
-        if min(n_val, NUM_IMAGES - n_val) < NUM_CLASSES:
-            raise DataError(f"val_fraction={val_fraction} leaves {n_val} of {NUM_IMAGES} images for "
-                            f"validation: a stratified split needs at least {NUM_CLASSES} on each side; "
-                            f"use e.g. 0.2")
+        sizes = split_sizes(NUM_IMAGES, val_fraction, test_fraction)
+        if min(sizes) < NUM_CLASSES:
+            raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} split the "
+                            f"{NUM_IMAGES} images into {sizes[0]} train, {sizes[1]} val and {sizes[2]} test: "
+                            f"a stratified split needs at least {NUM_CLASSES} in each; use e.g. 0.15 and 0.15")
         self.save_hyperparameters()
         self.num_classes = NUM_CLASSES
         self.in_chans = in_chans
         self.image_size = image_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.augment = augment
         self.mean: float | None = None
@@ -121,10 +135,12 @@ class DigitsDataModule(ImageDataModule):
         images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                align_corners=False)
         labels = torch.from_numpy(digits.target).long()
-        train, val = map(torch.from_numpy, split_indices(digits.target, self.val_fraction, self.split_seed))
+        train, val, test = map(torch.from_numpy, split_indices(digits.target, self.val_fraction,
+                                                               self.test_fraction, self.split_seed))
         self.mean = images[train].mean().item()
         self.std = images[train].std().item()
         train_transform = DigitsBatchTransform(self.mean, self.std, self.in_chans, self.augment)
-        val_transform = DigitsBatchTransform(self.mean, self.std, self.in_chans, augment=False)
-        self.train_set = InMemoryImages(images[train], labels[train], train_transform)
-        self.val_set = InMemoryImages(images[val], labels[val], val_transform)
+        eval_transform = DigitsBatchTransform(self.mean, self.std, self.in_chans, augment=False)
+        self.train_set = InMemoryImages(images[train], labels[train], self.augmented(train_transform))
+        self.val_set = InMemoryImages(images[val], labels[val], eval_transform)
+        self.test_set = InMemoryImages(images[test], labels[test], eval_transform)

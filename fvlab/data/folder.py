@@ -1,4 +1,5 @@
-"""Class-per-folder images (``root/train/<class>/*``, ``root/val/<class>/*``) with timm's transforms."""
+"""Class-per-folder images (``root/train/<class>/*``, ``root/val/<class>/*``, optionally
+``root/test/<class>/*``) with timm's transforms."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def clamp_posterize_bits(transform: Callable) -> Callable:
 
 
 def _scan(root: Path) -> list[str]:
-    """Check the train/val layout under ``root`` and return the class names."""
+    """Check the train/val (and optional test) layout under ``root`` and return the class names."""
     if not root.is_dir():
         raise DataError(f"image folder root {root} does not exist; set data.init_args.root to a folder "
                         f"holding train/<class>/ and val/<class>/ sub-folders of images")
@@ -75,26 +76,33 @@ def _scan(root: Path) -> list[str]:
         if not classes[split]:
             raise DataError(f"{path} has no class folders; put each class's images in its own "
                             f"sub-folder, e.g. {path / 'cat' / '0001.jpg'}")
-    if classes["train"] != classes["val"]:
-        missing = sorted(set(classes["train"]) - set(classes["val"]))
-        extra = sorted(set(classes["val"]) - set(classes["train"]))
-        raise DataError(f"the class folders of {root / 'val'} differ from those of {root / 'train'} "
-                        f"(missing in val: {missing}, only in val: {extra}); both need the same classes")
+    if (root / "test").is_dir():
+        classes["test"] = class_folders(root / "test")
+    for split in ("val", "test"):
+        if split in classes and classes["train"] != classes[split]:
+            missing = sorted(set(classes["train"]) - set(classes[split]))
+            extra = sorted(set(classes[split]) - set(classes["train"]))
+            raise DataError(f"the class folders of {root / split} differ from those of {root / 'train'} "
+                            f"(missing in {split}: {missing}, only in {split}: {extra}); every split "
+                            f"needs the same classes")
     return classes["train"]
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Images sorted into one folder per class, under ``root/train`` and ``root/val``.
+    """Images sorted into one folder per class, under ``root/train``, ``root/val`` and ``root/test``.
 
     Training uses timm's ImageNet recipe (random resized crop, horizontal flip, RandAugment,
     random erasing), evaluation resizes and centre-crops (``crop_pct``). With ``in_chans=1``
     images are read as greyscale ('L') and augmented as such: timm's RandAugment handles 'L'
-    images, filling with the one-entry ``mean``. Validation and test both use ``root/val``.
+    images, filling with the one-entry ``mean``. ``root/val`` selects the model; ``root/test``,
+    when present, is the test split. Without it there is no test split: test metrics are null,
+    never the validation figures.
     Posterize ops keep 1 to 8 bits (:func:`clamp_posterize_bits`): at full strength timm asks
     for 0, which Pillow 13 refuses.
 
     Args:
-        root: folder holding ``train/`` and ``val/``, each with one sub-folder of images per class.
+        root: folder holding ``train/``, ``val/`` and optionally ``test/``, each with one sub-folder
+            of images per class.
         image_size: side of the square crops fed to the model, at least 8.
         batch_size: images per batch.
         num_workers: DataLoader worker processes decoding and augmenting images.
@@ -132,6 +140,9 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"std entries must be positive, got {std}")
         self.root = Path(root).expanduser()
         self.classes = _scan(self.root)
+        if not (self.root / "test").is_dir():
+            self.no_test_split = (f"{self.root} has no test/ folder; add test/<class>/ images for "
+                                  f"test metrics")
         self.save_hyperparameters()
         self.num_classes = len(self.classes)
         self.in_chans = in_chans
@@ -161,7 +172,9 @@ class ImageFolderDataModule(ImageDataModule):
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        """Index the image files of both splits (once)."""
+        """Index the image files of every split (once)."""
         if self.train_set is None:
-            self.train_set = self._images("train", self.train_transform)
+            self.train_set = self._images("train", self.augmented(self.train_transform))
             self.val_set = self._images("val", self.eval_transform)
+            if not self.no_test_split:
+                self.test_set = self._images("test", self.eval_transform)

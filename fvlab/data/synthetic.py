@@ -48,18 +48,19 @@ class SyntheticDataModule(ImageDataModule):
         in_chans: image channels.
         image_size: side of the square images, at least 8.
         num_samples: training images.
-        val_samples: validation images (also used for test).
+        val_samples: validation images.
+        test_samples: test images (a third set, drawn like the others).
         batch_size: images per batch.
         num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
         seed: seed of the patterns, noise and labels.
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, image_size: int = 32,
-                 num_samples: int = 256, val_samples: int = 64, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0):
+                 num_samples: int = 256, val_samples: int = 64, test_samples: int = 64, batch_size: int = 32,
+                 num_workers: int = 0, seed: int = 0):
         super().__init__(batch_size, num_workers)
-        for name, value in (("num_classes", num_classes), ("in_chans", in_chans),
-                            ("num_samples", num_samples), ("val_samples", val_samples)):
+        for name, value in (("num_classes", num_classes), ("in_chans", in_chans), ("num_samples", num_samples),
+                            ("val_samples", val_samples), ("test_samples", test_samples)):
             check_positive(name, value)
         check_image_size(image_size)
         self.save_hyperparameters()
@@ -68,12 +69,15 @@ class SyntheticDataModule(ImageDataModule):
         self.image_size = image_size
         self.num_samples = num_samples
         self.val_samples = val_samples
+        self.test_samples = test_samples
         self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
-        """Generate the training and validation images (once)."""
+        """Generate the training, validation and test images (once)."""
         if self.train_set is None:
             generator = torch.Generator().manual_seed(self.seed)
             patterns = class_patterns(self.num_classes, self.in_chans, self.image_size, generator)
             self.train_set = noisy_samples(patterns, self.num_samples, generator)
             self.val_set = noisy_samples(patterns, self.val_samples, generator)
+            # Drawn after the others, so adding a test set left train and val as they were.
+            self.test_set = noisy_samples(patterns, self.test_samples, generator)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from fvlab.data.base import DataError, ImageDataModule, check_channels, check_image_size
+from fvlab.data.base import (DataError, ImageDataModule, check_channels, check_fraction, check_image_size,
+                             stratified_split)
 
 __all__ = ["TorchvisionDataModule", "DatasetSpec", "DATASETS", "build_transform", "channel_stats"]
 
@@ -67,7 +70,11 @@ def build_transform(spec: DatasetSpec, image_size: int, in_chans: int, train: bo
 
 
 class TorchvisionDataModule(ImageDataModule):
-    """A torchvision dataset by name; validation and test both use its official test split.
+    """A torchvision dataset by name: val held out of its official train split, test its official test split.
+
+    The validation images (``val_fraction`` of the official train split, stratified by class,
+    fixed by ``split_seed``) select the model; the official test split is measured once, after
+    training.
 
     Nothing is downloaded unless ``download`` is true; without it the files must already be in
     torchvision's layout under ``root`` (e.g. ``root/cifar-10-batches-py``, ``root/MNIST/raw``).
@@ -82,12 +89,18 @@ class TorchvisionDataModule(ImageDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         in_chans: 1 or 3; default the dataset's own (CIFAR 3, MNIST 1); conversions go through greyscale.
+        val_fraction: share of the official train split held out for validation, in (0, 1).
+        split_seed: seed of the train/val split; the same seed gives the same split, whatever
+            the global seed.
     """
 
     def __init__(self, name: str = "CIFAR10", root: str = "data", download: bool = False,
                  image_size: int = 32, batch_size: int = 128, num_workers: int = 4,
-                 in_chans: int | None = None):
+                 in_chans: int | None = None, val_fraction: float = 0.1, split_seed: int = 0):
         super().__init__(batch_size, num_workers)
+        check_fraction("val_fraction", val_fraction)
+        if not 0 <= split_seed < 2**32:
+            raise DataError(f"split_seed must lie in [0, 2**32), got {split_seed!r}")
         canonical = {key.lower(): key for key in DATASETS}.get(str(name).lower())
         if canonical is None:
             raise DataError(f"name={name!r} is not a supported torchvision dataset; choose one of "
@@ -105,6 +118,8 @@ class TorchvisionDataModule(ImageDataModule):
         self.num_classes = self.spec.num_classes
         self.in_chans = in_chans
         self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
 
     @property
     def files(self) -> Path:
@@ -117,9 +132,13 @@ class TorchvisionDataModule(ImageDataModule):
                          f"--data.init_args.download true to download them into root={str(self.root)!r}, "
                          f"or put torchvision's {self.name} files there")
 
-    def _split(self, train: bool, download: bool = False) -> datasets.VisionDataset:
-        """The train or test split, with missing or broken files reported as DataError."""
-        transform = build_transform(self.spec, self.image_size, self.in_chans, train)
+    def _split(self, train: bool, download: bool = False,
+               augment: bool | None = None) -> datasets.VisionDataset:
+        """The official train or test split, with missing or broken files reported as DataError."""
+        augment = train if augment is None else augment
+        transform = build_transform(self.spec, self.image_size, self.in_chans, augment)
+        if augment:
+            transform = self.augmented(transform)
         try:
             return self.spec.dataset(str(self.root), train=train, transform=transform, download=download)
         except RuntimeError as err:
@@ -134,7 +153,17 @@ class TorchvisionDataModule(ImageDataModule):
                 self._split(train, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load both splits from ``root`` (once)."""
+        """Load the official splits from ``root`` and hold the validation images out of train (once)."""
         if self.train_set is None:
-            self.train_set = self._split(train=True)
-            self.val_set = self._split(train=False)
+            official_train = self._split(train=True)
+            labels = [int(label) for label in official_train.targets]
+            n_val = math.ceil(self.val_fraction * len(labels))
+            if min(n_val, len(labels) - n_val) < self.num_classes:
+                raise DataError(f"val_fraction={self.val_fraction} holds out {n_val} of {len(labels)} "
+                                f"training images: a stratified split needs at least {self.num_classes} "
+                                f"on each side; use e.g. 0.1")
+            train, val = stratified_split(labels, n_val, self.split_seed)
+            self.train_set = Subset(official_train, train.tolist())
+            # The same files without augmentation: validation images are only resized and normalised.
+            self.val_set = Subset(self._split(train=True, augment=False), val.tolist())
+            self.test_set = self._split(train=False)

@@ -9,11 +9,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fvlab.lit.tensorboard import register_hparams
+from fvlab.metrics import MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS
 from fvlab.profile import model_metrics
 
 __all__ = ["MODEL_METRICS", "ModelProfileCallback"]
-
-MODEL_METRICS = ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms")
 
 
 def _network(pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -29,7 +28,7 @@ class ModelProfileCallback(pl.Callback):
     at fit start and before the first step (or given, already measured, as ``metrics``), go to
     every logger as scalars, to ``self.metrics`` and, at fit end, to ``trainer.callback_metrics``.
     A failed measurement is a warning and a None, never a failed run. With ``log_hparams`` the
-    metric names (and ``hparams_metrics``, e.g. the best validation accuracy) are registered with
+    metric names (and ``hparams_metrics``: best validation accuracy, test metrics) are registered with
     TensorBoard's HParams plugin next to the module's hyperparameters and ``hparams``.
 
     Args:
@@ -47,7 +46,8 @@ class ModelProfileCallback(pl.Callback):
 
     def __init__(self, metrics: Mapping[str, float | None] | None = None, image_size: int | None = None,
                  throughput: bool = True, batch_size: int | None = None, repeats: int | None = None,
-                 log_hparams: bool = True, hparams_metrics: tuple[str, ...] = ("val/acc1_best",),
+                 log_hparams: bool = True,
+                 hparams_metrics: tuple[str, ...] = (PRIMARY_METRIC, *TEST_METRICS),
                  hparams: Mapping[str, Any] | None = None):
         super().__init__()
         self.image_size = image_size

@@ -9,7 +9,8 @@ The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
 - ``profile_run`` measures the built network (params, GFLOPs, throughput, latency) before any
   training; a failed measurement is a warning and a None.
 - ``plan_run`` is the skip / resume / refuse policy for an existing run directory.
-- ``fit_run`` writes the run directory and fits; ``run_one`` builds, fits and frees one run.
+- ``fit_run`` writes the run directory, fits, and measures the best checkpoint once on the test
+  split (``measure_test_split``); ``run_one`` builds, fits and frees one run.
 """
 
 from __future__ import annotations
@@ -39,20 +40,20 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-from fvlab.lit.callbacks import MODEL_METRICS, ModelProfileCallback
 from fvlab.experiment import CONFIG_HEADER, is_run_dir
+from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
+from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
 from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
-           "fit_run", "run_one", "read_metrics", "find_runs", "release_memory", "config_hash",
-           "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
+           "fit_run", "measure_test_split", "write_test_json", "run_one", "read_metrics", "find_runs",
+           "release_memory", "config_hash", "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
-FINAL_METRICS = ("val/acc1", "val/acc5", "val/acc1_best", "val/loss", "train/loss", "train/loss_epoch",
-                 "train/lr", *MODEL_METRICS)
 # Settings that change what is shown, not what is trained: left out of the config hash.
 _UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
@@ -87,7 +88,7 @@ class FvlabCLI(LightningCLI):
         if self.run_dir is not None:
             kwargs["default_root_dir"] = str(self.run_dir)
             if trainer_config.get("logger") is not False:
-                kwargs["logger"] = TensorBoardLogger(
+                kwargs["logger"] = RunLogger(
                     save_dir=str(self.run_dir.parent), name=self.run_dir.name, version="",
                     default_hp_metric=False)
         callbacks = [ModelProfileCallback(), RNGStateCallback(), *self.extra_callbacks]
@@ -103,6 +104,27 @@ class FvlabCLI(LightningCLI):
                 callbacks.append(EpochSummary(f"{self.experiment_name}/{self.variant}"))
         self.trainer_defaults["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+class RunLogger(TensorBoardLogger):
+    """The run's TensorBoard logger: stays open from fit to the test after it, so a run has one events file.
+
+    Lightning finalizes loggers at the end of every ``fit`` and ``test``; a closed
+    SummaryWriter reopens into a second events file. Here finalizing flushes, and
+    ``fit_run`` closes the writer with :meth:`close` once the test has been logged.
+    """
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Flush (and save hparams.yaml on success), keeping the writer open."""
+        if self._experiment is not None:
+            self.experiment.flush()
+        if status == "success":
+            self.save()
+
+    def close(self) -> None:
+        """Close the events file."""
+        TensorBoardLogger.finalize(self, "success")
 
 
 class RNGStateCallback(pl.Callback):
@@ -297,6 +319,8 @@ def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequen
     if requested_precision:
         resolved["trainer"]["precision"] = requested_precision  # config.yaml stays portable
     run_seed = int(resolved.get("seed_everything") or 0)
+    if hasattr(cli.datamodule, "seed_data"):  # data order and augmentation follow the run's seed only
+        cli.datamodule.seed_data(run_seed)
     profile = next(c for c in cli.trainer.callbacks if isinstance(c, ModelProfileCallback))
     run_hparams = {"seed": run_seed, "precision": precision, **dict(hparams or {})}
     profile.hparams.update(run_hparams)
@@ -444,6 +468,38 @@ def _end_process_group(trainer: pl.Trainer) -> None:
             pass
 
 
+def measure_test_split(spec: RunSpec, ckpt_path: str | None = "best") -> dict[str, Any]:
+    """``test/*`` of a checkpoint (default the best) on the test split, with the module's eval weights.
+
+    Lightning's own test path loads the checkpoint, so whatever the module keeps as its
+    evaluation weights (the EMA copy when EMA ran) is measured. Without a test split the
+    metrics are null and ``test_note`` says why; the validation figures never stand in.
+    """
+    result: dict[str, Any] = dict.fromkeys(TEST_METRICS)
+    reason = getattr(spec.datamodule, "no_test_split", "")
+    if reason:
+        return {**result, "test_note": f"no test split: {reason}"}
+    trainer = spec.trainer
+    if ckpt_path == "best" and not getattr(trainer.checkpoint_callback, "best_model_path", ""):
+        ckpt_path = None  # no checkpoint written (no run directory): the weights as trained
+    measured = trainer.test(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt_path, verbose=False)
+    result.update({k: float(v) for k, v in (measured[0] if measured else {}).items() if k in TEST_METRICS})
+    return result
+
+
+def write_test_json(run_dir: Path, checkpoint: str, metrics: Mapping[str, Any],
+                    datamodule: pl.LightningDataModule) -> Path:
+    """``test.json`` of ``fvlab test``: checkpoint, split and metrics (metrics.json stays as trained)."""
+    test_set = getattr(datamodule, "test_set", None)
+    data = {"checkpoint": str(checkpoint), "split": "test", "data": type(datamodule).__name__,
+            "images": len(test_set) if test_set is not None else None,
+            "metrics": {k: float(metrics[k]) if k in metrics else None for k in TEST_METRICS},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = Path(run_dir) / "test.json"
+    _write_json(path, data)
+    return path
+
+
 def fit_run(spec: RunSpec, ckpt_path: str | None = None,
             model_metrics: Mapping[str, float | None] | None = None) -> dict[str, Any]:
     """Fit one run; always leaves a metrics.json saying complete, failed or pruned (with the reason)."""
@@ -486,10 +542,22 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
     if stopper is not None and result["status"] == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
+    if result.get("status") == "complete" and not interrupted:  # failed or pruned runs have no test figures
+        try:
+            result.update(measure_test_split(spec))
+        except (KeyboardInterrupt, SystemExit):
+            interrupted = True
+        except Exception as err:  # the trained run stands; its test figures are missing, with the reason
+            warnings.warn(f"testing the best checkpoint failed: {type(err).__name__}: {err}")
+            result["test_note"] = f"test failed: {type(err).__name__}: {err}"
+        interrupted = interrupted or trainer.interrupted
     if interrupted:
         result.update(status="failed", error="interrupted; resume with --ckpt_path last")
     if writer and run_dir is not None:
         _write_json(run_dir / "metrics.json", result)
+    for logger in trainer.loggers:
+        if isinstance(logger, RunLogger):
+            logger.close()
     if result["status"] == "failed":
         _end_process_group(trainer)
     if interrupted:

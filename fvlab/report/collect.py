@@ -23,18 +23,20 @@ from typing import Any, Mapping
 import yaml
 
 from fvlab.experiment import is_run_dir
-from fvlab.report.stats import MODEL_METRICS, RUNNING
+from fvlab.metrics import MODEL_METRICS, VAL_METRICS
+from fvlab.report.stats import RUNNING
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",
            "variant_order_hint"]
 
 STUDY_FILE = "study.journal"
+TEST_FILE = "test.json"  # written by `fvlab test` into the run directory
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 # Optuna user_attrs of fvlab's sweep -> metrics.json names.
-TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "params_m": "model/params_m", "gflops": "model/gflops",
-               "throughput": "model/throughput", "latency_ms": "model/latency_ms"}
+TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "test_acc1": "test/acc1",
+               **{metric.removeprefix("model/"): metric for metric in MODEL_METRICS}}
 _REASON_ATTRS = ("reason", "error", "fail_reason", "prune_reason", "pruned_reason", "infeasible_reason",
                  "infeasible")
 
@@ -51,6 +53,7 @@ class Run:
     metrics: dict[str, Any]
     arch: dict[str, Any] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    tested: dict[str, Any] | None = None  # test.json of a later `fvlab test`, if any
 
     @property
     def experiment(self) -> str:
@@ -131,7 +134,7 @@ def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/a
 
 def _latest_figures(scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for tag in ("val/acc1", "val/acc5", "val/loss", "val/acc1_best", "train/loss_epoch", *MODEL_METRICS):
+    for tag in (*VAL_METRICS, "train/loss_epoch", *MODEL_METRICS):
         if scalars.get(tag):
             figures[tag] = scalars[tag][-1][1]
     curve = read_curve(scalars)
@@ -195,7 +198,11 @@ def read_run(path: Path, *, events: bool = True) -> Run:
         metrics["seed"] = int(seed_match.group(1)) if seed_match else config.get("seed_everything")
     model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     arch = resolved_arch((model.get("init_args") or model).get("arch"))
-    return Run(path, metrics, arch, read_curve(scalars))
+    try:
+        tested = json.loads((path / TEST_FILE).read_text())
+    except (OSError, ValueError):
+        tested = None
+    return Run(path, metrics, arch, read_curve(scalars), tested if isinstance(tested, dict) else None)
 
 
 def read_profile(experiment_dir: Path) -> list[dict[str, Any]]:

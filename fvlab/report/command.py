@@ -19,9 +19,10 @@ from typing import Any, Sequence
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
-from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING, VariantStats,
-                                aggregate, difference_cell, explanation, markdown_table, mean_std_cell,
-                                summary_notes, write_csv)
+from fvlab.metrics import TEST_METRICS
+from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING, TEST_PRIMARY_METRIC,
+                                VariantStats, aggregate, difference_cell, explanation, markdown_table,
+                                mean_std_cell, seed_label, summary_notes, write_csv)
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
@@ -161,6 +162,23 @@ def variant_pareto(report: Report) -> list[bool]:
     return pareto_optimal(points, ("maximize", "maximize"))
 
 
+def tested_notes(report: Report) -> list[str]:
+    """One line per run that ``fvlab test`` measured later (its test.json), beside the figures of training."""
+    several = len(report.variants) > 1
+    lines = []
+    for name, runs in report.experiments.items():
+        for run in sorted(runs, key=lambda r: (r.variant, str(r.metrics.get("seed")))):
+            if not run.tested:
+                continue
+            metrics = run.tested.get("metrics") or {}
+            figures = ", ".join(f"{k} {_value(metrics.get(k))}" for k in TEST_METRICS)
+            checkpoint = Path(str(run.tested.get("checkpoint") or "?")).name
+            lines.append(f"fvlab test: {name + '/' if several else ''}{run.variant} "
+                         f"{seed_label(run.metrics.get('seed'))}: {figures} ({checkpoint}, "
+                         f"{run.tested.get('split') or 'test'} split)")
+    return lines
+
+
 def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]:
     """The combined variant table, its notes and its CSV rows."""
     rows = report.variant_rows()
@@ -168,14 +186,15 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
     columns = _differing(arch)
     several = len(report.variants) > 1
     reference = "reference" if several else next((v.variant for _, v in rows if v.is_reference), "")
-    header = ["variant", *columns, "seeds", PRIMARY_METRIC, f"Δ vs {reference} [95% CI]",
+    header = ["variant", *columns, "seeds", PRIMARY_METRIC, f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
               *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto"]
     pareto = variant_pareto(report)
     table, csv_rows = [], []
     for (label, v), settings, optimal in zip(rows, arch, pareto):
         label = label + (" (running)" if v.status == RUNNING else "")
         table.append([label, *(_value(settings.get(c)) for c in columns), v.seeds_cell(),
-                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v), *_model_cells(v.model),
+                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
+                      mean_std_cell(v, TEST_PRIMARY_METRIC), *_model_cells(v.model),
                       _value(None if v.epochs is None else round(v.epochs, 1)),
                       _value(None if v.wall_s is None else round(v.wall_s, 1)), "yes" if optimal else ""])
         d = v.difference
@@ -183,8 +202,10 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                          "n_complete": v.n, "n_failed": len(v.failed), "n_running": len(v.running),
                          "n_missing": len(v.missing_seeds),
                          **{f"arch.{c}": settings.get(c) for c in columns},
-                         **{k: v.mean.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss")},
-                         **{f"{k}_std": v.std.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss")},
+                         **{k: v.mean.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
+                                                       *TEST_METRICS)},
+                         **{f"{k}_std": v.std.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
+                                                               *TEST_METRICS)},
                          "delta/val/acc1_best": d.mean if d else None, "delta_ci_low": d.low if d else None,
                          "delta_ci_high": d.high if d else None,
                          "reference": next((u.variant for u in report.variants[v.experiment] if u.is_reference), ""),
@@ -193,12 +214,14 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
             csv_rows.append({"kind": "run", "source": v.experiment, "variant": v.variant,
                              "seed": run.get("seed"), "status": run.get("status"),
                              **{f"arch.{c}": settings.get(c) for c in columns},
-                             **{k: run.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss", *MODEL_METRICS,
-                                                          "epochs", "wall_s", "precision")},
+                             **{k: run.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss", *TEST_METRICS,
+                                                          *MODEL_METRICS, "epochs", "wall_s", "precision",
+                                                          "test_note")},
                              "reason": run.get("error")})
     notes = [explanation(None if several else reference)]
     for name, variants in report.variants.items():
         notes += summary_notes(variants, explain=False, prefix=f"{name}/" if several else "")
+    notes += tested_notes(report)
     notes.append(PARETO_NOTE)
     return markdown_table(header, table), notes, csv_rows
 
@@ -215,25 +238,27 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
     trials = data.trials
     columns = _differing([t.params for t in trials]) or list(dict.fromkeys(k for t in trials for k in t.params))
     names = _short_names(columns)
-    extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, *MODEL_METRICS)
+    extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *MODEL_METRICS)
              and any(t.metrics.get(n) is not None for t in trials)]
     pareto = pareto_optimal([
         (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
         if t.state == "complete" and finite(t.metrics.get("model/throughput")) is not None
         and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
-    header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, *extra,
+    header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
               *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto", "reason"]
     table, csv_rows = [], []
     for t, optimal in zip(trials, pareto):
         acc = finite(t.metrics.get(PRIMARY_METRIC))
         table.append([f"#{t.number}", t.state, *(_value(t.params.get(c)) for c in columns),
-                      "-" if acc is None else f"{acc:.4f}", *(_value(t.metrics.get(n)) for n in extra),
+                      "-" if acc is None else f"{acc:.4f}", _value(finite(t.metrics.get(TEST_PRIMARY_METRIC))),
+                      *(_value(t.metrics.get(n)) for n in extra),
                       *_model_cells({k: finite(t.metrics.get(k)) for k in MODEL_METRICS}),
                       _value(t.metrics.get("epochs")), _value(finite(t.metrics.get("wall_s"))),
                       "yes" if optimal else "", t.reason[:80]])
         csv_rows.append({"kind": "trial", "source": data.name, "trial": t.number, "status": t.state,
                          **{f"param.{c}": t.params.get(c) for c in columns},
-                         **{k: t.metrics.get(k) for k in (PRIMARY_METRIC, *extra, *MODEL_METRICS, "epochs",
+                         **{k: t.metrics.get(k) for k in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
+                                                          *MODEL_METRICS, "epochs",
                                                           "wall_s")},
                          "pareto": optimal, "reason": t.reason,
                          "run_dir": str(t.run.path) if t.run is not None else None})

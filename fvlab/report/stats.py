@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "PairedDifference", "VariantStats",
-           "paired_difference", "aggregate", "format_summary", "summary_csv_rows", "write_summary",
-           "markdown_table", "seed_label"]
+from fvlab.metrics import MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS, TEST_PRIMARY_METRIC
 
-PRIMARY_METRIC = "val/acc1_best"
-SEED_METRICS = ("val/acc1_best", "val/acc1", "val/loss")
-MODEL_METRICS = ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms")
+__all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
+           "VariantStats", "paired_difference", "aggregate", "format_summary", "summary_csv_rows",
+           "write_summary", "markdown_table", "seed_label", "test_notes"]
+
+# Per-seed figures: mean ± std over the completed seeds.
+SEED_METRICS = (PRIMARY_METRIC, "val/acc1", "val/loss", *TEST_METRICS)
 MODEL_TITLES = {"model/params_m": ("params (M)", "{:.3f}"), "model/gflops": ("GFLOPs", "{:.4f}"),
                 "model/throughput": ("throughput (img/s)", "{:.1f}"),
                 "model/latency_ms": ("latency (ms)", "{:.2f}")}
@@ -251,16 +252,29 @@ def explanation(reference: str | None = None, confidence: float = CONFIDENCE) ->
     return (f"± is the sample standard deviation (n-1) over the completed seeds. Δ is the mean "
             f"per-seed difference of {PRIMARY_METRIC} to {to}, paired by seed, with its "
             f"{confidence:.0%} paired-t confidence interval; {SIGNIFICANT_MARK} marks an interval "
-            f"that excludes zero (a difference larger than seed-to-seed noise).")
+            f"that excludes zero (a difference larger than seed-to-seed noise). {TEST_PRIMARY_METRIC} "
+            f"is the best checkpoint measured once on the held-out test split, which selects nothing.")
+
+
+def test_notes(variants: Sequence[VariantStats], prefix: str = "") -> list[str]:
+    """Why a variant's test figures are missing (no test split, a failed test): one line per variant."""
+    notes = []
+    for v in variants:
+        reasons = list(dict.fromkeys(str(r["test_note"]) for r in v.complete if r.get("test_note")))
+        if reasons:
+            notes.append(f"{TEST_PRIMARY_METRIC} of {prefix}{v.variant}: {'; '.join(reasons)} (shown as -, "
+                         f"never replaced by the validation figure)")
+    return notes
 
 
 def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix: str = "") -> list[str]:
-    """The lines under the table: what ± and the mark mean, which seeds failed or are missing."""
+    """The lines under the table: what ± and the mark mean, test figures, seeds failed or missing."""
     if not variants:
         return []
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     confidence = next((v.difference.confidence for v in variants if v.difference), CONFIDENCE)
     notes = [explanation(reference, confidence)] if explain else []
+    notes += test_notes(variants, prefix)
     lone = [prefix + v.variant for v in variants if v.difference is not None and v.difference.n < 2]
     if lone:
         notes.append(f"n/a: fewer than two seeds completed in both {', '.join(lone)} and the "
@@ -279,8 +293,8 @@ def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix
 
 
 def _summary_header(reference: str) -> list[str]:
-    return ["variant", "seeds", f"{PRIMARY_METRIC}", f"Δ vs {reference} [95% CI]", "val/acc1",
-            "val/loss", *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "precision"]
+    return ["variant", "seeds", f"{PRIMARY_METRIC}", f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
+            "val/acc1", "val/loss", *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "precision"]
 
 
 def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> str:
@@ -289,7 +303,7 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
         return "(no runs)"
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
-             mean_std_cell(v, "val/acc1"), mean_std_cell(v, "val/loss"),
+             mean_std_cell(v, TEST_PRIMARY_METRIC), mean_std_cell(v, "val/acc1"), mean_std_cell(v, "val/loss"),
              *(_fmt(v.model.get(k), MODEL_TITLES[k][1]) for k in MODEL_METRICS), v.precision or "-"]
             for v in variants]
     return markdown_table(_summary_header(reference), rows) + "\n\n" + note_sep.join(summary_notes(variants))
@@ -298,7 +312,7 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
 # ---- summary.csv -----------------------------------------------------------------------
 
 CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
-              *(f for k in SEED_METRICS for f in (k, f"{k}_std")), "val/acc5",
+              *(f for k in SEED_METRICS for f in (k, f"{k}_std")), "val/acc5", "test_note",
               "reference", "delta/val/acc1_best", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
               "delta_excludes_zero", *MODEL_METRICS, "precision", "epochs", "wall_s", "error"]
 

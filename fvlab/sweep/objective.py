@@ -29,6 +29,7 @@ import torch
 from fvlab.experiment import apply_overrides
 from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
+from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
 __all__ = ["TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "continue_attempt"]
@@ -37,9 +38,7 @@ log = logging.getLogger(__name__)
 
 ARCH_ATTR = "fvlab_arch:"
 # user_attrs names of the model metrics (DESIGN.md metric -> attribute).
-USER_ATTRS = {"model/params_m": "params_m", "model/gflops": "gflops", "model/throughput": "throughput",
-              "model/throughput_lo": "throughput_lo", "model/throughput_hi": "throughput_hi",
-              "model/latency_ms": "latency_ms", "model/speedup": "speedup"}
+USER_ATTRS = {metric: metric.removeprefix("model/") for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}
 
 
 class TrialFailed(RuntimeError):
@@ -262,6 +261,8 @@ class SweepObjective:
                 metrics: Mapping[str, float | None]) -> list[float]:
         if result.get("val/acc1_best") is not None:
             trial.set_user_attr("val_acc1_best", result["val/acc1_best"])
+        if result.get("test/acc1") is not None:  # shown in the tables, never an objective
+            trial.set_user_attr("test_acc1", result["test/acc1"])
         status = result.get("status")
         if status == "pruned":
             self._prune(trial, result.get("error") or "pruned")

@@ -45,6 +45,7 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
     for trial in trials:
         row: dict[str, Any] = {"trial": trial.number, "run": trial.user_attrs.get("run_name", "")}
         row.update(zip(sweep.objectives, trial.values))
+        row["test/acc1"] = trial.user_attrs.get("test_acc1")  # measured once, never selected on
         row.update({key: sweep.space[key].decode(value) if key in sweep.space else value
                     for key, value in trial.params.items()})
         for attr in ("params_m", "gflops", "throughput", "speedup"):
@@ -56,6 +57,8 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
