@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import yaml
 
 from fvlab.experiment import is_run_dir
-from fvlab.metrics import MODEL_METRICS, VAL_METRICS
+from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, VAL_METRICS
 from fvlab.report.stats import RUNNING
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "discover", "read_run",
@@ -36,7 +36,7 @@ _SEED_DIR = re.compile(r"^seed_(\d+)$")
 _TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 # Optuna user_attrs of fvlab's sweep -> metrics.json names.
 TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "test_acc1": "test/acc1",
-               **{metric.removeprefix("model/"): metric for metric in MODEL_METRICS}}
+               **{metric.removeprefix("model/"): metric for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}}
 _REASON_ATTRS = ("reason", "error", "fail_reason", "prune_reason", "pruned_reason", "infeasible_reason",
                  "infeasible")
 

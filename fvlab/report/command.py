@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
+from fvlab.metrics import MODEL_EXTRA_METRICS, TEST_METRICS
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
-from fvlab.metrics import TEST_METRICS
-from fvlab.report.stats import (MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING, TEST_PRIMARY_METRIC,
-                                VariantStats, aggregate, difference_cell, explanation, markdown_table,
-                                mean_std_cell, seed_label, summary_notes, write_csv)
+from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING,
+                                TEST_PRIMARY_METRIC, VariantStats, aggregate, difference_cell, explanation,
+                                markdown_table, mean_std_cell, model_cell, seed_label, summary_notes, write_csv)
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
@@ -146,8 +146,7 @@ def _variant_arch(report: Report, experiment: str, variant: str) -> dict[str, An
 
 
 def _model_cells(metrics: dict[str, Any]) -> list[str]:
-    return [_value(None) if metrics.get(k) is None else MODEL_TITLES[k][1].format(metrics[k])
-            for k in MODEL_METRICS]
+    return [model_cell(metrics, k) for k in MODEL_COLUMNS]
 
 
 def variant_pareto(report: Report) -> list[bool]:
@@ -187,7 +186,7 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
     several = len(report.variants) > 1
     reference = "reference" if several else next((v.variant for _, v in rows if v.is_reference), "")
     header = ["variant", *columns, "seeds", PRIMARY_METRIC, f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
-              *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto"]
+              *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto"]
     pareto = variant_pareto(report)
     table, csv_rows = [], []
     for (label, v), settings, optimal in zip(rows, arch, pareto):
@@ -215,7 +214,8 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                              "seed": run.get("seed"), "status": run.get("status"),
                              **{f"arch.{c}": settings.get(c) for c in columns},
                              **{k: run.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss", *TEST_METRICS,
-                                                          *MODEL_METRICS, "epochs", "wall_s", "precision",
+                                                          *MODEL_METRICS, *MODEL_EXTRA_METRICS, "epochs",
+                                                          "wall_s", "precision",
                                                           "test_note")},
                              "reason": run.get("error")})
     notes = [explanation(None if several else reference)]
@@ -238,27 +238,27 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
     trials = data.trials
     columns = _differing([t.params for t in trials]) or list(dict.fromkeys(k for t in trials for k in t.params))
     names = _short_names(columns)
-    extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *MODEL_METRICS)
+    extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *MODEL_COLUMNS)
              and any(t.metrics.get(n) is not None for t in trials)]
     pareto = pareto_optimal([
         (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
         if t.state == "complete" and finite(t.metrics.get("model/throughput")) is not None
         and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
     header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
-              *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "epochs", "wall (s)", "Pareto", "reason"]
+              *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto", "reason"]
     table, csv_rows = [], []
     for t, optimal in zip(trials, pareto):
         acc = finite(t.metrics.get(PRIMARY_METRIC))
         table.append([f"#{t.number}", t.state, *(_value(t.params.get(c)) for c in columns),
                       "-" if acc is None else f"{acc:.4f}", _value(finite(t.metrics.get(TEST_PRIMARY_METRIC))),
                       *(_value(t.metrics.get(n)) for n in extra),
-                      *_model_cells({k: finite(t.metrics.get(k)) for k in MODEL_METRICS}),
+                      *_model_cells({k: finite(v) for k, v in t.metrics.items() if k.startswith("model/")}),
                       _value(t.metrics.get("epochs")), _value(finite(t.metrics.get("wall_s"))),
                       "yes" if optimal else "", t.reason[:80]])
         csv_rows.append({"kind": "trial", "source": data.name, "trial": t.number, "status": t.state,
                          **{f"param.{c}": t.params.get(c) for c in columns},
                          **{k: t.metrics.get(k) for k in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
-                                                          *MODEL_METRICS, "epochs",
+                                                          *MODEL_METRICS, *MODEL_EXTRA_METRICS, "epochs",
                                                           "wall_s")},
                          "pareto": optimal, "reason": t.reason,
                          "run_dir": str(t.run.path) if t.run is not None else None})

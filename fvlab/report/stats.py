@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fvlab.metrics import MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS, TEST_PRIMARY_METRIC
+from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS, TEST_PRIMARY_METRIC
 
 __all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
            "VariantStats", "paired_difference", "aggregate", "format_summary", "summary_csv_rows",
-           "write_summary", "markdown_table", "seed_label", "test_notes"]
+           "write_summary", "markdown_table", "seed_label", "test_notes", "MODEL_COLUMNS", "model_cell"]
 
 # Per-seed figures: mean ± std over the completed seeds.
 SEED_METRICS = (PRIMARY_METRIC, "val/acc1", "val/loss", *TEST_METRICS)
+# The architecture's columns of every table; throughput carries its 95% interval in its cell.
+MODEL_COLUMNS = (*MODEL_METRICS, "model/speedup")
 MODEL_TITLES = {"model/params_m": ("params (M)", "{:.3f}"), "model/gflops": ("GFLOPs", "{:.4f}"),
-                "model/throughput": ("throughput (img/s)", "{:.1f}"),
-                "model/latency_ms": ("latency (ms)", "{:.2f}")}
+                "model/throughput": ("throughput (img/s) [95%]", "{:.0f}"),
+                "model/latency_ms": ("latency (ms)", "{:.2f}"), "model/speedup": ("speedup", "{:.3f}")}
 CONFIDENCE = 0.95
 SIGNIFICANT_MARK = "*"
 # Statuses of a run that has not produced final figures yet, or never will.
@@ -190,7 +192,7 @@ def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = N
             stats.mean[key], stats.std[key] = _mean_std(values)
         # The architecture's figures do not depend on the seed (measured once per variant).
         measured = complete or stats.runs
-        for key in MODEL_METRICS:
+        for key in (*MODEL_METRICS, *MODEL_EXTRA_METRICS):
             stats.model[key] = _mean_std([v for v in (_number(r.get(key)) for r in measured)
                                           if v is not None])[0]
         precisions = sorted({str(r["precision"]) for r in measured if r.get("precision")})
@@ -223,6 +225,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _fmt(value: float | None, fmt: str = "{:.4f}") -> str:
     return "-" if value is None else fmt.format(value)
+
+
+def model_cell(model: Mapping[str, Any], key: str) -> str:
+    """One architecture figure; throughput as ``1183 [1150, 1204]`` (median and 95% interval over rounds)."""
+    value = _number(model.get(key))
+    if value is None:
+        return "-"
+    fmt = MODEL_TITLES[key][1]
+    lo, hi = _number(model.get(f"{key}_lo")), _number(model.get(f"{key}_hi"))
+    return fmt.format(value) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
 
 
 def mean_std_cell(stats: VariantStats, key: str, fmt: str = "{:.4f}") -> str:
@@ -294,7 +306,7 @@ def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix
 
 def _summary_header(reference: str) -> list[str]:
     return ["variant", "seeds", f"{PRIMARY_METRIC}", f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
-            "val/acc1", "val/loss", *(MODEL_TITLES[k][0] for k in MODEL_METRICS), "precision"]
+            "val/acc1", "val/loss", *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "precision"]
 
 
 def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> str:
@@ -304,7 +316,7 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
              mean_std_cell(v, TEST_PRIMARY_METRIC), mean_std_cell(v, "val/acc1"), mean_std_cell(v, "val/loss"),
-             *(_fmt(v.model.get(k), MODEL_TITLES[k][1]) for k in MODEL_METRICS), v.precision or "-"]
+             *(model_cell(v.model, k) for k in MODEL_COLUMNS), v.precision or "-"]
             for v in variants]
     return markdown_table(_summary_header(reference), rows) + "\n\n" + note_sep.join(summary_notes(variants))
 
@@ -314,7 +326,8 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
 CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
               *(f for k in SEED_METRICS for f in (k, f"{k}_std")), "val/acc5", "test_note",
               "reference", "delta/val/acc1_best", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
-              "delta_excludes_zero", *MODEL_METRICS, "precision", "epochs", "wall_s", "error"]
+              "delta_excludes_zero", *MODEL_METRICS, *MODEL_EXTRA_METRICS, "precision", "epochs", "wall_s",
+              "error"]
 
 
 def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
