@@ -52,6 +52,9 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
             metric = f"model/{attr}"
             if metric not in sweep.objectives and trial.user_attrs.get(attr) is not None:
                 row[metric] = trial.user_attrs[attr]
+        lo, hi = trial.user_attrs.get("throughput_lo"), trial.user_attrs.get("throughput_hi")
+        if lo is not None and hi is not None:  # the side-by-side measurement's 95% interval
+            row["model/throughput [95%]"] = f"[{lo:.0f}, {hi:.0f}]"
         rows.append(row)
     return rows
 
