@@ -231,39 +231,71 @@ def test_nan_loss_fails_that_variant_only(tmp_path: Path, capsys) -> None:
 
 
 class InterruptAtEpoch(pl.Callback):
-    """Simulates Ctrl-C at the start of an epoch."""
+    """Simulates Ctrl-C at the start of an epoch while FVLAB_TEST_INTERRUPT is set: the run's
+    config is the same whether or not it is interrupted, so it can be resumed."""
 
     def __init__(self, epoch: int = 1):
         self.epoch = epoch
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
+        if trainer.current_epoch == self.epoch and os.environ.get("FVLAB_TEST_INTERRUPT"):
             raise KeyboardInterrupt
 
 
-def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, capsys) -> None:
-    trainer = {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 2}
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    trainer = {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 2,
+               "callbacks": [{"class_path": "test_fit.InterruptAtEpoch", "init_args": {"epoch": 1}}]}
     model = {"arch": dict(MICRO), "lr": 3e-3, "warmup_epochs": 1, "ema": True, "ema_decay": 0.9}
     digits = {"class_path": "fvlab.data.DigitsDataModule",
               "init_args": {"image_size": 32, "batch_size": 16}}
     plain = write_experiment(tmp_path / "plain.yaml", model=model, trainer=trainer, data=digits)
     assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "a")]) == 0
 
-    broken = write_experiment(tmp_path / "broken.yaml", model=model, data=digits, trainer={
-        **trainer, "callbacks": [{"class_path": "test_fit.InterruptAtEpoch", "init_args": {"epoch": 1}}]})
-    assert main(["fit", str(broken), "--runs-dir", str(tmp_path / "b")]) == 1
-    interrupted = json.loads((tmp_path / "b" / "exp" / "default" / "metrics.json").read_text())
+    monkeypatch.setenv("FVLAB_TEST_INTERRUPT", "1")
+    assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b")]) == 1
+    monkeypatch.delenv("FVLAB_TEST_INTERRUPT")
+    run = tmp_path / "b" / "exp" / "default"
+    interrupted = json.loads((run / "metrics.json").read_text())
     assert interrupted["status"] == "failed" and "interrupted" in interrupted["error"]
     # Without --ckpt_path, the unfinished run is not thrown away.
     assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b")]) == 2
     assert "--ckpt_path last" in capsys.readouterr().err
+    # A resume continues the same config only: another lr is refused before anything is written.
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b"), "--ckpt_path", "last",
+                 "--model.lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "model.lr" in err and "--force" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
     assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b"), "--ckpt_path", "last"]) == 0
 
     uninterrupted = json.loads((tmp_path / "a" / "exp" / "default" / "metrics.json").read_text())
-    resumed = json.loads((tmp_path / "b" / "exp" / "default" / "metrics.json").read_text())
+    resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["status"] == "complete" and resumed["epochs"] == uninterrupted["epochs"] == 3
     for name in ("val/acc1", "val/loss", "val/acc1_best", "train/loss_epoch"):
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=1e-5), name
+
+
+def test_resuming_a_complete_run_skips_it_or_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
+    # Before: a changed config resumed from the complete run's last.ckpt, Lightning's loop ended
+    # at once, and metrics.json (all val/* null), config.yaml and the hash were overwritten.
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    run = tmp_path / "runs" / "exp" / "default"
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--ckpt_path", "last") == 0  # unchanged: skipped
+    assert "default: complete, skipped" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    for change, key in ((["--model.lr", "0.01"], "model.lr"),
+                        (["--trainer.max_epochs", "2"], "trainer.max_epochs")):
+        assert run_fit(tmp_path, experiment, *change, "--ckpt_path", "last") == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert f"(changed: {key})" in err and "--force" in err and "--runs-dir" in err, err
+        assert "continues the same config only" in err
+        assert ("schedule keeps its old length" in err) == (key == "trainer.max_epochs"), err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
 def test_print_config_shows_the_resolved_variant(tmp_path: Path, capsys) -> None:
