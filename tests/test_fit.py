@@ -44,6 +44,13 @@ def run_fit(tmp_path: Path, experiment: Path, *extra: str) -> int:
     return main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs"), *extra])
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for `fvlab` in a subprocess: these tests' callbacks importable, and the
+    PYTHONPATH kept, so the subprocess runs the fvlab under test, not another installed one."""
+    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 # ---- ImageClassifier -------------------------------------------------------------------
 
 
@@ -354,9 +361,12 @@ def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -
                 assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
 
 
-def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"v1": {}, "v2": {"model.arch.ct_size": 0}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+def test_cpu_ddp_with_two_processes_and_ema(tmp_path: Path) -> None:
+    # v2 trains with EMA: its copy used to sit inside the DDP-wrapped module with parameters
+    # that required grad, and DDP stopped at once ("parameters that were not used").
+    experiment = write_experiment(tmp_path / "exp.yaml", ablation={
+        "v1": {}, "v2": {"model.arch.ct_size": 0, "model.ema": True, "model.ema_decay": 0.5}})
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -367,6 +377,15 @@ def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["status"] == "complete"
         assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    best = tmp_path / "runs" / "exp" / "v2" / "checkpoints" / "best.ckpt"
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    trained = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    averaged = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    assert averaged.keys() == trained.keys()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # two sets of weights
+    from fvlab.models import create_model
+    loaded = create_model("fastervit_micro", num_classes=4, ct_size=0, checkpoint_path=best).state_dict()
+    assert all(torch.equal(loaded[k], averaged[k]) for k in loaded)  # the EMA weights
     assert done.stdout.count("| v1") == 1  # the table comes from rank 0 only
 
 
@@ -565,7 +584,7 @@ def test_torchrun_on_two_nodes_writes_from_global_rank_zero_only(tmp_path: Path)
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "RANK": str(rank), "LOCAL_RANK": "0",
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": "0",
                "GROUP_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "fvlab-test"}
         env.pop("NODE_RANK", None)
@@ -600,7 +619,7 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3,
                                                                    "callbacks": callbacks},
                                   ablation={"v1": {}, "v2": {}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
