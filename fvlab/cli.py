@@ -10,7 +10,6 @@ import argparse
 import contextvars
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,11 +31,11 @@ TRUST_HELP = ("load checkpoint files that hold more than tensors (their pickle c
 
 def _check_checkpoint(path: str | Path) -> None:
     """BadInput unless the checkpoint file loads as tensors and plain values (or is trusted)."""
-    from fvlab.models.registry import UntrustedCheckpointError, read_checkpoint
+    from fvlab.lit.plan import PlanError, check_checkpoint
 
     try:
-        read_checkpoint(path, mmap=True)  # mapped, not read: cheap even for big files
-    except UntrustedCheckpointError as err:
+        check_checkpoint(path)
+    except PlanError as err:
         raise BadInput(str(err)) from None
 
 
@@ -235,114 +234,30 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str,
     return args, rest
 
 
-@dataclass
-class FitJob:
-    """One run of ``fvlab fit``: a variant (and seed), its config, run directory and plan."""
-
-    variant: str
-    seed: int | None
-    config: dict[str, Any]
-    run_dir: Path
-    action: str = "fresh"
-    ckpt_path: str | None = None
-    note: str = ""
-
-    @property
-    def label(self) -> str:
-        """``variant`` or ``variant/seed_S``."""
-        return self.variant if self.seed is None else f"{self.variant}/seed_{self.seed}"
-
-
-def _own_runs_dir(path: Path, experiment: Any) -> Path | None:
-    """For a run's own config.yaml (runs/<name>/<variant>[/seed_<s>]/config.yaml), its runs directory."""
-    from fvlab.lit.runner import CONFIG_HEADER
-
-    try:
-        if path.name != "config.yaml" or not path.read_text().startswith(CONFIG_HEADER):
-            return None
-    except OSError:
-        return None
-    run_dir = path.resolve().parent
-    variant_dir = run_dir.parent if run_dir.name.startswith("seed_") else run_dir
-    if variant_dir.name != experiment.variant_names()[0] or variant_dir.parent.name != experiment.name:
-        return None
-    return variant_dir.parent.parent
 
 
 def _load_selection(args: argparse.Namespace) -> tuple[Any, list[str], list[int] | None]:
-    from fvlab.experiment import ExperimentError, load_experiment
+    """The experiment, variants and seeds that ``args`` select (BadInput if bad); fills in args.runs_dir."""
+    from fvlab.lit.plan import PlanError, load_selection
 
     try:
-        experiment = load_experiment(args.experiment)
-    except ExperimentError as err:
+        selection = load_selection(args.experiment, args.variant, getattr(args, "seeds", None), args.runs_dir)
+    except PlanError as err:
         raise BadInput(str(err)) from None
-    known = experiment.variant_names()
-    selected = args.variant or known
-    unknown = [v for v in selected if v not in known]
-    if unknown:
-        raise BadInput(f"unknown variant {', '.join(map(repr, unknown))} in {args.experiment}; "
-                       f"known: {', '.join(known)}")
-    if args.runs_dir is None:
-        args.runs_dir = str(_own_runs_dir(Path(args.experiment), experiment) or "runs")
-    seeds = getattr(args, "seeds", None) or experiment.seeds
-    if seeds is not None and len(set(seeds)) != len(seeds):
-        raise BadInput(f"--seeds {' '.join(map(str, seeds))} repeats a seed; list each seed once")
-    if seeds is not None and any(not 0 <= s < 2**32 for s in seeds):
-        raise BadInput(f"--seeds must lie in [0, 2**32), got {seeds}")
-    if Path(args.runs_dir).exists() and not Path(args.runs_dir).is_dir():
-        raise BadInput(f"--runs-dir {args.runs_dir} is a file; give a directory (default: runs)")
-    return experiment, selected, seeds
+    args.runs_dir = str(selection.runs_dir)
+    return selection.experiment, selection.variants, selection.seeds
 
 
-def _plan_fit(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Path, list[FitJob]]:
-    """Check every selected variant and seed and decide skip/fresh/resume before anything is
-    written; BadInput otherwise. Each variant is built once to check it, then dropped, so big
-    ablations are never held in memory together."""
-    import gc
+def _plan_fit(args: argparse.Namespace, overrides: list[str]) -> Any:
+    """Every selected run with its action (fvlab.lit.plan.plan_fit), decided before anything is written."""
+    from fvlab.lit.plan import PlanError, Selection, plan_fit
 
-    from fvlab.experiment import ExperimentError, parse_cli_overrides, run_dir_for
-    from fvlab.lit.runner import BadConfig, RunRefused, build_run, config_hash, plan_run
-
-    if args.ckpt_path == "best":
-        raise BadInput("--ckpt_path best: fit resumes from the last checkpoint (--ckpt_path last) "
-                       "or a checkpoint FILE; best.ckpt is for fvlab validate/test")
     experiment, selected, seeds = _load_selection(args)
-    if args.ckpt_path not in (None, "last"):
-        if len(selected) * len(seeds or [None]) > 1:
-            raise BadInput("--ckpt_path FILE needs a single run (one --variant, one seed); use "
-                           "--ckpt_path last to resume every run from its own last checkpoint")
-        if not Path(args.ckpt_path).is_file():
-            raise BadInput(f"--ckpt_path: checkpoint file not found: {args.ckpt_path}")
     try:
-        parsed = parse_cli_overrides(overrides)
-    except ExperimentError as err:
+        return plan_fit(Selection(experiment, selected, seeds, Path(args.runs_dir)), overrides,
+                        force=args.force, ckpt_path=args.ckpt_path)
+    except PlanError as err:
         raise BadInput(str(err)) from None
-    root = Path(args.runs_dir) / experiment.name
-    jobs = []
-    for variant in selected:
-        config = experiment.config(variant)
-        try:
-            spec = build_run(config, root / variant, parsed, experiment=experiment.name, variant=variant,
-                             seed=seeds[0] if seeds else None)
-        except BadConfig as err:
-            raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
-        resolved = spec.config
-        del spec
-        gc.collect()
-        for seed in seeds or [None]:
-            run_dir = run_dir_for(root, variant, seed)
-            if seed is not None:
-                resolved = {**resolved, "seed_everything": seed}
-            try:
-                plan = plan_run(run_dir, config_hash(resolved), force=args.force,
-                                resume=args.ckpt_path == "last", config=resolved)
-            except RunRefused as err:
-                raise BadInput(str(err)) from None
-            ckpt = args.ckpt_path if args.ckpt_path not in (None, "last") else plan.ckpt_path
-            if ckpt is not None:
-                _check_checkpoint(ckpt)
-            jobs.append(FitJob(variant, seed, config, run_dir, plan.action, ckpt, plan.note))
-    return experiment, root, jobs
 
 
 def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -361,28 +276,12 @@ def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
     return EXIT_OK
 
 
-def _fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:
-    """Record a run that could not even be built as that run's failure."""
-    from fvlab.lit.runner import _write_json
-
-    from fvlab.lit.runner import FINAL_METRICS
-
-    result = {"experiment": experiment, "variant": job.variant, "seed": job.seed, "status": "failed",
-              "error": error, "epochs": 0, "wall_s": 0.0, **dict.fromkeys(FINAL_METRICS)}
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(job.run_dir / "metrics.json", result)
-    return result
-
-
 def fit_command(argv: Sequence[str]) -> int:
     """``fvlab fit``: train every variant (x seed) of an experiment, then print the comparison table."""
-    import json
-    import os
-
     from lightning.pytorch.utilities import rank_zero_only
 
-    from fvlab.lit.callbacks import MODEL_METRICS
-    from fvlab.lit.runner import BadConfig, build_run, find_runs, fit_run, release_memory
+    from fvlab.lit.plan import fit_jobs
+    from fvlab.lit.runner import find_runs
     from fvlab.report import write_summary
     from fvlab.report.collect import read_run
 
@@ -391,57 +290,13 @@ def fit_command(argv: Sequence[str]) -> int:
     try:
         if args.print_config:
             return _print_config(args, overrides)
-        experiment, root, jobs = _plan_fit(args, overrides)
+        plan = _plan_fit(args, overrides)  # every DDP rank plans alike (see fvlab.lit.plan)
     except BadInput as err:
         print(f"fvlab fit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    # DDP re-launches this command in every process: the other ranks follow rank 0's plan, read
-    # before rank 0 started writing (the building above set Lightning's own global rank).
-    rank = rank_zero_only.rank
-    if rank != 0 and "FVLAB_FIT_PLAN" in os.environ:
-        plan = {tuple(item[:2]): item[2] for item in json.loads(os.environ["FVLAB_FIT_PLAN"])}
-        jobs = [job for job in jobs if (job.variant, job.seed) in plan]
-        for job in jobs:
-            job.ckpt_path = plan[(job.variant, job.seed)]
-            job.action = "resume" if job.ckpt_path else "fresh"
-    else:
-        os.environ["FVLAB_FIT_PLAN"] = json.dumps(
-            [[job.variant, job.seed, job.ckpt_path] for job in jobs if job.action != "skip"])
-    for job in jobs:
-        if job.action == "skip" and rank == 0:
-            print(f"[{experiment.name}] {job.label}: {job.note}")
-    failed = False
-    measured: dict[str, dict[str, Any]] = {}  # the architecture's figures, once per variant
-    try:
-        for job in (job for job in jobs if job.action != "skip"):
-            if rank == 0:
-                print(f"[{experiment.name}] fitting {job.label} -> {job.run_dir}"
-                      + (f" (resuming {job.ckpt_path})" if job.ckpt_path else ""), flush=True)
-            world_size = 1
-            try:
-                spec = build_run(job.config, job.run_dir, overrides, experiment=experiment.name,
-                                 variant=job.variant, seed=job.seed)
-            except BadConfig as err:
-                result = _fail_build(job, experiment.name, f"BadConfig: {err}") if rank == 0 else {}
-            else:
-                result = fit_run(spec, ckpt_path=job.ckpt_path, model_metrics=measured.get(job.variant))
-                world_size = spec.trainer.world_size
-                del spec
-                release_memory()
-                if all(result.get(k) is not None for k in MODEL_METRICS):
-                    measured[job.variant] = {k: result[k] for k in MODEL_METRICS}
-            if result.get("status") not in (None, "complete"):
-                failed = True
-                print(f"[{experiment.name}] {job.label} failed: {result.get('error')}",
-                      file=sys.stderr, flush=True)
-                if world_size > 1:
-                    print(f"[{experiment.name}] a failure under several processes ends the job on "
-                          f"every rank; fix it, then rerun to train what is left", file=sys.stderr)
-                    break
-    except KeyboardInterrupt:
-        failed = True
-        print(f"[{experiment.name}] interrupted; resume with --ckpt_path last", file=sys.stderr)
-    if rank != 0:
+    experiment, root, jobs = plan.experiment, plan.root, plan.jobs
+    failed = fit_jobs(plan, overrides)
+    if rank_zero_only.rank != 0:
         return EXIT_FAILURE if failed else EXIT_OK
     # Every run of the experiment directory, not only this command's: a rerun of one variant's
     # config.yaml keeps the other rows.

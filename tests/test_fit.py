@@ -44,6 +44,13 @@ def run_fit(tmp_path: Path, experiment: Path, *extra: str) -> int:
     return main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs"), *extra])
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment for `fvlab` in a subprocess: these tests' callbacks importable, and the
+    PYTHONPATH kept, so the subprocess runs the fvlab under test, not another installed one."""
+    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 # ---- ImageClassifier -------------------------------------------------------------------
 
 
@@ -239,39 +246,71 @@ def test_nan_loss_fails_that_variant_only(tmp_path: Path, capsys) -> None:
 
 
 class InterruptAtEpoch(pl.Callback):
-    """Simulates Ctrl-C at the start of an epoch."""
+    """Simulates Ctrl-C at the start of an epoch while FVLAB_TEST_INTERRUPT is set: the run's
+    config is the same whether or not it is interrupted, so it can be resumed."""
 
     def __init__(self, epoch: int = 1):
         self.epoch = epoch
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
+        if trainer.current_epoch == self.epoch and os.environ.get("FVLAB_TEST_INTERRUPT"):
             raise KeyboardInterrupt
 
 
-def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, capsys) -> None:
-    trainer = {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 2}
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    trainer = {"max_epochs": 3, "limit_train_batches": 3, "limit_val_batches": 2,
+               "callbacks": [{"class_path": "test_fit.InterruptAtEpoch", "init_args": {"epoch": 1}}]}
     model = {"arch": dict(MICRO), "lr": 3e-3, "warmup_epochs": 1, "ema": True, "ema_decay": 0.9}
     digits = {"class_path": "fvlab.data.DigitsDataModule",
               "init_args": {"image_size": 32, "batch_size": 16}}
     plain = write_experiment(tmp_path / "plain.yaml", model=model, trainer=trainer, data=digits)
     assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "a")]) == 0
 
-    broken = write_experiment(tmp_path / "broken.yaml", model=model, data=digits, trainer={
-        **trainer, "callbacks": [{"class_path": "test_fit.InterruptAtEpoch", "init_args": {"epoch": 1}}]})
-    assert main(["fit", str(broken), "--runs-dir", str(tmp_path / "b")]) == 1
-    interrupted = json.loads((tmp_path / "b" / "exp" / "default" / "metrics.json").read_text())
+    monkeypatch.setenv("FVLAB_TEST_INTERRUPT", "1")
+    assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b")]) == 1
+    monkeypatch.delenv("FVLAB_TEST_INTERRUPT")
+    run = tmp_path / "b" / "exp" / "default"
+    interrupted = json.loads((run / "metrics.json").read_text())
     assert interrupted["status"] == "failed" and "interrupted" in interrupted["error"]
     # Without --ckpt_path, the unfinished run is not thrown away.
     assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b")]) == 2
     assert "--ckpt_path last" in capsys.readouterr().err
+    # A resume continues the same config only: another lr is refused before anything is written.
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b"), "--ckpt_path", "last",
+                 "--model.lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "model.lr" in err and "--force" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
     assert main(["fit", str(plain), "--runs-dir", str(tmp_path / "b"), "--ckpt_path", "last"]) == 0
 
     uninterrupted = json.loads((tmp_path / "a" / "exp" / "default" / "metrics.json").read_text())
-    resumed = json.loads((tmp_path / "b" / "exp" / "default" / "metrics.json").read_text())
+    resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["status"] == "complete" and resumed["epochs"] == uninterrupted["epochs"] == 3
     for name in ("val/acc1", "val/loss", "val/acc1_best", "train/loss_epoch", "test/acc1", "test/loss"):
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=1e-5), name
+
+
+def test_resuming_a_complete_run_skips_it_or_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
+    # Before: a changed config resumed from the complete run's last.ckpt, Lightning's loop ended
+    # at once, and metrics.json (all val/* null), config.yaml and the hash were overwritten.
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    run = tmp_path / "runs" / "exp" / "default"
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--ckpt_path", "last") == 0  # unchanged: skipped
+    assert "default: complete, skipped" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    for change, key in ((["--model.lr", "0.01"], "model.lr"),
+                        (["--trainer.max_epochs", "2"], "trainer.max_epochs")):
+        assert run_fit(tmp_path, experiment, *change, "--ckpt_path", "last") == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert f"(changed: {key})" in err and "--force" in err and "--runs-dir" in err, err
+        assert "continues the same config only" in err
+        assert ("schedule keeps its old length" in err) == (key == "trainer.max_epochs"), err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
 def test_print_config_shows_the_resolved_variant(tmp_path: Path, capsys) -> None:
@@ -340,9 +379,12 @@ def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -
                 assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
 
 
-def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"v1": {}, "v2": {"model.arch.ct_size": 0}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + str(Path(__file__).parents[1])}
+def test_cpu_ddp_with_two_processes_and_ema(tmp_path: Path) -> None:
+    # v2 trains with EMA: its copy used to sit inside the DDP-wrapped module with parameters
+    # that required grad, and DDP stopped at once ("parameters that were not used").
+    experiment = write_experiment(tmp_path / "exp.yaml", ablation={
+        "v1": {}, "v2": {"model.arch.ct_size": 0, "model.ema": True, "model.ema_decay": 0.5}})
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -353,6 +395,15 @@ def test_cpu_ddp_with_two_processes(tmp_path: Path) -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["status"] == "complete"
         assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    best = tmp_path / "runs" / "exp" / "v2" / "checkpoints" / "best.ckpt"
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    trained = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    averaged = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    assert averaged.keys() == trained.keys()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # two sets of weights
+    from fvlab.models import create_model
+    loaded = create_model("fastervit_micro", num_classes=4, ct_size=0, checkpoint_path=best).state_dict()
+    assert all(torch.equal(loaded[k], averaged[k]) for k in loaded)  # the EMA weights
     assert done.stdout.count("| v1") == 1  # the table comes from rank 0 only
 
 
@@ -431,11 +482,16 @@ def test_a_runs_config_yaml_reruns_that_run_in_place(tmp_path: Path, capsys) -> 
     capsys.readouterr()
     assert run_fit(tmp_path, own) == 0  # unchanged: skipped
     assert "v2: complete, skipped" in capsys.readouterr().out
+    checkpoint = root / "v2" / "checkpoints" / "last.ckpt"
+    v1_stamp = (root / "v1" / "metrics.json").stat().st_mtime_ns
+    checkpoint.write_bytes(b"")  # the retrained run writes its own; a skipped one would keep this
     assert run_fit(tmp_path, own, "--force") == 0
+    assert "fitting v2 ->" in capsys.readouterr().out
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["v1", "v2"]  # no "default"
     after = json.loads((root / "v2" / "metrics.json").read_text())
     assert after["val/loss"] == pytest.approx(before["val/loss"], abs=1e-6)  # same run, retrained
-    assert after["wall_s"] != before["wall_s"] or after != before
+    assert checkpoint.stat().st_size > 0
+    assert (root / "v1" / "metrics.json").stat().st_mtime_ns == v1_stamp  # only v2 was re-run
     summary = (root / "summary.md").read_text()
     assert "v1" in summary and "v2" in summary  # the other variant's row is kept
 
@@ -560,7 +616,7 @@ def test_torchrun_on_two_nodes_writes_from_global_rank_zero_only(tmp_path: Path)
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "RANK": str(rank), "LOCAL_RANK": "0",
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": "0",
                "GROUP_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "fvlab-test"}
         env.pop("NODE_RANK", None)
@@ -595,7 +651,7 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3,
                                                                    "callbacks": callbacks},
                                   ablation={"v1": {}, "v2": {}})
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + str(Path(__file__).parents[1])}
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -606,8 +662,9 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     if rank == 0:  # rank 0 records its own reason
         metrics = json.loads(v1.read_text())
         assert metrics["status"] == "failed" and "corrupt sample on rank 0" in metrics["error"]
-    else:  # rank 0 records the broken collective, unless the launcher ended it first
-        assert not v1.exists() or json.loads(v1.read_text())["status"] == "failed"
+    else:  # rank 0 records the broken collective (exit code 1: it ended on its own, not killed)
+        metrics = json.loads(v1.read_text())
+        assert metrics["status"] == "failed" and "(rank 0 of 2)" in metrics["error"], metrics["error"]
         assert "corrupt sample on rank 1" in done.stderr
     assert not (tmp_path / "runs" / "exp" / "v2" / "metrics.json").exists()  # the job ended
 

@@ -125,6 +125,23 @@ def test_ema_updates_once_per_optimizer_step_under_gradient_accumulation() -> No
         torch.testing.assert_close(param, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_ema_warmup_follows_training_where_the_fixed_decay_stays_at_the_first_step() -> None:
+    def flat(module: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    gaps = {}
+    for warmup in (False, True):
+        model = micro(lr=1e-2, ema=True, ema_warmup=warmup)  # ema_decay 0.9998, the default
+        init = flat(model.model)
+        trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0).fit(
+            model, datamodule=data(num_samples=48, batch_size=8))
+        raw = flat(model.model)
+        # How far the EMA lags the trained weights, as a fraction of how far training moved them.
+        gaps[warmup] = float((flat(model.ema.module) - raw).norm() / (init - raw).norm())
+    assert gaps[True] < 0.25 and gaps[False] > 0.5, gaps
+    assert not any(p.requires_grad for p in model.ema.parameters())  # out of DDP's reach
+
+
 # ---- train/lr --------------------------------------------------------------------------
 
 

@@ -91,6 +91,10 @@ class ImageClassifier(pl.LightningModule):
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         ema: keep an exponential moving average of the weights and validate with it.
         ema_decay: EMA decay per optimizer step (not per micro-batch under gradient accumulation).
+        ema_warmup: ramp the EMA decay up from 0 (timm's ``ModelEmaV3(use_warmup=True)``:
+            decay 1 - (1 + step)^(-2/3), capped at ``ema_decay``), so a short run or the first epochs
+            validate an average of trained weights rather than one still dominated by the
+            initial ones; a long run ends at ``ema_decay`` either way.
         channels_last: train in channels_last memory format (faster with AMP on GPUs).
         compile: wrap the network in ``torch.compile``.
     """
@@ -104,7 +108,8 @@ class ImageClassifier(pl.LightningModule):
                  decay_epochs: Optional[float] = None, decay_rate: float = 0.1,
                  patience_epochs: int = 10, step_per_batch: bool = True,
                  label_smoothing: float = 0.1, mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
-                 ema: bool = False, ema_decay: float = 0.9998, channels_last: bool = False,
+                 ema: bool = False, ema_decay: float = 0.9998, ema_warmup: bool = False,
+                 channels_last: bool = False,
                  compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +132,12 @@ class ImageClassifier(pl.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         # Not registered as a submodule: it would duplicate every key of the state dict.
         object.__setattr__(self, "network", torch.compile(self.model) if compile else self.model)
-        self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema else None
+        self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=ema_warmup) if ema else None
+        if self.ema is not None:
+            # Updated in place, never by autograd: DDP wraps this whole module and would wait
+            # for gradients of every parameter that requires one ("parameters that were not
+            # used in producing the loss"). Still a child, so checkpoints keep the EMA weights.
+            self.ema.requires_grad_(False)
         self._ema_updated_at_step = 0
         self.mixup_fn = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob,
                                switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,

@@ -394,14 +394,45 @@ def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = 
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and f"{prefix}{key}" not in _UNHASHED:
             keys.append(f"{prefix}{key}")
     return keys
 
 
+def _stored_config(run_dir: Path) -> dict[str, Any] | None:
+    """The resolved config a run directory was trained with (its config.yaml), or None."""
+    try:
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    return {k: v for k, v in stored.items() if k not in ("name", "variant", "seeds")}
+
+
+def _stored_hash(run_dir: Path, previous: Mapping[str, Any]) -> str | None:
+    # A run killed before it wrote metrics.json still has its config.yaml.
+    if previous.get("config_hash"):
+        return previous["config_hash"]
+    stored = _stored_config(run_dir)
+    return config_hash(stored) if stored is not None else None
+
+
+def _changes(run_dir: Path, config: Mapping[str, Any] | None) -> tuple[str, list[str]]:
+    """`` (changed: a, b)`` naming the keys that differ from the stored config, and the keys."""
+    stored = _stored_config(run_dir) if config is not None else None
+    if stored is None:
+        return "", []
+    keys = _changed_keys(stored, dict(config))
+    if not keys:
+        return "", []
+    return f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})", keys
+
+
 def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bool = False,
              config: Mapping[str, Any] | None = None) -> RunPlan:
-    """Skip a complete unchanged run, resume or restart on request; refuse to lose work silently."""
+    """Skip a complete unchanged run, resume an unfinished one on request (same config only),
+    restart on --force; refuse anything that would lose work silently (RunRefused)."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     layout = _layout_conflict(run_dir)
@@ -412,32 +443,30 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
     if not run_dir.is_dir() or not is_run_dir(run_dir):
         raise RunRefused(f"{run_dir} exists and is not an fvlab run directory (no metrics.json or "
                          f"fvlab config.yaml); move it away or choose another --runs-dir")
-    previous = read_metrics(run_dir) or {}
-    complete = previous.get("status") == "complete"
-    same = previous.get("config_hash") == config_hash
     if force:
         return RunPlan("fresh", note="--force: started again")
-    if resume and last.is_file() and not (complete and same):
-        return RunPlan("resume", str(last), note=f"resuming {last}")
+    previous = read_metrics(run_dir) or {}
+    complete = previous.get("status") == "complete"
+    same = _stored_hash(run_dir, previous) == config_hash
     if complete and same:
         return RunPlan("skip", note="complete, skipped (--force re-runs it)")
-    if complete:
-        changed = ""
-        if config is not None:
-            try:
-                old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-                keys = _changed_keys({k: v for k, v in old.items() if k not in ("name", "variant", "seeds")},
-                                     dict(config))
-                changed = f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})" if keys else ""
-            except (OSError, yaml.YAMLError):
-                pass
-        raise RunRefused(f"{run_dir} holds a complete run trained with a different config{changed}; "
-                         f"re-train it with --force, or keep it and use another --runs-dir")
-    if last.is_file():
+    if not complete and not last.is_file():
+        return RunPlan("fresh", note="an earlier attempt failed before its first checkpoint; started again"
+                       if previous else "")
+    if same:  # unfinished, with a last.ckpt
+        if resume:
+            return RunPlan("resume", str(last), note=f"resuming {last}")
         raise RunRefused(f"{run_dir} holds an unfinished run with checkpoints/last.ckpt; resume it "
                          f"with --ckpt_path last, or start over with --force")
-    return RunPlan("fresh", note="an earlier attempt failed before its first checkpoint; started again"
-                   if previous else "")
+    changed, keys = _changes(run_dir, config)
+    state = "a complete" if complete else "an unfinished"
+    # Lightning restores the optimizer and the timm schedule from last.ckpt: a resume under another
+    # config would mix two trainings (a longer run would spend its extra epochs at min_lr).
+    why = " --ckpt_path last continues the same config only;" if resume else ""
+    longer = (" (a resumed schedule keeps its old length, so training longer means training again)"
+              if resume and any(k in ("trainer.max_epochs", "trainer.max_steps") for k in keys) else "")
+    raise RunRefused(f"{run_dir} holds {state} run trained with a different config{changed};{why} "
+                     f"re-train it with --force{longer}, or keep it and use another --runs-dir")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,245 @@
+"""``fvlab fit`` as library calls: select, plan, then fit an experiment's runs.
+
+- ``load_selection``: the experiment, the variants and seeds asked for, and the runs directory;
+- ``plan_fit``: every selected run built once (to check it) and given its action (skip, fresh,
+  resume; ``plan_run``'s rules) before anything is written;
+- ``fit_jobs``: the planned runs fitted in order, the architecture measured once per variant.
+
+Under DDP every process runs the same command (Lightning's launcher re-runs it when the first
+fit starts; torchrun starts them all) and plans for itself. The plans agree: the other ranks
+plan before they join the first fit, and until then rank 0 has written only what keeps its own
+plan (the first run's config.yaml over a fresh or restarted directory; a resumed one as it was).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from lightning.pytorch.utilities import rank_zero_only
+
+from fvlab.experiment import Experiment, ExperimentError, load_experiment, parse_cli_overrides, run_dir_for
+from fvlab.lit.runner import (CONFIG_HEADER, FINAL_METRICS, BadConfig, RunRefused, _write_json, build_run,
+                              config_hash, fit_run, plan_run, release_memory)
+
+__all__ = ["PlanError", "FitJob", "Selection", "FitPlan", "own_runs_dir", "load_selection", "plan_fit",
+           "fail_build", "fit_jobs", "check_checkpoint"]
+
+
+class PlanError(ValueError):
+    """Bad input to ``fvlab fit`` (unknown variant, bad seeds, a run it would overwrite ...): exit 2."""
+
+
+@dataclass
+class FitJob:
+    """One run of ``fvlab fit``: a variant (and seed), its config, run directory and plan."""
+
+    variant: str
+    seed: int | None
+    config: dict[str, Any]
+    run_dir: Path
+    action: str = "fresh"
+    ckpt_path: str | None = None
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        """``variant`` or ``variant/seed_S``."""
+        return self.variant if self.seed is None else f"{self.variant}/seed_{self.seed}"
+
+
+@dataclass
+class Selection:
+    """What a command works on: the experiment, the variants and seeds asked for, where runs go."""
+
+    experiment: Experiment
+    variants: list[str]
+    seeds: list[int] | None
+    runs_dir: Path
+
+
+@dataclass
+class FitPlan:
+    """Every selected run of an experiment with its action, in the order they are fitted."""
+
+    experiment: Experiment
+    root: Path
+    jobs: list[FitJob]
+    force: bool = False  # --force: trained and measured again
+
+
+def own_runs_dir(path: Path, experiment: Experiment) -> Path | None:
+    """For a run's own config.yaml (runs/<name>/<variant>[/seed_<s>]/config.yaml), its runs directory."""
+    try:
+        if path.name != "config.yaml" or not path.read_text().startswith(CONFIG_HEADER):
+            return None
+    except OSError:
+        return None
+    run_dir = path.resolve().parent
+    variant_dir = run_dir.parent if run_dir.name.startswith("seed_") else run_dir
+    if variant_dir.name != experiment.variant_names()[0] or variant_dir.parent.name != experiment.name:
+        return None
+    return variant_dir.parent.parent
+
+
+def load_selection(path: str | Path, variants: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                   runs_dir: str | Path | None = None) -> Selection:
+    """Load the experiment and check the variants and seeds asked for (default: the file's); PlanError if bad.
+
+    ``runs_dir`` defaults to ``runs``, or for a run's own config.yaml to the runs directory it lives in.
+    """
+    try:
+        experiment = load_experiment(path)
+    except ExperimentError as err:
+        raise PlanError(str(err)) from None
+    known = experiment.variant_names()
+    selected = list(variants or known)
+    unknown = [v for v in selected if v not in known]
+    if unknown:
+        raise PlanError(f"unknown variant {', '.join(map(repr, unknown))} in {path}; "
+                        f"known: {', '.join(known)}")
+    if runs_dir is None:
+        runs_dir = own_runs_dir(Path(path), experiment) or "runs"
+    seeds = list(seeds) if seeds else experiment.seeds
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise PlanError(f"--seeds {' '.join(map(str, seeds))} repeats a seed; list each seed once")
+    if seeds is not None and any(not 0 <= s < 2**32 for s in seeds):
+        raise PlanError(f"--seeds must lie in [0, 2**32), got {seeds}")
+    if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+        raise PlanError(f"--runs-dir {runs_dir} is a file; give a directory (default: runs)")
+    return Selection(experiment, selected, seeds, Path(runs_dir))
+
+
+def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = False,
+             ckpt_path: str | None = None) -> FitPlan:
+    """Check every selected variant and seed and decide skip/fresh/resume before anything is
+    written; PlanError otherwise. Each variant is built once to check it, then dropped, so big
+    ablations are never held in memory together."""
+    experiment, selected, seeds = selection.experiment, selection.variants, selection.seeds
+    if ckpt_path == "best":
+        raise PlanError("--ckpt_path best: fit resumes from the last checkpoint (--ckpt_path last) "
+                        "or a checkpoint FILE; best.ckpt is for fvlab validate/test")
+    if ckpt_path not in (None, "last"):
+        if len(selected) * len(seeds or [None]) > 1:
+            raise PlanError("--ckpt_path FILE needs a single run (one --variant, one seed); use "
+                            "--ckpt_path last to resume every run from its own last checkpoint")
+        if not Path(ckpt_path).is_file():
+            raise PlanError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
+    try:
+        parsed = parse_cli_overrides(overrides)
+    except ExperimentError as err:
+        raise PlanError(str(err)) from None
+    root = selection.runs_dir / experiment.name
+    jobs = []
+    for variant in selected:
+        config = experiment.config(variant)
+        try:
+            spec = build_run(config, root / variant, parsed, experiment=experiment.name, variant=variant,
+                             seed=seeds[0] if seeds else None)
+        except BadConfig as err:
+            raise PlanError(f"{experiment.path} [{variant}]: {err}") from None
+        resolved = spec.config
+        del spec
+        gc.collect()
+        for seed in seeds or [None]:
+            run_dir = run_dir_for(root, variant, seed)
+            if seed is not None:
+                resolved = {**resolved, "seed_everything": seed}
+            try:
+                plan = plan_run(run_dir, config_hash(resolved), force=force, resume=ckpt_path == "last",
+                                config=resolved)
+            except RunRefused as err:
+                raise PlanError(str(err)) from None
+            ckpt = ckpt_path if ckpt_path not in (None, "last") else plan.ckpt_path
+            if ckpt is not None:
+                check_checkpoint(ckpt)
+            jobs.append(FitJob(variant, seed, config, run_dir, plan.action, ckpt, plan.note))
+    return FitPlan(experiment, root, jobs, force=force)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """PlanError unless the checkpoint loads as tensors and plain values (or the user trusts it)."""
+    from fvlab.models.registry import UntrustedCheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(path, mmap=True)  # mapped, not read: cheap even for big files
+    except UntrustedCheckpointError as err:
+        raise PlanError(str(err)) from None
+
+
+def fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:
+    """Record a run that could not even be built as that run's failure."""
+    result = {"experiment": experiment, "variant": job.variant, "seed": job.seed, "status": "failed",
+              "error": error, "epochs": 0, "wall_s": 0.0, **dict.fromkeys(FINAL_METRICS)}
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(job.run_dir / "metrics.json", result)
+    return result
+
+
+def fit_jobs(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any] = (),
+             log: Callable[..., None] = print) -> bool:
+    """Fit the plan's runs in order (rank 0 reports through ``log``); True when one failed.
+
+    A run that fails is recorded and the next one starts, except under several processes,
+    where a failure ends the job on every rank. Ctrl-C stops after recording the run.
+    """
+    import sys
+
+    name = plan.experiment.name
+    rank = rank_zero_only.rank  # Lightning's own global rank, set when plan_fit built the runs
+    for job in plan.jobs:
+        if job.action == "skip" and rank == 0:
+            log(f"[{name}] {job.label}: {job.note}")
+    failed = False
+    measured: dict[str, dict[str, Any]] = {}
+    if rank == 0 and any(job.action != "skip" for job in plan.jobs):
+        measured = _measure_variants(plan, overrides, log)
+    try:
+        for job in (job for job in plan.jobs if job.action != "skip"):
+            if rank == 0:
+                log(f"[{name}] fitting {job.label} -> {job.run_dir}"
+                    + (f" (resuming {job.ckpt_path})" if job.ckpt_path else ""), flush=True)
+            world_size = 1
+            try:
+                spec = build_run(job.config, job.run_dir, overrides, experiment=name,
+                                 variant=job.variant, seed=job.seed)
+            except BadConfig as err:
+                result = fail_build(job, name, f"BadConfig: {err}") if rank == 0 else {}
+            else:
+                result = fit_run(spec, ckpt_path=job.ckpt_path, model_metrics=measured.get(job.variant))
+                world_size = spec.trainer.world_size
+                del spec
+                release_memory()
+            if result.get("status") not in (None, "complete"):
+                failed = True
+                log(f"[{name}] {job.label} failed: {result.get('error')}", file=sys.stderr, flush=True)
+                if world_size > 1:
+                    log(f"[{name}] a failure under several processes ends the job on every rank; "
+                        f"fix it, then rerun to train what is left", file=sys.stderr)
+                    break
+    except KeyboardInterrupt:
+        failed = True
+        log(f"[{name}] interrupted; resume with --ckpt_path last", file=sys.stderr)
+    return failed
+
+
+def _measure_variants(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any],
+                      log: Callable[..., None]) -> dict[str, dict[str, Any]]:
+    """Every variant's ``model/*`` figures, measured side by side before the first run trains.
+
+    A variant that cannot be built (one not selected, say) leaves every run to measure its own
+    architecture alone, with a warning: the figures are then not comparable across variants.
+    """
+    import sys
+
+    from fvlab.lit.measure import measure_experiment
+
+    try:
+        parsed = overrides if isinstance(overrides, Mapping) else parse_cli_overrides(overrides)
+        return measure_experiment(plan.experiment, parsed, plan.root, force=plan.force)
+    except (BadConfig, ExperimentError) as err:
+        log(f"[{plan.experiment.name}] warning: the variants could not be measured side by side ({err}); "
+            f"each run measures its own architecture", file=sys.stderr)
+        return {}
