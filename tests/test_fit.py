@@ -589,7 +589,10 @@ def test_a_failed_measurement_is_null_never_a_failed_run(tmp_path: Path, monkeyp
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(fvlab.profile, "measure_throughput", out_of_memory)
+    import fvlab.lit.measure
+
+    monkeypatch.setattr(fvlab.profile, "measure_throughput", out_of_memory)  # a run measuring alone
+    monkeypatch.setattr(fvlab.lit.measure, "measure_side_by_side", out_of_memory)  # fit's variants together
     experiment = write_experiment(tmp_path / "exp.yaml")
     with pytest.warns(UserWarning, match="throughput measurement failed"):
         assert run_fit(tmp_path, experiment) == 0
@@ -750,17 +753,42 @@ def test_variants_with_one_seed_see_the_same_batches() -> None:
     assert not torch.equal(a[0][1], other[0][1])  # another seed, another order
 
 
+def test_fit_measures_every_variant_side_by_side_once(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", reference="b",
+                                  ablation={"a": {}, "b": {"model.arch.hat": False}})
+    root = tmp_path / "runs" / "exp"
+    assert run_fit(tmp_path, experiment, "--variant", "a") == 0
+    cache = json.loads((root / "measurements.json").read_text())
+    assert len(cache) == 2 and not (root / "b").exists()  # b measured beside a, though only a trained
+    a = json.loads((root / "a" / "metrics.json").read_text())
+    assert a["model/throughput_lo"] <= a["model/throughput"] <= a["model/throughput_hi"]
+    assert a["model/speedup"] > 0 and a["model/latency_ms"] > 0
+    assert run_fit(tmp_path, experiment, "--variant", "b") == 0
+    b = json.loads((root / "b" / "metrics.json").read_text())
+    assert b["model/speedup"] == 1.0  # the file's reference variant
+    assert json.loads((root / "measurements.json").read_text()) == cache  # read back, not measured again
+    out = capsys.readouterr().out
+    assert "throughput (img/s) [95%]" in out and f"{a['model/throughput']:.0f} [" in out
+    assert run_fit(tmp_path, experiment, "--force") == 0
+    again = json.loads((root / "measurements.json").read_text())
+    assert again.keys() == cache.keys() and again != cache  # --force measures again
+
+
 def test_growing_seeds_trains_only_the_new_ones(tmp_path: Path, capsys) -> None:
     experiment = write_experiment(tmp_path / "exp.yaml", seeds=[0, 1], ablation={"a": {}, "b": {}})
     assert run_fit(tmp_path, experiment) == 0
     root = tmp_path / "runs" / "exp"
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/metrics.json")}
     assert len(stamps) == 4
+    measured = (root / "measurements.json").read_text()
     capsys.readouterr()
     assert run_fit(tmp_path, experiment, "--seeds", "0", "1", "2") == 0
     out = capsys.readouterr().out
     assert out.count("fitting ") == 2 and "a/seed_2" in out and "b/seed_2" in out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (root / "measurements.json").read_text() == measured  # new seeds never re-measure
+    seeds = [json.loads((root / "a" / f"seed_{s}" / "metrics.json").read_text()) for s in (0, 2)]
+    assert seeds[0]["model/throughput"] == seeds[1]["model/throughput"]
     assert len(list(root.glob("*/seed_*/metrics.json"))) == 6
 
 

@@ -256,12 +256,17 @@ def measure_experiment(experiment: Any, overrides: Mapping[str, Any], root: Path
     complete = all(figures is not None and (not throughput or figures.get("model/throughput") is not None)
                    for figures in known.values())
     if force or not complete:
-        measured = measure_specs(specs, reference=reference, throughput=throughput)
+        # Variants that build the same architecture are one measurement (the reference's own first).
+        distinct: dict[str, str] = {}
+        for name in [reference, *names]:
+            distinct.setdefault(cache.key(identities[name], identities[reference]), name)
+        measured = measure_specs({name: specs[name] for name in distinct.values()}, reference=reference,
+                                 throughput=throughput)
         for name, figures in measured.items():
             figures.pop("throughput", None)
             cache.put(identities[name], identities[reference], figures)
-            known[name] = cache.get(identities[name], identities[reference])
         cache.save()
+        known = {name: cache.get(identities[name], identities[reference]) for name in names}
     del specs
     release_memory()
     return {name: {k: v for k, v in figures.items() if k.startswith("model/")}
