@@ -73,7 +73,7 @@ def test_export_of_a_trained_variant_matches_pytorch_at_new_sizes(trained, varia
 def test_export_refuses_a_graph_that_differs_and_removes_it(trained, tmp_path: Path, capsys) -> None:
     experiment, runs = trained
     out = tmp_path / "strict.onnx"
-    code = main(["export", str(experiment), "--variant", "ct", "--runs-dir", str(runs),
+    code = main(["export", str(experiment), "--variant", "no_ct", "--runs-dir", str(runs),
                  "--out", str(out), "--atol", "1e-12"])
     captured = capsys.readouterr()
     assert code == 1
@@ -92,11 +92,16 @@ def test_export_of_official_layout_weights(tmp_path: Path, capsys) -> None:
     assert main(["export", "--arch", "fastervit_0", "--ckpt_path", str(path), "--image-size", "112",
                  "--out", str(out)]) == 0
     assert "112x128" in capsys.readouterr().out
+    session = ort_session(out)
+    # The official model runs at 224 only: the graph reproduces its logits there ...
+    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        x = torch.randn(2, 3, 144, 112)
         expected = reference(x)
-    (got,) = ort_session(out).run(["logits"], {"image": x.numpy()})
+    (got,) = session.run(["logits"], {"image": x.numpy()})
     assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-4
+    # ... and ours, from the same file, at a batch and a size the check did not use.
+    ours = create_model("fastervit_0", checkpoint_path=path).eval()
+    assert check_onnx(out, ours, [(144, 112)], batch_sizes=[2])[0]["max_abs_diff"] <= 1e-4
 
 
 def test_parity_sizes_include_non_square_and_padded() -> None:
