@@ -371,6 +371,156 @@ def testing_command(argv: Sequence[str]) -> int:
     return _evaluate_command("test", argv)
 
 
+# ---- fvlab export ----------------------------------------------------------------------
+
+
+def _load_weights(model: Any, path: str | Path, trust_checkpoint: bool) -> None:
+    """Load a checkpoint into ``model`` (its EMA weights when EMA ran); BadInput if it cannot be."""
+    import inspect
+    import pickle
+
+    from fvlab.models import load_checkpoint
+
+    # The loader grows a trust_checkpoint opt-in (DESIGN.md); pass it on once it has one.
+    trust = ({"trust_checkpoint": True} if trust_checkpoint
+             and "trust_checkpoint" in inspect.signature(load_checkpoint).parameters else {})
+    try:
+        load_checkpoint(model, path, **trust)
+    except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInput(f"cannot load checkpoint {path}: {first_line}") from None
+
+
+def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
+    """(model with its weights, output path, image size) for ``fvlab export``; BadInput otherwise."""
+    from fvlab.experiment import ExperimentError, load_experiment, run_dir_for
+    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.models import create_model, list_variants
+
+    if args.ckpt_path not in (None, "best", "last") and not Path(args.ckpt_path).is_file():
+        raise BadInput(f"--ckpt_path: checkpoint file not found: {args.ckpt_path}")
+    if args.experiment is None:
+        if args.arch not in list_variants():
+            raise BadInput(f"unknown arch {args.arch!r}; known: {', '.join(list_variants())}")
+        if args.ckpt_path in ("best", "last"):
+            raise BadInput(f"--ckpt_path {args.ckpt_path} names a run's checkpoint; with --arch give a FILE")
+        model = create_model(args.arch)
+        if args.ckpt_path is not None:
+            _load_weights(model, args.ckpt_path, args.trust_checkpoint)
+        image_size = args.image_size or model.pretrained_cfg["input_size"][-1]
+        out = Path(args.out or f"{args.arch}.onnx")
+    else:
+        try:
+            experiment = load_experiment(args.experiment)
+        except ExperimentError as err:
+            raise BadInput(str(err)) from None
+        known = experiment.variant_names()
+        if args.variant is None and len(known) > 1:
+            raise BadInput(f"{args.experiment} has {len(known)} variants; name one with --variant "
+                           f"({', '.join(known)})")
+        variant = args.variant or known[0]
+        if variant not in known:
+            raise BadInput(f"unknown variant {variant!r} in {args.experiment}; known: {', '.join(known)}")
+        if args.seed is not None and args.seed not in (experiment.seeds or []):
+            raise BadInput(f"--seed {args.seed}: {args.experiment} has "
+                           + (f"seeds {', '.join(map(str, experiment.seeds))}" if experiment.seeds
+                              else "no seeds list (one run per variant); drop --seed"))
+        seed = args.seed if args.seed is not None else (experiment.seeds or [None])[0]
+        run_dir = run_dir_for(Path(args.runs_dir) / experiment.name, variant, seed)
+        ckpt = args.ckpt_path
+        if ckpt in (None, "best", "last"):
+            ckpt = run_dir / "checkpoints" / ("last.ckpt" if ckpt == "last" else "best.ckpt")
+            if not ckpt.is_file():
+                raise BadInput(f"no checkpoint at {ckpt}; train it with `fvlab fit {args.experiment} "
+                               f"--variant {variant}` or pass --ckpt_path FILE")
+        try:
+            # The run's own model (classes and channels from its data); nothing is written.
+            spec = build_run(experiment.config(variant), None, {"trainer.logger": False},
+                             experiment=experiment.name, variant=variant, seed=seed)
+        except BadConfig as err:
+            raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
+        model = spec.model.model
+        image_size = args.image_size or getattr(spec.datamodule, "image_size", None) or 224
+        del spec
+        _load_weights(model, ckpt, args.trust_checkpoint)
+        out = Path(args.out) if args.out else run_dir / "model.onnx"
+    if out.suffix != ".onnx" or out.is_dir():
+        raise BadInput(f"--out {out}: give a file name ending in .onnx")
+    return model, out, image_size
+
+
+def export_command(argv: Sequence[str]) -> int:
+    """``fvlab export``: ONNX with dynamic batch and image size, checked in ONNX Runtime first."""
+    from fvlab.export import (DEFAULT_OPSET, EXPORTER, INSTALL_HINT, check_onnx, export_onnx,
+                              missing_export_packages, parity_sizes, remove_onnx)
+
+    parser = ArgumentParser(prog="fvlab export", description=export_command.__doc__)
+    parser.add_argument("experiment", nargs="?", help="experiment YAML: export a trained variant")
+    parser.add_argument("--variant", help="the variant to export (needed if the file has several)")
+    parser.add_argument("--seed", type=int, help="which seed's run (default: the file's first seed)")
+    parser.add_argument("--arch", help="a variant name, e.g. fastervit_0: untrained, or --ckpt_path weights")
+    parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
+                        help="checkpoint FILE, or best (default) / last of the run")
+    parser.add_argument("--out", help="output .onnx file (default: <run dir>/model.onnx, or ./<arch>.onnx)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--image-size", type=int, help="side of the check's first image size (default: "
+                        "the experiment's data image size, or the variant's default input size)")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest max abs difference of logits the check accepts (default 1e-4)")
+    parser.add_argument("--runs-dir", default="runs", help="where run directories are (default: runs)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that holds more than tensors (only files you trust)")
+    args = parser.parse_args(argv)
+    if (args.experiment is None) == (args.arch is None):
+        parser.error("give an experiment file or --arch NAME (not both)")
+    if args.arch is not None and (args.variant or args.seed is not None):
+        parser.error("--variant and --seed pick a run of an experiment; with --arch give --ckpt_path")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
+    if not 7 <= args.opset <= 23:
+        parser.error(f"--opset must be between 7 and 23 (default {DEFAULT_OPSET}), got {args.opset}")
+    if not args.atol > 0:
+        parser.error(f"--atol must be > 0, got {args.atol}")
+    missing = missing_export_packages()
+    if missing:
+        print(f"fvlab export: error: ONNX export needs {', '.join(missing)}; {INSTALL_HINT}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    _quiet_lightning()
+    try:
+        model, out, image_size = _export_target(args)
+        try:
+            sizes = parity_sizes(model, image_size)
+        except ValueError as err:
+            raise BadInput(f"--image-size {image_size}: {err}") from None
+    except BadInput as err:
+        print(f"fvlab export: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        export_onnx(model, out, opset=args.opset)
+        rows = check_onnx(out, model, sizes)
+    except Exception as err:  # noqa: BLE001 - an export failure is a failure while running
+        remove_onnx(out)
+        print(f"fvlab export: failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"ONNX Runtime vs PyTorch (fp32 logits), {EXPORTER}, opset {args.opset}:")
+    for row in rows:
+        print(f"  batch {row['batch']}  {row['height']}x{row['width']}  "
+              f"max |diff| {row['max_abs_diff']:.2e}")
+    worst = max(row["max_abs_diff"] for row in rows)
+    if not worst <= args.atol:
+        remove_onnx(out)
+        print(f"fvlab export: refused: max |diff| {worst:.2e} > {args.atol:g}; {out} removed",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {out} (dynamic batch, height and width; BatchNorm fused; fp32; "
+          f"max |diff| {worst:.2e} <= {args.atol:g})")
+    return EXIT_OK
+
+
 # ---- entry point -----------------------------------------------------------------------
 
 def sweep_command(argv: Sequence[str]) -> int:
@@ -388,7 +538,8 @@ def report_command(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {"fit": fit_command, "validate": validate_command, "test": testing_command,
-            "profile": profile_command, "sweep": sweep_command, "report": report_command}
+            "profile": profile_command, "sweep": sweep_command, "report": report_command,
+            "export": export_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  test      test metrics of a trained variant\n"
               "  profile   params, GFLOPs, measured throughput and latency per model\n"
               "  sweep     Optuna search over HAT settings (multi-objective, resumable, many workers)\n"
-              "  report    report.md, tables and plots comparing runs, variants, seeds and trials\n\n"
+              "  report    report.md, tables and plots comparing runs, variants, seeds and trials\n"
+              "  export    ONNX with dynamic batch and image size, checked in ONNX Runtime\n\n"
               "Run `fvlab COMMAND --help` for a command's options.")
         return EXIT_OK if argv else EXIT_BAD_INPUT
     command, rest = argv[0], argv[1:]

@@ -267,15 +267,30 @@ def test_registered_in_timm_with_its_model_interface() -> None:
     assert [f.shape[1] for f in features(x)] == [32, 64, 128, 256]
 
 
-def test_grad_checkpointing_gives_same_gradients() -> None:
+def test_grad_checkpointing_recomputes_every_block_and_gives_same_gradients() -> None:
+    import fvlab.models.fastervit as fastervit_module
+
+    calls = []
+    real_checkpoint = fastervit_module.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(type(function).__name__)
+        return real_checkpoint(function, *args, **kwargs)
+
     torch.manual_seed(0)
     model = create_model("fastervit_micro", num_classes=4).train()
     x = torch.randn(2, 3, 32, 32)
-    model(x).sum().backward()
-    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).sum().backward()
+    with mock.patch.object(fastervit_module, "checkpoint", counting_checkpoint):
+        model(x).sum().backward()
+        assert calls == []  # off by default
+        plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        model.set_grad_checkpointing(True)
+        model(x).sum().backward()
+        assert calls == ["ConvBlock", "ConvBlock", "HATBlock", "HATBlock"]  # one per block
+        with torch.no_grad():
+            model(x)  # nothing to recompute without a backward pass
+        assert len(calls) == 4
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, plain[n], atol=1e-5), n
 

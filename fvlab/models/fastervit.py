@@ -1,7 +1,7 @@
 """FasterViT (Hatamizadeh et al., arXiv 2306.06189), written from the paper.
 
 Layout follows timm's model files: geometry helpers, position terms, building blocks,
-stage, model, checkpoint filtering, variant registry.
+stage, model; checkpoint filtering and the variant registry are in ``registry.py``.
 
 A stage of transformer blocks works on windows of ``window_size`` x ``window_size``
 tokens. With Hierarchical Attention (HAT) each window also owns ``ct_size`` x ``ct_size``
@@ -26,13 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, ndgrid, to_ntuple, trunc_normal_
+from timm.layers.pos_embed_rel import gen_relative_position_index
 from timm.models._features import feature_take_indices  # what timm's own models use
+from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models._manipulate import MATCH_PREV_GROUP
 
 __all__ = ["FasterViT", "NUM_CONV_STAGES", "POSITION_MLP_HIDDEN"]
 
 NUM_CONV_STAGES = 2  # stages 1-2 are residual conv blocks, the rest transformer blocks
-_AFTER_LAST_BLOCK = 9999  # group_matcher ordinal of a stage's downsample: after any block index
+# group_matcher ordinal of a stage's downsample: after any block index, yet its own group
+# (MATCH_PREV_GROUP would merge it into the last block's group).
+_AFTER_LAST_BLOCK = MATCH_PREV_GROUP[0] - 1
 POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official checkpoints
 
 
@@ -41,18 +46,32 @@ POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official 
 # --------------------------------------------------------------------------------------
 
 
+@register_notrace_function  # reason: shape arithmetic on a Proxy
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Split a (B, H, W, C) map into (B * num_windows, window_size**2, C) tokens."""
     b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    x = x.reshape(b, h // window_size, window_size, w // window_size, window_size, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, c)
 
 
+@register_notrace_function  # reason: int arguments are Proxies
 def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: (B * num_windows, ws**2, C) to (B, H, W, C)."""
     c = windows.shape[-1]
-    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, c)
+    x = windows.reshape(-1, h // window_size, w // window_size, window_size, window_size, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+@register_notrace_function  # reason: control flow on the input size
+def pad_to_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Zero-pad a (B, C, H, W) map at the bottom and right to whole windows."""
+    h, w = x.shape[-2:]
+    # Ceil-division rather than (-h) % ws: simpler symbolic sizes make export much faster.
+    pad_h = (h + window_size - 1) // window_size * window_size - h
+    pad_w = (w + window_size - 1) // window_size * window_size - w
+    if _static(h, w) and not (pad_h or pad_w):
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h))  # symbolic sizes: a graph that pads when needed
 
 
 def window_major_order(grid_h: int, grid_w: int, ct_size: int, device: torch.device) -> torch.Tensor:
@@ -63,33 +82,69 @@ def window_major_order(grid_h: int, grid_w: int, ct_size: int, device: torch.dev
 
 
 def log_spaced_relative_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Relative (dy, dx) offsets of an h x w grid, scaled to [-1, 1] then log-spaced (Swin v2)."""
-    dy = torch.arange(-(h - 1), h, dtype=torch.float32, device=device) / max(h - 1, 1)
-    dx = torch.arange(-(w - 1), w, dtype=torch.float32, device=device) / max(w - 1, 1)
-    table = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).view(-1, 2) * 8
+    """Relative (dy, dx) offsets of an h x w grid, scaled to [-1, 1] then log-spaced (Swin v2).
+
+    Not timm's ``gen_relative_log_coords``: that divides by ``size - 1``, which is 0 for a
+    carrier grid one token wide.
+    """
+    dy = torch.arange(-(h - 1), h, dtype=torch.float32, device=device) / torch.sym_max(h - 1, 1)
+    dx = torch.arange(-(w - 1), w, dtype=torch.float32, device=device) / torch.sym_max(w - 1, 1)
+    table = torch.stack(ndgrid(dy, dx), dim=-1).view(-1, 2) * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-
-
-def relative_position_index(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """(h*w, h*w) index into the (2h-1)*(2w-1) table of relative offsets."""
-    coords = torch.stack(torch.meshgrid(
-        torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :]
-    return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
 
 
 def centred_grid_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h*w, 2) coordinates of an h x w grid, centred and scaled to about [-1, 1]."""
-    ys = (torch.arange(h, dtype=torch.float32, device=device) - h // 2) / max(h // 2, 1)
-    xs = (torch.arange(w, dtype=torch.float32, device=device) - w // 2) / max(w // 2, 1)
-    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).view(-1, 2)
+    ys = (torch.arange(h, dtype=torch.float32, device=device) - h // 2) / torch.sym_max(h // 2, 1)
+    xs = (torch.arange(w, dtype=torch.float32, device=device) - w // 2) / torch.sym_max(w // 2, 1)
+    return torch.stack(ndgrid(ys, xs), dim=-1).view(-1, 2)
 
 
 def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[int, int]:
-    """Average-pool (kernel, stride) that turns a padded side into ct_size tokens per window."""
-    out = ct_size * size // window_size
-    stride = size // out
+    """Average-pool (kernel, stride) that turns a padded side into ct_size tokens per window.
+
+    The stride is ``window_size // ct_size``; when ct_size does not divide window_size
+    (FasterViT-0 to 6: 7 and 2) the kernel grows with the number of windows, as in the
+    official implementation.
+    """
+    # ``size`` is a whole number of windows, so size // out == window_size // ct_size.
+    out = ct_size * (size // window_size)
+    stride = window_size // ct_size
     return size - (out - 1) * stride, stride
+
+
+def _band_average(size: int, window_size: int, ct_size: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """(out, size) matrix whose rows average the pooling windows of :func:`carrier_pool_geometry`."""
+    kernel, stride = carrier_pool_geometry(size, window_size, ct_size)
+    start = torch.arange(ct_size * (size // window_size), device=device)[:, None] * stride
+    pos = torch.arange(size, device=device)[None, :]
+    return ((pos >= start) & (pos < start + kernel)).to(dtype) / kernel
+
+
+@register_notrace_function  # reason: pooling kernel depends on the input size
+def pool_carrier_tokens(x: torch.Tensor, window_size: int, ct_size: int) -> torch.Tensor:
+    """Average-pool a padded (B, C, H, W) map to ct_size x ct_size tokens per window.
+
+    Concrete sizes use ``avg_pool2d``. Symbolic sizes (export with a dynamic image size)
+    cannot: ONNX pooling kernels are constants, so the same averages are taken as two
+    matrix products with band matrices built from the size.
+    """
+    h, w = x.shape[-2:]
+    if window_size % ct_size == 0:  # kernel == stride, independent of the size
+        return F.avg_pool2d(x, window_size // ct_size)
+    if _static(h, w):
+        kh, sh = carrier_pool_geometry(h, window_size, ct_size)
+        kw, sw = carrier_pool_geometry(w, window_size, ct_size)
+        return F.avg_pool2d(x, (kh, kw), (sh, sw))
+    rows = _band_average(h, window_size, ct_size, x.device, x.dtype)
+    cols = _band_average(w, window_size, ct_size, x.device, x.dtype)
+    return rows @ x @ cols.transpose(0, 1)
+
+
+def _static(*sizes: Any) -> bool:
+    """Whether every size is a plain int (not a SymInt of export or torch.compile)."""
+    return all(isinstance(s, int) for s in sizes)
 
 
 # --------------------------------------------------------------------------------------
@@ -138,7 +193,10 @@ class _PositionMLP(nn.Module):
         module._value = None
 
     def _geometry_cached(self, key: tuple, build: Callable[[], Any]) -> Any:
-        # Integer tables never depend on weights: cache them in every mode.
+        # Integer tables never depend on weights: cache them in every mode. Symbolic sizes
+        # (export with a dynamic image size) make them part of the graph instead.
+        if not _static(*key[:2]) or torch.compiler.is_exporting():
+            return build()
         if key not in self._geometry:
             if len(self._geometry) >= 8:
                 self._geometry.clear()
@@ -149,6 +207,7 @@ class _PositionMLP(nn.Module):
         params = list(self.parameters())
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if (self.training or needs_graph or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting() or not _static(*key[:2])
                 or any(p.is_inference() for p in params)):  # no version counter to key on
             self._value = None
             return compute()
@@ -166,6 +225,7 @@ class _PositionMLP(nn.Module):
         return super().train(mode)
 
 
+@register_notrace_module  # reason: geometry from sizes, cached per size in eval mode
 class RelativePositionBias(_PositionMLP):
     """Continuous relative position bias (Swin v2 style), one value per head and token pair.
 
@@ -185,7 +245,7 @@ class RelativePositionBias(_PositionMLP):
         h, w = grid
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            index = relative_position_index(h, w, device)
+            index = gen_relative_position_index((h, w), device=device)
             if ct_size:
                 order = window_major_order(h, w, ct_size, device)
                 index = index[order][:, order]
@@ -202,6 +262,7 @@ class RelativePositionBias(_PositionMLP):
         return self._value_cached((h, w, n_prefix, ct_size, device, dtype), compute)
 
 
+@register_notrace_module  # reason: geometry from sizes, cached per size in eval mode
 class AbsolutePositionEmbedding(_PositionMLP):
     """MLP-based absolute position embedding of a token grid, added to the tokens."""
 
@@ -229,7 +290,8 @@ class AbsolutePositionEmbedding(_PositionMLP):
 # --------------------------------------------------------------------------------------
 
 
-class GELU(nn.GELU):
+@register_notrace_module  # reason: in place or not is decided per call, not when traced
+class InplaceGELU(nn.GELU):
     """GELU that works in place when no autograd graph is recorded (inference).
 
     Out-of-place activations of large maps cost more in fresh-memory page faults than in
@@ -243,6 +305,7 @@ class GELU(nn.GELU):
         return torch.ops.aten.gelu_(x)
 
 
+@register_notrace_function  # reason: in place or not is decided per call, not when traced
 def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """``x + branch``, reusing ``branch``'s memory when no autograd graph is recorded."""
     if torch.is_grad_enabled() or branch.shape != x.shape:
@@ -256,7 +319,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = GELU()
+        self.act = InplaceGELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
@@ -272,7 +335,7 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
         self.norm1 = nn.BatchNorm2d(dim, eps=1e-5)
-        self.act1 = GELU()
+        self.act1 = InplaceGELU()
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
         self.norm2 = nn.BatchNorm2d(dim, eps=1e-5)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim)) if layer_scale is not None else None
@@ -304,12 +367,17 @@ class WindowAttention(nn.Module):
                 ct_size: int = 0) -> torch.Tensor:
         """Attend over (B, n_prefix + h*w, C) tokens whose last h*w lie on ``grid``."""
         b, n, c = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.pos_emb_funct(grid, n_prefix, ct_size, dtype=q.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        x = x.transpose(1, 2)
+        if torch.compiler.is_exporting():
+            # SDPA's symbolic output strides hold Max(1, n), which the exporter cannot prove
+            # viewable; a fresh contiguous copy has plain strides (eager: a free view).
+            x = x.clone(memory_format=torch.contiguous_format)
+        return self.proj_drop(self.proj(x.reshape(b, n, c)))
 
 
 class HATBlock(nn.Module):
@@ -337,17 +405,19 @@ class HATBlock(nn.Module):
 
         self.pos_embed = AbsolutePositionEmbedding(dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.attn = WindowAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, hidden, drop)
+        self.mlp = Mlp(dim=dim, hidden=hidden, drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.gamma3 = scale()
         self.gamma4 = scale()
         if ct_size > 0:
             self.hat_norm1 = nn.LayerNorm(dim)
             self.hat_norm2 = nn.LayerNorm(dim)
-            self.hat_attn = WindowAttention(dim, num_heads, qkv_bias, attn_drop, drop)
-            self.hat_mlp = Mlp(dim, hidden, drop)
+            self.hat_attn = WindowAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                                            attn_drop=attn_drop, proj_drop=drop)
+            self.hat_mlp = Mlp(dim=dim, hidden=hidden, drop=drop)
             self.hat_drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
             self.hat_pos_embed = AbsolutePositionEmbedding(dim)
             self.gamma1 = scale()
@@ -401,13 +471,10 @@ class TokenInitializer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map a padded (B, C, H, W) input to window-major carrier tokens (B, nw*ct*ct, C)."""
-        h, w = x.shape[-2:]
-        kh, sh = carrier_pool_geometry(h, self.window_size, self.ct_size)
-        kw, sw = carrier_pool_geometry(w, self.window_size, self.ct_size)
-        x = F.avg_pool2d(self.pos_embed(x), (kh, kw), (sh, sw))
+        x = pool_carrier_tokens(self.pos_embed(x), self.window_size, self.ct_size)
         b, c, gh, gw = x.shape
         ct = self.ct_size
-        x = x.view(b, c, gh // ct, ct, gw // ct, ct).permute(0, 2, 4, 3, 5, 1)
+        x = x.reshape(b, c, gh // ct, ct, gw // ct, ct).permute(0, 2, 4, 3, 5, 1)
         return x.reshape(b, gh * gw, c)
 
 
@@ -462,16 +529,19 @@ class FasterViTStage(nn.Module):
         self.grad_checkpointing = False
         if conv:
             self.blocks = nn.ModuleList(
-                ConvBlock(dim, drop_path[i], layer_scale_conv) for i in range(depth))
+                ConvBlock(dim=dim, drop_path=drop_path[i], layer_scale=layer_scale_conv)
+                for i in range(depth))
         else:
             self.blocks = nn.ModuleList(
-                HATBlock(dim, num_heads, window_size, self.ct_size, mlp_ratio, qkv_bias, drop,
-                         attn_drop, drop_path[i], layer_scale, last=(i == depth - 1),
-                         do_propagation=do_propagation)
+                HATBlock(dim=dim, num_heads=num_heads, window_size=window_size,
+                         ct_size=self.ct_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
+                         attn_drop=attn_drop, drop_path=drop_path[i], layer_scale=layer_scale,
+                         last=i == depth - 1, do_propagation=do_propagation)
                 for i in range(depth))
-        self.downsample = Downsample(dim, 2 * dim) if downsample else None
+        self.downsample = Downsample(dim=dim, out_dim=2 * dim) if downsample else None
         if self.ct_size > 0:
-            self.global_tokenizer = TokenInitializer(dim, window_size, self.ct_size)
+            self.global_tokenizer = TokenInitializer(dim=dim, window_size=window_size,
+                                                     ct_size=self.ct_size)
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -486,19 +556,15 @@ class FasterViTStage(nn.Module):
             return x
         ws = self.window_size
         h, w = x.shape[-2:]
-        pad_h, pad_w = (-h) % ws, (-w) % ws
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        hp, wp = h + pad_h, w + pad_w
-        carrier_grid = (self.ct_size * hp // ws, self.ct_size * wp // ws)
+        x = pad_to_windows(x, ws)
+        hp, wp = x.shape[-2:]
+        carrier_grid = (self.ct_size * (hp // ws), self.ct_size * (wp // ws))
         ct = self.global_tokenizer(x) if self.ct_size > 0 else None
         tokens = window_partition(x.permute(0, 2, 3, 1), ws)
         for block in self.blocks:
             tokens, ct = self._run(block, tokens, ct, carrier_grid)
-        x = window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)
-        if pad_h or pad_w:
-            x = x[:, :, :h, :w]
-        return x
+        # Cropping to the input size is a no-op view when nothing was padded.
+        return window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)[:, :, :h, :w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks, then downsample if this is not the last stage."""
@@ -527,7 +593,7 @@ def _fuse_bn_into_following_linear(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.
 
 def _per_stage(name: str, value: Any, n: int, kind: type | tuple[type, ...]) -> list:
     """Broadcast a scalar to one value per stage, or check a per-stage list's length."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    values = list(to_ntuple(n)(value))
     if len(values) != n:
         raise ValueError(
             f"{name} has {len(values)} entries but the model has {n} stages (len(depths)); "
@@ -615,12 +681,13 @@ class FasterViT(nn.Module):
         self.ct_size = [c if (h and i >= NUM_CONV_STAGES) else 0
                         for i, (c, h) in enumerate(zip(ct_size, hat))]
         self.num_classes = num_classes
+        self.global_pool = "avg"
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = dim * 2 ** (n - 1)
         self.drop_rate = drop_rate
         self.fused = False
 
-        self.patch_embed = PatchEmbed(in_chans, in_dim, dim)
+        self.patch_embed = PatchEmbed(in_chans=in_chans, in_dim=in_dim, dim=dim)
         total = sum(depths)
         # Plain floats (not torch.linspace) so that the model also builds on the meta device.
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -640,7 +707,6 @@ class FasterViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        self.register_load_state_dict_pre_hook(_drop_derived_entries)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -667,12 +733,12 @@ class FasterViT(nn.Module):
             stem=r"^patch_embed",
             blocks=r"^levels\.(\d+)" if coarse else [
                 # Each group sorts by (stage, block): the tokenizer runs before block 0 and
-                # the downsample after the last block, so it gets a group of its own there
-                # (timm's 99999 would merge it into the last block's group instead).
+                # the downsample after the last block, in a group of its own; the final norm
+                # joins the last block's group.
                 (r"^levels\.(\d+)\.global_tokenizer", None),
                 (r"^levels\.(\d+)\.blocks\.(\d+)", None),
                 (r"^levels\.(\d+)\.downsample", (_AFTER_LAST_BLOCK,)),
-                (r"^norm", (99999,)),
+                (r"^norm", MATCH_PREV_GROUP),
             ],
         )
 
@@ -688,14 +754,24 @@ class FasterViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: no head)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool must be 'avg', got {global_pool!r}")
+        """Replace the head with a fresh one for ``num_classes`` (0: no head).
+
+        ``global_pool``: ``'avg'``, or ``''`` (no pooling: with ``num_classes=0``,
+        ``forward_head`` then returns the unpooled feature map, timm's convention); None
+        keeps the current pooling.
+        """
+        if global_pool not in (None, "avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool == "" and num_classes > 0:
+            raise ValueError("global_pool='' (no pooling) needs num_classes=0: a linear head "
+                             "classifies pooled features")
         if self.fused:
             raise RuntimeError("this FasterViT was fused for inference (model.fuse()), which may "
                                "fold the final BatchNorm into the head; call reset_classifier "
                                "before fuse()")
         self.num_classes = num_classes
+        self.global_pool = pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
@@ -708,8 +784,10 @@ class FasterViT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average-pool the feature map, then classify (or return the pooled features)."""
-        x = self.head_drop(x.mean((2, 3)))
+        """Average-pool the feature map (unless ``global_pool`` is ''), then classify."""
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -806,25 +884,3 @@ class FasterViT(nn.Module):
             raise RuntimeError("this FasterViT was fused for inference (model.fuse()); "
                                "build a fresh model to train")
         return super().train(mode)
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoint filtering
-# --------------------------------------------------------------------------------------
-
-# Buffers of the official implementation that are pure functions of geometry (or caches of
-# position-MLP outputs): recomputed here, never loaded.
-DERIVED_SUFFIXES = ("relative_coords_table", "relative_position_index", "relative_bias")
-TOKENIZER_ALIAS = ".global_tokenizer.to_global_feature.pos."
-
-
-def _drop_derived_entries(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: drop official derived buffers and the tokenizer's aliased conv."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        if key.endswith(DERIVED_SUFFIXES):
-            del state_dict[key]
-        elif TOKENIZER_ALIAS in key:
-            target = key.replace(TOKENIZER_ALIAS, ".global_tokenizer.pos_embed.")
-            value = state_dict.pop(key)
-            state_dict.setdefault(target, value)
-

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from fvlab.models.fastervit import DERIVED_SUFFIXES, TOKENIZER_ALIAS, FasterViT
+from fvlab.models.fastervit import FasterViT
 
 __all__ = ["VARIANTS", "CheckpointMismatchError", "UntrustedCheckpointError", "build_model", "create_model",
            "list_variants", "load_checkpoint", "read_checkpoint", "trust_checkpoints", "trusted_checkpoints",
@@ -45,6 +45,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                             ct_size=1, hat=[False, False, True, False], mlp_ratio=2.0, dim=16,
                             in_dim=8, drop_path_rate=0.0),
 }
+
+# Buffers of the official implementation that are pure functions of geometry (or caches of
+# position-MLP outputs): recomputed here, never loaded.
+DERIVED_SUFFIXES = ("relative_coords_table", "relative_position_index", "relative_bias")
+# The official tokenizer registers its depthwise conv twice (".pos_embed." and this alias).
+TOKENIZER_ALIAS = ".global_tokenizer.to_global_feature.pos."
 
 _OFFICIAL_URL = "https://huggingface.co/ahatamiz/FasterViT/resolve/main/fastervit_{}_224_1k.pth.tar"
 

@@ -1,0 +1,169 @@
+"""ONNX export of a FasterViT with dynamic batch, height and width, and its ONNX Runtime check.
+
+The graph comes from torch's dynamo-based exporter (``torch.onnx.export(dynamo=True)``, which
+needs ``onnxscript``): the model pads to whole windows and pools carrier tokens with sizes
+read from the input, so one graph takes every size the PyTorch model takes. The export runs
+on a fused (BatchNorm folded), fp32 copy; the caller's model is left as it was.
+
+Library first: :func:`export_onnx`, :func:`check_onnx` and :func:`ort_session` are what
+``fvlab export`` calls, and what a measurement of the ONNX Runtime backend can call.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fvlab.models import FasterViT
+
+__all__ = ["DEFAULT_OPSET", "EXPORT_PACKAGES", "INSTALL_HINT", "MissingExportPackages",
+           "check_onnx", "export_onnx", "missing_export_packages", "ort_session", "parity_sizes",
+           "smallest_image_size"]
+
+DEFAULT_OPSET = 18
+EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+INSTALL_HINT = "pip install 'fvlab[export]'"
+EXPORTER = "torch.onnx.export(dynamo=True)"
+# A single .onnx file holds at most 2 GB (protobuf); bigger models keep weights beside it.
+_SINGLE_FILE_BYTES = 1_800_000_000
+
+
+class MissingExportPackages(ImportError):
+    """onnx, onnxruntime or onnxscript is not installed."""
+
+
+def missing_export_packages() -> list[str]:
+    """The packages of the ``export`` extra that cannot be imported."""
+    missing = []
+    for name in EXPORT_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _require_export_packages() -> None:
+    missing = missing_export_packages()
+    if missing:
+        raise MissingExportPackages(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
+def smallest_image_size(model: FasterViT, limit: int = 4096) -> int:
+    """The smallest square image side the model takes (every HAT window fits its feature map)."""
+    for size in range(1, limit + 1):
+        try:
+            model.check_image_size(size)
+        except ValueError:
+            continue
+        return size
+    raise ValueError(f"no image side up to {limit} fits this model")
+
+
+def _needs_padding(model: FasterViT, size: tuple[int, int]) -> bool:
+    """Whether some transformer stage pads its feature map to whole windows at ``size``."""
+    from fvlab.models.fastervit import NUM_CONV_STAGES
+
+    return any(h % ws or w % ws for i, ((h, w), ws) in
+               enumerate(zip(model.feature_sizes(size), model.window_size)) if i >= NUM_CONV_STAGES)
+
+
+def parity_sizes(model: FasterViT, image_size: int) -> list[tuple[int, int]]:
+    """Three (height, width) sizes to check an export at: ``image_size`` square, a non-square
+    one, and one whose feature maps need padding to whole windows (a multiple of 16 above)."""
+    model.check_image_size(image_size)
+    padded = next(s for s in range(16 * (image_size // 16 + 1), 16 * image_size + 17, 16)
+                  if _needs_padding(model, (s, s)))
+    return [(image_size, image_size), (image_size, padded), (padded, padded)]
+
+
+def _example_size(model: FasterViT) -> tuple[int, int]:
+    """A non-square example size with at least two windows per side in every transformer stage.
+
+    The exporter specialises any size that is 0 or 1 in the example (and equal sizes to each
+    other), which would tie the graph to that geometry.
+    """
+    from fvlab.models.fastervit import NUM_CONV_STAGES
+
+    spans = [4 * 2 ** i * ws for i, ws in enumerate(model.window_size) if i >= NUM_CONV_STAGES]
+    if not spans:
+        return 64, 96
+    height = 2 * max(spans)
+    return height, height + max(spans)
+
+
+def _prepared(model: FasterViT) -> FasterViT:
+    """A fused fp32 eval copy of ``model`` on the CPU (BatchNorm folded into convs and head)."""
+    prepared = copy.deepcopy(model).float().cpu().eval()
+    return prepared if prepared.fused else prepared.fuse()
+
+
+def export_onnx(model: FasterViT, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model`` (fused, fp32) to ONNX at ``path`` with dynamic batch, height and width.
+
+    Input ``image`` (batch, in_chans, height, width) float32; output ``logits``. The file is
+    written as it comes from the exporter; check it with :func:`check_onnx` before trusting it.
+    """
+    _require_export_packages()
+    path = Path(path)
+    prepared = _prepared(model)
+    height, width = _example_size(prepared)
+    example = torch.randn(2, prepared.in_chans, height, width)
+    side = torch.export.Dim.DYNAMIC  # an error, not a silent constant, if a side would be fixed
+    dynamic = ({0: torch.export.Dim("batch", min=1), 2: side, 3: side},)
+    big = sum(p.numel() * p.element_size() for p in prepared.parameters()) > _SINGLE_FILE_BYTES
+    with torch.no_grad():
+        program = torch.onnx.export(
+            prepared, (example,), input_names=["image"], output_names=["logits"],
+            dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
+            optimize=True)
+    program.save(str(path), external_data=big)
+    return path
+
+
+def ort_session(path: str | Path, providers: Sequence[str] | None = None,
+                threads: int | None = None) -> Any:
+    """An ONNX Runtime InferenceSession of an exported file (default: the CPU provider,
+    torch's thread count)."""
+    _require_export_packages()
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def check_onnx(path: str | Path, model: FasterViT, sizes: Sequence[tuple[int, int]],
+               batch_sizes: Sequence[int] = (1, 3), seed: int = 0) -> list[dict[str, Any]]:
+    """Run the exported file in ONNX Runtime and ``model`` in PyTorch (fp32, eval) on the same
+    random images; one row per batch size and size with the max abs difference of the logits."""
+    session = ort_session(path)
+    reference = copy.deepcopy(model).float().cpu().eval()
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for height, width in sizes:
+        for batch in batch_sizes:
+            images = torch.randn(batch, reference.in_chans, height, width, generator=generator)
+            with torch.no_grad():
+                expected = reference(images)
+            (got,) = session.run(["logits"], {"image": images.numpy()})
+            diff = (torch.from_numpy(got) - expected).abs().max().item()
+            rows.append(dict(batch=batch, height=height, width=width,
+                             max_abs_diff=diff if math.isfinite(diff) else float("inf")))
+    return rows
+
+
+def remove_onnx(path: str | Path) -> None:
+    """Delete an exported file and any external-data file saved beside it."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".data")):
+        if candidate.exists():
+            os.remove(candidate)
