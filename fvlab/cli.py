@@ -376,16 +376,15 @@ def testing_command(argv: Sequence[str]) -> int:
 
 def _load_weights(model: Any, path: str | Path, trust_checkpoint: bool) -> None:
     """Load a checkpoint into ``model`` (its EMA weights when EMA ran); BadInput if it cannot be."""
-    import inspect
     import pickle
 
     from fvlab.models import load_checkpoint
+    from fvlab.models.registry import UntrustedCheckpointError
 
-    # The loader grows a trust_checkpoint opt-in (DESIGN.md); pass it on once it has one.
-    trust = ({"trust_checkpoint": True} if trust_checkpoint
-             and "trust_checkpoint" in inspect.signature(load_checkpoint).parameters else {})
     try:
-        load_checkpoint(model, path, **trust)
+        load_checkpoint(model, path, trust_checkpoint=trust_checkpoint or None)
+    except UntrustedCheckpointError as err:
+        raise BadInput(str(err)) from None
     except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise BadInput(f"cannot load checkpoint {path}: {first_line}") from None
@@ -469,7 +468,7 @@ def export_command(argv: Sequence[str]) -> int:
                         help="largest max abs difference of logits the check accepts (default 1e-4)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories are (default: runs)")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a checkpoint that holds more than tensors (only files you trust)")
+                        help=TRUST_HELP)
     args = parser.parse_args(argv)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
