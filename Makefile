@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/sweep_overhead.py
+	$(PY) benchmarks/throughput_stability.py
+	$(PY) benchmarks/gpu.py
 
 # The README's picture: the demo's accuracy against measured throughput.
 docs: demo

@@ -16,7 +16,7 @@ import importlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -104,19 +104,23 @@ def _prepared(model: FasterViT) -> FasterViT:
     return prepared if prepared.fused else prepared.fuse()
 
 
-def export_onnx(model: FasterViT, path: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(model: FasterViT, path: str | Path, opset: int = DEFAULT_OPSET,
+                image_size: tuple[int, int] | None = None) -> Path:
     """Export ``model`` (fused, fp32) to ONNX at ``path`` with dynamic batch, height and width.
 
     Input ``image`` (batch, in_chans, height, width) float32; output ``logits``. The file is
     written as it comes from the exporter; check it with :func:`check_onnx` before trusting it.
+    With ``image_size`` the graph takes that size only (batch still dynamic): exported in a
+    fraction of the time, for measuring one geometry (``fvlab profile --backend onnxruntime``).
     """
     _require_export_packages()
     path = Path(path)
     prepared = _prepared(model)
-    height, width = _example_size(prepared)
+    height, width = image_size or _example_size(prepared)
     example = torch.randn(2, prepared.in_chans, height, width)
     side = torch.export.Dim.DYNAMIC  # an error, not a silent constant, if a side would be fixed
-    dynamic = ({0: torch.export.Dim("batch", min=1), 2: side, 3: side},)
+    dynamic = ({0: torch.export.Dim("batch", min=1)} if image_size else
+               {0: torch.export.Dim("batch", min=1), 2: side, 3: side},)
     big = sum(p.numel() * p.element_size() for p in prepared.parameters()) > _SINGLE_FILE_BYTES
     with torch.no_grad():
         program = torch.onnx.export(
@@ -167,3 +171,33 @@ def remove_onnx(path: str | Path) -> None:
     for candidate in (path, path.with_name(path.name + ".data")):
         if candidate.exists():
             os.remove(candidate)
+
+
+def onnxruntime_runner(model: FasterViT, input_shape: Sequence[int], device: torch.device | None = None,
+                       directory: str | Path | None = None) -> Callable[[torch.Tensor], Any]:
+    """``model`` exported and loaded in ONNX Runtime, as a callable on torch tensors (``fvlab profile
+    --backend onnxruntime``): the CUDA provider for a CUDA device where installed, else the CPU one."""
+    import tempfile
+
+    _require_export_packages()
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device is not None and torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("--backend onnxruntime on CUDA needs onnxruntime-gpu (the CUDA provider)")
+        providers = ["CUDAExecutionProvider", *providers]
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = export_onnx(model.float().cpu(), Path(tmp) / "model.onnx", image_size=tuple(input_shape[-2:]))
+        session = ort_session(path, providers)  # reads the file now: the directory may go
+    name = session.get_inputs()[0].name
+    inputs: dict[int, Any] = {}
+
+    def run(x: torch.Tensor) -> Any:
+        # Converted once per input tensor: the timed loop measures the session, not the copy.
+        key = x.data_ptr()
+        if key not in inputs:
+            inputs[key] = x.detach().float().cpu().contiguous().numpy()
+        return session.run(None, {name: inputs[key]})
+
+    return run

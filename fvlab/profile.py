@@ -466,6 +466,8 @@ def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequ
     amp, amp_dtype = autocast_for_precision(precision)
     if amp and amp_dtype is torch.float16 and device.type == "cpu":
         amp_dtype = torch.bfloat16
+    if backend == "onnxruntime":
+        amp = False  # the exported graph is fp32 (what the export checks against PyTorch)
     dtype = f"amp_{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 

@@ -330,3 +330,24 @@ def test_side_by_side_interleaves_rounds(monkeypatch: pytest.MonkeyPatch) -> Non
                                  latency=False)
     timed = calls[6:]  # after each model's warm-up call and its calibration call
     assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_profile_backends_onnxruntime_and_compile(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "exp.yaml"
+    path.write_text(EXPERIMENT.replace("  wide: {model.arch.dim: 24}\n", ""))
+    runs = str(tmp_path / "runs")
+    # One batch size: the compiled graph and the exported one are built for one shape each.
+    assert main(["profile", str(path), "--json", "--batch-sizes", "2", "--rounds", "2", "--runs-dir", runs,
+                 "--backend", "onnxruntime"]) == 0
+    ort_rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["backend"], r["precision"]) for r in ort_rows] == [
+        ("no_carrier", "onnxruntime", "fp32"), ("ct1", "onnxruntime", "fp32")]
+    assert all(r["model/throughput"] > 0 and r["model/latency_ms"] > 0 for r in ort_rows)
+    assert main(["profile", "--arch", "fastervit_micro", "--image-size", "32", "--json", "--batch-sizes", "1",
+                 "--rounds", "2", "--backend", "compile"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["backend"] == "compile" and row["compile_s"] > 0 and row["model/throughput"] > 0
+    # profile.json keeps one row per variant, batch size and backend: the table never mixes them.
+    written = json.loads((tmp_path / "runs" / "tiny_profile" / "profile.json").read_text())
+    assert {r["backend"] for r in written} == {"onnxruntime"}
