@@ -225,3 +225,16 @@ def load_experiment(path: str | Path) -> Experiment:
     for variant in experiment.variant_names():
         experiment.config(variant)  # every override must apply
     return experiment
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = (),
+                 prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested configs (``ignore``: dotted keys to skip)."""
+    keys = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys += changed_keys(a, b, ignore, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in ignore:
+            keys.append(f"{prefix}{key}")
+    return keys

@@ -22,14 +22,15 @@ from typing import Any, Mapping
 import torch
 
 from fvlab.lit.runner import RunSpec
+from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
 from fvlab.profile import count_flops, count_params, measure_side_by_side
 
 __all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
            "THROUGHPUT_METRICS", "profile_rows", "write_profile_json", "measure_experiment"]
 
 # The figures the side-by-side protocol gives; params and GFLOPs need no timing.
-THROUGHPUT_METRICS = ("model/throughput", "model/throughput_lo", "model/throughput_hi",
-                      "model/latency_ms", "model/speedup")
+THROUGHPUT_METRICS = tuple(m for m in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)
+                           if m not in ("model/params_m", "model/gflops"))
 
 
 def device_kind(device: torch.device) -> str:

@@ -42,7 +42,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from fvlab.experiment import CONFIG_HEADER, is_run_dir
+from fvlab.experiment import CONFIG_HEADER, changed_keys, is_run_dir
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
 from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
@@ -388,17 +388,6 @@ class RunPlan:
     note: str = ""
 
 
-def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" not in _UNHASHED:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def _stored_config(run_dir: Path) -> dict[str, Any] | None:
     """The resolved config a run directory was trained with (its config.yaml), or None."""
     try:
@@ -423,7 +412,7 @@ def _changes(run_dir: Path, config: Mapping[str, Any] | None) -> tuple[str, list
     stored = _stored_config(run_dir) if config is not None else None
     if stored is None:
         return "", []
-    keys = _changed_keys(stored, dict(config))
+    keys = changed_keys(stored, dict(config), _UNHASHED)
     if not keys:
         return "", []
     return f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})", keys

@@ -23,6 +23,7 @@ import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 
+from fvlab.experiment import changed_keys
 from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
@@ -404,17 +405,6 @@ def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any) -> None:
                          f"rung would ever stop a trial; lower min_epochs or raise trainer.max_epochs")
 
 
-def _changed_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(a) | set(b), key=str):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, Mapping) and isinstance(y, Mapping):
-            keys += _changed_keys(x, y, f"{prefix}{key}.")
-        elif x != y:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """Which sections of two identities differ, and which keys (dotted in the base config)."""
     parts = []
@@ -424,7 +414,7 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if section != "base" \
-                else _changed_keys(a, b)
+                else changed_keys(a, b)
             shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
             parts.append(f"{'base experiment' if section == 'base' else section} ({shown})")
         else:
