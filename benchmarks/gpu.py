@@ -28,6 +28,7 @@ import torch
 
 import fvlab
 from fvlab.profile import measure_side_by_side
+from fvlab.runtime import quiet_lightning
 
 PAPER_A100 = 5802.0  # FasterViT-0, 224 px, batch 128, A100, AMP (arXiv 2306.06189, Table 1)
 
@@ -169,6 +170,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    quiet_lightning()
     if args.smoke:
         device, arch, size, batch, precision, accelerator = torch.device("cpu"), "fastervit_micro", 32, 4, "32-true", "cpu"
         rounds, steps = args.rounds or 3, 4
