@@ -68,7 +68,8 @@ def avg_pool_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
         # Traced from the input size (as our carrier-token pooling is): estimate the kernel
         # as the input/output ratio per axis.
         kernel = [math.ceil(i / o) for i, o in zip(in_shape[-2:], out_shape[-2:])]
-    kernel = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]
+    # A kernel computed from the traced input size comes back as 0-dim tensors.
+    kernel = [int(k) for k in kernel] if isinstance(kernel, (list, tuple)) else [int(kernel)]
     if len(kernel) == 1:
         kernel = kernel * 2
     return math.prod(out_shape) * kernel[0] * kernel[1]

@@ -65,7 +65,7 @@ def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> t
 @register_notrace_function  # reason: control flow on the input size
 def pad_to_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Zero-pad a (B, C, H, W) map at the bottom and right to whole windows."""
-    h, w = x.shape[-2:]
+    h, w = spatial_size(x)
     # Ceil-division rather than (-h) % ws: simpler symbolic sizes make export much faster.
     pad_h = (h + window_size - 1) // window_size * window_size - h
     pad_w = (w + window_size - 1) // window_size * window_size - w
@@ -81,22 +81,27 @@ def window_major_order(grid_h: int, grid_w: int, ct_size: int, device: torch.dev
     return idx.permute(0, 2, 1, 3).reshape(-1)
 
 
+def _at_least_one(size: Any) -> Any:
+    """max(size, 1) for an int, a SymInt (export) or a 0-dim tensor (torch.jit.trace, as fvcore counts)."""
+    return size.clamp(min=1) if isinstance(size, torch.Tensor) else torch.sym_max(size, 1)
+
+
 def log_spaced_relative_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
     """Relative (dy, dx) offsets of an h x w grid, scaled to [-1, 1] then log-spaced (Swin v2).
 
     Not timm's ``gen_relative_log_coords``: that divides by ``size - 1``, which is 0 for a
     carrier grid one token wide.
     """
-    dy = torch.arange(-(h - 1), h, dtype=torch.float32, device=device) / torch.sym_max(h - 1, 1)
-    dx = torch.arange(-(w - 1), w, dtype=torch.float32, device=device) / torch.sym_max(w - 1, 1)
+    dy = torch.arange(-(h - 1), h, dtype=torch.float32, device=device) / _at_least_one(h - 1)
+    dx = torch.arange(-(w - 1), w, dtype=torch.float32, device=device) / _at_least_one(w - 1)
     table = torch.stack(ndgrid(dy, dx), dim=-1).view(-1, 2) * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
 def centred_grid_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
     """(h*w, 2) coordinates of an h x w grid, centred and scaled to about [-1, 1]."""
-    ys = (torch.arange(h, dtype=torch.float32, device=device) - h // 2) / torch.sym_max(h // 2, 1)
-    xs = (torch.arange(w, dtype=torch.float32, device=device) - w // 2) / torch.sym_max(w // 2, 1)
+    ys = (torch.arange(h, dtype=torch.float32, device=device) - h // 2) / _at_least_one(h // 2)
+    xs = (torch.arange(w, dtype=torch.float32, device=device) - w // 2) / _at_least_one(w // 2)
     return torch.stack(ndgrid(ys, xs), dim=-1).view(-1, 2)
 
 
@@ -130,7 +135,7 @@ def pool_carrier_tokens(x: torch.Tensor, window_size: int, ct_size: int) -> torc
     cannot: ONNX pooling kernels are constants, so the same averages are taken as two
     matrix products with band matrices built from the size.
     """
-    h, w = x.shape[-2:]
+    h, w = spatial_size(x)
     if window_size % ct_size == 0:  # kernel == stride, independent of the size
         return F.avg_pool2d(x, window_size // ct_size)
     if _static(h, w):
@@ -140,6 +145,15 @@ def pool_carrier_tokens(x: torch.Tensor, window_size: int, ct_size: int) -> torc
     rows = _band_average(h, window_size, ct_size, x.device, x.dtype)
     cols = _band_average(w, window_size, ct_size, x.device, x.dtype)
     return rows @ x @ cols.transpose(0, 1)
+
+
+def spatial_size(x: torch.Tensor) -> tuple[Any, Any]:
+    """(H, W) of a (B, C, H, W) map; plain ints under ``torch.jit.trace`` (fvcore counts FLOPs by
+    tracing one concrete size: the caches and ``avg_pool2d`` then stay what eager runs)."""
+    h, w = x.shape[-2:]
+    if torch.jit.is_tracing():
+        return int(h), int(w)
+    return h, w
 
 
 def _static(*sizes: Any) -> bool:
@@ -555,9 +569,9 @@ class FasterViTStage(nn.Module):
                 x = self._run(block, x)
             return x
         ws = self.window_size
-        h, w = x.shape[-2:]
+        h, w = spatial_size(x)
         x = pad_to_windows(x, ws)
-        hp, wp = x.shape[-2:]
+        hp, wp = spatial_size(x)
         carrier_grid = (self.ct_size * (hp // ws), self.ct_size * (wp // ws))
         ct = self.global_tokenizer(x) if self.ct_size > 0 else None
         tokens = window_partition(x.permute(0, 2, 3, 1), ws)
