@@ -1,6 +1,23 @@
-"""Same or different: two glyphs far apart, a label only a global view can give. Generated, no download.
+"""Glyph tasks whose label only a global view can give: pointer, same/different. Generated, no download.
 
-Why this task. FasterViT's claim for Hierarchical Attention is that carrier tokens give every
+The pointer task (``layout="pointer"``, the one the shipped experiment uses). Four glyphs sit
+in the four corner cells (side image_size / 4) of the image. One, the cue, is one of three cue
+shapes meaning "the content 1, 2 or 3 corners on, clockwise"; the other three are each one of
+``num_glyphs`` content shapes, and the label is the content the cue points to (``num_glyphs``
+classes, balanced). A model that sees each corner alone can only vote on the three contents
+(75% with two contents); reading the cue needs the cue's and the target's corners together.
+With FasterViT-tiny at 64 px and ``window_size`` [2, 2, 1, 1], each 16 px stage-3 token is its
+own window and the corners are three tokens apart; without carrier tokens only the faint edges
+of the conv stages' receptive fields join two corners (at initialisation a stage-4 token has at
+most 4-13% of its input-gradient mass on any corner cell), with them every window's carrier
+token attends to all the others. The
+local control ``layout="pointer_local"`` draws the same four glyphs, cells and jitter into the
+four cells of one random quadrant, so cue and target are neighbours inside one conv receptive
+field; carrier tokens can help there only through their parameters. The pointer label keeps a
+first-order part (a content glyph votes for its class), so training leaves chance at once and
+the global part shows within CPU minutes, which same/different (below) never did.
+
+Same or different, the first design. FasterViT's claim for Hierarchical Attention is that carrier tokens give every
 local window a cheap global view. To test it, the label must depend on a *relation* between
 regions that no window sees together. Each image holds two small glyphs (3x3 binary patterns
 with 4 lit cells, from a seeded vocabulary of ``num_glyphs`` shapes that are not shifts of one
@@ -138,8 +155,8 @@ def _draw_pointer(labels: np.ndarray, num_glyphs: int, image_size: int, layout: 
 
     Glyphs 0-2 of the vocabulary are cues ("the content 1, 2 or 3 places on, clockwise"),
     glyphs 3 and up the contents; the label is the content at the place the cue points to.
-    ``pointer``: the places are the four quadrants; ``pointer_local``: the four quarters of one
-    random quadrant, so cue and target share a window.
+    A place is a cell of side image_size / 4. ``pointer``: the image's four corner cells;
+    ``pointer_local``: the four cells of one random quadrant, so cue and target are neighbours.
     """
     n = len(labels)
     glyph = GLYPH_GRID * (image_size // CELLS_PER_IMAGE)
@@ -151,13 +168,12 @@ def _draw_pointer(labels: np.ndarray, num_glyphs: int, image_size: int, layout: 
     ids[rows, CLOCKWISE[(CLOCKWISE_RANK[cue] + shift) % 4]] = NUM_CUES + labels
     ids[rows, cue] = shift - 1
     place = np.stack([np.arange(4) // 2, np.arange(4) % 2], 1)  # (4, 2): the (row, column) of place q
-    if layout == "pointer":
-        pos = half * place[None] + _offsets(half - glyph, jitter, (n, 4, 2), rng)
-    else:
-        quadrant = rng.integers(0, 4, n)
-        quarter = half // 2
-        pos = (half * place[quadrant][:, None] + quarter * place[None]
-               + _offsets(quarter - glyph, jitter, (n, 4, 2), rng))
+    quarter = half // 2
+    if layout == "pointer":  # the image's corner cells, three cells apart
+        origin = (image_size - quarter) * place[None]
+    else:  # the four cells of one quadrant, side by side
+        origin = half * place[rng.integers(0, 4, n)][:, None] + quarter * place[None]
+    pos = origin + _offsets(quarter - glyph, jitter, (n, 4, 2), rng)
     return np.concatenate([ids[:, :, None], pos], 2).reshape(n, 12).astype(np.int64)
 
 
@@ -167,7 +183,7 @@ def distinct_images(image_size: int, layout: str, num_glyphs: int, jitter: float
         return distinct_same_images(image_size, layout, num_glyphs, jitter)
     glyph = GLYPH_GRID * (image_size // CELLS_PER_IMAGE)
     half = image_size // 2
-    room = half - glyph if layout == "pointer" else half // 2 - glyph
+    room = half // 2 - glyph
     places = (round(room * jitter) + 1) ** 8  # four glyphs, each anywhere in its spread
     quadrants = 1 if layout == "pointer" else 4
     return quadrants * 4 * 3 * num_glyphs ** 2 * places  # cue place x pointer x other two contents
@@ -254,21 +270,26 @@ class _Normalise:
 
 
 class SameDifferentDataModule(ImageDataModule):
-    """Two glyphs per image; the label says whether they are the same (1) or different (0).
+    """Glyph tasks: the pointer task (``pointer``, ``pointer_local``) or same/different (``apart``, ``together``).
 
-    See the module docstring for why. ``layout="apart"`` puts the glyphs in diagonally opposite
-    quadrants (a long-range relation); ``"together"`` puts both in one quadrant (the local
-    control). No augmentation: every image is fresh, and a flip would change the glyphs.
+    See the module docstring for why. ``layout="pointer"``: a cue glyph in one corner points to
+    another corner, whose content glyph is the label (a long-range relation); ``"pointer_local"``
+    puts the four glyphs in one quadrant (its local control). ``layout="apart"``: label 1 when the
+    glyphs in diagonally opposite quadrants are the same; ``"together"`` puts both in one
+    quadrant. No augmentation: every image is fresh, and a flip would change the glyphs.
 
     Args:
         image_size: side of the square images, at least 32 (a glyph is 3/16 of it).
         num_train: training images.
         num_val: validation images (model selection).
         num_test: test images (measured once after training).
-        layout: ``apart`` (glyphs in opposite quadrants) or ``together`` (in one quadrant).
-        num_glyphs: size of the glyph vocabulary, 2 to 97 (difficulty: more shapes to tell apart).
+        layout: ``pointer``, ``pointer_local``, ``apart`` or ``together`` (see above).
+        num_glyphs: size of the glyph vocabulary, 2 to 97 (difficulty: more shapes to tell apart);
+            for the pointer layouts the number of content glyphs and classes, 2 to 94 (three
+            more glyphs are the cues).
         jitter: how far a glyph moves around its place, from 0 (always centred) to 1 (anywhere
-            inside its quadrant, or its half of the quadrant for ``together``) (difficulty).
+            inside its quadrant, its half of the quadrant for ``together``, its cell for the
+            pointer layouts) (difficulty).
         noise: standard deviation of the Gaussian pixel noise on [0, 1] images (difficulty).
         batch_size: images per batch.
         num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
