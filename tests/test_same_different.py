@@ -96,12 +96,13 @@ def test_pointer_same_split_seed_same_data_other_seed_other_data(layout: str) ->
         assert not np.array_equal(x, x3)
 
 
-@pytest.mark.parametrize("layout, jitter", [("pointer", 0.1), ("pointer_local", 0.5)])
-def test_pointer_splits_are_disjoint_and_balanced(layout: str, jitter: float) -> None:
-    # 32 px and little room to move: a plain random draw repeats dozens of the 3,001 layouts,
-    # so disjointness is the generator's doing. Three content glyphs: three balanced classes.
+@pytest.mark.parametrize("layout", ["pointer", "pointer_local"])
+def test_pointer_splits_are_disjoint_and_balanced(layout: str) -> None:
+    # 32 px and two places per glyph and axis: a plain random draw repeats some of the 3,001
+    # layouts (44 for pointer, 14 for pointer_local), so disjointness is the generator's doing. Three content
+    # glyphs: three balanced classes.
     dm = SameDifferentDataModule(image_size=32, num_train=2000, num_val=500, num_test=501, layout=layout,
-                                 num_glyphs=3, jitter=jitter, noise=0.0, split_seed=1)
+                                 num_glyphs=3, jitter=0.5, noise=0.0, split_seed=1)
     dm.setup("fit")
     assert dm.num_classes == 3
     seen: dict[bytes, str] = {}
