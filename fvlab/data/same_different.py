@@ -14,8 +14,9 @@ token attends to all the others. The
 local control ``layout="pointer_local"`` draws the same four glyphs, cells and jitter into the
 four cells of one random quadrant, so cue and target are neighbours inside one conv receptive
 field; carrier tokens can help there only through their parameters. The pointer label keeps a
-first-order part (a content glyph votes for its class), so training leaves chance at once and
-the global part shows within CPU minutes, which same/different (below) never did.
+first-order part (a content glyph votes for its class), so training leaves chance at once,
+which same/different (below) never did; whether the global part shows in a CPU budget is not
+settled (README "Long-range task": a one-seed probe, then no significant gap over 3 seeds).
 
 Same or different, the first design. FasterViT's claim for Hierarchical Attention is that carrier tokens give every
 local window a cheap global view. To test it, the label must depend on a *relation* between
