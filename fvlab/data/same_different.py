@@ -1,6 +1,24 @@
-"""Same or different: two glyphs far apart, a label only a global view can give. Generated, no download.
+"""Glyph tasks whose label only a global view can give: pointer, same/different. Generated, no download.
 
-Why this task. FasterViT's claim for Hierarchical Attention is that carrier tokens give every
+The pointer task (``layout="pointer"``, the one the shipped experiment uses). Four glyphs sit
+in the four corner cells (side image_size / 4) of the image. One, the cue, is one of three cue
+shapes meaning "the content 1, 2 or 3 corners on, clockwise"; the other three are each one of
+``num_glyphs`` content shapes, and the label is the content the cue points to (``num_glyphs``
+classes, balanced). A model that sees each corner alone can only vote on the three contents
+(75% with two contents); reading the cue needs the cue's and the target's corners together.
+With FasterViT-tiny at 64 px and ``window_size`` [2, 2, 1, 1], each 16 px stage-3 token is its
+own window and the corners are three tokens apart; without carrier tokens only the faint edges
+of the conv stages' receptive fields join two corners (at initialisation a stage-4 token has at
+most 4-13% of its input-gradient mass on any corner cell), with them every window's carrier
+token attends to all the others. The
+local control ``layout="pointer_local"`` draws the same four glyphs, cells and jitter into the
+four cells of one random quadrant, so cue and target are neighbours inside one conv receptive
+field; carrier tokens can help there only through their parameters. The pointer label keeps a
+first-order part (a content glyph votes for its class), so training leaves chance at once,
+which same/different (below) never did; whether the global part shows in a CPU budget is not
+settled (README "Long-range task": a one-seed probe, then no significant gap over 3 seeds).
+
+Same or different, the first design. FasterViT's claim for Hierarchical Attention is that carrier tokens give every
 local window a cheap global view. To test it, the label must depend on a *relation* between
 regions that no window sees together. Each image holds two small glyphs (3x3 binary patterns
 with 4 lit cells, from a seeded vocabulary of ``num_glyphs`` shapes that are not shifts of one
@@ -46,10 +64,14 @@ import torch
 from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, check_channels, check_image_size,
                              check_positive)
 
-__all__ = ["SameDifferentDataModule", "LAYOUTS", "distinct_same_images", "glyph_vocabulary",
+__all__ = ["SameDifferentDataModule", "LAYOUTS", "distinct_images", "distinct_same_images", "glyph_vocabulary",
            "generate_same_different"]
 
-LAYOUTS = ("apart", "together")
+LAYOUTS = ("apart", "together", "pointer", "pointer_local")
+POINTER_LAYOUTS = ("pointer", "pointer_local")
+NUM_CUES = 3            # pointer cues: "the content 1, 2 or 3 places on, clockwise"
+CLOCKWISE = np.array([0, 1, 3, 2])        # places (0 TL, 1 TR, 2 BL, 3 BR) in clockwise order
+CLOCKWISE_RANK = np.argsort(CLOCKWISE)    # where place q stands in that order
 GLYPH_GRID = 3          # glyphs are 3x3 binary patterns ...
 GLYPH_ON = 4            # ... with 4 lit cells each: 97 shapes once shifts are merged
 CELLS_PER_IMAGE = 16    # one glyph cell is image_size / 16 pixels: a glyph is 3/16 of the side
@@ -69,9 +91,9 @@ def glyph_vocabulary(num_glyphs: int, rng: np.random.Generator) -> np.ndarray:
     return shapes[rng.choice(len(shapes), size=num_glyphs, replace=False)]
 
 
-def _balanced_labels(count: int, rng: np.random.Generator) -> np.ndarray:
-    """0/1 labels in random order, half of each (one more 0 when ``count`` is odd)."""
-    return rng.permutation(np.arange(count) % 2)
+def _balanced_labels(count: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels 0 .. classes-1 in random order, as many of each as ``count`` allows (to one image)."""
+    return rng.permutation(np.arange(count) % classes)
 
 
 def _offsets(room: int, jitter: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -82,7 +104,7 @@ def _offsets(room: int, jitter: float, shape: tuple[int, ...], rng: np.random.Ge
 
 def _draw_layouts(labels: np.ndarray, num_glyphs: int, image_size: int, layout: str, jitter: float,
                   rng: np.random.Generator) -> np.ndarray:
-    """(N, 6) int layouts: glyph a, glyph b, then the top-left (y, x) of a and of b in pixels."""
+    """(N, 6) int layouts: glyph a and the top-left (y, x) of a in pixels, then the same for b."""
     n = len(labels)
     glyph = GLYPH_GRID * (image_size // CELLS_PER_IMAGE)
     half = image_size // 2
@@ -111,7 +133,7 @@ def _draw_layouts(labels: np.ndarray, num_glyphs: int, image_size: int, layout: 
         swap = rng.integers(0, 2, n).astype(bool)  # which glyph comes first along the axis
         pos_a = origin + np.where(swap[:, None], offset_b, offset_a)
         pos_b = origin + np.where(swap[:, None], offset_a, offset_b)
-    return np.concatenate([a[:, None], b[:, None], pos_a, pos_b], 1).astype(np.int64)
+    return np.concatenate([a[:, None], pos_a, b[:, None], pos_b], 1).astype(np.int64)
 
 
 def distinct_same_images(image_size: int, layout: str, num_glyphs: int, jitter: float) -> int:
@@ -128,21 +150,71 @@ def distinct_same_images(image_size: int, layout: str, num_glyphs: int, jitter: 
     return num_glyphs * 8 * (places(half // 2 - glyph) * places(half - glyph)) ** 2
 
 
+def _draw_pointer(labels: np.ndarray, num_glyphs: int, image_size: int, layout: str, jitter: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """(N, 12) int layouts of the pointer task: (glyph, y, x) for each of four places.
+
+    Glyphs 0-2 of the vocabulary are cues ("the content 1, 2 or 3 places on, clockwise"),
+    glyphs 3 and up the contents; the label is the content at the place the cue points to.
+    A place is a cell of side image_size / 4. ``pointer``: the image's four corner cells;
+    ``pointer_local``: the four cells of one random quadrant, so cue and target are neighbours.
+    """
+    n = len(labels)
+    glyph = GLYPH_GRID * (image_size // CELLS_PER_IMAGE)
+    half = image_size // 2
+    cue = rng.integers(0, 4, n)
+    shift = rng.integers(1, 4, n)
+    ids = NUM_CUES + rng.integers(0, num_glyphs, (n, 4))
+    rows = np.arange(n)
+    ids[rows, CLOCKWISE[(CLOCKWISE_RANK[cue] + shift) % 4]] = NUM_CUES + labels
+    ids[rows, cue] = shift - 1
+    place = np.stack([np.arange(4) // 2, np.arange(4) % 2], 1)  # (4, 2): the (row, column) of place q
+    quarter = half // 2
+    if layout == "pointer":  # the image's corner cells, three cells apart
+        origin = (image_size - quarter) * place[None]
+    else:  # the four cells of one quadrant, side by side
+        origin = half * place[rng.integers(0, 4, n)][:, None] + quarter * place[None]
+    pos = origin + _offsets(quarter - glyph, jitter, (n, 4, 2), rng)
+    return np.concatenate([ids[:, :, None], pos], 2).reshape(n, 12).astype(np.int64)
+
+
+def distinct_images(image_size: int, layout: str, num_glyphs: int, jitter: float) -> int:
+    """How many different images of one label (the scarcest) the layout can draw."""
+    if layout in ("apart", "together"):
+        return distinct_same_images(image_size, layout, num_glyphs, jitter)
+    glyph = GLYPH_GRID * (image_size // CELLS_PER_IMAGE)
+    half = image_size // 2
+    room = half // 2 - glyph
+    places = (round(room * jitter) + 1) ** 8  # four glyphs, each anywhere in its spread
+    quadrants = 1 if layout == "pointer" else 4
+    return quadrants * 4 * 3 * num_glyphs ** 2 * places  # cue place x pointer x other two contents
+
+
+def _layout_keys(layouts: np.ndarray, layout: str) -> np.ndarray:
+    """One row per image; two layouts draw the same image exactly when their rows are equal."""
+    if layout in ("apart", "together"):
+        # (a at p, b at q) and (b at q, a at p) are one image: the key is the unordered pair.
+        scale = int(layouts.max()) + 1
+        code_a = (layouts[:, 0] * scale + layouts[:, 1]) * scale + layouts[:, 2]
+        code_b = (layouts[:, 3] * scale + layouts[:, 4]) * scale + layouts[:, 5]
+        return np.stack([np.minimum(code_a, code_b), np.maximum(code_a, code_b)], 1)
+    return layouts  # the places are fixed in order, so equal images have equal rows
+
+
 def _unique_layouts(sizes: tuple[int, ...], num_glyphs: int, image_size: int, layout: str, jitter: float,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Layouts and labels for all splits together, no layout twice (so the splits are disjoint)."""
-    labels = np.concatenate([_balanced_labels(n, rng) for n in sizes])
-    layouts = _draw_layouts(labels, num_glyphs, image_size, layout, jitter, rng)
+    pointer = layout in POINTER_LAYOUTS
+    draw = _draw_pointer if pointer else _draw_layouts
+    classes = num_glyphs if pointer else 2
+    labels = np.concatenate([_balanced_labels(n, classes, rng) for n in sizes])
+    layouts = draw(labels, num_glyphs, image_size, layout, jitter, rng)
     for _ in range(100):
-        # (a at p, b at q) and (b at q, a at p) are one image: the key is the unordered pair.
-        code_a = (layouts[:, 0] * image_size + layouts[:, 2]) * image_size + layouts[:, 3]
-        code_b = (layouts[:, 1] * image_size + layouts[:, 4]) * image_size + layouts[:, 5]
-        keys = np.stack([np.minimum(code_a, code_b), np.maximum(code_a, code_b)], 1)
-        _, first = np.unique(keys, axis=0, return_index=True)
+        _, first = np.unique(_layout_keys(layouts, layout), axis=0, return_index=True)
         repeat = np.setdiff1d(np.arange(len(layouts)), first)
         if len(repeat) == 0:
             return layouts, labels
-        layouts[repeat] = _draw_layouts(labels[repeat], num_glyphs, image_size, layout, jitter, rng)
+        layouts[repeat] = draw(labels[repeat], num_glyphs, image_size, layout, jitter, rng)
     raise DataError(f"cannot draw {len(labels)} distinct images of {num_glyphs} glyphs at image_size "
                     f"{image_size} with jitter {jitter}: use fewer images, more glyphs, more jitter "
                     f"or a larger image_size")
@@ -150,16 +222,19 @@ def _unique_layouts(sizes: tuple[int, ...], num_glyphs: int, image_size: int, la
 
 def _render(layouts: np.ndarray, glyphs: np.ndarray, image_size: int, noise: float,
             rng: np.random.Generator) -> np.ndarray:
-    """(N, image_size, image_size) float32 images: the glyphs on black, plus Gaussian noise."""
+    """(N, image_size, image_size) float32 images: the glyphs on black, plus Gaussian noise.
+
+    ``layouts`` holds (glyph, y, x) triples, one per glyph of the image, (y, x) its top-left pixel.
+    """
     cell = image_size // CELLS_PER_IMAGE
     bitmaps = glyphs.repeat(cell, axis=1).repeat(cell, axis=2)
     side = bitmaps.shape[-1]
     images = np.zeros((len(layouts), image_size, image_size), dtype=np.float32)
     index = np.arange(len(layouts))[:, None, None]
     span = np.arange(side)
-    for glyph, y, x in ((0, 2, 3), (1, 4, 5)):  # one gather-scatter per glyph, all images at once
-        rows = (layouts[:, y, None] + span)[:, :, None]
-        cols = (layouts[:, x, None] + span)[:, None, :]
+    for glyph in range(0, layouts.shape[1], 3):  # one gather-scatter per glyph, all images at once
+        rows = (layouts[:, glyph + 1, None] + span)[:, :, None]
+        cols = (layouts[:, glyph + 2, None] + span)[:, None, :]
         images[index, rows, cols] = bitmaps[layouts[:, glyph]]
     if noise > 0:
         images += noise * rng.standard_normal(images.shape, dtype=np.float32)
@@ -174,7 +249,7 @@ def generate_same_different(image_size: int, sizes: tuple[int, ...], layout: str
     Images are (n, image_size, image_size) float32 in about [0, 1]; labels int64, 1 = same glyph.
     """
     rng = np.random.default_rng(seed)
-    glyphs = glyph_vocabulary(num_glyphs, rng)
+    glyphs = glyph_vocabulary(num_glyphs + (NUM_CUES if layout in POINTER_LAYOUTS else 0), rng)
     layouts, labels = _unique_layouts(sizes, num_glyphs, image_size, layout, jitter, rng)
     images = _render(layouts, glyphs, image_size, noise, rng)
     images.setflags(write=False)
@@ -196,21 +271,26 @@ class _Normalise:
 
 
 class SameDifferentDataModule(ImageDataModule):
-    """Two glyphs per image; the label says whether they are the same (1) or different (0).
+    """Glyph tasks: the pointer task (``pointer``, ``pointer_local``) or same/different (``apart``, ``together``).
 
-    See the module docstring for why. ``layout="apart"`` puts the glyphs in diagonally opposite
-    quadrants (a long-range relation); ``"together"`` puts both in one quadrant (the local
-    control). No augmentation: every image is fresh, and a flip would change the glyphs.
+    See the module docstring for why. ``layout="pointer"``: a cue glyph in one corner points to
+    another corner, whose content glyph is the label (a long-range relation); ``"pointer_local"``
+    puts the four glyphs in one quadrant (its local control). ``layout="apart"``: label 1 when the
+    glyphs in diagonally opposite quadrants are the same; ``"together"`` puts both in one
+    quadrant. No augmentation: every image is fresh, and a flip would change the glyphs.
 
     Args:
         image_size: side of the square images, at least 32 (a glyph is 3/16 of it).
         num_train: training images.
         num_val: validation images (model selection).
         num_test: test images (measured once after training).
-        layout: ``apart`` (glyphs in opposite quadrants) or ``together`` (in one quadrant).
-        num_glyphs: size of the glyph vocabulary, 2 to 97 (difficulty: more shapes to tell apart).
+        layout: ``pointer``, ``pointer_local``, ``apart`` or ``together`` (see above).
+        num_glyphs: size of the glyph vocabulary, 2 to 97 (difficulty: more shapes to tell apart);
+            for the pointer layouts the number of content glyphs and classes, 2 to 94 (three
+            more glyphs are the cues).
         jitter: how far a glyph moves around its place, from 0 (always centred) to 1 (anywhere
-            inside its quadrant, or its half of the quadrant for ``together``) (difficulty).
+            inside its quadrant, its half of the quadrant for ``together``, its cell for the
+            pointer layouts) (difficulty).
         noise: standard deviation of the Gaussian pixel noise on [0, 1] images (difficulty).
         batch_size: images per batch.
         num_workers: DataLoader worker processes; 0 is fastest for in-memory tensors.
@@ -231,11 +311,12 @@ class SameDifferentDataModule(ImageDataModule):
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             check_positive(name, value)
         if layout not in LAYOUTS:
-            raise DataError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}; 'apart' is the "
-                            f"long-range task, 'together' its local control")
-        if isinstance(num_glyphs, bool) or not isinstance(num_glyphs, int) or not 2 <= num_glyphs <= MAX_GLYPHS:
-            raise DataError(f"num_glyphs must be an integer from 2 to {MAX_GLYPHS}, got {num_glyphs!r}; "
-                            f"e.g. set num_glyphs to 4")
+            raise DataError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}; 'pointer' and "
+                            f"'apart' are long-range tasks, 'pointer_local' and 'together' their local controls")
+        most = MAX_GLYPHS - (NUM_CUES if layout in POINTER_LAYOUTS else 0)
+        if isinstance(num_glyphs, bool) or not isinstance(num_glyphs, int) or not 2 <= num_glyphs <= most:
+            raise DataError(f"num_glyphs must be an integer from 2 to {most} for layout {layout}, got "
+                            f"{num_glyphs!r}; e.g. set num_glyphs to 2")
         if not (isinstance(jitter, (int, float)) and not isinstance(jitter, bool) and 0 <= jitter <= 1):
             raise DataError(f"jitter must be a number from 0 (glyphs centred) to 1 (anywhere in their "
                             f"place), got {jitter!r}; e.g. 0.5")
@@ -244,15 +325,16 @@ class SameDifferentDataModule(ImageDataModule):
         if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
             raise DataError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
         check_channels(in_chans)
-        capacity = distinct_same_images(image_size, layout, num_glyphs, jitter)
+        classes = num_glyphs if layout in POINTER_LAYOUTS else 2
+        capacity = distinct_images(image_size, layout, num_glyphs, jitter)
         # Drawing more than half of all possible images would make the redraws of repeats crawl.
-        if -(-(num_train + num_val + num_test) // 2) > capacity // 2:
+        if -(-(num_train + num_val + num_test) // classes) > capacity // 2:
             raise DataError(f"{num_train + num_val + num_test} images cannot be drawn without repeats: "
                             f"{layout} with {num_glyphs} glyphs, jitter {jitter} at image_size {image_size} "
-                            f"has only {capacity} distinct 'same' images; use fewer images, more jitter, "
+                            f"has only {capacity} distinct images per label; use fewer images, more jitter, "
                             f"more glyphs or a larger image_size")
         self.save_hyperparameters()
-        self.num_classes = 2
+        self.num_classes = classes
         self.in_chans = in_chans
         self.image_size = image_size
         self.sizes = (num_train, num_val, num_test)
