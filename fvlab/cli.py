@@ -248,6 +248,17 @@ def _load_selection(args: argparse.Namespace) -> tuple[Any, list[str], list[int]
     return selection.experiment, selection.variants, selection.seeds
 
 
+def _run_checkpoint(experiment: Any, runs_dir: str, variant: str, seed: int | None,
+                    ckpt_path: str | None) -> tuple[Path, Path]:
+    """fvlab.lit.plan.run_checkpoint, with its PlanError as BadInput."""
+    from fvlab.lit.plan import PlanError, run_checkpoint
+
+    try:
+        return run_checkpoint(experiment, runs_dir, variant, seed, ckpt_path)
+    except PlanError as err:
+        raise BadInput(str(err)) from None
+
+
 def _plan_fit(args: argparse.Namespace, overrides: list[str]) -> Any:
     """Every selected run with its action (fvlab.lit.plan.plan_fit), decided before anything is written."""
     from fvlab.lit.plan import PlanError, Selection, plan_fit
@@ -313,7 +324,7 @@ def fit_command(argv: Sequence[str]) -> int:
 
 def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     """``fvlab validate|test``: LightningCLI's subcommand on one variant, from a checkpoint."""
-    from fvlab.experiment import ExperimentError, parse_cli_overrides, run_dir_for
+    from fvlab.experiment import ExperimentError, parse_cli_overrides
     from fvlab.lit.runner import BadConfig, build_run
 
     args, overrides = _split_fit_args(f"fvlab {stage}", argv, f"run Trainer.{stage}", seeds=True)
@@ -328,16 +339,8 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
             raise BadInput(f"{args.experiment} has {len(selected)} variants; name one with --variant "
                            f"({', '.join(selected)})")
         variant, seed = selected[0], seeds[0] if seeds else None
-        run_dir = run_dir_for(Path(args.runs_dir) / experiment.name, variant, seed)
-        ckpt = args.ckpt_path
-        if ckpt in (None, "last", "best"):
-            path = run_dir / "checkpoints" / ("last.ckpt" if ckpt == "last" else "best.ckpt")
-            if not path.is_file():
-                raise BadInput(f"no checkpoint at {path}; train it with `fvlab fit {args.experiment} "
-                               f"--variant {variant}` or pass --ckpt_path FILE")
-            ckpt = str(path)
-        elif not Path(ckpt).is_file():
-            raise BadInput(f"--ckpt_path: checkpoint file not found: {ckpt}")
+        run_dir, path = _run_checkpoint(experiment, args.runs_dir, variant, seed, args.ckpt_path)
+        ckpt = str(path)
         _check_checkpoint(ckpt)
         # run_dir=None, no logger: evaluating adds no events or checkpoints to the run directory.
         spec = build_run(experiment.config(variant), None,
@@ -392,7 +395,7 @@ def _load_weights(model: Any, path: str | Path, trust_checkpoint: bool) -> None:
 
 def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
     """(model with its weights, output path, image size) for ``fvlab export``; BadInput otherwise."""
-    from fvlab.experiment import ExperimentError, load_experiment, run_dir_for
+    from fvlab.experiment import ExperimentError, load_experiment
     from fvlab.lit.runner import BadConfig, build_run
     from fvlab.models import create_model, list_variants
 
@@ -425,13 +428,7 @@ def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
                            + (f"seeds {', '.join(map(str, experiment.seeds))}" if experiment.seeds
                               else "no seeds list (one run per variant); drop --seed"))
         seed = args.seed if args.seed is not None else (experiment.seeds or [None])[0]
-        run_dir = run_dir_for(Path(args.runs_dir) / experiment.name, variant, seed)
-        ckpt = args.ckpt_path
-        if ckpt in (None, "best", "last"):
-            ckpt = run_dir / "checkpoints" / ("last.ckpt" if ckpt == "last" else "best.ckpt")
-            if not ckpt.is_file():
-                raise BadInput(f"no checkpoint at {ckpt}; train it with `fvlab fit {args.experiment} "
-                               f"--variant {variant}` or pass --ckpt_path FILE")
+        run_dir, ckpt = _run_checkpoint(experiment, args.runs_dir, variant, seed, args.ckpt_path)
         try:
             # The run's own model (classes and channels from its data); nothing is written.
             spec = build_run(experiment.config(variant), None, {"trainer.logger": False},

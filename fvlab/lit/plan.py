@@ -25,7 +25,7 @@ from fvlab.lit.runner import (CONFIG_HEADER, FINAL_METRICS, BadConfig, RunRefuse
                               config_hash, fit_run, plan_run, release_memory)
 
 __all__ = ["PlanError", "FitJob", "Selection", "FitPlan", "own_runs_dir", "load_selection", "plan_fit",
-           "fail_build", "fit_jobs", "check_checkpoint"]
+           "fail_build", "fit_jobs", "check_checkpoint", "run_checkpoint"]
 
 
 class PlanError(ValueError):
@@ -167,6 +167,22 @@ def check_checkpoint(path: str | Path) -> None:
         read_checkpoint(path, mmap=True)  # mapped, not read: cheap even for big files
     except UntrustedCheckpointError as err:
         raise PlanError(str(err)) from None
+
+
+def run_checkpoint(experiment: Experiment, runs_dir: str | Path, variant: str, seed: int | None,
+                   ckpt_path: str | None) -> tuple[Path, Path]:
+    """(run directory, checkpoint file) of a trained run: ``ckpt_path`` a FILE, or ``best`` (default) /
+    ``last`` of the run (``fvlab validate``, ``test``, ``export``); PlanError when there is none."""
+    run_dir = run_dir_for(Path(runs_dir) / experiment.name, variant, seed)
+    if ckpt_path not in (None, "last", "best"):
+        if not Path(ckpt_path).is_file():
+            raise PlanError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
+        return run_dir, Path(ckpt_path)
+    path = run_dir / "checkpoints" / ("last.ckpt" if ckpt_path == "last" else "best.ckpt")
+    if not path.is_file():
+        raise PlanError(f"no checkpoint at {path}; train it with `fvlab fit {experiment.path} "
+                        f"--variant {variant}` or pass --ckpt_path FILE")
+    return run_dir, path
 
 
 def fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:

@@ -11,14 +11,10 @@ checkpoint of the attempt it repeats, whose directory keeps what that attempt wr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import platform
 import shutil
-import statistics
 from pathlib import Path
 from typing import Any, Mapping
 
