@@ -238,7 +238,7 @@ def test_profile_callback_logs_to_tensorboard_and_hparams(tmp_path: Path) -> Non
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     metrics = {m.name.tag for m in experiment.experiment.metric_infos}
-    assert metrics == {"val/acc1_best", *MODEL_METRICS}
+    assert metrics == {"val/acc1_best", "test/acc1", "test/acc5", "test/loss", *MODEL_METRICS}
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["lr"].number_value == pytest.approx(1e-3)
     assert session.session_start_info.hparams["arch"].string_value == "fastervit_micro"
