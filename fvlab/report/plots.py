@@ -135,9 +135,9 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
         ax.set_ylabel(ACCURACY_LABEL, fontsize=11)
         bars = []
         if any(p.accuracy_std for p in usable):
-            bars.append("vertical: ± std over seeds")
+            bars.append("± std over seeds (vertical)")
         if axis == "throughput" and any(p.throughput_lo is not None for p in usable):
-            bars.append("horizontal: 95% interval of the side-by-side measurement")
+            bars.append("95% interval of throughput (horizontal)")
         if bars:
             title = (title + "\n" if title else "") + "error bars: " + "; ".join(bars)
         ax.set_title(title, fontsize=12)
