@@ -18,6 +18,7 @@ bias and embedding of the carrier grid) follows the actual feature size.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any, Callable, Sequence
 
@@ -166,6 +167,11 @@ def _static(*sizes: Any) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+# Geometry tables built during one export trace, shared by the blocks of a stage (see
+# FasterViTStage.forward_blocks); None outside an export.
+_EXPORT_GEOMETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_EXPORT_GEOMETRY", default=None)
+
+
 def _built_outside_inference_mode(build: Callable[[], Any]) -> Any:
     """Run ``build`` without recording a graph, returning normal tensors even under inference_mode.
 
@@ -210,7 +216,15 @@ class _PositionMLP(nn.Module):
         # Integer tables never depend on weights: cache them in every mode. Symbolic sizes
         # (export with a dynamic image size) make them part of the graph instead.
         if not _static(*key[:2]) or torch.compiler.is_exporting():
-            return build()
+            shared = _EXPORT_GEOMETRY.get()
+            if shared is None:
+                return build()
+            # One export trace: the blocks of a stage share its carrier grid's tables instead of
+            # each adding the same symbolic index arithmetic to the graph (export time, graph size).
+            shared_key = (type(self).__name__, *map(str, key))
+            if shared_key not in shared:
+                shared[shared_key] = build()
+            return shared[shared_key]
         if key not in self._geometry:
             if len(self._geometry) >= 8:
                 self._geometry.clear()
@@ -568,6 +582,12 @@ class FasterViTStage(nn.Module):
             for block in self.blocks:
                 x = self._run(block, x)
             return x
+        if torch.compiler.is_exporting() and _EXPORT_GEOMETRY.get() is None:
+            token = _EXPORT_GEOMETRY.set({})
+            try:
+                return self.forward_blocks(x)
+            finally:
+                _EXPORT_GEOMETRY.reset(token)
         ws = self.window_size
         h, w = spatial_size(x)
         x = pad_to_windows(x, ws)
