@@ -236,22 +236,32 @@ MEASUREMENTS_FILE = "measurements.json"
 
 
 def measure_experiment(experiment: Any, overrides: Mapping[str, Any], root: Path, *, force: bool = False,
-                       throughput: bool = True) -> dict[str, dict[str, Any]]:
+                       throughput: bool = True,
+                       built: Mapping[str, tuple[Target, dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
     """``model/*`` figures of every variant of an experiment, measured together (``fvlab fit``).
 
     All variants are built and measured side by side against the experiment's reference (or
     first) variant, even when only a few will train, so the table's figures share one moment.
     The figures are cached in ``root/measurements.json`` per architecture identity (and the
     reference's): adding seeds or variants that are already measured re-measures nothing;
-    ``force`` measures again. Raises BadConfig when a variant cannot be built.
+    ``force`` measures again. ``built`` holds (target, identity) of variants already built with
+    the same overrides (``fvlab fit``'s plan); the others are built here. Raises BadConfig when a
+    variant cannot be built.
     """
     from fvlab.lit.runner import build_run, release_memory
 
     names = experiment.variant_names()
     reference = experiment.reference if experiment.reference in names else names[0]
-    specs = {name: build_run(experiment.config(name), None, {**dict(overrides), "trainer.logger": False},
-                             experiment=experiment.name, variant=name) for name in names}
-    identities = {name: arch_identity(spec) for name, spec in specs.items()}
+    specs: dict[str, RunSpec | Target] = {}
+    identities: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if built and name in built:
+            specs[name], identities[name] = built[name]
+            continue
+        spec = build_run(experiment.config(name), None, {**dict(overrides), "trainer.logger": False},
+                         experiment=experiment.name, variant=name)
+        specs[name], identities[name] = Target.of(spec), arch_identity(spec)
+        del spec
     cache = MeasurementCache(Path(root) / MEASUREMENTS_FILE)
     known = {name: cache.get(identities[name], identities[reference]) for name in names}
     complete = all(figures is not None and (not throughput or figures.get("model/throughput") is not None)

@@ -14,7 +14,7 @@ plan (the first run's config.yaml over a fresh or restarted directory; a resumed
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -68,6 +68,8 @@ class FitPlan:
     root: Path
     jobs: list[FitJob]
     force: bool = False  # --force: trained and measured again
+    # The networks plan_fit built (with their identities), measured without building them again.
+    built: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def own_runs_dir(path: Path, experiment: Experiment) -> Path | None:
@@ -131,8 +133,11 @@ def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = Fa
         parsed = parse_cli_overrides(overrides)
     except ExperimentError as err:
         raise PlanError(str(err)) from None
+    from fvlab.lit.measure import Target, arch_identity
+
     root = selection.runs_dir / experiment.name
     jobs = []
+    built: dict[str, Any] = {}
     for variant in selected:
         config = experiment.config(variant)
         try:
@@ -141,6 +146,8 @@ def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = Fa
         except BadConfig as err:
             raise PlanError(f"{experiment.path} [{variant}]: {err}") from None
         resolved = spec.config
+        # The network (not the trainer or data) is kept for the side-by-side measurement.
+        built[variant] = (Target.of(spec), arch_identity(spec))
         del spec
         gc.collect()
         for seed in seeds or [None]:
@@ -156,7 +163,7 @@ def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = Fa
             if ckpt is not None:
                 check_checkpoint(ckpt)
             jobs.append(FitJob(variant, seed, config, run_dir, plan.action, ckpt, plan.note))
-    return FitPlan(experiment, root, jobs, force=force)
+    return FitPlan(experiment, root, jobs, force=force, built=built)
 
 
 def check_checkpoint(path: str | Path) -> None:
@@ -212,6 +219,7 @@ def fit_jobs(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any] = (),
     measured: dict[str, dict[str, Any]] = {}
     if rank == 0 and any(job.action != "skip" for job in plan.jobs):
         measured = _measure_variants(plan, overrides, log)
+    plan.built.clear()  # training never holds the other variants' networks
     try:
         for job in (job for job in plan.jobs if job.action != "skip"):
             if rank == 0:
@@ -254,7 +262,7 @@ def _measure_variants(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any
 
     try:
         parsed = overrides if isinstance(overrides, Mapping) else parse_cli_overrides(overrides)
-        return measure_experiment(plan.experiment, parsed, plan.root, force=plan.force)
+        return measure_experiment(plan.experiment, parsed, plan.root, force=plan.force, built=plan.built)
     except (BadConfig, ExperimentError) as err:
         log(f"[{plan.experiment.name}] warning: the variants could not be measured side by side ({err}); "
             f"each run measures its own architecture", file=sys.stderr)
