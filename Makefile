@@ -17,8 +17,9 @@ demo: $(STAMP)
 	$(VENV)/bin/fvlab report runs/ablate_carrier
 	@echo "Compare the variants: $(VENV)/bin/tensorboard --logdir runs/ablate_carrier"
 
+# One pytest worker per core (tests/conftest.py gives each worker one compute thread).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py
