@@ -116,6 +116,10 @@ BAD_SWEEPS = [
     ({"n_trials": 0}, "n_trials: must be a positive integer"),
     ({"overrides": {"trainer.max_epoch": 2}}, "cannot be built"),
     ({"stuff": 1}, "unknown key 'stuff'"),
+    ({"confirm": {"seeds": [3, 0]}}, "confirm.seeds: 0 is the seed every trial trains with"),
+    ({"confirm": {"seeds": []}}, "confirm.seeds: a non-empty list of integers"),
+    ({"confirm": {"seeds": [1, 1]}}, "confirm.seeds: [1, 1] repeats a seed"),
+    ({"confirm": [1, 2]}, "confirm: give the seeds to re-train the front with"),
 ]
 
 
@@ -189,7 +193,38 @@ def test_three_trial_sweep_storage_runs_and_front(three_trials: Path, capsys) ->
     assert float(front[1].split(",")[4]) == first.user_attrs["test_acc1"]
     assert "| test/acc1 |" in (study_dir / "pareto.md").read_text()
     best = sorted((study_dir / "best").glob("trial_*.yaml"))
-    assert best and len(best) == len(front) - 1
+    assert best and len(best) == len([row for row in front[1:] if "not on the front" not in row])
+    # The base experiment's own settings are trial 0, and the table shows it (on the front or below it).
+    assert trials[0].user_attrs.get("reference") is True
+    assert trials[0].params == {"model.arch.ct_size": 1, "model.arch.depths": "1-1-1-1", "model.lr": 3.0e-3}
+    assert not any(t.user_attrs.get("reference") for t in trials[1:])
+    assert sum(",trial_0000 (reference" in row for row in front[1:]) == 1
+
+
+def test_reference_values_are_normalised_and_must_lie_in_the_space() -> None:
+    from fvlab.sweep.space import reference_params
+
+    space = {"model.arch.window_size": parse_param("model.arch.window_size",
+                                                   {"choices": [[2, 2, 4, 2], [2, 2, 2, 2]]}),
+             "model.arch.hat": parse_param("model.arch.hat", {"choices": [[False, False, True, False], False]}),
+             "model.lr": parse_param("model.lr", {"low": 1.0e-4, "high": 1.0e-2, "log": True})}
+    base = {"model": {"arch": {"window_size": 2, "hat": [False, False, True, False]}, "lr": 3.0e-3}}
+    assert reference_params(space, base) == {"model.arch.window_size": "2-2-2-2",
+                                             "model.arch.hat": "false-false-true-false", "model.lr": 3.0e-3}
+    with pytest.raises(SweepError, match=r"space.model.arch.window_size: the base experiment's value 4"):
+        reference_params(space, {**base, "model": {**base["model"], "arch": {**base["model"]["arch"],
+                                                                              "window_size": 4}}})
+    with pytest.raises(SweepError, match=r"space.model.lr: .* outside \[0.0001, 0.01\]"):
+        reference_params(space, {"model": {**base["model"], "lr": 0.5}})
+
+
+def test_a_base_value_outside_the_space_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    # fastervit_micro has ct_size 1, which the space leaves out: the reference trial cannot exist.
+    sweep = write_sweep(tmp_path, space={**SWEEP["space"], "model.arch.ct_size": {"choices": [2, 3]}})
+    assert run_sweep(tmp_path, sweep) == 2
+    err = capsys.readouterr().err
+    assert "space.model.arch.ct_size: the base experiment's value 1 is not one of the choices" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
 
 
 def test_exported_config_runs_with_fvlab_fit(three_trials: Path) -> None:
@@ -233,7 +268,7 @@ def test_changed_base_experiment_or_threads_exit_2(three_trials: Path, capsys) -
 
     capsys.readouterr()
     # The sweep ignores the ablation block and seeds, and model.lr is searched: no change.
-    assert rerun({**BASE, "ablation": {"x": {"model.lr": 0.5}}, "seeds": [4], "model": {**BASE["model"], "lr": 0.1}}) == 0
+    assert rerun({**BASE, "ablation": {"x": {"model.lr": 0.5}}, "seeds": [4], "model": {**BASE["model"], "lr": 5.0e-3}}) == 0
     assert "3 trial(s) (3 complete)" in capsys.readouterr().out
     size = journal.stat().st_size
     changed = {**BASE, "model": {**BASE["model"], "weight_decay": 0.1},
@@ -528,3 +563,92 @@ def test_shipped_sweeps_are_valid(path: Path, monkeypatch) -> None:
         args = argparse.Namespace(sweep=str(path.relative_to(ROOT)), n_trials=None, timeout=None, workers=1,
                                   study_name=None, storage=None, runs_dir="runs")
         prepare_sweep(args)  # every space key exists in the resolved base config
+
+
+def test_confirm_trains_the_front_with_its_seeds_and_shows_mean_and_std(tmp_path: Path, capsys) -> None:
+    sweep = write_sweep(tmp_path, study="confirmed", n_trials=2, space=LR_ONLY, sampler={"name": "random", "seed": 0},
+                        objectives={"val/acc1_best": "maximize"}, confirm={"seeds": [5]})
+    capsys.readouterr()
+    assert run_sweep(tmp_path, sweep, "--confirm") == 2  # no search yet: nothing to confirm
+    assert "--confirm: no study at" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert run_sweep(tmp_path, sweep) == 0
+    study_dir = tmp_path / "runs" / "confirmed"
+    study = journal_study(study_dir / "study.journal", "confirmed")
+    best = study.best_trial
+    run = study_dir / "confirm" / f"trial_{best.number:04d}" / "seed_5"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["seed"] == 5
+    own = json.loads((study_dir / best.user_attrs["run_name"] / "metrics.json").read_text())
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == \
+        yaml.safe_load((study_dir / best.user_attrs["run_name"] / "config.yaml").read_text())["model"]
+    values = [own["val/acc1_best"], metrics["val/acc1_best"]]
+    mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2 ** 0.5
+    table = (study_dir / "pareto.md").read_text()
+    assert "Confirmed over seeds" in table
+    assert f"| {best.number} | 0 5 | {mean:.4g} ± {std:.2g} | yes |" in table
+    # A rerun (or --confirm) trains nothing again: the confirm runs are complete.
+    stamp = (run / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_sweep(tmp_path, sweep, "--confirm") == 0
+    assert "complete, skipped" in capsys.readouterr().out
+    assert (run / "metrics.json").stat().st_mtime_ns == stamp
+    assert len(journal_study(study_dir / "study.journal", "confirmed").get_trials()) == 2
+
+
+# ---- one training per distinct model -------------------------------------------------------
+
+
+def test_configs_with_one_canonical_form_build_the_same_network() -> None:
+    import torch
+
+    from fvlab.models import create_model
+
+    # HAT off: ct_size, propagation and the conv stages' windows change nothing; 2 equals [2, 2, 2, 2].
+    a = create_model("fastervit_micro", hat=False, ct_size=1, window_size=2, num_classes=4)
+    b = create_model("fastervit_micro", hat=False, ct_size=2, window_size=[4, 4, 2, 2], do_propagation=True,
+                     num_classes=4)
+    assert a.canonical_arch() == b.canonical_arch()
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+    # Forms that differ build networks that differ.
+    c = create_model("fastervit_micro", ct_size=1, num_classes=4)
+    d = create_model("fastervit_micro", ct_size=2, num_classes=4)
+    e = create_model("fastervit_micro", ct_size=1, window_size=[2, 2, 1, 2], num_classes=4)
+    forms = [m.canonical_arch() for m in (a, c, d, e)]
+    assert all(forms[i] != forms[j] for i in range(4) for j in range(i))
+    with pytest.raises(RuntimeError):
+        a.load_state_dict(c.state_dict())  # carrier-token weights a does not have
+
+
+def test_duplicates_are_trained_once(tmp_path: Path, capsys) -> None:
+    # A grid over ct_size with HAT off: one model, trained once (trial 0, the reference, is ct_size 1).
+    sweep = write_sweep(tmp_path, study="dups", n_trials=2, space={"model.arch.ct_size": {"choices": [1, 2]}},
+                        objectives={"val/acc1_best": "maximize"}, sampler={"name": "grid", "seed": 0},
+                        overrides={"model.arch.hat": False})
+    capsys.readouterr()
+    assert run_sweep(tmp_path, sweep) == 0
+    study_dir = tmp_path / "runs" / "dups"
+    trials = journal_study(study_dir / "study.journal", "dups").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[1].user_attrs["duplicate_of"] == 0 and trials[1].values == trials[0].values
+    assert trials[1].user_attrs["gflops"] == trials[0].user_attrs["gflops"]  # the figures come along
+    assert len(list(study_dir.glob("trial_*/metrics.json"))) == 1
+    out = capsys.readouterr().out
+    assert "trial 1 (trial_0001): val/acc1_best=" in out and "(duplicate of trial 0, not trained)" in out
+    assert "trial_0001" not in (study_dir / "pareto.md").read_text()  # the original stands for it
+
+
+def test_a_duplicate_of_a_pruned_trial_is_pruned_with_its_reason(tmp_path: Path) -> None:
+    sweep = write_sweep(tmp_path, study="pruned_dups", n_trials=3, **{
+        **UNTRAINED, "space": {"model.arch.ct_size": {"choices": [1, 2]}},
+        "overrides": {"model.arch.hat": False}})
+    assert run_sweep(tmp_path, sweep) == 0
+    trials = journal_study(tmp_path / "runs" / "pruned_dups" / "study.journal", "pruned_dups").get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    assert trials[0].user_attrs["pruned_reason"].startswith("infeasible, not trained")
+    for trial in trials[1:]:
+        assert trial.user_attrs["duplicate_of"] == 0
+        assert trial.user_attrs["pruned_reason"] == f"duplicate of trial 0: {trials[0].user_attrs['pruned_reason']}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Optional, Union
+from typing import Any, List, Mapping, Optional, Union
 
 from fvlab.models.fastervit import FasterViT
 from fvlab.models.registry import build_model, variant_config
@@ -73,3 +73,17 @@ class ArchConfig:
         if self.checkpoint_path:
             spec["checkpoint_path"] = self.checkpoint_path
         return build_model(spec)
+
+
+def effective_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``arch`` section with every unset field at the value the built model takes (the named
+    variant's, else ``FasterViT``'s default)."""
+    import inspect
+
+    from fvlab.models.registry import VARIANTS
+
+    defaults = {n: p.default for n, p in inspect.signature(FasterViT.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults.update(VARIANTS.get(arch.get("name") or "", {}))
+    return {k: defaults.get(k) if v is None and k in defaults else v for k, v in arch.items()}
+

@@ -714,6 +714,20 @@ class FasterViT(nn.Module):
         self.window_size = window_size
         self.ct_size = [c if (h and i >= NUM_CONV_STAGES) else 0
                         for i, (c, h) in enumerate(zip(ct_size, hat))]
+        transformer = [i >= NUM_CONV_STAGES for i in range(n)]
+        # What this network computes, whatever way its arguments were written: settings a stage
+        # does not use are None (window and heads of conv stages), carrier tokens 0 where HAT is
+        # off, propagation off without carrier tokens. Equal forms build equal networks.
+        self._canonical = {
+            "dim": dim, "in_dim": in_dim, "depths": list(depths),
+            "num_heads": [h if t else None for h, t in zip(num_heads, transformer)],
+            "window_size": [w if t else None for w, t in zip(window_size, transformer)],
+            "ct_size": list(self.ct_size), "do_propagation": bool(do_propagation) and any(self.ct_size),
+            "mlp_ratio": float(mlp_ratio), "layer_scale": None if layer_scale is None else float(layer_scale),
+            "layer_scale_conv": None if layer_scale_conv is None else float(layer_scale_conv),
+            "drop_path_rate": float(drop_path_rate), "drop_rate": float(drop_rate),
+            "attn_drop_rate": float(attn_drop_rate), "qkv_bias": bool(qkv_bias),
+            "num_classes": num_classes, "in_chans": in_chans}
         self.num_classes = num_classes
         self.global_pool = "avg"
         self.in_chans = in_chans
@@ -741,6 +755,12 @@ class FasterViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+
+    def canonical_arch(self) -> dict[str, Any]:
+        """The architecture in one normal form: two models with equal forms have the same parameter
+        shapes and, with the same weights, the same outputs (``fvlab sweep`` trains each form once)."""
+        return {**self._canonical, "num_classes": self.num_classes,
+                "global_pool": self.global_pool}
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -29,17 +29,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (one GPU each, or cores/K "
                         "CPU threads each)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
+    parser.add_argument("--confirm", action="store_true", help="only re-train the front of the study with the "
+                        "file's confirm seeds (no new trials); a search with confirm does it at its end")
     return parser
 
 
 def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     """Load and check the sweep and its base experiment; nothing written. Returns (sweep, base, device kind)."""
+    import copy
     import gc
 
     from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
     from fvlab.lit.runner import BadConfig, build_run, without_display_keys
     from fvlab.lit.measure import device_kind
-    from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep
+    from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep, reference_params
 
     if args.n_trials is not None and args.n_trials < 1:
         raise SweepError(f"--n-trials must be >= 1, got {args.n_trials}")
@@ -66,6 +69,19 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         if get_dotted(spec.config, key, missing) is missing:
             raise SweepError(f"space.{key}: not a key of the resolved config of {sweep.experiment}; "
                              f"use dotted keys such as model.arch.window_size or model.lr")
+    effective = copy.deepcopy(spec.config)
+    model = effective.get("model")
+    if isinstance(model, dict) and isinstance(model.get("arch"), dict):
+        from fvlab.models.config import effective_arch
+
+        model["arch"] = effective_arch(model["arch"])  # unset fields: the values the model is built with
+    sweep.reference = reference_params(sweep.space, effective)
+    if getattr(args, "confirm", False) and not sweep.confirm_seeds:
+        raise SweepError(f"--confirm: {args.sweep} has no confirm seeds; add e.g. confirm: {{seeds: [1, 2]}}")
+    own_seed = get_dotted(spec.config, "seed_everything", None)
+    if sweep.confirm_seeds and own_seed in sweep.confirm_seeds:
+        raise SweepError(f"confirm.seeds: {own_seed} is the seed every trial trains with (seed_everything of "
+                         f"{sweep.experiment}), so it would train the same run again; use other seeds")
     kind = device_kind(spec.device)
     resolved = without_display_keys(spec.config)
     for key in sweep.space:  # searched keys: their base value never reaches a trial
@@ -133,6 +149,9 @@ def _load_or_create(storage: Any, sweep: Any, kind: str, threads: int | None) ->
     study.set_user_attr("fvlab_threads", threads)
     study.set_user_attr("fvlab_sweep_file", str(sweep.path))
     study.set_user_attr("fvlab_experiment", str(sweep.experiment))
+    if sweep.reference is not None:
+        # The base experiment's own settings are trial 0: every front is read against it.
+        study.enqueue_trial(sweep.reference, user_attrs={"reference": True})
     return study
 
 
@@ -162,13 +181,25 @@ def _check_study(study: Any, sweep: Any, kind: str, threads: int | None, where: 
 
 
 def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label: str) -> None:
-    from fvlab.sweep.pareto import export_configs, format_front, front_rows, front_trials, write_front
+    from fvlab.sweep.pareto import (export_configs, format_front, front_rows, front_trials, reference_trial,
+                                    write_front)
     from fvlab.sweep.workers import count_budget
 
     trials = front_trials(study)
     rows = front_rows(trials, sweep)
+    reference = reference_trial(study)
+    if reference is not None and all(t.number != reference.number for t in trials):
+        # Shown below the front, so that every front is read against where the search started.
+        rows += [{**row, "run": row["run"].replace("(reference)", "(reference, not on the front)")}
+                 for row in front_rows([reference], sweep)]
     what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
+    from fvlab.sweep.confirm import confirmed_rows, format_confirmed
+
+    confirmed = format_confirmed(confirmed_rows(study, sweep, study_dir)) if sweep.confirm_seeds else ""
     write_front(study_dir, rows, f"{sweep.study}: {what}")
+    if confirmed:
+        with (study_dir / "pareto.md").open("a") as f:
+            f.write(f"\n## Confirmed over seeds (mean ± std; the front recomputed on the means)\n\n{confirmed}\n")
     paths = export_configs(study_dir, trials, sweep, base)
     states: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
@@ -177,6 +208,8 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
     print(f"\n{sweep.study}: {counted} trial(s) "
           f"({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); {what}:\n")
     print(format_front(rows))
+    if confirmed:
+        print(f"\nconfirmed over seeds (mean ± std; the front recomputed on the means):\n\n{confirmed}")
     print(f"\n{study_dir}/pareto.md, pareto.csv" + (f"; configs: {study_dir}/best/ ({len(paths)})" if paths else ""))
     print(f"tensorboard --logdir {study_dir}")
     print(f"optuna-dashboard {label}")
@@ -197,6 +230,8 @@ def sweep_command(argv: Sequence[str]) -> int:
         sweep, base, kind = prepare_sweep(args)
         study_dir = Path(args.runs_dir) / sweep.study
         journal = study_dir / "study.journal"
+        if args.confirm and args.storage is None and not journal.is_file():
+            raise SweepError(f"--confirm: no study at {journal}; run the search first (fvlab sweep {args.sweep})")
         storage, study = _open_study(args, sweep, kind, journal)
     except SweepError as err:
         print(f"fvlab sweep: error: {err}", file=sys.stderr)
@@ -209,9 +244,19 @@ def sweep_command(argv: Sequence[str]) -> int:
         journal=str(journal), runs_dir=str(args.runs_dir),
         deadline=time.time() + args.timeout if args.timeout else None, workers=args.workers)
     label = storage_label(args.storage, journal)
-    print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
-          f"{args.workers} worker(s), storage {label}", flush=True)
-    code = run_workers(settings)
+    code = 0
+    if not args.confirm:
+        print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
+              f"{args.workers} worker(s), storage {label}", flush=True)
+        code = run_workers(settings)
+    if code == 0 and sweep.confirm_seeds:
+        from fvlab.sweep.confirm import confirm_front
+        from fvlab.sweep.workers import count_budget
+
+        counted, waiting = count_budget(study)
+        if args.confirm or n_trials is None or (counted >= n_trials and not waiting):
+            if confirm_front(study, sweep, base, study_dir):
+                code = 1
     _report(study, sweep, base, study_dir, label)
     if code == 130:
         print(f"[{sweep.study}] interrupted; rerun the same command to resume", file=sys.stderr)

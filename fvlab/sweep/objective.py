@@ -11,16 +11,19 @@ checkpoint of the attempt it repeats, whose directory keeps what that attempt wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import lightning.pytorch as pl
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from fvlab.experiment import apply_overrides
 from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
@@ -28,13 +31,37 @@ from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
-__all__ = ["TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "continue_attempt"]
+__all__ = ["canonical_key", "TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "continue_attempt"]
 
 log = logging.getLogger(__name__)
 
 ARCH_ATTR = "fvlab_arch:"
 # user_attrs names of the model metrics (DESIGN.md metric -> attribute).
 USER_ATTRS = {metric: metric.removeprefix("model/") for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}
+
+
+CANONICAL_ATTR = "canonical"  # trial user_attr: hash of what the trial trains (canonical_key)
+DUPLICATE_POLL_S = 2.0  # how often a duplicate of a running trial looks whether it ended
+
+
+def canonical_key(spec: RunSpec) -> str:
+    """Hash of what a run trains: its resolved config, the architecture in the model's own normal
+    form (``FasterViT.canonical_arch``), run names left out. Equal keys train the same model the same way."""
+    import hashlib
+    import json
+
+    from fvlab.lit.runner import without_display_keys
+
+    config = without_display_keys(spec.config)
+    for key in ("name", "variant"):
+        config.pop(key, None)
+    model = config.get("model")
+    if isinstance(model, dict) and isinstance(model.get("arch"), dict):
+        network = spec.model.model
+        model["arch"] = {"checkpoint_path": model["arch"].get("checkpoint_path"),
+                         **(network.canonical_arch() if hasattr(network, "canonical_arch") else model["arch"])}
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class TrialFailed(RuntimeError):
@@ -178,11 +205,53 @@ class SweepObjective:
     """``objective(trial)``: one fit run with the trial's settings; returns the objectives' values."""
 
     def __init__(self, sweep: SweepSpec, base_config: Mapping[str, Any], study_dir: Path,
-                 profiler: ArchitectureProfiler):
+                 profiler: ArchitectureProfiler, locked: Callable[[], ContextManager[Any]] | None = None,
+                 recover: Callable[[], Any] | None = None):
         self.sweep = sweep
         self.base_config = dict(base_config)
         self.study_dir = Path(study_dir)
         self.profiler = profiler
+        # The study's budget lock (duplicates are claimed under it) and the recovery of trials
+        # whose process died (a duplicate must not wait for those forever).
+        self.locked = locked or contextlib.nullcontext
+        self.recover = recover or (lambda: None)
+
+    def _duplicate(self, trial: optuna.Trial, key: str) -> list[float] | None:
+        """The values of an earlier trial of the same configuration (waiting while it runs), or None
+        to train; prunes like a pruned original. A failed original is trained again."""
+        study = trial.study
+        while True:
+            with self.locked():
+                self.recover()
+                same = [t for t in study.get_trials(deepcopy=False)
+                        if t.number != trial.number and t.user_attrs.get(CANONICAL_ATTR) == key
+                        and t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+                done = [t for t in same if t.state != TrialState.RUNNING]
+                if not same or done:
+                    # Claimed under the lock: a later trial of this configuration finds this one.
+                    trial.set_user_attr(CANONICAL_ATTR, key)
+                    break
+            print(f"[{self.sweep.study}] trial {trial.number}: the same configuration as running trial "
+                  f"{same[0].number}; waiting for it", flush=True)
+            time.sleep(DUPLICATE_POLL_S)
+        if not done:
+            return None
+        original = min(done, key=lambda t: (t.state != TrialState.COMPLETE, t.number))
+        trial.set_user_attr("duplicate_of", original.number)
+        for attr, value in original.user_attrs.items():
+            if attr not in ("run_name", "run_dir", "fvlab_process", "reference", "duplicate_of", CANONICAL_ATTR,
+                            "resume_from", "resumed"):
+                trial.set_user_attr(attr, value)
+        for name, value in original.constraints.items():
+            trial.set_constraint(name, value)
+        if original.state == TrialState.PRUNED:
+            self._prune(trial, f"duplicate of trial {original.number}: "
+                               f"{original.user_attrs.get('pruned_reason') or 'pruned'}")
+        return list(original.values)
+
+    def train_or_copy(self, trial: optuna.Trial, spec: RunSpec) -> list[float] | None:
+        """A duplicate's values (not trained), or None when this trial trains."""
+        return self._duplicate(trial, canonical_key(spec))
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
@@ -205,6 +274,9 @@ class SweepObjective:
         except BadConfig as err:
             self._prune(trial, f"cannot be built: {err}")
         try:
+            copied = self.train_or_copy(trial, spec)
+            if copied is not None:
+                return copied
             trial.set_user_attr("seed", spec.seed)
             trial.set_user_attr("device", str(spec.device))
             trial.set_user_attr("precision", spec.precision)

@@ -20,19 +20,29 @@ from fvlab.experiment import apply_overrides
 from fvlab.pareto import pareto_optimal
 from fvlab.sweep.space import SweepSpec, encode_choice
 
-__all__ = ["front_trials", "front_rows", "format_front", "write_front", "export_configs"]
+__all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "write_front", "export_configs"]
+
+
+def reference_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The study's reference trial (the base experiment's own settings) once complete, else None."""
+    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get("reference")), None)
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The best feasible trial, or the feasible Pareto front, ordered by trial number."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # A duplicate (user_attr duplicate_of) holds its original's values: the original stands for it.
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("duplicate_of") is None]
     if not complete:
         return []
     if len(study.directions) == 1:
         try:
-            return [study.best_trial]
+            best = study.best_trial
         except ValueError:  # no feasible complete trial
             return []
+        original = best.user_attrs.get("duplicate_of")
+        return [next((t for t in complete if t.number == original), best) if original is not None else best]
     # Not Optuna's best_trials: it compares exactly, and the objectives went through float32.
     feasible = [t for t in complete if all(c <= 0.0 for c in t.constraints.values())]
     flags = pareto_optimal([t.values for t in feasible], study.directions)
@@ -44,6 +54,8 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
     rows = []
     for trial in trials:
         row: dict[str, Any] = {"trial": trial.number, "run": trial.user_attrs.get("run_name", "")}
+        if trial.user_attrs.get("reference"):
+            row["run"] = f"{row['run']} (reference)"  # the base experiment's own settings
         row.update(zip(sweep.objectives, trial.values))
         row["test/acc1"] = trial.user_attrs.get("test_acc1")  # measured once, never selected on
         row.update({key: sweep.space[key].decode(value) if key in sweep.space else value

@@ -27,7 +27,7 @@ from fvlab.experiment import changed_keys
 from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
-           "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS"]
+           "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params"]
 
 # DESIGN.md's metric table, less the test split (never selected on) and train/lr (a setting).
 METRICS = SELECTION_METRICS
@@ -40,7 +40,7 @@ CONSTRAINTS = {"max_gflops": ("model/gflops", "max"), "max_params_m": ("model/pa
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 PRUNERS = ("median", "hyperband", "asha", "rungs")
 _TOP_KEYS = ("study", "experiment", "space", "objectives", "constraints", "sampler", "pruner",
-             "n_trials", "overrides")
+             "n_trials", "overrides", "confirm")
 _RANGE_KEYS = ("low", "high", "step", "log")
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -217,6 +217,10 @@ class SweepSpec:
     # The base experiment's config with the overrides, as build_run resolves it (set by the
     # command once it has built it): trials trained from another base must not join the study.
     base: dict[str, Any] | None = None
+    # Optuna's parameter values of the base experiment's own settings: trial 0 of a new study.
+    reference: dict[str, Any] | None = None
+    # confirm: {seeds: [...]}: the front re-trained with these seeds (not part of the identity).
+    confirm_seeds: list[int] | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -369,7 +373,24 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
     return SweepSpec(path=path, study=study, experiment=experiment, space=space, objectives=objectives,
                      constraints=constraints, sampler=sampler, sampler_options=sampler_options, seed=seed,
                      pruner=pruner, pruner_options=pruner_options, n_trials=n_trials,
-                     overrides={str(k): v for k, v in overrides.items()})
+                     overrides={str(k): v for k, v in overrides.items()},
+                     confirm_seeds=_confirm_seeds(raw.get("confirm")))
+
+
+def _confirm_seeds(confirm: Any) -> list[int] | None:
+    """``confirm: {seeds: [1, 2]}``'s seeds, checked (the base's own seed is checked by the command)."""
+    if confirm is None:
+        return None
+    example = "e.g. confirm: {seeds: [1, 2]}"
+    if not isinstance(confirm, Mapping) or set(confirm) != {"seeds"}:
+        raise SweepError(f"confirm: give the seeds to re-train the front with, {example}")
+    seeds = confirm["seeds"]
+    if not isinstance(seeds, list) or not seeds or any(
+            not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32 for s in seeds):
+        raise SweepError(f"confirm.seeds: a non-empty list of integers in [0, 2**32), {example}; got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"confirm.seeds: {seeds} repeats a seed; list each seed once")
+    return list(seeds)
 
 
 def _check_rungs(options: Mapping[str, Any], objectives: Mapping[str, str]) -> dict[str, Any]:
@@ -403,6 +424,51 @@ def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any) -> None:
     if min_epochs >= max_epochs:
         raise SweepError(f"pruner.min_epochs: {min_epochs} is not below trainer.max_epochs {max_epochs}, so no "
                          f"rung would ever stop a trial; lower min_epochs or raise trainer.max_epochs")
+
+
+def _same_setting(base: Any, choice: Any) -> bool:
+    """Whether a base value and a choice set the same thing (a scalar equals the list repeating it)."""
+    def scalar_equal(a: Any, b: Any) -> bool:
+        return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+    if isinstance(base, (list, tuple)) and isinstance(choice, (list, tuple)):
+        return len(base) == len(choice) and all(scalar_equal(a, b) for a, b in zip(base, choice))
+    if isinstance(choice, (list, tuple)):
+        return bool(choice) and all(scalar_equal(base, c) for c in choice)
+    if isinstance(base, (list, tuple)):
+        return bool(base) and all(scalar_equal(b, choice) for b in base)
+    return scalar_equal(base, choice)
+
+
+def reference_params(space: Mapping[str, SearchParam], resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """Optuna's values of the base config's own settings (``resolved``: the built base run's config).
+
+    SweepError naming the key when a base value is not one of its categorical choices or lies
+    outside its range: the base experiment must be a point of the space it starts.
+    """
+    from fvlab.experiment import get_dotted
+
+    params: dict[str, Any] = {}
+    for key, param in space.items():
+        value = get_dotted(resolved, key, None)
+        d = param.distribution
+        if isinstance(d, CategoricalDistribution):
+            matches = [c for c in d.choices if _same_setting(value, param.decode(c))]
+            if not matches:
+                raise SweepError(f"space.{key}: the base experiment's value {value!r} is not one of the choices "
+                                 f"{[param.decode(c) for c in d.choices]}; add it to the choices (the base is "
+                                 f"trial 0 of every study) or change the base with overrides")
+            params[key] = matches[0]
+            continue
+        if not _is_number(value) or not d.low <= value <= d.high:
+            raise SweepError(f"space.{key}: the base experiment's value {value!r} lies outside [{d.low}, {d.high}]; "
+                             f"widen the range (the base is trial 0 of every study) or change the base with overrides")
+        step = getattr(d, "step", None)
+        if step is not None and abs((value - d.low) / step - round((value - d.low) / step)) > 1e-9:
+            raise SweepError(f"space.{key}: the base experiment's value {value!r} is not on the grid {d.low} + "
+                             f"k * {step}; change the step or the base value")
+        params[key] = int(value) if isinstance(d, IntDistribution) else float(value)
+    return params
 
 
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

@@ -96,6 +96,27 @@ class _GridSampler(optuna.samplers.GridSampler):
     def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
         """Nothing: the budget, not the sampler, ends the search."""
 
+    def before_trial(self, study: optuna.Study, trial: Any) -> None:
+        """Give the trial an unvisited grid point; an enqueued trial (the reference) counts as its own.
+
+        Optuna's GridSampler leaves enqueued trials off the grid and hands trial k the k-th point,
+        which assumes no enqueued trial: with the reference as trial 0, a grid of n points would
+        then need n + 1 trials and visit the reference's point twice.
+        """
+        if "grid_id" in trial.system_attrs:
+            return
+        storage = study._storage
+        fixed = trial.system_attrs.get("fixed_params")
+        if fixed is not None:
+            point = tuple(fixed.get(name) for name in self._param_names)
+            if point in self._all_grids:
+                storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+                storage.set_trial_system_attr(trial._trial_id, "grid_id", self._all_grids.index(point))
+            return
+        targets = self._get_unvisited_grid_ids(study) or list(range(len(self._all_grids)))
+        storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(sorted(targets))))
+
 
 def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
     """The sweep's sampler, seeded; TPE is multivariate, with the constant liar for parallel workers."""
@@ -135,6 +156,8 @@ def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix:
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
         what = " ".join(f"{m}={v:.4g}" for m, v in zip(objectives, trial.values))
+        if attrs.get("duplicate_of") is not None:
+            what += f" (duplicate of trial {attrs['duplicate_of']}, not trained)"
     elif trial.state == TrialState.PRUNED:
         what = f"pruned: {attrs.get('pruned_reason')}"
     else:
@@ -203,7 +226,8 @@ def run_worker(settings: WorkerSettings) -> int:
         profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
                                         speedup="model/speedup" in sweep.objectives,
                                         throughput=sweep.uses_throughput())
-        objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler)
+        objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
+                                   locked=locked, recover=lambda: recover_dead_trials(study, storage))
         objectives = list(sweep.objectives)
         budget = settings.n_trials
         heartbeat = is_heartbeat_enabled(storage)
