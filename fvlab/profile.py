@@ -331,10 +331,14 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
 #
 # On a shared machine the speed available to one process moves 10-30% from one second to the
 # next, so a figure measured alone ranks nothing. The models being compared are therefore
-# measured in interleaved rounds in one process (A B C, then B C A, ...), each slot timing enough
-# batches to last about ``round_s``; every figure is the median over rounds with a
-# distribution-free 95% interval, and a speedup is the median of per-round ratios, so a burst of
-# load that slows one round slows both sides of its ratio.
+# measured in interleaved rounds in one process (A B C, then B C A, ...), a whole round lasting
+# about ``round_s`` (each model's slot ``round_s / n``); every figure is the median over rounds
+# with a distribution-free 95% interval, and a speedup is the median of per-round ratios, so a
+# burst of load that slows one round slows both sides of its ratio. Short rounds matter: bursts
+# on a shared machine last 0.2-1.5 s, so a round of 0.2 s mostly falls inside or outside one,
+# while 0.2 s per slot (0.8 s rounds for four models) let a burst slow one side of a ratio only
+# (ct4/no_carrier spread over five runs with bursts: 21% with 15 rounds of 0.2 s slots, 2.3%
+# with 60 rounds of 0.2 s; benchmarks/throughput_stability.py).
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 CONFIDENCE = 0.95
@@ -404,11 +408,13 @@ def _compiled(model: nn.Module, x: torch.Tensor, autocast: Any) -> tuple[Any, fl
 
 def _rounds_of(runners: dict[str, Any], inputs: dict[str, torch.Tensor], device: torch.device,
                autocast: Any, rounds: int, round_s: float, warmup: int) -> dict[str, list[float]]:
-    """Images/s of every runner in each of ``rounds`` interleaved rounds (order rotated each round)."""
+    """Images/s of every runner in each of ``rounds`` interleaved rounds of about ``round_s`` seconds
+    (each runner's slot an equal share; the order rotated each round)."""
     names = list(runners)
+    slot_s = round_s / len(names)
     calls: dict[str, int] = {}
     with torch.inference_mode(), autocast:
-        for name in names:  # warm-up, and how many calls fill one slot of ``round_s``
+        for name in names:  # warm-up, and how many calls fill one slot
             x = inputs[name]
             for _ in range(max(warmup, 1)):
                 runners[name](x)
@@ -416,7 +422,7 @@ def _rounds_of(runners: dict[str, Any], inputs: dict[str, torch.Tensor], device:
             start = time.perf_counter()
             runners[name](x)
             _synchronize(device)
-            calls[name] = max(1, round(round_s / max(time.perf_counter() - start, 1e-6)))
+            calls[name] = max(1, round(slot_s / max(time.perf_counter() - start, 1e-6)))
         rates: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
@@ -459,7 +465,7 @@ def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequ
     batch_size = batch_size or defaults["batch_size"]
     channels_last = defaults["channels_last"] if channels_last is None else channels_last
     warmup = defaults["warmup"] if warmup is None else warmup
-    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or (30 if device.type == "cuda" else 15))
+    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or 60)
     round_s = round_s or float(os.environ.get("FVLAB_PROFILE_ROUND_S") or 0.2)
     if batch_size < 1 or rounds < 1 or warmup < 0 or round_s <= 0:
         raise ValueError(f"batch_size and rounds must be >= 1, warmup >= 0 and round_s > 0, got "

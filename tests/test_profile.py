@@ -312,6 +312,28 @@ def test_side_by_side_rotates_the_order_and_measures_ratios_per_round() -> None:
     assert base.images_per_s > twice.images_per_s
 
 
+def test_a_round_lasts_round_s_shared_by_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rounds must be short next to the bursts of a shared machine (0.2-1.5 s), or a burst slows
+    # one side of a ratio only: round_s is a whole round, each model's slot an equal share of it.
+    import fvlab.profile as profile
+
+    calls: list[str] = []
+    models = {"base": Sleeper(3.0), "twice": Sleeper(6.0)}
+    real = profile._prepare_for_inference
+
+    def counted(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        prepared = real(model, *args, **kwargs)
+        name = next(n for n, m in models.items() if m is model)
+        prepared.register_forward_hook(lambda m, a, o: calls.append(name))
+        return prepared
+
+    monkeypatch.setattr(profile, "_prepare_for_inference", counted)
+    profile.measure_side_by_side(models, 32, batch_size=4, rounds=2, round_s=0.06, warmup=0, latency=False)
+    timed = calls[4:]  # after each model's warm-up call and its calibration call
+    # Slots of 0.03 s: about ten calls of 3 ms and five of 6 ms per round (twice that with 0.06 s slots).
+    assert 2 * 6 <= timed.count("base") <= 2 * 11 and 2 * 3 <= timed.count("twice") <= 2 * 6, timed
+
+
 def test_side_by_side_interleaves_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     import fvlab.profile as profile
 
