@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 # One pytest worker per core (tests/conftest.py gives each worker one compute thread).
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist worksteal
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_speed.py

@@ -561,6 +561,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fvlab: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
+    import gc
+
+    if command in ("fit", "validate", "test", "profile", "sweep"):
+        import lightning.pytorch  # noqa: F401  (imported now so that the freeze below covers it)
+    # What is loaded by now lives as long as the process: frozen, it stays out of the full
+    # collections run between runs to free models and trainers (each 0.24 s -> under 1 ms).
+    gc.freeze()
     try:
         # Its own context: what a command sets (--trust-checkpoint) ends with it.
         return contextvars.copy_context().run(COMMANDS[command], rest)
@@ -568,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # argparse's --help and errors
         return int(exc.code or 0)
+    finally:
+        gc.unfreeze()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def _trained_model(runs: Path, variant: str) -> torch.nn.Module:
     return load_checkpoint(model, runs / "exp" / variant / "seed_3" / "checkpoints" / "best.ckpt").eval()
 
 
+@pytest.mark.xdist_group("trained")  # one worker computes the module fixture once
 @pytest.mark.parametrize("variant", ["ct", "no_ct"])
 def test_export_of_a_trained_variant_matches_pytorch_at_new_sizes(trained, variant: str, capsys) -> None:
     experiment, runs = trained
@@ -70,6 +71,7 @@ def test_export_of_a_trained_variant_matches_pytorch_at_new_sizes(trained, varia
     assert rows[0]["max_abs_diff"] <= 1e-4
 
 
+@pytest.mark.xdist_group("trained")  # one worker computes the module fixture once
 def test_export_refuses_a_graph_that_differs_and_removes_it(trained, tmp_path: Path, capsys) -> None:
     experiment, runs = trained
     out = tmp_path / "strict.onnx"
@@ -119,6 +121,7 @@ def test_parity_sizes_include_non_square_and_padded() -> None:
     (["--variant", "ct", "--ckpt_path", "missing.ckpt"], "checkpoint file not found"),
     ([], "name one with --variant"),
 ])
+@pytest.mark.xdist_group("trained")  # one worker computes the module fixture once
 def test_bad_input_exits_2_and_writes_nothing(trained, args, message, capsys) -> None:
     experiment, runs = trained
     before = sorted(p for p in runs.rglob("*"))
