@@ -593,6 +593,12 @@ def test_confirm_trains_the_front_with_its_seeds_and_shows_mean_and_std(tmp_path
     table = (study_dir / "pareto.md").read_text()
     assert "Confirmed over seeds" in table
     assert f"| {best.number} | 0 5 | {mean:.4g} ± {std:.2g} | yes |" in table
+    # fvlab report shows the same table (read from the runs on disk, without the sweep file).
+    assert main(["report", str(study_dir), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Front of study confirmed confirmed over seeds" in report
+    assert f"| {best.number} | 0 5 | {mean:.4g} ± {std:.2g} | yes |" in report
+    assert "Variants of confirmed_confirm" not in report  # the confirm runs are not an experiment
     # A rerun (or --confirm) trains nothing again: the confirm runs are complete.
     stamp = (run / "metrics.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -646,6 +652,10 @@ def test_duplicates_are_trained_once(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "trial 1 (trial_0001): val/acc1_best=" in out and "(duplicate of trial 0, not trained)" in out
     assert "trial_0001" not in (study_dir / "pareto.md").read_text()  # the original stands for it
+    assert main(["report", str(study_dir), "--out", str(tmp_path / "report")]) == 0
+    rows = {line.split("|")[1].strip(): line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+            if line.startswith("| #")}
+    assert "duplicate of trial 0, not trained" in rows["#1"] and "reference" in rows["#0"]
 
 
 def test_a_duplicate_of_a_pruned_trial_is_pruned_with_its_reason(tmp_path: Path) -> None:

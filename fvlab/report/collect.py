@@ -76,6 +76,7 @@ class Trial:
     metrics: dict[str, Any]
     reason: str = ""
     run: Run | None = None
+    duplicate_of: int | None = None  # a configuration already trained: the original stands for it
 
 
 @dataclass
@@ -87,6 +88,7 @@ class StudyData:
     study: Any  # optuna.Study
     trials: list[Trial]
     objective_names: list[str]
+    study_dir: Path | None = None  # runs/<study>, when read from its journal
 
 
 # ---- run directories -------------------------------------------------------------------
@@ -336,7 +338,13 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
                 or "infeasible"
         if state == "pruned" and not reason:
             reason = f"pruned at epoch {frozen.last_step}" if frozen.last_step is not None else "pruned"
-        trials.append(Trial(frozen.number, state, dict(frozen.params), metrics, reason, run))
+        duplicate_of = attrs.get("duplicate_of")
+        if duplicate_of is not None and state == "complete":
+            reason = f"duplicate of trial {duplicate_of}, not trained (its values)"
+        if attrs.get("reference"):
+            reason = "reference: the base experiment's own settings" + (f"; {reason}" if reason else "")
+        trials.append(Trial(frozen.number, state, dict(frozen.params), metrics, reason, run,
+                            duplicate_of=duplicate_of))
     return StudyData(study.study_name, source, study, trials, names)
 
 

@@ -91,6 +91,11 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
     for study, source, study_dir in studies:
         data = collect.read_study(study, source, runs, study_dir)
         used |= {t.run.path.resolve() for t in data.trials if t.run is not None}
+        if study_dir is not None:
+            confirm = (Path(study_dir) / "confirm").resolve()
+            # The front re-trained over seeds: its own table (below), not an experiment's variants.
+            used |= {r for r in runs if confirm in r.parents}
+            data.study_dir = Path(study_dir)
         report.studies.append(data)
     for resolved, run in runs.items():
         if resolved not in used:
@@ -242,7 +247,7 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
              and any(t.metrics.get(n) is not None for t in trials)]
     pareto = pareto_optimal([
         (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
-        if t.state == "complete" and finite(t.metrics.get("model/throughput")) is not None
+        if t.state == "complete" and t.duplicate_of is None and finite(t.metrics.get("model/throughput")) is not None
         and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
     header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
               *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto", "reason"]
@@ -332,6 +337,17 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
     return made, skipped
 
 
+def _confirmed(data: StudyData) -> str:
+    """The confirm table of a study trained with ``confirm: {seeds}`` (empty without confirm runs)."""
+    from fvlab.sweep.confirm import confirm_seeds_on_disk, confirmed_rows, format_confirmed
+
+    study_dir = getattr(data, "study_dir", None)
+    if study_dir is None or not (study_dir / "confirm").is_dir():
+        return ""
+    return format_confirmed(confirmed_rows(data.study, list(data.objective_names),
+                                           confirm_seeds_on_disk(study_dir), study_dir))
+
+
 def write_report(report: Report, out: Path) -> str:
     """Write report.md, report.csv and the PNGs into ``out``; returns the text for stdout."""
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +363,11 @@ def write_report(report: Report, out: Path) -> str:
         table, notes, rows, _ = trial_table(data)
         sections.append((f"Trials of study {data.name}", table, notes))
         csv_rows += rows
+        confirmed = _confirmed(data)
+        if confirmed:
+            sections.append((f"Front of study {data.name} confirmed over seeds", confirmed,
+                             ["mean ± std (n-1) over the seeds listed, the trial's own run included; the front is "
+                              "recomputed on the means, and members that left it say so."]))
     plots, skipped = _plots(report, out)
     md = ["# fvlab report", "", "Sources: " + ", ".join(f"`{s}`" for s in report.sources), ""]
     stdout = []

@@ -195,7 +195,8 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
     what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
     from fvlab.sweep.confirm import confirmed_rows, format_confirmed
 
-    confirmed = format_confirmed(confirmed_rows(study, sweep, study_dir)) if sweep.confirm_seeds else ""
+    confirmed = (format_confirmed(confirmed_rows(study, list(sweep.objectives), sweep.confirm_seeds, study_dir))
+                 if sweep.confirm_seeds else "")
     write_front(study_dir, rows, f"{sweep.study}: {what}")
     if confirmed:
         with (study_dir / "pareto.md").open("a") as f:

@@ -24,7 +24,8 @@ from fvlab.experiment import apply_overrides
 from fvlab.pareto import pareto_optimal
 from fvlab.sweep.space import SweepSpec
 
-__all__ = ["trial_config", "confirm_dir", "confirm_front", "confirmed_rows", "format_confirmed"]
+__all__ = ["trial_config", "confirm_dir", "confirm_front", "confirm_seeds_on_disk", "confirmed_rows",
+           "format_confirmed"]
 
 
 def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
@@ -94,33 +95,41 @@ def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
     return metrics if metrics and metrics.get("status") == "complete" else None
 
 
-def confirmed_rows(study: optuna.Study, sweep: SweepSpec, study_dir: Path) -> list[dict[str, Any]]:
+def confirm_seeds_on_disk(study_dir: Path) -> list[int]:
+    """The seeds of the confirm runs under ``runs/<study>/confirm`` (``fvlab report``, without the sweep file)."""
+    found = {int(p.name[len("seed_"):]) for p in (Path(study_dir) / "confirm").glob("trial_*/seed_*")
+             if p.name[len("seed_"):].isdigit()}
+    return sorted(found)
+
+
+def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
+                   study_dir: Path) -> list[dict[str, Any]]:
     """Per front member: each objective's mean ± std over its seeds (its own run included), and
     whether it stays on the front recomputed on the means. Empty before any confirm run is complete."""
     from fvlab.sweep.pareto import front_trials
 
     members = []
     for trial in front_trials(study):
-        samples: dict[str, list[float]] = {m: [float(v)] for m, v in zip(sweep.objectives, trial.values)}
-        seeds = [trial.user_attrs.get("seed")]
-        for seed in sweep.confirm_seeds or []:
+        samples: dict[str, list[float]] = {m: [float(v)] for m, v in zip(objectives, trial.values)}
+        run_seeds = [trial.user_attrs.get("seed")]
+        for seed in seeds:
             metrics = _read_metrics(confirm_dir(study_dir, trial, seed))
             if metrics is None:
                 continue
-            seeds.append(seed)
-            for metric in sweep.objectives:
+            run_seeds.append(seed)
+            for metric in objectives:
                 value = metrics.get(metric)
                 if value is not None and math.isfinite(float(value)):
                     samples[metric].append(float(value))
-        members.append((trial, seeds, samples))
-    if not any(len(seeds) > 1 for _, seeds, _ in members):
+        members.append((trial, run_seeds, samples))
+    if not any(len(run_seeds) > 1 for _, run_seeds, _ in members):
         return []
-    means = [[statistics.fmean(samples[m]) for m in sweep.objectives] for _, _, samples in members]
+    means = [[statistics.fmean(samples[m]) for m in objectives] for _, _, samples in members]
     stays = pareto_optimal(means, study.directions)
     rows = []
-    for (trial, seeds, samples), mean, on_front in zip(members, means, stays):
-        row: dict[str, Any] = {"trial": trial.number, "seeds": " ".join(str(s) for s in seeds)}
-        for metric, value in zip(sweep.objectives, mean):
+    for (trial, run_seeds, samples), mean, on_front in zip(members, means, stays):
+        row: dict[str, Any] = {"trial": trial.number, "seeds": " ".join(str(s) for s in run_seeds)}
+        for metric, value in zip(objectives, mean):
             spread = statistics.stdev(samples[metric]) if len(samples[metric]) > 1 else 0.0
             row[metric] = f"{value:.4g} ± {spread:.2g}"
         row["on the front of the means"] = "yes" if on_front else "no: left it"
