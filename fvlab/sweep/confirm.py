@@ -138,10 +138,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
 
 
 def format_confirmed(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of :func:`confirmed_rows`."""
-    if not rows:
-        return ""
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(row[k]) for k in header) + " |" for row in rows]
-    return "\n".join(lines)
+    """A Markdown table of :func:`confirmed_rows` (empty without rows)."""
+    from fvlab.sweep.pareto import format_front
+
+    return format_front(rows) if rows else ""
