@@ -3,7 +3,8 @@
 ``resolve_precision("auto")`` picks a Lightning precision for the hardware a run lands on,
 decided when it runs (never assumed from the config). ``tune_allocator()`` fixes glibc
 malloc's state for the whole process, so throughput measured early or late in a process,
-or in different trials of a sweep, is measured under the same conditions.
+or in different trials of a sweep, is measured under the same conditions; the ``fvlab`` command
+calls it at start-up unless ``FVLAB_TUNE_ALLOCATOR=0`` (``allocator_tuning_enabled``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import platform
 import subprocess
 import sys
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 # x86 /proc/cpuinfo flags of CPUs that execute bf16 arithmetic in hardware: AVX512-BF16
 # (dot products VDPBF16PS; Cooper Lake, Sapphire Rapids, AMD Zen 4/5) and AMX-BF16
@@ -161,6 +162,17 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def allocator_tuning_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether :func:`tune_allocator` may change malloc's settings: not when ``FVLAB_TUNE_ALLOCATOR``
+    is ``0``, ``false``, ``no`` or ``off`` (any case) in ``environ`` (default: ``os.environ``).
+
+    The ``fvlab`` command (and each sweep worker) calls ``tune_allocator()`` at start-up, which
+    changes glibc malloc for the whole process; ``import fvlab`` alone never does.
+    """
+    value = (os.environ if environ is None else environ).get(ALLOCATOR_ENV, "1")
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
 def tune_allocator() -> bool:
     """Keep glibc malloc from handing freed memory back to the OS; True when settings took effect.
 
@@ -175,7 +187,7 @@ def tune_allocator() -> bool:
     global _allocator_tuned
     if _allocator_tuned:
         return True
-    if os.environ.get(ALLOCATOR_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not allocator_tuning_enabled():
         return False
     libc = _glibc()
     if libc is None:
