@@ -88,6 +88,49 @@ def test_larger_resolution_matches_official_model_built_for_it(size: int, tmp_pa
         assert (ours(x) - ref(x)).abs().max().item() <= 1e-4
 
 
+def _stage3_hat_keys(model: FasterViT, tokenizer: bool) -> set[str]:
+    return {k for k in model.state_dict() if k.startswith("levels.2.") and (
+        ".hat_" in k or (tokenizer and ".global_tokenizer." in k))}
+
+
+@pytest.mark.parametrize("builder", ["faster_vit_0_224", "faster_vit_0_any_res"])
+def test_one_window_stage_has_no_carrier_tokens_as_in_official_model(builder: str, tmp_path) -> None:
+    # 112 px: stage 3 sees one 7x7 window, so the official model (sr_ratio = 7 // 7 = 1) builds
+    # no carrier tokens there; ours keeps its HAT weights (freshly initialised, not loaded) and
+    # must leave them unused. The plain official model cannot run stage 4 at 112 px (a 4x4 map,
+    # 7x7 windows, no padding): it is compared up to stage 3's output (after its downsample),
+    # the any-resolution one (which pads) on the logits.
+    any_res = builder.endswith("any_res")
+    kwargs = dict(resolution=[112, 112]) if any_res else dict(resolution=112)
+    ref = perturbed_official(getattr(official_any_res if any_res else official, builder), **kwargs)
+    ours = create_model("fastervit_0").eval()
+    with torch.no_grad():
+        # Near initialisation the window attention's position bias gives window tokens about
+        # +8 over carrier tokens (which get 0): carrier tokens would weigh e^-8 and go unseen.
+        for block in ref.levels[2].blocks:
+            block.attn.pos_emb_funct.cpb_mlp[0].bias.add_(1.0)
+            block.attn.pos_emb_funct.cpb_mlp[2].weight.sub_(0.05)
+        for name, p in ours.named_parameters():
+            if ".hat_" in name:
+                p.add_(torch.randn_like(p) * 0.5)  # a loud carrier-token path, were it used
+    result = ours.load_state_dict(
+        fvlab.models.checkpoint_filter_fn({"state_dict": ref.state_dict()}), strict=False)
+    assert not result.unexpected_keys
+    # The official 112-px model lacks exactly stage 3's HAT weights (the plain one its tokenizer
+    # too; the any-resolution one builds the tokenizer whatever the size).
+    assert set(result.missing_keys) == _stage3_hat_keys(ours, tokenizer=not any_res)
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        if any_res:
+            expected, got = ref(x), ours(x)
+        else:
+            expected, got = ref.patch_embed(x), ours.patch_embed(x)
+            for i in range(3):
+                expected, got = ref.levels[i](expected), ours.levels[i](got)
+    assert expected.std() > 0.5
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 def test_one_model_runs_at_any_resolution_with_gradients() -> None:
     torch.manual_seed(0)
     model = create_model("fastervit_0", num_classes=10).train()
@@ -172,6 +215,73 @@ def test_carrier_tokens_carry_information_across_windows() -> None:
     hat = create_model("fastervit_tiny").eval()
     changed = _stage3_sensitivity(hat) > 1e-6
     assert changed.all()  # every window hears about the perturbed one, via carrier tokens
+
+
+def _loud_carrier_tokens(model: FasterViT) -> FasterViT:
+    """Weaken the window attention's position bias, which near initialisation gives window tokens
+    about +8 over carrier tokens (e^-8 of the weight): carrier tokens then visibly count."""
+    with torch.no_grad():
+        for stage in model.levels:
+            for block in stage.blocks if not stage.conv else ():
+                block.attn.pos_emb_funct.cpb_mlp[0].bias.add_(1.0)
+                block.attn.pos_emb_funct.cpb_mlp[2].weight.sub_(0.05)
+    return model
+
+
+def test_a_map_of_one_window_has_no_carrier_tokens_but_keeps_the_weights() -> None:
+    # Stage 3 of fastervit_micro (window 2) sees 2x2 tokens at 32 px (one window), a 1x1 map
+    # padded to one window at 16 px, 4x4 tokens (four windows) at 64 px.
+    torch.manual_seed(0)
+    hat = _loud_carrier_tokens(create_model("fastervit_micro", ct_size=2, do_propagation=True, num_classes=4))
+    local = create_model("fastervit_micro", hat=False, num_classes=4)
+    result = local.load_state_dict(hat.state_dict(), strict=False)
+    assert result.unexpected_keys and all(".hat_" in k or "global_tokenizer" in k or "gamma" in k
+                                          for k in result.unexpected_keys)
+    assert n_params(hat) > n_params(local)  # the HAT weights are built whatever the input size
+    assert [hat.carrier_tokens_live(2, s) for s in (16, 32, 48, 64)] == [False, False, True, True]
+    hat.eval(), local.eval()
+    with torch.no_grad():
+        for size in (16, 32):
+            x = torch.randn(2, 3, size, size)
+            assert torch.equal(hat(x), local(x)), size
+        x = torch.randn(2, 3, 64, 64)
+        assert not torch.allclose(hat(x), local(x), atol=1e-3)
+    # Training: unused carrier-token weights get zero gradients (not none: DDP needs one for
+    # every parameter), used ones real gradients.
+    carrier = hat.levels[2].carrier_parameters()
+    assert carrier and all(any(p is q for q in carrier) for n, p in hat.named_parameters()
+                           if n.startswith("levels.2.") and (".hat_" in n or "global_tokenizer" in n))
+    hat.train()
+    for size, used in ((32, False), (64, True)):
+        hat.zero_grad(set_to_none=True)
+        hat(torch.randn(2, 3, size, size)).sum().backward()
+        assert all(p.grad is not None for p in hat.parameters())
+        assert (sum(p.grad.abs().sum() for p in carrier) > 0) == used, size
+
+
+def test_export_graph_hides_carrier_tokens_of_a_one_window_map() -> None:
+    # With a symbolic image size (ONNX export) no guard is checked at run time, so the graph itself
+    # decides: carrier tokens computed, then hidden from the window attention and not propagated
+    # when the map is one window. That path, run eagerly, against the eager one.
+    import fvlab.models.fastervit as fastervit_module
+
+    torch.manual_seed(0)
+    model = _loud_carrier_tokens(create_model("fastervit_tiny", do_propagation=True)).eval()
+    stage = model.levels[2]
+    symbolic = (mock.patch.object(fastervit_module, "_static", lambda *sizes: False),
+                mock.patch("torch.compiler.is_exporting", lambda: True))
+    for side in (2, 1, 4, 3):  # one window (2, or 1 padded to 2), then several (3 padded to 4)
+        x = torch.randn(2, 128, side, side)
+        with torch.no_grad():
+            expected = stage.forward_blocks(x)
+            with symbolic[0], symbolic[1]:
+                got = stage.forward_blocks(x)
+                with mock.patch.object(fastervit_module, "_more_than_one",
+                                       lambda n, like: torch.ones(1, dtype=torch.bool, device=like.device)):
+                    ungated = stage.forward_blocks(x)
+        assert (got - expected).abs().max().item() <= 1e-5, side
+        # The gate is what makes the difference on one window.
+        assert (side > 2) == torch.allclose(ungated, expected, atol=1e-5), side
 
 
 def test_ct_size_zero_leaves_no_carrier_tokens_anywhere() -> None:
@@ -279,7 +389,7 @@ def test_grad_checkpointing_recomputes_every_block_and_gives_same_gradients() ->
 
     torch.manual_seed(0)
     model = create_model("fastervit_micro", num_classes=4).train()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64)  # stage 3: four windows, so carrier tokens pass the checkpoints
     with mock.patch.object(fastervit_module, "checkpoint", counting_checkpoint):
         model(x).sum().backward()
         assert calls == []  # off by default

@@ -14,6 +14,14 @@ position terms are permuted into that order once, instead of permuting tokens ev
 Any input resolution runs on one built model: transformer stages pad their input to whole
 windows and crop back, and every geometry-dependent term (carrier-token pooling, position
 bias and embedding of the carrier grid) follows the actual feature size.
+
+Carrier tokens are used only where the stage's (padded) feature map spans more than one
+window, as in the official implementation (sr_ratio = resolution // window_size > 1). The
+official model fixes this when it is built, for one resolution; here it is decided on every
+call from the actual feature size, so a HAT stage whose map fits one window runs plain window
+attention (no carrier tokens, no propagation). The HAT weights are built regardless, so
+checkpoints load at any resolution and the parameter count does not depend on the input size;
+while unused they get zero gradients.
 """
 
 from __future__ import annotations
@@ -392,12 +400,17 @@ class WindowAttention(nn.Module):
         self.pos_emb_funct = RelativePositionBias(num_heads)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
-                ct_size: int = 0) -> torch.Tensor:
-        """Attend over (B, n_prefix + h*w, C) tokens whose last h*w lie on ``grid``."""
+                ct_size: int = 0, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over (B, n_prefix + h*w, C) tokens whose last h*w lie on ``grid``.
+
+        ``key_bias`` (n,): added to every query's logit of each key (-inf hides a key).
+        """
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = self.pos_emb_funct(grid, n_prefix, ct_size, dtype=q.dtype)
+        if key_bias is not None:
+            bias = bias + key_bias.to(bias.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2)
@@ -414,7 +427,8 @@ class HATBlock(nn.Module):
     With carrier tokens: (1) the carrier tokens of all windows attend to each other and pass
     an MLP; (2) each window attends over [its carrier tokens, its own tokens]; (3) in the
     last block of a stage, optionally, carrier tokens are upsampled onto their window.
-    Without carrier tokens, only (2) remains: plain window attention.
+    Without carrier tokens (``carrier_tokens=None``: no HAT, or a map of one window), only (2)
+    remains: plain window attention; the HAT weights, if built, are left unused.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, ct_size: int = 0,
@@ -463,11 +477,19 @@ class HATBlock(nn.Module):
         return y if gamma is None else y * gamma
 
     def forward(self, x: torch.Tensor, carrier_tokens: torch.Tensor | None,
-                carrier_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Update window tokens (B*nw, ws*ws, C) and window-major carrier tokens (B, nw*ct*ct, C)."""
+                carrier_grid: tuple[int, int], live: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Update window tokens (B*nw, ws*ws, C) and window-major carrier tokens (B, nw*ct*ct, C).
+
+        ``live`` (only in a graph that does not know the image size: export with a symbolic
+        size, FX tracing; see ``FasterViTStage.forward_blocks``): a (1,) bool tensor; where
+        False, the carrier tokens are computed but hidden from the window attention and not
+        propagated, which gives plain window attention.
+        """
         ws = self.window_size
         x = self.pos_embed(x, (ws, ws))
         ct = carrier_tokens
+        key_bias = None
         if ct is not None:
             ct = self.hat_pos_embed(ct, carrier_grid, self.ct_size)
             ct = ct + self.hat_drop_path(self._scaled(
@@ -475,17 +497,35 @@ class HATBlock(nn.Module):
             ct = ct + self.hat_drop_path(self._scaled(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
             n_ct = self.ct_size * self.ct_size
             x = torch.cat((ct.reshape(x.shape[0], n_ct, -1), x), dim=1)
+            if live is not None:
+                key_bias = _hidden_prefix_bias(live, n_ct, ws * ws)
         else:
             n_ct = 0
         x = add_residual(x, self.drop_path(
-            self._scaled(self.attn(self.norm1(x), (ws, ws), n_ct), self.gamma3)))
+            self._scaled(self.attn(self.norm1(x), (ws, ws), n_ct, key_bias=key_bias), self.gamma3)))
         x = add_residual(x, self.drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma4)))
         if ct is not None:
             ct_windows, x = x.split((n_ct, ws * ws), dim=1)
             ct = ct_windows.reshape(ct.shape)
             if self.propagate:
-                x = x + self._scaled(ct_windows[:, self.propagation_index], self.gamma1)
+                spread = self._scaled(ct_windows[:, self.propagation_index], self.gamma1)
+                x = x + (spread if live is None else spread * live.to(spread.dtype))
         return x, ct
+
+
+@register_notrace_function  # reason: tensors built from sizes
+def _hidden_prefix_bias(live: torch.Tensor, n_prefix: int, n_tokens: int) -> torch.Tensor:
+    """(n_prefix + n_tokens,) key bias: 0 everywhere, except -inf on the prefix where ``live`` is False."""
+    is_prefix = torch.arange(n_prefix + n_tokens, device=live.device) < n_prefix
+    return torch.zeros(n_prefix + n_tokens, device=live.device).masked_fill(
+        is_prefix & ~live, float("-inf"))
+
+
+@register_notrace_function  # reason: a tensor built from a size
+def _more_than_one(n_windows: Any, like: torch.Tensor) -> torch.Tensor:
+    """(1,) bool tensor ``n_windows > 1`` on ``like``'s device, for a window count that only the
+    graph knows (a SymInt of export, a Proxy of FX tracing)."""
+    return torch.zeros(1, dtype=torch.long, device=like.device).add(n_windows) > 1
 
 
 class TokenInitializer(nn.Module):
@@ -571,6 +611,27 @@ class FasterViTStage(nn.Module):
             self.global_tokenizer = TokenInitializer(dim=dim, window_size=window_size,
                                                      ct_size=self.ct_size)
 
+    def carrier_parameters(self) -> list[nn.Parameter]:
+        """The weights only carrier tokens use: the tokenizer and each block's ``hat_*`` and gamma1/2."""
+        if self.ct_size == 0:
+            return []
+        params = list(self.global_tokenizer.parameters())
+        for block in self.blocks:
+            params += [p for name, p in block.named_parameters()
+                       if name.startswith("hat_") or name in ("gamma1", "gamma2")]
+        return params
+
+    def _with_zero_gradients_for_carrier_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` tied to the carrier-token weights by an exact zero, so that they get zero gradients
+        rather than none while a one-window map leaves them unused: DistributedDataParallel
+        (without ``find_unused_parameters``) expects a gradient for every parameter, and training
+        on one device or several then treats these weights alike."""
+        params = [p for p in self.carrier_parameters() if p.requires_grad]
+        if not params:
+            return x
+        # Sums over empty slices: exactly 0 whatever the weights hold (even inf or NaN), no arithmetic.
+        return x + sum(p.reshape(-1)[:0].sum() for p in params).to(x.dtype)
+
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint(block, *args, use_reentrant=False)
@@ -592,11 +653,30 @@ class FasterViTStage(nn.Module):
         h, w = spatial_size(x)
         x = pad_to_windows(x, ws)
         hp, wp = spatial_size(x)
-        carrier_grid = (self.ct_size * (hp // ws), self.ct_size * (wp // ws))
-        ct = self.global_tokenizer(x) if self.ct_size > 0 else None
+        rows, cols = hp // ws, wp // ws
+        carrier_grid = (self.ct_size * rows, self.ct_size * cols)
+        # Carrier tokens only where the padded map spans more than one window, as in the official
+        # implementation (sr_ratio = resolution // window_size > 1); on one window the HAT weights
+        # stay unused. Decided here, in Python, where the sizes are known (eager, torch.jit.trace)
+        # or the decision is checked again for another size (torch.compile guards on it). A graph
+        # for sizes it does not know (export with a symbolic size, whose guards ONNX Runtime never
+        # checks; FX tracing) decides itself: carrier tokens are computed, then hidden from the
+        # window attention and not propagated when the map is one window.
+        ct, live = None, None
+        if self.ct_size > 0:
+            if _static(rows, cols) or (torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+                if rows * cols > 1:
+                    ct = self.global_tokenizer(x)
+                elif torch.is_grad_enabled():
+                    x = self._with_zero_gradients_for_carrier_weights(x)
+            else:
+                ct, live = self.global_tokenizer(x), _more_than_one(rows * cols, x)
         tokens = window_partition(x.permute(0, 2, 3, 1), ws)
         for block in self.blocks:
-            tokens, ct = self._run(block, tokens, ct, carrier_grid)
+            if live is None:
+                tokens, ct = self._run(block, tokens, ct, carrier_grid)
+            else:
+                tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
         # Cropping to the input size is a no-op view when nothing was padded.
         return window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)[:, :, :h, :w]
 
@@ -648,9 +728,16 @@ class FasterViT(nn.Module):
         num_heads: attention heads per stage (int or one per stage).
         window_size: local window side per stage (int or one per stage).
         ct_size: carrier tokens per window side, per stage (int or one per stage; 0: none).
+            Carrier tokens are used only where the stage's (padded) feature map spans more
+            than one window, as in the official implementation (sr_ratio = resolution //
+            window_size > 1); the HAT weights are built regardless, so checkpoints load at any
+            resolution.
         hat: use Hierarchical Attention per stage (bool or one per stage); where False, or
-            where ct_size is 0, a transformer stage uses plain window attention.
-        do_propagation: add carrier tokens back onto their windows at the end of a HAT stage.
+            where ct_size is 0, a transformer stage uses plain window attention, and so does a
+            HAT stage on an input whose feature map there fits in one window (its HAT weights
+            are then built but unused).
+        do_propagation: add carrier tokens back onto their windows at the end of a HAT stage
+            (where it uses carrier tokens).
         mlp_ratio: hidden width of the MLPs relative to the stage's channels.
         layer_scale: initial layer-scale value of transformer blocks (None: off).
         layer_scale_conv: initial layer-scale value of conv blocks (None: off).
@@ -761,6 +848,14 @@ class FasterViT(nn.Module):
         shapes and, with the same weights, the same outputs (``fvlab sweep`` trains each form once)."""
         return {**self._canonical, "num_classes": self.num_classes,
                 "global_pool": self.global_pool}
+
+    def carrier_tokens_live(self, stage: int, image_size: int | Sequence[int]) -> bool:
+        """Whether stage ``stage`` (0-based) uses carrier tokens on an input of ``image_size``: it has
+        HAT weights and its feature map, padded to whole windows, spans more than one window."""
+        h, w = self.feature_sizes(image_size)[stage]
+        ws = self.window_size[stage]
+        windows = math.ceil(h / ws) * math.ceil(w / ws)
+        return self.ct_size[stage] > 0 and windows > 1
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
