@@ -111,13 +111,15 @@ def test_throughput_is_positive_finite_and_honours_batch_size() -> None:
     assert model.training  # the caller's model is untouched (measured on a copy)
 
 
+# 64 px: stage 3's 4x4 map holds four 2x2 windows, so ct1 has carrier tokens (at 32 px its 2x2
+# map is one window, where carrier tokens are unused and ct1 computes what no_carrier does).
 EXPERIMENT = """
 name: tiny_profile
 model:
   arch: {name: fastervit_micro, ct_size: 1}
 data:
   class_path: fvlab.data.SyntheticDataModule
-  init_args: {image_size: 32, num_classes: 5, in_chans: 3}
+  init_args: {image_size: 64, num_classes: 5, in_chans: 3}
 ablation:
   no_carrier: {model.arch.hat: false}
   ct1: {model.arch.ct_size: 1}
@@ -134,7 +136,7 @@ def test_profile_json_has_one_entry_per_variant_and_batch_size(tmp_path: Path, c
     assert [(r["name"], r["batch_size"]) for r in rows] == [
         ("no_carrier", 1), ("ct1", 1), ("wide", 1), ("no_carrier", 4), ("ct1", 4), ("wide", 4)]
     for row in rows:
-        assert row["image_size"] == 32 and row["backend"] == "eager" and row["rounds"] == 3
+        assert row["image_size"] == 64 and row["backend"] == "eager" and row["rounds"] == 3
         for name in MODEL_METRICS:
             assert row[name] > 0
         assert row["model/throughput_lo"] <= row["model/throughput"] <= row["model/throughput_hi"]
