@@ -21,7 +21,8 @@ official model fixes this when it is built, for one resolution; here it is decid
 call from the actual feature size, so a HAT stage whose map fits one window runs plain window
 attention (no carrier tokens, no propagation). The HAT weights are built regardless, so
 checkpoints load at any resolution and the parameter count does not depend on the input size;
-while unused they get zero gradients.
+while unused they get zero gradients. ``FasterViT.canonical_arch(image_size)`` follows the
+rule: there, ``ct_size`` and ``do_propagation`` of such a stage change nothing.
 """
 
 from __future__ import annotations
@@ -843,11 +844,22 @@ class FasterViT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    def canonical_arch(self) -> dict[str, Any]:
+    def canonical_arch(self, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
         """The architecture in one normal form: two models with equal forms have the same parameter
-        shapes and, with the same weights, the same outputs (``fvlab sweep`` trains each form once)."""
-        return {**self._canonical, "num_classes": self.num_classes,
-                "global_pool": self.global_pool}
+        shapes and, with the same weights, the same outputs (``fvlab sweep`` trains each form once).
+
+        Without ``image_size``, the same outputs at every input size. With it, at that size only:
+        a HAT stage whose (padded) feature map is one window there uses no carrier tokens, so its
+        ``ct_size`` (any value >= 1: the HAT weights' shapes do not depend on it) and
+        ``do_propagation`` are normalised away; it keeps its HAT weights, which a stage without
+        HAT (``hat`` off or ``ct_size`` 0) lacks, so those stay two forms (``carrier_weights``).
+        """
+        form = {**self._canonical, "num_classes": self.num_classes, "global_pool": self.global_pool,
+                "carrier_weights": [c > 0 for c in self.ct_size]}
+        if image_size is not None:
+            live = [c if self.carrier_tokens_live(i, image_size) else 0 for i, c in enumerate(self.ct_size)]
+            form.update(ct_size=live, do_propagation=form["do_propagation"] and any(live))
+        return form
 
     def carrier_tokens_live(self, stage: int, image_size: int | Sequence[int]) -> bool:
         """Whether stage ``stage`` (0-based) uses carrier tokens on an input of ``image_size``: it has

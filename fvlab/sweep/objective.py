@@ -46,7 +46,11 @@ DUPLICATE_POLL_S = 2.0  # how often a duplicate of a running trial looks whether
 
 def canonical_key(spec: RunSpec) -> str:
     """Hash of what a run trains: its resolved config, the architecture in the model's own normal
-    form (``FasterViT.canonical_arch``), run names left out. Equal keys train the same model the same way."""
+    form (``FasterViT.canonical_arch``) at the data's image size, run names left out. Equal keys
+    train the same model the same way.
+
+    At the image size: settings the network ignores there count for nothing, e.g. ``ct_size`` and
+    ``do_propagation`` of a HAT stage whose feature map is one window (no carrier tokens)."""
     import hashlib
     import json
 
@@ -58,8 +62,10 @@ def canonical_key(spec: RunSpec) -> str:
     model = config.get("model")
     if isinstance(model, dict) and isinstance(model.get("arch"), dict):
         network = spec.model.model
+        image_size = getattr(spec.datamodule, "image_size", None)
         model["arch"] = {"checkpoint_path": model["arch"].get("checkpoint_path"),
-                         **(network.canonical_arch() if hasattr(network, "canonical_arch") else model["arch"])}
+                         **(network.canonical_arch(image_size) if hasattr(network, "canonical_arch")
+                            else model["arch"])}
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
