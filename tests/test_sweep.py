@@ -708,3 +708,53 @@ def test_a_duplicate_of_a_pruned_trial_is_pruned_with_its_reason(tmp_path: Path)
     for trial in trials[1:]:
         assert trial.user_attrs["duplicate_of"] == 0
         assert trial.user_attrs["pruned_reason"] == f"duplicate of trial 0: {trials[0].user_attrs['pruned_reason']}"
+
+
+def test_a_duplicate_of_a_running_trial_waits_for_it(tmp_path: Path) -> None:
+    # This process holds trial 0 RUNNING, as a second worker would; the sweep's worker process draws
+    # trial 1, the same model (HAT off: ct_size counts for nothing), and must wait, never train beside it.
+    import argparse
+
+    from fvlab.experiment import apply_overrides, load_experiment
+    from fvlab.lit.runner import build_run
+    from fvlab.sweep.command import _open_study, prepare_sweep
+    from fvlab.sweep.objective import CANONICAL_ATTR, canonical_key
+    from fvlab.sweep.storage import process_tag
+
+    sweep_path = write_sweep(tmp_path, study="wait", n_trials=2, space={"model.arch.ct_size": {"choices": [1, 2]}},
+                             objectives={"val/acc1_best": "maximize"}, sampler={"name": "grid", "seed": 0},
+                             overrides={"model.arch.hat": False})
+    runs = tmp_path / "runs"
+    args = argparse.Namespace(sweep=str(sweep_path), n_trials=None, timeout=None, workers=1, study_name=None,
+                              storage=None, runs_dir=str(runs), confirm=False)
+    sweep, _, kind = prepare_sweep(args)
+    _, study = _open_study(args, sweep, kind, runs / "wait" / "study.journal")
+    held = study.ask()  # the reference, queued as trial 0
+    params = {key: param.suggest(held) for key, param in sweep.space.items()}
+    assert held.number == 0 and params == {"model.arch.ct_size": 1}
+    config = apply_overrides(load_experiment(sweep.experiment).base_config(), {**sweep.overrides, **params})
+    held.set_user_attr("fvlab_process", process_tag())  # alive: not recovered as dead
+    held.set_user_attr(CANONICAL_ATTR, canonical_key(build_run(config, tmp_path / "held", experiment="wait",
+                                                               variant="trial_0000")))
+    worker = subprocess.Popen([sys.executable, "-c", "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))",
+                               "sweep", str(sweep_path), "--runs-dir", str(runs)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in worker.stdout:  # blocks until the worker says it waits (or ends)
+            seen.append(line)
+            if "waiting for it" in line:
+                break
+        assert "trial 1: the same configuration as running trial 0; waiting for it" in "".join(seen), "".join(seen)
+        assert worker.poll() is None and not (runs / "wait" / "trial_0001").exists()  # not training meanwhile
+        study.tell(held, [0.75])
+        rest, _ = worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, "".join(seen) + rest
+    trials = journal_study(runs / "wait" / "study.journal", "wait").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[1].user_attrs["duplicate_of"] == 0 and trials[1].values == [0.75]
+    assert not list(runs.glob("wait/trial_*/metrics.json"))  # nothing trained: the original was this process's
+    assert "(duplicate of trial 0, not trained)" in rest
