@@ -6,17 +6,18 @@ shapes meaning "the content 1, 2 or 3 corners on, clockwise"; the other three ar
 ``num_glyphs`` content shapes, and the label is the content the cue points to (``num_glyphs``
 classes, balanced). A model that sees each corner alone can only vote on the three contents
 (75% with two contents); reading the cue needs the cue's and the target's corners together.
-With FasterViT-tiny at 64 px and ``window_size`` [2, 2, 1, 1], each 16 px stage-3 token is its
-own window and the corners are three tokens apart; without carrier tokens only the faint edges
-of the conv stages' receptive fields join two corners (at initialisation a stage-4 token has at
-most 4-13% of its input-gradient mass on any corner cell), with them every window's carrier
-token attends to all the others. The
-local control ``layout="pointer_local"`` draws the same four glyphs, cells and jitter into the
-four cells of one random quadrant, so cue and target are neighbours inside one conv receptive
-field; carrier tokens can help there only through their parameters. The pointer label keeps a
-first-order part (a content glyph votes for its class), so training leaves chance at once,
-which same/different (below) never did; whether the global part shows in a CPU budget is not
-settled (README "Long-range task": a one-seed probe, then no significant gap over 3 seeds).
+The shipped experiment runs FasterViT-tiny at 64 px with ``window_size`` [2, 2, 2, 1]: the four
+stage-3 windows are the image's quadrants, one corner each, and stage 4 (2x2 map, no HAT) has
+one-token windows, so no attention crosses a window without carrier tokens. The convs still
+do: the stride-2 conv into stage 4 reads tokens of all four stage-3 windows at the centre, and
+the conv stages' receptive fields (nominally 79 px) reach across corners, so ``no_carrier`` is
+not strictly local at 64 px; at 96 px the same windows keep corners apart (a stage-4 token reads
+at most one corner window). The local control ``layout="pointer_local"`` draws the same four
+glyphs, cells and jitter into the four cells of one random quadrant, one stage-3 window, so cue
+and target are neighbours; carrier tokens can help there only through their parameters. The
+pointer label keeps a first-order part (a content glyph votes for its class), so training
+leaves chance at once, which same/different (below) never did. Measured (docs/longrange.md):
+within a CPU budget no variant learns to read the cue; all sit at the vote's level.
 
 Same or different, the first design. FasterViT's claim for Hierarchical Attention is that carrier tokens give every
 local window a cheap global view. To test it, the label must depend on a *relation* between
@@ -42,8 +43,8 @@ Same/different was chosen over Pathfinder because Pathfinder needs long training
 model leaves chance, and because the local control is the same task moved. Measured: on CPU
 budgets (up to 12,000 training images, FasterViT-tiny) neither no_carrier nor ct1/ct2 left
 chance on ``apart``; relational labels have no first-order signal (each glyph alone says
-nothing), so models sit on a plateau first. A label with a first-order part (the glyph a
-cue elsewhere points to) did separate them in a probe; README "Long-range task" has the numbers.
+nothing), so models sit on a plateau first. Hence the pointer task, whose label has a
+first-order part; docs/longrange.md has the numbers of both.
 
 Difficulty: ``num_glyphs`` (shapes to tell apart), ``jitter`` (how far glyphs wander, 0:
 centred) and ``noise`` (Gaussian pixel noise). Labels are balanced in every split (to one
