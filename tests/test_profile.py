@@ -314,13 +314,32 @@ def test_side_by_side_rotates_the_order_and_measures_ratios_per_round() -> None:
     assert base.images_per_s > twice.images_per_s
 
 
+_FAKE_NOW = [0.0]  # the clock fvlab.profile reads in the test below (module level: copies share it)
+
+
+class Ticker(torch.nn.Module):
+    """A model whose forward takes exactly ``ms`` milliseconds of the fake clock (no real time)."""
+
+    def __init__(self, ms: float):
+        super().__init__()
+        self.ms = ms
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _FAKE_NOW[0] += self.ms / 1000
+        return x.flatten(1)[:, :2] + self.weight
+
+
 def test_a_round_lasts_round_s_shared_by_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
     # Rounds must be short next to the bursts of a shared machine (0.2-1.5 s), or a burst slows
     # one side of a ratio only: round_s is a whole round, each model's slot an equal share of it.
+    # A fake clock makes the counts exact whatever the machine's load.
+    import types
+
     import fvlab.profile as profile
 
     calls: list[str] = []
-    models = {"base": Sleeper(3.0), "twice": Sleeper(6.0)}
+    models = {"base": Ticker(3.0), "twice": Ticker(6.0)}
     real = profile._prepare_for_inference
 
     def counted(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
@@ -330,10 +349,13 @@ def test_a_round_lasts_round_s_shared_by_the_models(monkeypatch: pytest.MonkeyPa
         return prepared
 
     monkeypatch.setattr(profile, "_prepare_for_inference", counted)
-    profile.measure_side_by_side(models, 32, batch_size=4, rounds=2, round_s=0.06, warmup=0, latency=False)
+    monkeypatch.setattr(profile, "time", types.SimpleNamespace(perf_counter=lambda: _FAKE_NOW[0]))
+    results = profile.measure_side_by_side(models, 32, batch_size=4, rounds=2, round_s=0.06, warmup=0,
+                                           latency=False)
     timed = calls[4:]  # after each model's warm-up call and its calibration call
-    # Slots of 0.03 s: about ten calls of 3 ms and five of 6 ms per round (twice that with 0.06 s slots).
-    assert 2 * 6 <= timed.count("base") <= 2 * 11 and 2 * 3 <= timed.count("twice") <= 2 * 6, timed
+    # Slots of 0.03 s: ten calls of 3 ms and five of 6 ms per round (twice that if a slot were round_s).
+    assert (timed.count("base"), timed.count("twice")) == (2 * 10, 2 * 5), timed
+    assert results["twice"].speedup == pytest.approx(0.5)
 
 
 def test_side_by_side_interleaves_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
