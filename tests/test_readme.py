@@ -221,7 +221,7 @@ def test_pages_speak_of_the_project_not_of_how_they_were_written() -> None:
     for page in PAGES:
         text = page.read_text().lower()
         for phrase in ("design.md", "design document", "this session", "earlier session", "later session",
-                       "a later session", "single-run tables of earlier"):
+                       "a later session", "single-run tables of earlier", "this machine", "local disk"):
             assert phrase not in text, f"{page.name} says {phrase!r}"
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -739,19 +741,32 @@ def test_a_duplicate_of_a_running_trial_waits_for_it(tmp_path: Path) -> None:
     worker = subprocess.Popen([sys.executable, "-c", "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))",
                                "sweep", str(sweep_path), "--runs-dir", str(runs)],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:  # a reader thread, so that a silent worker cannot hang the test
+        for line in worker.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
     try:
-        seen = []
-        for line in worker.stdout:  # blocks until the worker says it waits (or ends)
-            seen.append(line)
-            if "waiting for it" in line:
+        deadline = time.monotonic() + 120
+        while not any("waiting for it" in line for line in seen):
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            if line is None:
                 break
+            seen.append(line)
         assert "trial 1: the same configuration as running trial 0; waiting for it" in "".join(seen), "".join(seen)
         assert worker.poll() is None and not (runs / "wait" / "trial_0001").exists()  # not training meanwhile
         study.tell(held, [0.75])
-        rest, _ = worker.communicate(timeout=120)
+        worker.wait(timeout=120)
     finally:
         if worker.poll() is None:
             worker.kill()
+    rest = ""
+    while (line := lines.get(timeout=10)) is not None:
+        rest += line
     assert worker.returncode == 0, "".join(seen) + rest
     trials = journal_study(runs / "wait" / "study.journal", "wait").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2

@@ -16,7 +16,8 @@ windows and crop back, and every geometry-dependent term (carrier-token pooling,
 bias and embedding of the carrier grid) follows the actual feature size.
 
 Carrier tokens are used only where the stage's (padded) feature map spans more than one
-window, as in the official implementation (sr_ratio = resolution // window_size > 1). The
+window, as in the official implementation (its any-resolution model: sr_ratio = padded
+resolution // window_size > 1). The
 official model fixes this when it is built, for one resolution; here it is decided on every
 call from the actual feature size, so a HAT stage whose map fits one window runs plain window
 attention (no carrier tokens, no propagation). The HAT weights are built regardless, so
@@ -657,7 +658,7 @@ class FasterViTStage(nn.Module):
         rows, cols = hp // ws, wp // ws
         carrier_grid = (self.ct_size * rows, self.ct_size * cols)
         # Carrier tokens only where the padded map spans more than one window, as in the official
-        # implementation (sr_ratio = resolution // window_size > 1); on one window the HAT weights
+        # implementation (sr_ratio = padded resolution // window_size > 1); on one window the HAT weights
         # stay unused. Decided here, in Python, where the sizes are known (eager, torch.jit.trace)
         # or the decision is checked again for another size (torch.compile guards on it). A graph
         # for sizes it does not know (export with a symbolic size, whose guards ONNX Runtime never
@@ -730,8 +731,8 @@ class FasterViT(nn.Module):
         window_size: local window side per stage (int or one per stage).
         ct_size: carrier tokens per window side, per stage (int or one per stage; 0: none).
             Carrier tokens are used only where the stage's (padded) feature map spans more
-            than one window, as in the official implementation (sr_ratio = resolution //
-            window_size > 1); the HAT weights are built regardless, so checkpoints load at any
+            than one window, as in the official implementation (sr_ratio = padded resolution
+            // window_size > 1); the HAT weights are built regardless, so checkpoints load at any
             resolution.
         hat: use Hierarchical Attention per stage (bool or one per stage); where False, or
             where ct_size is 0, a transformer stage uses plain window attention, and so does a
@@ -1002,7 +1003,7 @@ class FasterViT(nn.Module):
             if self.ct_size[i] and min(h, w) < ws:
                 raise ValueError(
                     f"window_size[{i}]={ws} does not fit stage {i + 1}'s {h}x{w} feature map at "
-                    f"image size {image_size}: its carrier tokens would pool mostly padding; "
+                    f"image size {image_size}: the window would be mostly padding; "
                     f"use window_size[{i}] <= {min(h, w)} or a larger image size")
 
     # ---- inference --------------------------------------------------------------------
