@@ -675,10 +675,7 @@ class FasterViTStage(nn.Module):
                 ct, live = self.global_tokenizer(x), _more_than_one(rows * cols, x)
         tokens = window_partition(x.permute(0, 2, 3, 1), ws)
         for block in self.blocks:
-            if live is None:
-                tokens, ct = self._run(block, tokens, ct, carrier_grid)
-            else:
-                tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
+            tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
         # Cropping to the input size is a no-op view when nothing was padded.
         return window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)[:, :, :h, :w]
 
