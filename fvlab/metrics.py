@@ -6,7 +6,7 @@ No heavy imports here, so the report and the sweep's file checks read the names 
 from __future__ import annotations
 
 __all__ = ["TRAIN_METRICS", "VAL_METRICS", "TEST_METRICS", "MODEL_METRICS", "MODEL_EXTRA_METRICS",
-           "FINAL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "SELECTION_METRICS"]
+           "MOMENT_METRICS", "FINAL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "SELECTION_METRICS"]
 
 TRAIN_METRICS = ("train/loss", "train/loss_epoch", "train/lr")
 # Measured at every validation: what selects (best checkpoint, early stop, pruning, objectives).
@@ -16,7 +16,11 @@ TEST_METRICS = ("test/acc1", "test/acc5", "test/loss")
 # The architecture's figures, measured once per architecture before training.
 MODEL_METRICS = ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms")
 # Architecture figures that depend on a reference or on the measurement protocol.
-MODEL_EXTRA_METRICS = ("model/throughput_lo", "model/throughput_hi", "model/speedup")
+MODEL_EXTRA_METRICS = ("model/throughput_lo", "model/throughput_hi", "model/speedup", "model/params_built_m")
+# A sweep trial's throughput on the study's one scale is its speedup times the reference's stored
+# figure; what the trial's own moment read is kept under these names (comparable to nothing else).
+MOMENT_METRICS = ("model/throughput_measured", "model/throughput_measured_lo", "model/throughput_measured_hi",
+                  "model/latency_ms_measured")
 # Every key metrics.json holds for a run (null when never reached).
 FINAL_METRICS = (*VAL_METRICS, *TRAIN_METRICS, *TEST_METRICS, *MODEL_METRICS, *MODEL_EXTRA_METRICS)
 # The accuracy that ranks variants and that deltas are taken on.

@@ -29,9 +29,13 @@ __all__ = ["Throughput", "SideBySide", "BACKENDS", "count_params", "count_flops"
            "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
+def count_params(model: nn.Module, image_size: int | Sequence[int] | None = None) -> int:
+    """Number of parameters (shared ones counted once); with ``image_size``, only those an input of that
+    size uses (a model's ``idle_parameters(image_size)``, e.g. FasterViT's carrier-token weights of a
+    stage that is one window there, are left out)."""
+    idle = getattr(model, "idle_parameters", None)
+    unused = {id(p) for p in idle(image_size)} if image_size is not None and callable(idle) else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in unused)
 
 
 # ---- FLOPs ---------------------------------------------------------------------------
@@ -259,7 +263,8 @@ def profile_model(model: nn.Module, image_size: int | Sequence[int] = 224,
                   throughput: bool = True, **benchmark: Any) -> dict[str, Any]:
     """The metrics of DESIGN.md for one model: params (M), GFLOPs, throughput and latency."""
     metrics: dict[str, Any] = {
-        "model/params_m": count_params(model) / 1e6,
+        "model/params_m": count_params(model, image_size) / 1e6,
+        "model/params_built_m": count_params(model) / 1e6,
         "model/gflops": count_flops(model, image_size, in_chans=benchmark.get("in_chans")),
     }
     if throughput:
@@ -304,7 +309,8 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
                    batch_size: int | None, repeats: int | None) -> dict[str, float | None]:
     metrics: dict[str, float | None] = dict.fromkeys(
         ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms"))
-    metrics["model/params_m"] = count_params(network) / 1e6
+    metrics["model/params_m"] = count_params(network, image_size) / 1e6
+    metrics["model/params_built_m"] = count_params(network) / 1e6
     try:
         metrics["model/gflops"] = count_flops(network, image_size, in_chans=in_chans)
     except Exception as err:  # a measurement never fails a run
@@ -384,6 +390,10 @@ class SideBySide:
     backend: str
     threads: int
     compile_s: float | None = None
+    # Batch-1 latency relative to the reference's: median of per-round ratios, with its interval.
+    latency_ratio: float | None = None
+    latency_ratio_lo: float | None = None
+    latency_ratio_hi: float | None = None
 
     def metrics(self) -> dict[str, float | None]:
         """The ``model/*`` figures of DESIGN.md's metric table."""
@@ -513,12 +523,15 @@ def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequ
         sp = median_interval(ratios)
         # Batch-1 latency: per-call seconds, so the interval's ends swap relative to the rates.
         lat = median_interval([1000.0 / r for r in lat_rates[name]]) if lat_rates else (None, None, None)
+        lat_ratio = (median_interval([b / a for a, b in zip(lat_rates[name], lat_rates[reference])])
+                     if lat_rates else (None, None, None))
         results[name] = SideBySide(
             name=name, images_per_s=tp[0], images_per_s_lo=tp[1], images_per_s_hi=tp[2],
             latency_ms=lat[0], latency_ms_lo=lat[1], latency_ms_hi=lat[2],
             speedup=sp[0], speedup_lo=sp[1], speedup_hi=sp[2], reference=reference,
             batch_size=batch_size, rounds=rounds, device=str(device), dtype=dtype,
-            channels_last=channels_last, backend=backend, threads=threads, compile_s=compile_s[name])
+            channels_last=channels_last, backend=backend, threads=threads, compile_s=compile_s[name],
+            latency_ratio=lat_ratio[0], latency_ratio_lo=lat_ratio[1], latency_ratio_hi=lat_ratio[2])
     del runners
     if device.type == "cuda":
         torch.cuda.empty_cache()

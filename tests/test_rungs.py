@@ -271,6 +271,11 @@ BAD_RUNGS = [
     ({"pruner": "rungs", "objectives": {"train/loss": "minimize"}}, "'train/loss' is not known there"),
     ({"pruner": "rungs", "objectives": {"model/throughput": "maximize"}}, "rungs needs an objective measured"),
     ({"pruner": "asha"}, "Optuna cannot prune multi-objective studies; use pruner: rungs"),
+    # Rungs at epochs 1, 3 and 9 fall between validations every 2 epochs: none would ever prune.
+    ({"pruner": RUNGS, "overrides": {"trainer.max_epochs": 10, "trainer.check_val_every_n_epoch": 2}},
+     "rung(s) at epoch 1, 3, 9 are not validation epochs with trainer.check_val_every_n_epoch 2"),
+    ({"pruner": RUNGS, "overrides": {"trainer.max_epochs": 3, "trainer.limit_val_batches": 0}},
+     "trainer.limit_val_batches: 0 turns validation off"),
 ]
 
 

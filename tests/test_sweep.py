@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from fvlab.cli import main
 from fvlab.sweep import sweep_command
-from fvlab.sweep.space import SweepError, parse_param
+from fvlab.sweep.space import SweepError, load_sweep, parse_param
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -773,3 +773,52 @@ def test_a_duplicate_of_a_running_trial_waits_for_it(tmp_path: Path) -> None:
     assert trials[1].user_attrs["duplicate_of"] == 0 and trials[1].values == [0.75]
     assert not list(runs.glob("wait/trial_*/metrics.json"))  # nothing trained: the original was this process's
     assert "(duplicate of trial 0, not trained)" in rest
+
+
+# ---- one throughput scale ----------------------------------------------------------------------
+
+
+HAT_SPACE = {"model.arch.window_size": {"choices": [[2, 2, 4, 2], [2, 2, 2, 2]]},
+             "model.arch.hat": {"choices": [[False, False, True, False], False]}}
+ARCHS_64 = {**BASE, "model": {"arch": {"name": "fastervit_micro", "window_size": [2, 2, 4, 2],
+                                       "hat": [False, False, True, False]}, "lr": 3.0e-3},
+            "data": {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "image_size": 64}}}
+
+
+def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch) -> None:
+    # Window 4 at 64 px makes stage 3 one window (no carrier tokens: hat on and off cost the same);
+    # window 2 makes four, with carrier tokens where hat is on. Measured one trial at a time, their
+    # ratios must match one side-by-side measurement of the four.
+    monkeypatch.setenv("FVLAB_PROFILE_ROUNDS", "15")
+    monkeypatch.setenv("FVLAB_PROFILE_ROUND_S", "0.04")
+    sweep = write_sweep(tmp_path, base=ARCHS_64, study="scale", space=HAT_SPACE, n_trials=4,
+                        sampler={"name": "grid", "seed": 0})
+    assert run_sweep(tmp_path, sweep) == 0
+    study = journal_study(tmp_path / "runs" / "scale" / "study.journal", "scale")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    scale = study.user_attrs["fvlab_throughput_scale"]
+    reference = trials[0]
+    assert reference.user_attrs["reference"] and reference.user_attrs["speedup"] == 1.0
+    assert reference.user_attrs["throughput"] == scale["throughput"]
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert attrs["throughput"] == pytest.approx(attrs["speedup"] * scale["throughput"])
+        assert attrs["throughput_lo"] <= attrs["throughput"] <= attrs["throughput_hi"]
+        assert attrs["throughput_measured"] > 0  # the trial's own moment, kept apart
+        metrics = json.loads((Path(attrs["run_dir"]) / "metrics.json").read_text())
+        assert metrics["model/throughput"] == trial.values[1] == attrs["throughput"]
+        assert metrics["model/throughput_measured"] == attrs["throughput_measured"]
+    # One side-by-side measurement of the same four architectures.
+    space = load_sweep(sweep).space
+    variants = {f"t{t.number}": {k: space[k].decode(v) for k, v in t.params.items()} for t in trials}
+    experiment = tmp_path / "four.yaml"
+    experiment.write_text(yaml.safe_dump({**ARCHS_64, "name": "four", "seeds": None, "ablation": variants}))
+    assert main(["profile", str(experiment), "--json", "--rounds", "15", "--runs-dir", str(tmp_path / "runs")]) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "runs" / "four" / "profile.json").read_text())}
+    for a in trials:
+        for b in trials:
+            if a.number < b.number:
+                searched = a.user_attrs["throughput"] / b.user_attrs["throughput"]
+                together = rows[f"t{a.number}"]["model/throughput"] / rows[f"t{b.number}"]["model/throughput"]
+                assert searched == pytest.approx(together, rel=0.10), (a.params, b.params)

@@ -30,7 +30,7 @@ __all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_sp
 
 # The figures the side-by-side protocol gives; params and GFLOPs need no timing.
 THROUGHPUT_METRICS = tuple(m for m in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)
-                           if m not in ("model/params_m", "model/gflops"))
+                           if m not in ("model/params_m", "model/params_built_m", "model/gflops"))
 
 
 def device_kind(device: torch.device) -> str:
@@ -110,8 +110,9 @@ def measure_specs(specs: Mapping[str, RunSpec | Target], *, reference: str | Non
                          f"{sorted(devices)} and {sorted(precisions)}")
     metrics: dict[str, dict[str, Any]] = {}
     for name, target in targets.items():
-        figures: dict[str, Any] = {"model/params_m": count_params(target.network) / 1e6, "model/gflops": None,
-                                   **dict.fromkeys(THROUGHPUT_METRICS)}
+        figures: dict[str, Any] = {"model/params_m": count_params(target.network, target.image_size) / 1e6,
+                                   "model/params_built_m": count_params(target.network) / 1e6,
+                                   "model/gflops": None, **dict.fromkeys(THROUGHPUT_METRICS)}
         if counts and name in counts:
             figures["model/gflops"] = counts[name].get("model/gflops")
         else:

@@ -867,6 +867,12 @@ class FasterViT(nn.Module):
         windows = math.ceil(h / ws) * math.ceil(w / ws)
         return self.ct_size[stage] > 0 and windows > 1
 
+    def idle_parameters(self, image_size: int | Sequence[int]) -> list[nn.Parameter]:
+        """The carrier-token weights that an input of ``image_size`` never uses: those of HAT stages
+        whose map is one window there (built, so checkpoints load at every size, but idle)."""
+        return [p for i, stage in enumerate(self.levels) if not stage.conv and stage.ct_size > 0
+                and not self.carrier_tokens_live(i, image_size) for p in stage.carrier_parameters()]
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

@@ -249,23 +249,33 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
         (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
         if t.state == "complete" and t.duplicate_of is None and finite(t.metrics.get("model/throughput")) is not None
         and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
+    together = _together(data)
+    together_pareto = pareto_optimal([
+        (together[str(t.number)]["throughput"], finite(t.metrics.get(PRIMARY_METRIC)))
+        if str(t.number) in together and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None
+        for t in trials], ("maximize", "maximize"))
     header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
-              *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto", "reason"]
+              *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto",
+              *(["throughput (together)", "Pareto (together)"] if together else []), "reason"]
     table, csv_rows = [], []
-    for t, optimal in zip(trials, pareto):
+    for t, optimal, optimal_together in zip(trials, pareto, together_pareto):
+        both = together.get(str(t.number))
+        together_cells = ([f"{both['throughput']:.1f}" if both else "", "yes" if optimal_together else ""]
+                          if together else [])
         acc = finite(t.metrics.get(PRIMARY_METRIC))
         table.append([f"#{t.number}", t.state, *(_value(t.params.get(c)) for c in columns),
                       "-" if acc is None else f"{acc:.4f}", _value(finite(t.metrics.get(TEST_PRIMARY_METRIC))),
                       *(_value(t.metrics.get(n)) for n in extra),
                       *_model_cells({k: finite(v) for k, v in t.metrics.items() if k.startswith("model/")}),
                       _value(t.metrics.get("epochs")), _value(finite(t.metrics.get("wall_s"))),
-                      "yes" if optimal else "", t.reason[:80]])
+                      "yes" if optimal else "", *together_cells, t.reason[:80]])
         csv_rows.append({"kind": "trial", "source": data.name, "trial": t.number, "status": t.state,
                          **{f"param.{c}": t.params.get(c) for c in columns},
                          **{k: t.metrics.get(k) for k in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
                                                           *MODEL_METRICS, *MODEL_EXTRA_METRICS, "epochs",
                                                           "wall_s")},
-                         "pareto": optimal, "reason": t.reason,
+                         "pareto": optimal, "throughput_together": both["throughput"] if both else None,
+                         "pareto_together": optimal_together if together else None, "reason": t.reason,
                          "run_dir": str(t.run.path) if t.run is not None else None})
     counts = {s: sum(t.state == s for t in trials) for s in dict.fromkeys(t.state for t in trials)}
     notes = [f"{data.name} ({data.source}): {len(trials)} trials, "
@@ -273,7 +283,19 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
     notes += [f"{t.state}: trial #{t.number}: {t.reason or 'no reason recorded'}" for t in trials
               if t.state in ("failed", "pruned", "infeasible")]
     notes.append(PARETO_NOTE)
+    from fvlab.sweep.pareto import SCALE_ATTR, SCALE_NOTE
+
+    if data.study is not None and data.study.user_attrs.get(SCALE_ATTR):
+        notes.append(SCALE_NOTE)
     return markdown_table(header, table), notes, csv_rows, pareto
+
+
+def _together(data: StudyData) -> dict[str, dict[str, Any]]:
+    """The front and the reference measured side by side after the search (empty before that)."""
+    from fvlab.sweep.pareto import TOGETHER_ATTR
+
+    stored = data.study.user_attrs.get(TOGETHER_ATTR) if data.study is not None else None
+    return dict((stored or {}).get("figures") or {})
 
 
 # ---- writing ---------------------------------------------------------------------------

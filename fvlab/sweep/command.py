@@ -63,7 +63,9 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         spec = build_run(configured, None, {"trainer.logger": False})
     except BadConfig as err:
         raise SweepError(f"{args.sweep}: the base experiment with overrides cannot be built: {err}") from None
-    check_rungs_epochs(sweep, get_dotted(spec.config, "trainer.max_epochs", None))
+    check_rungs_epochs(sweep, get_dotted(spec.config, "trainer.max_epochs", None),
+                       get_dotted(spec.config, "trainer.check_val_every_n_epoch", 1),
+                       get_dotted(spec.config, "trainer.limit_val_batches", None))
     missing = object()
     for key in sweep.space:
         if get_dotted(spec.config, key, missing) is missing:
@@ -181,26 +183,44 @@ def _check_study(study: Any, sweep: Any, kind: str, threads: int | None, where: 
 
 
 def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label: str) -> None:
-    from fvlab.sweep.pareto import (export_configs, format_front, front_rows, front_trials, reference_trial,
-                                    write_front)
+    from fvlab.sweep.pareto import (SCALE_NOTE, export_configs, format_front, front_rows, front_trials,
+                                    measure_together, reference_trial, together_columns, write_front)
     from fvlab.sweep.workers import count_budget
 
     trials = front_trials(study)
-    rows = front_rows(trials, sweep)
     reference = reference_trial(study)
+    members = list(trials)
     if reference is not None and all(t.number != reference.number for t in trials):
         # Shown below the front, so that every front is read against where the search started.
-        rows += [{**row, "run": row["run"].replace("(reference)", "(reference, not on the front)")}
-                 for row in front_rows([reference], sweep)]
+        members.append(reference)
+    rows = front_rows(members, sweep)
+    if len(members) > len(trials):
+        rows[-1]["run"] = rows[-1]["run"].replace("(reference)", "(reference, not on the front)")
+    notes = ""
+    if sweep.uses_throughput() and members:
+        try:
+            together = measure_together(study, members, sweep, base, study_dir)
+        except Exception as err:  # a measurement never fails the search: the search-time figures stand
+            print(f"[{sweep.study}] measuring the front together failed: {type(err).__name__}: {err}",
+                  file=sys.stderr)
+            together = {}
+        together_columns(rows, members, together, sweep)
+        notes = SCALE_NOTE
+    if reference is None:
+        base_trial = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
+        if base_trial is not None and base_trial.state.is_finished():
+            why = base_trial.user_attrs.get("pruned_reason") or base_trial.user_attrs.get("fail_reason") or ""
+            notes = (f"The reference trial {base_trial.number} (the base experiment's settings) is "
+                     f"{base_trial.state.name.lower()}: {why}\n\n" + notes).strip()
     what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
     from fvlab.sweep.confirm import confirmed_rows, format_confirmed
 
     confirmed = (format_confirmed(confirmed_rows(study, list(sweep.objectives), sweep.confirm_seeds, study_dir))
                  if sweep.confirm_seeds else "")
-    write_front(study_dir, rows, f"{sweep.study}: {what}")
+    write_front(study_dir, rows, f"{sweep.study}: {what}", notes)
     if confirmed:
         with (study_dir / "pareto.md").open("a") as f:
-            f.write(f"\n## Confirmed over seeds (mean ± std; the front recomputed on the means)\n\n{confirmed}\n")
+            f.write(f"\n## Confirmed over fresh seeds (the front recomputed on the means)\n\n{confirmed}\n")
     paths = export_configs(study_dir, trials, sweep, base)
     states: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
@@ -209,8 +229,10 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
     print(f"\n{sweep.study}: {counted} trial(s) "
           f"({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); {what}:\n")
     print(format_front(rows))
+    if notes:
+        print(f"\n{notes}")
     if confirmed:
-        print(f"\nconfirmed over seeds (mean ± std; the front recomputed on the means):\n\n{confirmed}")
+        print(f"\nconfirmed over fresh seeds (the front recomputed on the means):\n\n{confirmed}")
     print(f"\n{study_dir}/pareto.md, pareto.csv" + (f"; configs: {study_dir}/best/ ({len(paths)})" if paths else ""))
     print(f"tensorboard --logdir {study_dir}")
     print(f"optuna-dashboard {label}")

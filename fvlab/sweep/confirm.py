@@ -1,12 +1,16 @@
-"""``confirm: {seeds: [1, 2]}``: the front's configurations trained again with other seeds.
+"""``confirm: {seeds: [1, 2]}``: the front's configurations trained again with fresh seeds.
 
 A front found with one seed per configuration is partly seed noise (on digits the seeds of one
-configuration spread by 1-2 points, more than the effects searched). After the search, or with
-``fvlab sweep SWEEP.yaml --confirm`` on a finished study, each front member is trained again
-with every listed seed, in ``runs/<study>/confirm/trial_NNNN/seed_<s>/``, through the same fit
-runs as ``fvlab fit`` (a complete run is skipped, a changed one refused, so a rerun resumes).
-The trial's own run counts as one seed. Each member then gets mean ± std per objective, and
-the front is recomputed on the means: members that leave it are marked.
+configuration spread by 1-2 points, more than the effects searched), and the run that put a
+configuration on the front is its luckiest draw (the winner's curse). After the search, or with
+``fvlab sweep SWEEP.yaml --confirm`` on a finished study, each front member and the reference
+trial are trained again with every listed seed, in ``runs/<study>/confirm/trial_NNNN/seed_<s>/``,
+through the same fit runs as ``fvlab fit`` (a complete run is skipped, a changed one refused, so
+a rerun resumes). The table's means, std and front use those fresh seeds only; the selecting
+run's value is shown beside them, never averaged in. Each member's accuracy is compared with the
+reference's, paired by confirm seed (95% paired-t interval, ``*`` by Holm's step-down over the
+members). Architecture figures (throughput, GFLOPs) do not change with a seed: they are shown
+as measured, throughput with its interval.
 """
 
 from __future__ import annotations
@@ -21,11 +25,10 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
-from fvlab.pareto import pareto_optimal
 from fvlab.sweep.space import SweepSpec
 
-__all__ = ["trial_config", "confirm_dir", "confirm_front", "confirm_seeds_on_disk", "confirmed_rows",
-           "format_confirmed"]
+__all__ = ["trial_config", "confirm_dir", "confirm_members", "confirm_front", "confirm_seeds_on_disk",
+           "confirmed_rows", "format_confirmed", "CONFIRM_LEGEND"]
 
 
 def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
@@ -54,14 +57,25 @@ def _model_figures(trial: FrozenTrial) -> dict[str, Any]:
             if trial.user_attrs.get(attr) is not None}
 
 
+def confirm_members(study: optuna.Study) -> list[FrozenTrial]:
+    """What ``confirm`` trains: the front, then the reference trial when it is not on it."""
+    from fvlab.sweep.pareto import front_trials, reference_trial
+
+    members = front_trials(study)
+    reference = reference_trial(study)
+    if reference is not None and all(t.number != reference.number for t in members):
+        members.append(reference)
+    return members
+
+
 def confirm_front(study: optuna.Study, sweep: SweepSpec, base_config: Mapping[str, Any], study_dir: Path,
                   log: Callable[..., None] = print) -> bool:
-    """Train every front member with every confirm seed (complete runs skipped); True when one failed."""
+    """Train every front member and the reference with every confirm seed (complete runs skipped);
+    True when one failed."""
     from fvlab.lit.runner import BadConfig, RunRefused, build_run, config_hash, fit_run, plan_run, release_memory
-    from fvlab.sweep.pareto import front_trials
 
     failed = False
-    for trial in front_trials(study):
+    for trial in confirm_members(study):
         config = trial_config(trial, sweep, base_config, study_dir)
         for seed in sweep.confirm_seeds or []:
             run_dir = confirm_dir(study_dir, trial, seed)
@@ -102,43 +116,93 @@ def confirm_seeds_on_disk(study_dir: Path) -> list[int]:
     return sorted(found)
 
 
+def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
+    """A ``model/*`` figure as measured (a seed does not change it); throughput with its interval."""
+    attr = metric.removeprefix("model/")
+    value = trial.user_attrs.get(attr)
+    if value is None:
+        return "-"
+    lo, hi = trial.user_attrs.get(f"{attr}_lo"), trial.user_attrs.get(f"{attr}_hi")
+    return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{value:.4g}"
+
+
 def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
                    study_dir: Path) -> list[dict[str, Any]]:
-    """Per front member: each objective's mean ± std over its seeds (its own run included), and
-    whether it stays on the front recomputed on the means. Empty before any confirm run is complete."""
-    from fvlab.sweep.pareto import front_trials
+    """Per front member (and the reference): each objective's mean ± std over the fresh confirm
+    seeds beside the selecting run's value, the paired difference to the reference, and whether
+    it stays on the front recomputed on the means. Empty before any confirm run is complete."""
+    from fvlab.pareto import pareto_optimal
+    from fvlab.report.stats import SIGNIFICANT_MARK, holm, paired_difference
 
+    trained = [m for m in objectives if not m.startswith("model/")]
+    reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
     members = []
-    for trial in front_trials(study):
-        samples: dict[str, list[float]] = {m: [float(v)] for m, v in zip(objectives, trial.values)}
-        run_seeds = [trial.user_attrs.get("seed")]
+    for trial in confirm_members(study):
+        by_seed: dict[str, dict[int, float]] = {m: {} for m in trained}
         for seed in seeds:
             metrics = _read_metrics(confirm_dir(study_dir, trial, seed))
-            if metrics is None:
-                continue
-            run_seeds.append(seed)
-            for metric in objectives:
+            for metric in trained if metrics is not None else ():
                 value = metrics.get(metric)
                 if value is not None and math.isfinite(float(value)):
-                    samples[metric].append(float(value))
-        members.append((trial, run_seeds, samples))
-    if not any(len(run_seeds) > 1 for _, run_seeds, _ in members):
+                    by_seed[metric][seed] = float(value)
+        members.append((trial, by_seed))
+    if not any(samples for _, by_seed in members for samples in by_seed.values()):
         return []
-    means = [[statistics.fmean(samples[m]) for m in objectives] for _, _, samples in members]
-    stays = pareto_optimal(means, study.directions)
+    own = {trial.number: dict(zip(objectives, trial.values)) for trial, _ in members}
+    reference_seeds = next((by_seed for t, by_seed in members
+                            if reference is not None and t.number == reference.number), None)
+    differences = {}
+    for trial, by_seed in members:
+        if reference_seeds is not None and trial.number != reference.number:
+            differences[trial.number] = {m: paired_difference(by_seed[m], reference_seeds[m], "reference")
+                                         for m in trained}
+    marks = {m: dict(zip(differences, holm([d[m].p_value for d in differences.values()]))) for m in trained}
+    means = []
+    for trial, by_seed in members:
+        means.append([statistics.fmean(by_seed[m].values()) if by_seed.get(m) else
+                      (own[trial.number][m] if m.startswith("model/") else math.nan) for m in objectives])
+    stays = pareto_optimal([None if any(math.isnan(v) for v in mean) else mean for mean in means],
+                           study.directions)
     rows = []
-    for (trial, run_seeds, samples), mean, on_front in zip(members, means, stays):
-        row: dict[str, Any] = {"trial": trial.number, "seeds": " ".join(str(s) for s in run_seeds)}
-        for metric, value in zip(objectives, mean):
-            spread = statistics.stdev(samples[metric]) if len(samples[metric]) > 1 else 0.0
-            row[metric] = f"{value:.4g} ± {spread:.2g}"
-        row["on the front of the means"] = "yes" if on_front else "no: left it"
+    for (trial, by_seed), on_front in zip(members, stays):
+        is_reference = reference is not None and trial.number == reference.number
+        row: dict[str, Any] = {"trial": f"{trial.number}" + (" (reference)" if is_reference else "")}
+        row["confirm seeds"] = " ".join(str(s) for s in seeds if any(s in by_seed[m] for m in trained)) or "-"
+        for metric in objectives:
+            if metric.startswith("model/"):
+                row[metric] = _architecture_cell(trial, metric)
+                continue
+            values = list(by_seed[metric].values())
+            if not values:
+                row[metric] = "-"
+            else:
+                spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
+                row[metric] = f"{statistics.fmean(values):.4g} ± {spread}"
+            row[f"{metric} (selecting run)"] = f"{own[trial.number][metric]:.4g}"
+            if differences:
+                d = differences.get(trial.number, {}).get(metric)
+                if is_reference:
+                    row[f"Δ {metric}"] = "reference"
+                elif d is None or d.mean is None:
+                    row[f"Δ {metric}"] = "-"
+                else:
+                    ci = f"[{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else "[n/a]"
+                    mark = f" {SIGNIFICANT_MARK}" if marks[metric].get(trial.number) else ""
+                    row[f"Δ {metric}"] = f"{d.mean:+.4f} {ci}{mark} (n={d.n})"
+        row["on the front of the means"] = "yes" if on_front else "no"
         rows.append(row)
     return rows
+
+
+CONFIRM_LEGEND = ("Means ± sample std over the fresh confirm seeds only (n/a with one seed); the selecting "
+                  "run, whose value put the trial on the front, is shown beside them and not averaged in. "
+                  "Δ: mean per-seed difference to the reference trial over the confirm seeds both have (n), "
+                  "with its unadjusted 95% paired-t interval; * where Holm's step-down over the members "
+                  "rejects at 0.05. Throughput is on the study's one scale, with its 95% interval.")
 
 
 def format_confirmed(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of :func:`confirmed_rows` (empty without rows)."""
     from fvlab.sweep.pareto import format_front
 
-    return format_front(rows) if rows else ""
+    return f"{format_front(rows)}\n\n{CONFIRM_LEGEND}" if rows else ""

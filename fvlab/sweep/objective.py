@@ -28,16 +28,19 @@ from optuna.trial import TrialState
 from fvlab.experiment import apply_overrides
 from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
-from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
+from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, MOMENT_METRICS
+from fvlab.sweep.pareto import SCALE_ATTR
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
-__all__ = ["canonical_key", "TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective", "continue_attempt"]
+__all__ = ["canonical_key", "TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective",
+           "continue_attempt", "SCALE_ATTR"]
 
 log = logging.getLogger(__name__)
 
 ARCH_ATTR = "fvlab_arch:"
 # user_attrs names of the model metrics (DESIGN.md metric -> attribute).
-USER_ATTRS = {metric: metric.removeprefix("model/") for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}
+USER_ATTRS = {metric: metric.removeprefix("model/")
+              for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS, *MOMENT_METRICS)}
 
 
 CANONICAL_ATTR = "canonical"  # trial user_attr: hash of what the trial trains (canonical_key)
@@ -81,9 +84,10 @@ class PruningCallback(pl.Callback):
     then raises ``optuna.TrialPruned``.
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str):
+    def __init__(self, trial: optuna.Trial, monitor: str, protected: bool = False):
         self.trial = trial
         self.monitor = monitor
+        self.protected = protected  # reports, never stops (the study's reference trial)
         self.stopped_status: str | None = None
         self.stopped_reason: str | None = None
 
@@ -94,7 +98,7 @@ class PruningCallback(pl.Callback):
         value = float(trainer.callback_metrics[self.monitor])
         epoch = trainer.current_epoch
         self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
+        if not self.protected and self.trial.should_prune():
             self.stopped_status = "pruned"
             self.stopped_reason = f"pruned at epoch {epoch + 1}: {self.monitor}={value:.4f}"
             trainer.should_stop = True
@@ -131,28 +135,38 @@ def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | Non
     return None
 
 
+# What the cache keeps per architecture: its counts and its side-by-side figures against the
+# reference (the throughput of its own moment, and the ratios that carry over to the study's scale).
+_RATIOS = ("speedup", "speedup_lo", "speedup_hi", "latency_ratio", "latency_ratio_lo", "latency_ratio_hi")
+
+
 class ArchitectureProfiler:
     """``model/*`` metrics measured once per architecture, shared by every process through the study.
 
-    Throughput is measured side by side (DESIGN.md): each new architecture in interleaved
-    rounds with the base experiment's architecture, in one process, so ``model/throughput``
-    (median with its 95% interval) and ``model/speedup`` (median of per-round ratios to the
-    base) are taken at the same moment as the reference's; a busy machine slows both alike.
-    Figures are keyed by the architecture's identity and the reference's (device, precision,
-    threads, backend included), so a study never mixes figures of different identities.
+    Throughput is measured side by side (DESIGN.md): each new architecture in interleaved rounds
+    with the base experiment's architecture (the reference), in one process, so its speedup (the
+    median of per-round ratios) holds whatever the load of that moment. The study keeps one scale:
+    the reference's throughput and latency from the first measurement are stored in the study
+    (``SCALE_ATTR``), and a trial's ``model/throughput`` (with its interval) and ``model/latency_ms``
+    are its ratios to the reference times those stored figures, so trials measured at different
+    moments, by different workers under each other's load, compare as if side by side. What the
+    trial's own moment read stays under ``model/throughput_measured`` and
+    ``model/latency_ms_measured``. Figures are keyed by the architecture's identity and the
+    reference's (device, precision, threads, backend included), so a study never mixes figures
+    of different identities.
     """
 
     def __init__(self, study: optuna.Study, reference_config: Mapping[str, Any] | None = None,
-                 speedup: bool = False, throughput: bool = True):
+                 throughput: bool = True, locked: Callable[[], ContextManager[Any]] | None = None):
         self.study = study
         self.reference_config = reference_config
-        self.speedup = speedup
         self.throughput = throughput
-        self.cache: dict[str, dict[str, float | None]] = {}
+        self.locked = locked or contextlib.nullcontext  # the study's lock: the scale is stored once
+        self.cache: dict[str, dict[str, Any]] = {}
         self._reference: RunSpec | None = None
 
-    def cached(self, key: str) -> dict[str, float | None] | None:
-        """Metrics already measured for ``key`` (in this process or by another one)."""
+    def cached(self, key: str) -> dict[str, Any] | None:
+        """Figures already measured for ``key`` (in this process or by another one)."""
         if key not in self.cache:
             shared = self.study.user_attrs.get(ARCH_ATTR + key)
             if shared:
@@ -173,25 +187,88 @@ class ArchitectureProfiler:
         """Params and GFLOPs (no timing), from the cache when known."""
         known = self.cached(self._key(spec))
         if known is not None:
-            return known
+            return self.on_scale(known)
         return profile_run(spec, throughput=False)
 
+    def _timed(self, figures: Mapping[str, Any] | None) -> bool:
+        return figures is not None and (not self.throughput or figures.get("speedup") is not None)
+
     def measure(self, spec: RunSpec) -> dict[str, float | None]:
-        """All model metrics of the run's architecture, measured next to the base architecture the first time."""
+        """All model metrics of the run's architecture on the study's scale, measured next to the
+        reference the first time."""
         key = self._key(spec)
         known = self.cached(key)
-        if known is not None and (not self.throughput or known.get("model/throughput") is not None):
-            return known
+        if not self._timed(known):
+            known = self._measure(spec, key)
+        return self.on_scale(known)
+
+    def _measure(self, spec: RunSpec, key: str) -> dict[str, Any]:
         reference = self._reference_spec()
-        specs = {"candidate": spec}
-        if reference is not None and self.throughput:
-            specs = {"reference": reference, "candidate": spec}
+        alone = reference is None or not self.throughput or \
+            arch_identity(spec) == arch_identity(reference)
+        specs = {"candidate": spec} if alone else {"reference": reference, "candidate": spec}
         measured = measure_specs(specs, reference=next(iter(specs)), throughput=self.throughput)
-        metrics = {k: v for k, v in measured["candidate"].items() if k.startswith("model/")}
-        if not self.speedup:
-            metrics.pop("model/speedup", None)
-        self.cache[key] = metrics
-        self.study.set_user_attr(ARCH_ATTR + key, metrics)
+        figures: dict[str, Any] = {k: v for k, v in measured["candidate"].items()
+                                   if k in ("model/params_m", "model/params_built_m", "model/gflops")}
+        detail = measured["candidate"].get("throughput") or {}
+        if detail:
+            figures.update({"throughput": detail["images_per_s"], "throughput_lo": detail["images_per_s_lo"],
+                            "throughput_hi": detail["images_per_s_hi"], "latency_ms": detail["latency_ms"]})
+            if alone:  # the reference itself: ratio 1, its interval its own spread over rounds
+                tp = detail["images_per_s"]
+                figures.update(speedup=1.0, speedup_lo=detail["images_per_s_lo"] / tp,
+                               speedup_hi=detail["images_per_s_hi"] / tp, latency_ratio=1.0,
+                               latency_ratio_lo=None, latency_ratio_hi=None)
+                own = detail
+            else:
+                figures.update({name: detail.get(name) for name in _RATIOS})
+                own = measured["reference"].get("throughput") or {}
+            if reference is not None and own:
+                self._store_scale(own)
+        self.cache[key] = figures
+        self.study.set_user_attr(ARCH_ATTR + key, figures)
+        return figures
+
+    def _store_scale(self, reference: Mapping[str, Any]) -> None:
+        """The reference's figures become the study's scale, unless a measurement before this one set it."""
+        if SCALE_ATTR in self.study.user_attrs:
+            return
+        with self.locked():
+            if SCALE_ATTR not in self.study.user_attrs:
+                self.study.set_user_attr(SCALE_ATTR, {
+                    "throughput": reference["images_per_s"], "throughput_lo": reference["images_per_s_lo"],
+                    "throughput_hi": reference["images_per_s_hi"], "latency_ms": reference["latency_ms"],
+                    "batch_size": reference.get("batch_size"), "device": reference.get("device"),
+                    "dtype": reference.get("dtype"), "threads": reference.get("threads"),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def scale(self) -> dict[str, Any] | None:
+        """The study's stored reference figures, or None before the first measurement."""
+        return self.study.user_attrs.get(SCALE_ATTR)
+
+    def on_scale(self, figures: Mapping[str, Any]) -> dict[str, float | None]:
+        """The ``model/*`` metrics of cached figures: throughput and latency on the study's scale,
+        the moment's own readings under ``*_measured``."""
+        metrics: dict[str, float | None] = {k: figures.get(k) for k in
+                                            ("model/params_m", "model/params_built_m", "model/gflops")}
+        if not self.throughput:
+            return metrics
+        scale = self.scale() or {}
+        tp, latency = scale.get("throughput"), scale.get("latency_ms")
+
+        def times(ratio: Any, base: Any) -> float | None:
+            return None if ratio is None or base is None else float(ratio) * float(base)
+
+        metrics.update({
+            "model/throughput": times(figures.get("speedup"), tp),
+            "model/throughput_lo": times(figures.get("speedup_lo"), tp),
+            "model/throughput_hi": times(figures.get("speedup_hi"), tp),
+            "model/latency_ms": times(figures.get("latency_ratio"), latency),
+            "model/speedup": figures.get("speedup"),
+            "model/throughput_measured": figures.get("throughput"),
+            "model/throughput_measured_lo": figures.get("throughput_lo"),
+            "model/throughput_measured_hi": figures.get("throughput_hi"),
+            "model/latency_ms_measured": figures.get("latency_ms")})
         return metrics
 
 
@@ -243,6 +320,8 @@ class SweepObjective:
         if not done:
             return None
         original = min(done, key=lambda t: (t.state != TrialState.COMPLETE, t.number))
+        if original.state == TrialState.PRUNED and trial.user_attrs.get("reference"):
+            return None  # the reference is never pruned, not even as a duplicate: it trains
         trial.set_user_attr("duplicate_of", original.number)
         for attr, value in original.user_attrs.items():
             if attr not in ("run_name", "run_dir", "fvlab_process", "reference", "duplicate_of", CANONICAL_ATTR,
@@ -267,13 +346,15 @@ class SweepObjective:
         trial.set_user_attr("run_dir", str(run_dir))
         config = apply_overrides(self.base_config, {**self.sweep.overrides, **params})
         callbacks = []
+        # The base experiment's own settings: every front is read against it, so it always trains to the end.
+        protected = bool(trial.user_attrs.get("reference"))
         if self.sweep.pruner == "rungs":
             from fvlab.sweep.rungs import RungsCallback
 
             # The study's RungsPruner decides; model/* values come from the measurement fit_run is given.
-            callbacks.append(RungsCallback(trial, list(self.sweep.objectives)))
+            callbacks.append(RungsCallback(trial, list(self.sweep.objectives), protected=protected))
         elif self.sweep.pruner:
-            callbacks.append(PruningCallback(trial, next(iter(self.sweep.objectives))))
+            callbacks.append(PruningCallback(trial, next(iter(self.sweep.objectives)), protected=protected))
         try:
             spec = build_run(config, run_dir, experiment=self.sweep.study, variant=run_name,
                              callbacks=callbacks, hparams=params)
@@ -313,7 +394,10 @@ class SweepObjective:
         raise optuna.TrialPruned(reason)
 
     def _check(self, trial: optuna.Trial, metrics: Mapping[str, float | None]) -> None:
-        """Record the model figures and constraints; prune (untrained) when one is violated."""
+        """Record the model figures and constraints; prune (untrained) when one is violated.
+
+        The reference trial too: its own settings break the user's bound, and a full training of a
+        model the user ruled out is not spent (pareto.md says so). Pruners never stop it."""
         for metric, attr in USER_ATTRS.items():
             if metrics.get(metric) is not None:
                 trial.set_user_attr(attr, metrics[metric])

@@ -20,7 +20,18 @@ from fvlab.experiment import apply_overrides
 from fvlab.pareto import pareto_optimal
 from fvlab.sweep.space import SweepSpec, encode_choice
 
-__all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "write_front", "export_configs"]
+__all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "write_front", "export_configs",
+           "SCALE_ATTR", "TOGETHER_ATTR", "measure_together", "together_columns", "SCALE_NOTE"]
+
+# Study user_attrs: the reference's throughput and latency, stored once (the study's one scale) ...
+SCALE_ATTR = "fvlab_throughput_scale"
+# ... and the front's architectures and the reference measured side by side after the search.
+TOGETHER_ATTR = "fvlab_front_together"
+SPEED_OBJECTIVES = {"model/throughput": "throughput", "model/latency_ms": "latency_ms", "model/speedup": "speedup"}
+SCALE_NOTE = ("model/throughput is on the study's one scale: the trial's side-by-side speedup to the reference "
+              "times the reference's throughput stored in the study when it was first measured (the trial's own "
+              "moment read model/throughput_measured). 'together' columns: the front and the reference measured "
+              "again side by side in one measurement after the search, and the front recomputed on them.")
 
 
 def reference_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -91,10 +102,10 @@ def format_front(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_front(study_dir: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """``pareto.md`` and ``pareto.csv`` in the study directory."""
+def write_front(study_dir: Path, rows: list[dict[str, Any]], title: str, notes: str = "") -> None:
+    """``pareto.md`` (with ``notes`` below the table) and ``pareto.csv`` in the study directory."""
     study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "pareto.md").write_text(f"# {title}\n\n{format_front(rows)}\n")
+    (study_dir / "pareto.md").write_text(f"# {title}\n\n{format_front(rows)}\n" + (f"\n{notes}\n" if notes else ""))
     header = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=header)
@@ -130,3 +141,72 @@ def export_configs(study_dir: Path, trials: list[FrozenTrial], sweep: SweepSpec,
         if old.name not in wanted:  # left the front since the last export
             old.unlink()
     return paths
+
+
+def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: SweepSpec,
+                     base_config: Mapping[str, Any], study_dir: Path) -> dict[str, dict[str, Any]]:
+    """The members' architectures and the reference's, measured side by side in one measurement
+    (each distinct architecture once); stored in the study, and reused while the members are the same."""
+    import torch
+
+    from fvlab.lit.measure import Target, arch_identity, identity_key, measure_specs
+    from fvlab.lit.runner import build_run, release_memory
+    from fvlab.sweep.confirm import trial_config
+
+    numbers = sorted(t.number for t in members)
+    stored = study.user_attrs.get(TOGETHER_ATTR) or {}
+    if stored.get("members") == numbers:
+        return stored["figures"]
+    targets: dict[str, Target] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    name_of: dict[int, str] = {}
+    threads = torch.get_num_threads()
+    if study.user_attrs.get("fvlab_threads"):  # the thread count every trial was measured with
+        torch.set_num_threads(int(study.user_attrs["fvlab_threads"]))
+    try:
+        reference = build_run(apply_overrides(base_config, sweep.overrides), None, {"trainer.logger": False})
+        name_of_identity = {identity_key(arch_identity(reference)): "reference"}
+        targets["reference"] = Target.of(reference)
+        del reference
+        for trial in sorted(members, key=lambda t: t.number):
+            spec = build_run(trial_config(trial, sweep, base_config, study_dir), None, {"trainer.logger": False})
+            key = identity_key(arch_identity(spec))
+            if key not in name_of_identity:
+                name_of_identity[key] = f"trial_{trial.number:04d}"
+                targets[name_of_identity[key]] = Target.of(spec)
+                counts[name_of_identity[key]] = {"model/gflops": trial.user_attrs.get("gflops")}
+            name_of[trial.number] = name_of_identity[key]
+            del spec
+        measured = measure_specs(targets, reference="reference", counts=counts)
+    finally:
+        torch.set_num_threads(threads)
+        targets.clear()
+        release_memory()
+    figures = {}
+    for number, name in name_of.items():
+        detail = measured[name].get("throughput") or {}
+        if detail:
+            figures[str(number)] = {"throughput": detail["images_per_s"], "throughput_lo": detail["images_per_s_lo"],
+                                    "throughput_hi": detail["images_per_s_hi"], "latency_ms": detail["latency_ms"],
+                                    "speedup": detail["speedup"], "speedup_lo": detail["speedup_lo"],
+                                    "speedup_hi": detail["speedup_hi"]}
+    study.set_user_attr(TOGETHER_ATTR, {"members": numbers, "figures": figures})
+    return figures
+
+
+def together_columns(rows: list[dict[str, Any]], trials: list[FrozenTrial], together: Mapping[str, Any],
+                     sweep: SweepSpec) -> None:
+    """Add the figures measured together beside the search-time ones, and the front recomputed on them."""
+    points = []
+    for row, trial in zip(rows, trials, strict=True):
+        figures = together.get(str(trial.number))
+        if figures is None:
+            points.append(None)
+            continue
+        row["model/throughput (together)"] = figures["throughput"]
+        row["together [95%]"] = f"[{figures['throughput_lo']:.0f}, {figures['throughput_hi']:.0f}]"
+        row["model/speedup (together)"] = figures["speedup"]
+        points.append([figures[SPEED_OBJECTIVES[m]] if m in SPEED_OBJECTIVES else v
+                       for m, v in zip(sweep.objectives, trial.values)])
+    for row, optimal in zip(rows, pareto_optimal(points, sweep.directions)):
+        row["front (together)"] = "yes" if optimal else "no"

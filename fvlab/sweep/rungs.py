@@ -23,6 +23,9 @@ MO-ASHA:
 - A stopped trial's trainer stops with ``stopped_status = "pruned"`` and the reason; ``fit_run``
   writes them into metrics.json with every figure reached, and the objective ends the trial
   PRUNED (user_attrs ``pruned_rung`` = the rung's epochs, ``pruned_reason``).
+- The study's reference trial (the base experiment's settings, trial 0) records its rung values
+  like any trial, so they count in every decision, but it is never stopped: every front is read
+  against it.
 
 What the samplers learn from stopped trials (Optuna 5.0):
 
@@ -49,6 +52,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.sweep.front import losses, rank_order
+from fvlab.sweep.space import rung_epochs
 
 __all__ = ["RUNG_ATTR", "PRUNED_RUNG_ATTR", "RungDecision", "RungsPruner", "RungsCallback", "rung_epochs",
            "rung_values", "decide"]
@@ -58,17 +62,6 @@ PRUNED_RUNG_ATTR = "pruned_rung"
 # States whose rung values take part in a decision: a FAILED trial's values come back with its
 # retry (which copies its user_attrs), so counting it too would count them twice.
 _RANKED_STATES = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def rung_epochs(min_epochs: int, reduction_factor: int, max_epochs: int | None) -> list[int]:
-    """Epochs at which trials are compared: ``min_epochs * reduction_factor**k`` below ``max_epochs``."""
-    if max_epochs is None or max_epochs < 0:
-        max_epochs = 1000  # Lightning's default when neither max_epochs nor max_steps is set
-    epochs, rungs = min_epochs, []
-    while epochs < max_epochs:
-        rungs.append(epochs)
-        epochs *= reduction_factor
-    return rungs
 
 
 def rung_values(trials: Sequence[FrozenTrial], epochs: int) -> dict[int, list[float]]:
@@ -167,7 +160,8 @@ class RungsCallback(pl.Callback):
     """
 
     def __init__(self, trial: optuna.Trial, objectives: Sequence[str],
-                 known: Mapping[str, float | None] | None = None, pruner: RungsPruner | None = None):
+                 known: Mapping[str, float | None] | None = None, pruner: RungsPruner | None = None,
+                 protected: bool = False):
         pruner = pruner if pruner is not None else trial.study.pruner
         if not isinstance(pruner, RungsPruner):
             raise TypeError(f"RungsCallback needs a RungsPruner, the study has {type(pruner).__name__}")
@@ -177,6 +171,8 @@ class RungsCallback(pl.Callback):
         self.objectives = list(objectives)
         self.known = dict(known or {})
         self.pruner = pruner
+        # The study's reference trial: its rung values count in every decision, and it always goes on.
+        self.protected = protected
         self.stopped_status: str | None = None
         self.stopped_reason: str | None = None
         self.decisions: list[RungDecision] = []
@@ -211,7 +207,7 @@ class RungsCallback(pl.Callback):
         self.pruner.record(self.trial, epochs, list(values.values()))
         decision = self.pruner.decide(self.trial.study, self.trial.number, epochs)
         self.decisions.append(decision)
-        if not decision.go_on:
+        if not decision.go_on and not self.protected:
             self.trial.set_user_attr(PRUNED_RUNG_ATTR, epochs)
             self.stopped_status = "pruned"
             self.stopped_reason = decision.reason(values)

@@ -27,7 +27,8 @@ from fvlab.experiment import changed_keys
 from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
-           "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params"]
+           "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params",
+           "rung_epochs", "check_rungs_epochs"]
 
 # DESIGN.md's metric table, less the test split (never selected on) and train/lr (a setting).
 METRICS = SELECTION_METRICS
@@ -416,14 +417,41 @@ def _check_rungs(options: Mapping[str, Any], objectives: Mapping[str, str]) -> d
     return checked
 
 
-def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any) -> None:
-    """``pruner: rungs`` needs a rung below the base experiment's resolved ``trainer.max_epochs``."""
-    if sweep.pruner != "rungs" or not isinstance(max_epochs, int) or max_epochs < 0:
+def rung_epochs(min_epochs: int, reduction_factor: int, max_epochs: int | None) -> list[int]:
+    """Epochs at which trials are compared: ``min_epochs * reduction_factor**k`` below ``max_epochs``."""
+    if max_epochs is None or max_epochs < 0:
+        max_epochs = 1000  # Lightning's default when neither max_epochs nor max_steps is set
+    epochs, rungs = min_epochs, []
+    while epochs < max_epochs:
+        rungs.append(epochs)
+        epochs *= reduction_factor
+    return rungs
+
+
+def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any, check_val_every_n_epoch: Any = 1,
+                       limit_val_batches: Any = None) -> None:
+    """``pruner: rungs`` needs a rung below the resolved ``trainer.max_epochs``, and a validation at every rung."""
+    if sweep.pruner != "rungs":
         return
     min_epochs = sweep.pruner_options["min_epochs"]
-    if min_epochs >= max_epochs:
+    if isinstance(max_epochs, int) and max_epochs >= 0 and min_epochs >= max_epochs:
         raise SweepError(f"pruner.min_epochs: {min_epochs} is not below trainer.max_epochs {max_epochs}, so no "
                          f"rung would ever stop a trial; lower min_epochs or raise trainer.max_epochs")
+    if limit_val_batches in (0, 0.0):
+        raise SweepError("trainer.limit_val_batches: 0 turns validation off, and pruner: rungs compares trials "
+                         "at validation; remove the override or use pruner: null")
+    # A rung that falls between validations would be skipped without a word: nothing is pruned there.
+    every = check_val_every_n_epoch
+    if not isinstance(every, int) or isinstance(every, bool) or every <= 1:
+        return
+    rungs = rung_epochs(min_epochs, sweep.pruner_options["reduction_factor"],
+                        max_epochs if isinstance(max_epochs, int) else None)
+    missed = [r for r in rungs if r % every]
+    if missed:
+        raise SweepError(f"pruner.min_epochs/pruner.reduction_factor: rung(s) at epoch {', '.join(map(str, missed))} "
+                         f"are not validation epochs with trainer.check_val_every_n_epoch {every}, so no trial "
+                         f"would be compared there; make min_epochs a multiple of {every} or set "
+                         f"trainer.check_val_every_n_epoch: 1")
 
 
 def _same_setting(base: Any, choice: Any) -> bool:

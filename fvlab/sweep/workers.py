@@ -224,8 +224,7 @@ def run_worker(settings: WorkerSettings) -> int:
             index = claim_worker_index(study)
         study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
         profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
-                                        speedup="model/speedup" in sweep.objectives,
-                                        throughput=sweep.uses_throughput())
+                                        throughput=sweep.uses_throughput(), locked=locked)
         objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
                                    locked=locked, recover=lambda: recover_dead_trials(study, storage))
         objectives = list(sweep.objectives)
