@@ -161,7 +161,7 @@ def test_fit_writes_one_run_per_variant_with_tensorboard_hparams(tmp_path: Path,
     summary = (root / "summary.md").read_text()
     assert "no_carrier" in summary and "| test/acc1" in summary
     row = next(line for line in summary.splitlines() if line.startswith("| ct1 "))
-    assert row.split("|")[5].strip() == f"{ct1['test/acc1']:.4f}"  # beside val/acc1_best and its Δ
+    assert row.split("|")[5].strip() == f"{ct1['test/acc1']:.4f} ± n/a"  # beside val/acc1_best and its Δ; one seed
     rows = (root / "summary.csv").read_text().splitlines()[1:]
     assert sum(row.startswith("run,") for row in rows) == 2  # one row per run, plus the means
 

@@ -1,4 +1,4 @@
-"""Pareto dominance with a float32 tolerance: one rule for the report's tables and plots and the sweep's front."""
+"""Pareto dominance after one fixed rounding (float32, 6 significant digits): one rule for the report's tables and plots and the sweep's front."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_float32_equal_accuracy_and_slower_is_dominated() -> None:
     # (throughput, accuracy), both maximised: ct4 is as accurate and slower.
     assert pareto_optimal([(1183.0, CT1), (691.0, CT4)], ("maximize", "maximize")) == [True, False]
     assert dominates((1183.0, CT1), (691.0, CT4), ("maximize", "maximize"))
-    # Differences above the tolerance still count.
+    # Differences that survive the rounding still count.
     assert pareto_optimal([(1183.0, 0.9749), (691.0, 0.9750)], ("maximize", "maximize")) == [True, True]
 
 
@@ -75,3 +75,27 @@ def test_sweep_front_leaves_out_a_float32_tie_that_is_slower() -> None:
     # A trial violating a constraint never enters the front, however good.
     study.add_trial(optuna.trial.create_trial(values=[0.99, 5000.0], system_attrs={"constraints:max_gflops": 0.2}))
     assert [t.number for t in front_trials(study)] == [0, 2]
+
+
+# Offsets {0, 0.8e-6, 1.5e-6} rotated over three maximised objectives: with a pairwise relative
+# tolerance of 1e-6 each point beats the next in a cycle (A > B > C > A).
+CYCLE = [(1.0, 1 + 0.8e-6, 1 + 1.5e-6), (1 + 1.5e-6, 1.0, 1 + 0.8e-6), (1 + 0.8e-6, 1 + 1.5e-6, 1.0)]
+MAX3 = ("maximize", "maximize", "maximize")
+
+
+def test_dominance_is_transitive_on_near_ties() -> None:
+    from optuna.trial import TrialState, create_trial
+
+    from fvlab.sweep.front import losses, pareto_indices, rank_order
+    from fvlab.sweep.rungs import RUNG_ATTR, decide
+
+    flags = pareto_optimal(CYCLE, MAX3)
+    assert any(flags) and flags == [True, True, True]  # one rounding: all three tie
+    assert pareto_indices(CYCLE, MAX3) == [0, 1, 2]
+    order, fronts = rank_order(losses(CYCLE, MAX3))
+    assert sorted(order) == [0, 1, 2] and fronts == [0, 0, 0]
+    trials = [create_trial(state=TrialState.RUNNING, user_attrs={f"{RUNG_ATTR}1": list(p)}) for p in CYCLE]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    decisions = [decide(trials, n, 1, list(MAX3), 3) for n in range(3)]
+    assert sorted(d.rank for d in decisions) == [1, 2, 3] and {d.front for d in decisions} == {1}

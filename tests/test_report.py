@@ -87,8 +87,9 @@ def test_write_summary_table_notes_and_csv(tmp_path: Path) -> None:
     b_row = next(line for line in lines if line.startswith("| b "))
     assert "+0.0400 [" in b_row and "] *" not in b_row
     assert "reference" in next(line for line in lines if line.startswith("| ref "))
-    assert any(line.startswith("± is the sample standard deviation") and "* marks an interval that "
-               "excludes zero" in line for line in lines)
+    assert any(line.startswith("± is the sample standard deviation") and "* marks a difference that "
+               "Holm's step-down over this table's comparisons" in line and "unadjusted 95%" in line
+               for line in lines)
     assert "failed: c seed 3: FloatingPointError: loss is nan (left out of the statistics)" in lines
     assert "missing: d seed 2 (not run yet)" in lines and "missing: d seed 3 (not run yet)" in lines
     assert (tmp_path / "summary.md").read_text().startswith("# ablate\n\n| variant")
@@ -106,8 +107,64 @@ def test_write_summary_table_notes_and_csv(tmp_path: Path) -> None:
 def test_one_seed_has_no_interval_and_still_prints(tmp_path: Path) -> None:
     text = write_summary(tmp_path, [run("no_carrier", 0, 0.95), run("ct1", 0, 0.97)])
     ct1 = next(line for line in text.splitlines() if line.startswith("| ct1 "))
-    assert "+0.0200 [n/a]" in ct1 and "0.9700 " in ct1 and "±" not in ct1
+    assert "+0.0200 [n/a]" in ct1 and "0.9700 ± n/a" in ct1 and "pair" not in ct1
     assert "n/a: fewer than two seeds completed in both ct1 and the reference" in text
+
+
+def test_paired_t_p_values_by_hand() -> None:
+    from fvlab.report.stats import holm
+
+    # df 2: two-sided p = 1 - t / sqrt(2 + t^2); diffs .10 .11 .09 -> t = .1 / (.01 / sqrt 3) = sqrt 300
+    diff = paired_difference({0: 0.90, 1: 0.95, 2: 0.91}, {0: 0.80, 1: 0.84, 2: 0.82})
+    assert diff.p_value == pytest.approx(1 - math.sqrt(300 / 302), rel=1e-6)
+    # df 1: p = 1 - (2 / pi) atan|t|; diffs .10 .11 -> t = .105 / (sqrt(.00005) / sqrt 2) = 21
+    assert paired_difference({0: 0.9, 1: 0.95}, {0: 0.8, 1: 0.84}).p_value == \
+        pytest.approx(1 - 2 / math.pi * math.atan(21), rel=1e-6)
+    # The same Δ on every seed (exact in binary): no spread, p 0 for a nonzero Δ and 1 for none.
+    assert paired_difference({0: 0.75, 1: 0.5}, {0: 0.5, 1: 0.25}).p_value == 0.0
+    assert paired_difference({0: 0.75, 1: 0.5}, {0: 0.75, 1: 0.5}).p_value == 1.0
+    assert paired_difference({0: 0.9}, {0: 0.8}).p_value is None
+    # Holm at 0.05 over 3: sorted .01 < .05/3 rejects, .03 > .05/2 stops (unadjusted, all three would).
+    assert holm([0.01, 0.04, 0.03]) == [True, False, False]
+    # None is no comparison: over 2, .02 < .05/2 and .04 < .05 both reject (over 3 neither would).
+    assert holm([0.02, None, 0.04]) == [True, False, True]
+    assert holm([]) == [] and holm([None]) == [False] and holm([0.06, 0.001], alpha=0.1) == [True, True]
+
+
+def test_summary_marks_by_holm_over_the_tables_comparisons(tmp_path: Path) -> None:
+    ref = [0.80, 0.82, 0.84]
+    # Per-seed differences m - s, m, m + s: t = sqrt(3) m / s, df 2, p = 1 - t / sqrt(2 + t^2).
+    shifts = {"a": (0.10, 0.010), "b": (0.05, 0.018), "c": (0.05, 0.017)}
+    results = [run("ref", s, a) for s, a in enumerate(ref)]
+    for name, (m, sd) in shifts.items():
+        results += [run(name, s, a + m + k * sd) for s, (a, k) in enumerate(zip(ref, (-1, 0, 1)))]
+    p = {name: 1 - (t := math.sqrt(3) * m / sd) / math.sqrt(2 + t * t) for name, (m, sd) in shifts.items()}
+    assert p["a"] < 0.05 / 3 and 0.05 / 2 < p["c"] < p["b"] < 0.05  # .0033, .0364, .0406
+    text = write_summary(tmp_path, results, reference="ref", variant_order=["ref", "a", "b", "c"])
+    variants = {v.variant: v for v in aggregate(results, reference="ref")}
+    rows = {name: next(line for line in text.splitlines() if line.startswith(f"| {name} ")) for name in shifts}
+    for name in shifts:
+        assert variants[name].difference.p_value == pytest.approx(p[name], rel=1e-4)
+        assert variants[name].difference.low > 0  # every unadjusted interval excludes zero ...
+    assert "] *" in rows["a"] and "] *" not in rows["b"] and "] *" not in rows["c"]  # ... Holm keeps one
+    assert "Holm" in text and "unadjusted" in text
+    means = {r["variant"]: r for r in csv.DictReader((tmp_path / "summary.csv").open()) if r["kind"] == "mean"}
+    assert [means[n]["delta_significant"] for n in shifts] == ["True", "False", "False"]
+    assert float(means["b"]["delta_p_value"]) == pytest.approx(p["b"], rel=1e-4)
+
+
+def test_missing_seed_shows_the_pair_count_and_one_seed_prints_na(tmp_path: Path) -> None:
+    results = [*(run("ref", s, a) for s, a in enumerate([0.80, 0.82, 0.84])),
+               *(run("full", s, a) for s, a in enumerate([0.85, 0.88, 0.89])),
+               run("gap", 0, 0.90), run("gap", 1, 0.93), run("gap", 2, status="failed", error="boom"),
+               run("lone", 0, 0.90)]
+    text = write_summary(tmp_path, results, reference="ref", variant_order=["ref", "full", "gap", "lone"])
+    row = {name: next(line for line in text.splitlines() if line.startswith(f"| {name} "))
+           for name in ("ref", "full", "gap", "lone")}
+    # gap's mean is over seeds 0, 1 (0.9150) and ref's over 0-2 (0.8200): Δ pairs seeds 0, 1 only.
+    assert "0.9150 ± " in row["gap"] and "+0.1050 [" in row["gap"] and "(n=2 pairs)" in row["gap"]
+    assert "pairs)" not in row["full"] and "pair" not in row["ref"]
+    assert "0.9000 ± n/a" in row["lone"] and "+0.1000 [n/a] (n=1 pair)" in row["lone"]
 
 
 # ---- fvlab report ----------------------------------------------------------------------
@@ -170,12 +227,14 @@ def test_report_of_hand_built_runs(tmp_path: Path, capsys) -> None:
     assert cell("ref", "val/acc1_best") == f"0.8200 ± {math.sqrt(0.0008 / 2):.4f}"
     assert cell("ct4", "val/acc1_best") == f"0.9250 ± {math.sqrt(0.00125):.4f}"
     assert cell("ct4", "seeds") == "2/3 (1 failed)"
-    # ct4 - ref over seeds 0, 1: .10 and .11 -> mean .105, sd sqrt(.00005), t(1)
+    # ct4 - ref over seeds 0, 1: .10 and .11 -> mean .105, sd sqrt(.00005), t(1); ref's mean has 3 seeds.
+    # Holm over ct4 (p .030) and slow (p .013): .013 < .05/2, then .030 < .05: both marked.
     half = T975[1] * math.sqrt(0.00005) / math.sqrt(2)
-    assert cell("ct4", "Δ vs ref [95% CI]") == f"+0.1050 [{0.105 - half:+.4f}, {0.105 + half:+.4f}] *"
+    assert cell("ct4", "Δ vs ref [95% CI]") == \
+        f"+0.1050 [{0.105 - half:+.4f}, {0.105 + half:+.4f}] * (n=2 pairs)"
     # Pareto (accuracy against throughput): ref is fastest, ct4 most accurate, slow loses on both.
     assert (cell("ref", "Pareto"), cell("ct4", "Pareto"), cell("slow", "Pareto")) == ("yes", "yes", "")
-    assert cell("running (running)", "val/acc1_best") == "0.6500"
+    assert cell("running (running)", "val/acc1_best") == "0.6500 ± n/a"
     assert cell("running (running)", "seeds") == "0/3 (1 running, 2 missing)"
     assert "failed: ct4 seed 2: FloatingPointError: loss is nan (left out of the statistics)" in md
     assert "running: running seed 0 (its latest figures are shown)" in md

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fvlab.report.stats import (PairedDifference, VariantStats, aggregate, format_summary,
+from fvlab.report.stats import (PairedDifference, VariantStats, aggregate, format_summary, holm,
                                 markdown_table, paired_difference, summary_csv_rows, write_summary)
 
-__all__ = ["PairedDifference", "VariantStats", "aggregate", "format_summary", "markdown_table",
+__all__ = ["PairedDifference", "VariantStats", "aggregate", "format_summary", "holm", "markdown_table",
            "paired_difference", "summary_csv_rows", "write_summary", "report_command"]
 
 

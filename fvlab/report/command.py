@@ -22,7 +22,8 @@ from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
 from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING,
                                 TEST_PRIMARY_METRIC, VariantStats, aggregate, difference_cell, explanation,
-                                markdown_table, mean_std_cell, model_cell, seed_label, summary_notes, write_csv)
+                                holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
+                                write_csv)
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
@@ -193,11 +194,14 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
     header = ["variant", *columns, "seeds", PRIMARY_METRIC, f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
               *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto"]
     pareto = variant_pareto(report)
+    # One family for Holm: every comparison this table prints, whichever experiment it belongs to.
+    marks = holm_marks([v for _, v in rows])
     table, csv_rows = [], []
-    for (label, v), settings, optimal in zip(rows, arch, pareto):
+    for (label, v), settings, optimal, mark in zip(rows, arch, pareto, marks):
         label = label + (" (running)" if v.status == RUNNING else "")
+        ref = next((u for u in report.variants[v.experiment] if u.is_reference), None)
         table.append([label, *(_value(settings.get(c)) for c in columns), v.seeds_cell(),
-                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
+                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v, mark, ref),
                       mean_std_cell(v, TEST_PRIMARY_METRIC), *_model_cells(v.model),
                       _value(None if v.epochs is None else round(v.epochs, 1)),
                       _value(None if v.wall_s is None else round(v.wall_s, 1)), "yes" if optimal else ""])
@@ -211,8 +215,10 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                          **{f"{k}_std": v.std.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
                                                                *TEST_METRICS)},
                          "delta/val/acc1_best": d.mean if d else None, "delta_ci_low": d.low if d else None,
-                         "delta_ci_high": d.high if d else None,
-                         "reference": next((u.variant for u in report.variants[v.experiment] if u.is_reference), ""),
+                         "delta_ci_high": d.high if d else None, "delta_n_pairs": d.n if d else None,
+                         "delta_p_value": d.p_value if d else None,
+                         "delta_significant": mark if d is not None and d.p_value is not None else None,
+                         "reference": ref.variant if ref is not None else "",
                          **v.model, "epochs": v.epochs, "wall_s": v.wall_s, "pareto": optimal})
         for run in v.runs:
             csv_rows.append({"kind": "run", "source": v.experiment, "variant": v.variant,

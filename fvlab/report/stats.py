@@ -5,7 +5,13 @@ Pure functions over metrics.json contents (dicts), so they are tested without a 
 - ``aggregate`` groups runs by variant: mean and sample standard deviation (ddof=1) over the
   completed seeds, the seeds that failed or are missing, the architecture's figures;
 - ``paired_difference`` is the difference of a variant to the reference variant, paired by seed
-  (same seed, same initialisation and data order), with a paired-t confidence interval;
+  (same seed, same initialisation and data order), with a paired-t confidence interval and
+  p-value;
+- ``holm`` decides which differences of a table are significant: Holm's step-down over the
+  table's paired-t p-values, so the chance of any false ``*`` in the table stays at 5%. The
+  interval printed is the unadjusted one, so an interval can exclude zero without a ``*``;
+- Δ pairs only the seeds both variants completed; when that is fewer seeds than a mean it is
+  compared with, its cell says ``(n=2 pairs)``. One sample prints ``n/a`` for its spread;
 - ``format_summary`` / ``write_summary`` make the comparison table of ``fvlab fit``
   (stdout, summary.md, summary.csv).
 """
@@ -22,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS, TEST_PRIMARY_METRIC
 
 __all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
-           "VariantStats", "paired_difference", "aggregate", "format_summary", "summary_csv_rows",
+           "VariantStats", "paired_difference", "holm", "holm_marks", "aggregate", "format_summary", "summary_csv_rows",
            "write_summary", "markdown_table", "seed_label", "test_notes", "MODEL_COLUMNS", "model_cell"]
 
 # Per-seed figures: mean ± std over the completed seeds.
@@ -33,7 +39,7 @@ MODEL_TITLES = {"model/params_m": ("params (M)", "{:.3f}"), "model/gflops": ("GF
                 "model/throughput": ("throughput (img/s) [95%]", "{:.0f}"),
                 "model/latency_ms": ("latency (ms)", "{:.2f}"), "model/speedup": ("speedup", "{:.3f}")}
 CONFIDENCE = 0.95
-SIGNIFICANT_MARK = "*"
+SIGNIFICANT_MARK = "*"  # Holm's step-down over the table's comparisons rejects at 1 - CONFIDENCE
 # Statuses of a run that has not produced final figures yet, or never will.
 RUNNING, NOT_RUN = "running", "not run"
 
@@ -48,6 +54,7 @@ class PairedDifference:
     low: float | None = None
     high: float | None = None
     confidence: float = CONFIDENCE
+    p_value: float | None = None  # two-sided paired-t; None with fewer than two pairs
 
     @property
     def n(self) -> int:
@@ -56,13 +63,16 @@ class PairedDifference:
 
     @property
     def excludes_zero(self) -> bool:
-        """True when the interval lies wholly above or below zero."""
+        """True when the (unadjusted) interval lies wholly above or below zero."""
         return self.low is not None and (self.low > 0 or self.high < 0)
 
 
 def paired_difference(values: Mapping[Any, float], reference_values: Mapping[Any, float],
                       reference: str = "", confidence: float = CONFIDENCE) -> PairedDifference:
-    """Difference to the reference over the seeds both have, with a paired-t interval (n >= 2)."""
+    """Difference to the reference over the seeds both have, with a paired-t interval and p-value (n >= 2).
+
+    With no spread in the differences the p-value is 0.0 for a nonzero difference and 1.0 for zero.
+    """
     from scipy import stats
 
     seeds = [s for s in values if s in reference_values
@@ -76,7 +86,36 @@ def paired_difference(values: Mapping[Any, float], reference_values: Mapping[Any
         return PairedDifference(reference, seeds, mean, confidence=confidence)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    return PairedDifference(reference, seeds, mean, mean - half, mean + half, confidence)
+    if sd > 0:
+        p_value: float | None = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    else:
+        p_value = 0.0 if mean != 0 else 1.0
+    if p_value is not None and not math.isfinite(p_value):
+        p_value = None
+    return PairedDifference(reference, seeds, mean, mean - half, mean + half, confidence, p_value)
+
+
+def holm(p_values: Sequence[float | None], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down: which hypotheses are rejected at family-wise level ``alpha``, in input order.
+
+    The m p-values are taken smallest first; the k-th (from 0) is rejected while it is at most
+    alpha / (m - k), and the first that is not stops the rest. None is no comparison: never
+    rejected and not counted in m.
+    """
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    rejected = [False] * len(p_values)
+    for k, (p, i) in enumerate(present):
+        if not p <= alpha / (len(present) - k):  # a NaN stops too
+            break
+        rejected[i] = True
+    return rejected
+
+
+def holm_marks(variants: Sequence["VariantStats"]) -> list[bool]:
+    """Per row of a table: whether its Δ gets the mark (Holm over the non-reference rows' p-values)."""
+    differences = [None if v.is_reference else v.difference for v in variants]
+    alpha = 1 - next((d.confidence for d in differences if d is not None), CONFIDENCE)
+    return holm([d.p_value if d is not None else None for d in differences], alpha)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -103,6 +142,7 @@ class VariantStats:
     expected_seeds: list[Any] = field(default_factory=list)
     mean: dict[str, float | None] = field(default_factory=dict)
     std: dict[str, float | None] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)  # seeds behind each mean
     model: dict[str, float | None] = field(default_factory=dict)
     precision: str | None = None
     epochs: float | None = None
@@ -190,6 +230,7 @@ def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = N
         for key in SEED_METRICS:
             values = [v for v in (_number(r.get(key)) for r in complete) if v is not None]
             stats.mean[key], stats.std[key] = _mean_std(values)
+            stats.count[key] = len(values)
         # The architecture's figures do not depend on the seed (measured once per variant).
         measured = complete or stats.runs
         for key in (*MODEL_METRICS, *MODEL_EXTRA_METRICS):
@@ -238,34 +279,51 @@ def model_cell(model: Mapping[str, Any], key: str) -> str:
 
 
 def mean_std_cell(stats: VariantStats, key: str, fmt: str = "{:.4f}") -> str:
-    """``0.9667 ± 0.0083``; the bare value with one seed; ``-`` with none."""
+    """``0.9667 ± 0.0083``; ``0.9667 ± n/a`` with one seed; ``-`` with none."""
     mean, std = stats.mean.get(key), stats.std.get(key)
     if mean is None:
         return "-"
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std is not None else "")
+    return fmt.format(mean) + " ± " + ("n/a" if std is None else fmt.format(std))
 
 
-def difference_cell(stats: VariantStats) -> str:
-    """``+0.0083 [-0.0120, +0.0287]`` with the mark when the interval excludes zero."""
+def pairs_note(stats: VariantStats, reference: VariantStats | None = None) -> str:
+    """`` (n=2 pairs)`` when Δ pairs fewer or other seeds than the means it is shown with, else empty."""
+    d = stats.difference
+    if stats.is_reference or d is None or d.mean is None:
+        return ""
+    behind = {stats.count.get(PRIMARY_METRIC, stats.n)}
+    if reference is not None:
+        behind.add(reference.count.get(PRIMARY_METRIC, reference.n))
+    return "" if behind == {d.n} else f" (n={d.n} pair{'s' if d.n != 1 else ''})"
+
+
+def difference_cell(stats: VariantStats, significant: bool = False, reference: VariantStats | None = None) -> str:
+    """``+0.0083 [-0.0120, +0.0287]``, the mark when ``significant`` (see ``holm_marks``), and the
+    pair count when it differs from the seeds behind the variant's or the ``reference``'s mean."""
     if stats.is_reference:
         return "reference"
     d = stats.difference
     if d is None or d.mean is None:
         return "-"
+    pairs = pairs_note(stats, reference)
     if d.low is None:
-        return f"{d.mean:+.4f} [n/a]"
-    mark = f" {SIGNIFICANT_MARK}" if d.excludes_zero else ""
-    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}"
+        return f"{d.mean:+.4f} [n/a]{pairs}"
+    mark = f" {SIGNIFICANT_MARK}" if significant else ""
+    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}{pairs}"
 
 
 def explanation(reference: str | None = None, confidence: float = CONFIDENCE) -> str:
-    """The line saying what ± and the mark mean."""
+    """The line saying what ±, Δ, its interval, the pair count and the mark mean."""
     to = f"the reference variant {reference!r}" if reference else "its experiment's reference variant"
-    return (f"± is the sample standard deviation (n-1) over the completed seeds. Δ is the mean "
-            f"per-seed difference of {PRIMARY_METRIC} to {to}, paired by seed, with its "
-            f"{confidence:.0%} paired-t confidence interval; {SIGNIFICANT_MARK} marks an interval "
-            f"that excludes zero (a difference larger than seed-to-seed noise). {TEST_PRIMARY_METRIC} "
-            f"is the best checkpoint measured once on the held-out test split, which selects nothing.")
+    return (f"± is the sample standard deviation (n-1) over the completed seeds (n/a with one seed). "
+            f"Δ is the mean per-seed difference of {PRIMARY_METRIC} to {to}, paired by seed, with its "
+            f"unadjusted {confidence:.0%} paired-t confidence interval; (n=2 pairs): Δ pairs only the "
+            f"seeds both completed, fewer than the variant's or the reference's mean uses. "
+            f"{SIGNIFICANT_MARK} marks a difference that Holm's step-down over this table's comparisons (paired-t p-values) finds "
+            f"significant at {1 - confidence:.2g}, so the chance of any false {SIGNIFICANT_MARK} in the "
+            f"table is at most {1 - confidence:.0%}; an interval can exclude zero without it. "
+            f"{TEST_PRIMARY_METRIC} is the best checkpoint measured once on the held-out test split, "
+            f"which selects nothing.")
 
 
 def test_notes(variants: Sequence[VariantStats], prefix: str = "") -> list[str]:
@@ -314,10 +372,11 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
     if not variants:
         return "(no runs)"
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
-    rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v),
+    ref = next((v for v in variants if v.is_reference), None)
+    rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v, mark, ref),
              mean_std_cell(v, TEST_PRIMARY_METRIC), mean_std_cell(v, "val/acc1"), mean_std_cell(v, "val/loss"),
              *(model_cell(v.model, k) for k in MODEL_COLUMNS), v.precision or "-"]
-            for v in variants]
+            for v, mark in zip(variants, holm_marks(variants))]
     return markdown_table(_summary_header(reference), rows) + "\n\n" + note_sep.join(summary_notes(variants))
 
 
@@ -326,8 +385,8 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
 CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
               *(f for k in SEED_METRICS for f in (k, f"{k}_std")), "val/acc5", "test_note",
               "reference", "delta/val/acc1_best", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
-              "delta_excludes_zero", *MODEL_METRICS, *MODEL_EXTRA_METRICS, "precision", "epochs", "wall_s",
-              "error"]
+              "delta_excludes_zero", "delta_p_value", "delta_significant", *MODEL_METRICS, *MODEL_EXTRA_METRICS,
+              "precision", "epochs", "wall_s", "error"]
 
 
 def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
@@ -340,7 +399,7 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
             row.update(kind="run", experiment=run.get("experiment") or v.experiment, variant=v.variant,
                        seed=run.get("seed"), status=run.get("status"), reference=reference)
             rows.append(row)
-    for v in variants:
+    for v, mark in zip(variants, holm_marks(variants)):
         d = v.difference
         row = {"kind": "mean", "experiment": v.experiment, "variant": v.variant, "status": v.status,
                "n_complete": v.n, "n_failed": len(v.failed),
@@ -350,7 +409,8 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
             row[key], row[f"{key}_std"] = v.mean.get(key), v.std.get(key)
         if d is not None:
             row.update({"delta/val/acc1_best": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
-                        "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None})
+                        "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None,
+                        "delta_p_value": d.p_value, "delta_significant": mark if d.p_value is not None else None})
         rows.append(row)
     return rows
 

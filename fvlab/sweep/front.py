@@ -6,6 +6,9 @@ the Pareto table and the benchmarks can use it without Optuna's private helpers
 Values are given as the objectives report them, with a direction per objective
 (``"maximize"`` or ``"minimize"``); internally everything is turned into losses to minimise.
 A NaN (a diverged accuracy, a failed measurement) is the worst possible value.
+Dominance is fvlab's one rule (:mod:`fvlab.pareto`): values rounded once (float32, then 6
+significant digits) and compared exactly, so it is transitive and the first front is never empty.
+Crowding distance and hypervolume use the values as given.
 """
 
 from __future__ import annotations
@@ -35,34 +38,26 @@ def losses(values: Sequence[Sequence[float]] | np.ndarray, directions: Sequence[
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether loss vector ``a`` Pareto-dominates ``b``: fvlab's one rule (fvlab.pareto), within its tolerance."""
-    return pareto.dominates(a.tolist(), b.tolist(), ["minimize"] * len(a))
+    """Whether loss vector ``a`` Pareto-dominates ``b``: fvlab's one rule (fvlab.pareto)."""
+    return pareto.dominates(np.asarray(a).tolist(), np.asarray(b).tolist(), ["minimize"] * len(a))
 
 
 def non_dominated_fronts(loss: np.ndarray) -> list[list[int]]:
     """Indices of the points, front by front (front 0 = the Pareto front), each front in index order."""
+    loss = np.asarray(loss, dtype=float)
     n = len(loss)
-    dominated_by = [0] * n  # how many points dominate i
-    dominating: list[list[int]] = [[] for _ in range(n)]  # points that i dominates
-    for i in range(n):
-        for j in range(i + 1, n):
-            if dominates(loss[i], loss[j]):
-                dominating[i].append(j)
-                dominated_by[j] += 1
-            elif dominates(loss[j], loss[i]):
-                dominating[j].append(i)
-                dominated_by[i] += 1
+    if n == 0:
+        return []
+    beats = pareto.dominance(loss, ["minimize"] * loss.shape[1])  # beats[i, j]: i dominates j
+    dominated_by = beats.sum(axis=0)  # how many points dominate j
+    placed = np.zeros(n, dtype=bool)
     fronts = []
-    current = [i for i in range(n) if dominated_by[i] == 0]
-    while current:
-        fronts.append(sorted(current))
-        following = []
-        for i in current:
-            for j in dominating[i]:
-                dominated_by[j] -= 1
-                if dominated_by[j] == 0:
-                    following.append(j)
-        current = following
+    current = np.flatnonzero(dominated_by == 0)
+    while len(current):
+        fronts.append(current.tolist())
+        placed[current] = True
+        dominated_by = dominated_by - beats[current].sum(axis=0)
+        current = np.flatnonzero((dominated_by == 0) & ~placed)
     return fronts
 
 
