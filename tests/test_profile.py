@@ -397,3 +397,20 @@ def test_profile_backends_onnxruntime_and_compile(tmp_path: Path, capsys) -> Non
     # profile.json keeps one row per variant, batch size and backend: the table never mixes them.
     written = json.loads((tmp_path / "runs" / "tiny_profile" / "profile.json").read_text())
     assert {r["backend"] for r in written} == {"onnxruntime"}
+
+
+def test_params_count_the_weights_used_at_the_image_size() -> None:
+    from fvlab import create_model
+    from fvlab.lit.measure import Target, measure_specs
+
+    on = create_model("fastervit_micro", num_classes=4, window_size=[2, 2, 4, 2], hat=[False, False, True, False])
+    off = create_model("fastervit_micro", num_classes=4, window_size=[2, 2, 4, 2], hat=False)
+    carrier = sum(p.numel() for p in on.levels[2].carrier_parameters())
+    assert carrier > 0
+    # At 64 px stage 3 is one 4x4 window: its carrier-token weights are built but never used, so
+    # HAT on counts what HAT off counts; at 128 px the stage spans four windows and uses them.
+    assert count_params(on, 64) == count_params(off, 64) == count_params(on) - carrier
+    assert count_params(on, 128) == count_params(on)
+    figures = measure_specs({"on": Target(on, 64), "off": Target(off, 64)}, throughput=False)
+    assert figures["on"]["model/params_m"] == figures["off"]["model/params_m"] == count_params(off) / 1e6
+    assert figures["on"]["model/params_built_m"] == count_params(on) / 1e6

@@ -299,3 +299,27 @@ def test_pruner_is_not_part_of_the_study_identity(tmp_path: Path) -> None:
     asha = load_sweep(write_sweep(tmp_path, "asha.yaml", objectives={"val/acc1": "maximize"},
                                   pruner={"name": "asha", "reduction_factor": 2}))
     assert isinstance(make_pruner(asha), optuna.pruners.SuccessiveHalvingPruner)
+
+
+def test_the_reference_trial_is_never_pruned(tmp_path: Path) -> None:
+    # Three trials, as other workers would leave them, reached rung 1 with an accuracy no model
+    # reaches; the reference (trial 0, the base experiment's settings) comes last to the rung, where
+    # only the best 4 // 3 = 1 goes on. It records its values and trains to the end all the same.
+    sweep = write_sweep(tmp_path, study="protected", n_trials=4, space={"model.lr": {"low": 1e-4, "high": 1e-2}},
+                        objectives={"val/acc1_best": "maximize"}, sampler={"name": "random", "seed": 0},
+                        pruner=RUNGS, overrides={"trainer.max_epochs": 2})
+    assert run_sweep(tmp_path, sweep, "--timeout", "0.001") == 0  # creates the study, starts no trial
+    journal = tmp_path / "runs" / "protected" / "study.journal"
+    study = optuna.load_study(study_name="protected", storage=open_storage(None, journal))
+    for lr in (1e-3, 2e-3, 4e-3):
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.PRUNED, params={"model.lr": lr},
+            distributions={"model.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+            user_attrs={"rung_1": [1.0]}))
+    assert run_sweep(tmp_path, sweep) == 0
+    reference = optuna.load_study(study_name="protected", storage=open_storage(None, journal)).get_trials()[0]
+    assert reference.user_attrs["reference"] and reference.state == TrialState.COMPLETE
+    assert reference.user_attrs["rung_1"][0] < 1.0 and PRUNED_RUNG_ATTR not in reference.user_attrs
+    metrics = json.loads((Path(reference.user_attrs["run_dir"]) / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs"] == 2
+    assert "trial_0000 (reference)" in (tmp_path / "runs" / "protected" / "pareto.md").read_text()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import JournalStorage
@@ -574,40 +575,60 @@ def test_shipped_sweeps_are_valid(path: Path, monkeypatch) -> None:
         prepare_sweep(args)  # every space key exists in the resolved base config
 
 
-def test_confirm_trains_the_front_with_its_seeds_and_shows_mean_and_std(tmp_path: Path, capsys) -> None:
-    sweep = write_sweep(tmp_path, study="confirmed", n_trials=2, space=LR_ONLY, sampler={"name": "random", "seed": 0},
-                        objectives={"val/acc1_best": "maximize"}, confirm={"seeds": [5]})
+def test_confirm_reports_fresh_seeds_beside_the_selecting_run(tmp_path: Path, capsys) -> None:
+    slow = {**BASE, "model": {**BASE["model"], "lr": 1.0e-4}}  # a reference that a sampled lr beats
+    sweep = write_sweep(tmp_path, study="confirmed", n_trials=2, space=LR_ONLY, sampler={"name": "random", "seed": 1},
+                        objectives={"val/acc1_best": "maximize"}, confirm={"seeds": [5]}, base=slow)
     capsys.readouterr()
     assert run_sweep(tmp_path, sweep, "--confirm") == 2  # no search yet: nothing to confirm
     assert "--confirm: no study at" in capsys.readouterr().err and not (tmp_path / "runs").exists()
     assert run_sweep(tmp_path, sweep) == 0
     study_dir = tmp_path / "runs" / "confirmed"
     study = journal_study(study_dir / "study.journal", "confirmed")
-    best = study.best_trial
-    run = study_dir / "confirm" / f"trial_{best.number:04d}" / "seed_5"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "complete" and metrics["seed"] == 5
-    own = json.loads((study_dir / best.user_attrs["run_name"] / "metrics.json").read_text())
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == \
-        yaml.safe_load((study_dir / best.user_attrs["run_name"] / "config.yaml").read_text())["model"]
-    values = [own["val/acc1_best"], metrics["val/acc1_best"]]
-    mean, std = sum(values) / 2, abs(values[0] - values[1]) / 2 ** 0.5
+    best, reference = study.best_trial, study.get_trials()[0]
+    assert best.number != reference.number  # so the reference is confirmed too, and compared with
+
+    def confirmed(trial) -> dict:
+        run = study_dir / "confirm" / f"trial_{trial.number:04d}" / "seed_5"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "complete" and metrics["seed"] == 5
+        assert yaml.safe_load((run / "config.yaml").read_text())["model"] == \
+            yaml.safe_load((study_dir / trial.user_attrs["run_name"] / "config.yaml").read_text())["model"]
+        return metrics
+
+    fresh, base = confirmed(best)["val/acc1_best"], confirmed(reference)["val/acc1_best"]
+    # The fresh seed alone (one sample: n/a spread), the selecting run beside it, never averaged in.
+    row = f"| {best.number} | 5 | {fresh:.4g} ± n/a | {best.values[0]:.4g} | {fresh - base:+.4f} [n/a] (n=1) |"
+    reference_row = f"| 0 (reference) | 5 | {base:.4g} ± n/a | {reference.values[0]:.4g} | reference |"
     table = (study_dir / "pareto.md").read_text()
-    assert "Confirmed over seeds" in table
-    assert f"| {best.number} | 0 5 | {mean:.4g} ± {std:.2g} | yes |" in table
+    assert "Confirmed over fresh seeds" in table and row in table and reference_row in table
+    assert "not averaged in" in table and "Holm" in table
     # fvlab report shows the same table (read from the runs on disk, without the sweep file).
     assert main(["report", str(study_dir), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Front of study confirmed confirmed over seeds" in report
-    assert f"| {best.number} | 0 5 | {mean:.4g} ± {std:.2g} | yes |" in report
+    assert row in report and reference_row in report
     assert "Variants of confirmed_confirm" not in report  # the confirm runs are not an experiment
     # A rerun (or --confirm) trains nothing again: the confirm runs are complete.
+    run = study_dir / "confirm" / f"trial_{best.number:04d}" / "seed_5"
     stamp = (run / "metrics.json").stat().st_mtime_ns
     capsys.readouterr()
     assert run_sweep(tmp_path, sweep, "--confirm") == 0
     assert "complete, skipped" in capsys.readouterr().out
     assert (run / "metrics.json").stat().st_mtime_ns == stamp
     assert len(journal_study(study_dir / "study.journal", "confirmed").get_trials()) == 2
+
+
+def test_confirmed_throughput_shows_its_interval() -> None:
+    from optuna.distributions import FloatDistribution
+    from fvlab.sweep.confirm import _architecture_cell
+
+    trial = optuna.trial.create_trial(value=0.5, params={"model.lr": 1e-3},
+                                      distributions={"model.lr": FloatDistribution(1e-4, 1e-2)},
+                                      user_attrs={"throughput": 1234.5, "throughput_lo": 1200.0,
+                                                  "throughput_hi": 1250.0, "gflops": 0.05})
+    assert _architecture_cell(trial, "model/throughput") == "1234 [1200, 1250]"  # not ± 0
+    assert _architecture_cell(trial, "model/gflops") == "0.05"
 
 
 # ---- one training per distinct model -------------------------------------------------------
@@ -785,12 +806,17 @@ ARCHS_64 = {**BASE, "model": {"arch": {"name": "fastervit_micro", "window_size":
             "data": {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "image_size": 64}}}
 
 
-def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch) -> None:
+def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch, request) -> None:
     # Window 4 at 64 px makes stage 3 one window (no carrier tokens: hat on and off cost the same);
     # window 2 makes four, with carrier tokens where hat is on. Measured one trial at a time, their
     # ratios must match one side-by-side measurement of the four.
     monkeypatch.setenv("FVLAB_PROFILE_ROUNDS", "15")
     monkeypatch.setenv("FVLAB_PROFILE_ROUND_S", "0.04")
+    # One thread, as under `make test`: threads that spin while another process holds the core
+    # make every round a lottery, side by side or not.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     sweep = write_sweep(tmp_path, base=ARCHS_64, study="scale", space=HAT_SPACE, n_trials=4,
                         sampler={"name": "grid", "seed": 0})
     assert run_sweep(tmp_path, sweep) == 0
