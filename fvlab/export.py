@@ -24,7 +24,7 @@ from fvlab.models import FasterViT
 
 __all__ = ["DEFAULT_OPSET", "EXPORT_PACKAGES", "INSTALL_HINT", "MissingExportPackages",
            "check_onnx", "export_onnx", "missing_export_packages", "ort_session", "parity_sizes",
-           "smallest_image_size"]
+           "fixed_image_size", "smallest_image_size"]
 
 DEFAULT_OPSET = 18
 EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -74,10 +74,20 @@ def _needs_padding(model: FasterViT, size: tuple[int, int]) -> bool:
                enumerate(zip(model.feature_sizes(size), model.window_size)) if i >= NUM_CONV_STAGES)
 
 
+def fixed_image_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The one (height, width) a model takes (timm's Swin built for its ``img_size``), or None (any)."""
+    if getattr(model, "dynamic_img_size", True):
+        return None
+    return tuple(model.patch_embed.img_size)
+
+
 def parity_sizes(model: FasterViT, image_size: int) -> list[tuple[int, int]]:
     """Three (height, width) sizes to check an export at: ``image_size`` square, a non-square
-    one, and one whose feature maps need padding to whole windows (a multiple of 16 above)."""
+    one, and one whose feature maps need padding to whole windows (a multiple of 16 above);
+    a model of one fixed size is checked at that size only."""
     model.check_image_size(image_size)
+    if fixed_image_size(model) is not None:
+        return [fixed_image_size(model)]
     padded = next(s for s in range(16 * (image_size // 16 + 1), 16 * image_size + 17, 16)
                   if _needs_padding(model, (s, s)))
     return [(image_size, image_size), (image_size, padded), (padded, padded)]
@@ -101,7 +111,7 @@ def _example_size(model: FasterViT) -> tuple[int, int]:
 def _prepared(model: FasterViT) -> FasterViT:
     """A fused fp32 eval copy of ``model`` on the CPU (BatchNorm folded into convs and head)."""
     prepared = copy.deepcopy(model).float().cpu().eval()
-    return prepared if prepared.fused else prepared.fuse()
+    return prepared if getattr(prepared, "fused", True) else prepared.fuse()
 
 
 def export_onnx(model: FasterViT, path: str | Path, opset: int = DEFAULT_OPSET,
@@ -112,10 +122,12 @@ def export_onnx(model: FasterViT, path: str | Path, opset: int = DEFAULT_OPSET,
     written as it comes from the exporter; check it with :func:`check_onnx` before trusting it.
     With ``image_size`` the graph takes that size only (batch still dynamic): exported in a
     fraction of the time, for measuring one geometry (``fvlab profile --backend onnxruntime``).
+    A model built for one image size (``hat_swin_*``, as timm's Swin) is exported at that size.
     """
     _require_export_packages()
     path = Path(path)
     prepared = _prepared(model)
+    image_size = image_size or fixed_image_size(prepared)
     height, width = image_size or _example_size(prepared)
     example = torch.randn(2, prepared.in_chans, height, width)
     side = torch.export.Dim.DYNAMIC  # an error, not a silent constant, if a side would be fixed

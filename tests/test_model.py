@@ -263,20 +263,23 @@ def test_export_graph_hides_carrier_tokens_of_a_one_window_map() -> None:
     # With a symbolic image size (ONNX export) no guard is checked at run time, so the graph itself
     # decides: carrier tokens computed, then hidden from the window attention and not propagated
     # when the map is one window. That path, run eagerly, against the eager one.
-    import fvlab.models.fastervit as fastervit_module
+    import fvlab.models.hat as hat_module
+    import fvlab.models.layers as layers_module
 
     torch.manual_seed(0)
     model = _loud_carrier_tokens(create_model("fastervit_tiny", do_propagation=True)).eval()
     stage = model.levels[2]
-    symbolic = (mock.patch.object(fastervit_module, "_static", lambda *sizes: False),
+    not_static = lambda *sizes: False  # noqa: E731
+    symbolic = (mock.patch.object(hat_module, "_static", not_static),
+                mock.patch.object(layers_module, "_static", not_static),
                 mock.patch("torch.compiler.is_exporting", lambda: True))
     for side in (2, 1, 4, 3):  # one window (2, or 1 padded to 2), then several (3 padded to 4)
         x = torch.randn(2, 128, side, side)
         with torch.no_grad():
             expected = stage.forward_blocks(x)
-            with symbolic[0], symbolic[1]:
+            with symbolic[0], symbolic[1], symbolic[2]:
                 got = stage.forward_blocks(x)
-                with mock.patch.object(fastervit_module, "_more_than_one",
+                with mock.patch.object(hat_module, "_more_than_one",
                                        lambda n, like: torch.ones(1, dtype=torch.bool, device=like.device)):
                     ungated = stage.forward_blocks(x)
         assert (got - expected).abs().max().item() <= 1e-5, side

@@ -23,6 +23,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fvlab.models import ArchConfig
+from fvlab.models.registry import SWIN_VARIANTS
 
 __all__ = ["ImageClassifier", "NonFiniteLossError", "SCHEDULERS", "check_optimizer_name",
            "check_scheduler_name"]
@@ -125,7 +126,10 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError("model.scheduler rsqrt needs model.warmup_epochs > 0, got "
                              f"{warmup_epochs}; set model.warmup_epochs (e.g. 1) or use cosine")
         self.arch = arch
-        self.model = arch.build(num_classes=num_classes, in_chans=in_chans)
+        sized = {}
+        if arch.name in SWIN_VARIANTS and arch.img_size is None and image_size is not None:
+            sized["img_size"] = image_size  # timm's Swin is built for one size: the data's, unless set
+        self.model = arch.build(num_classes=num_classes, in_chans=in_chans, **sized)
         if image_size is not None:
             self.model.check_image_size(image_size)
         if channels_last:

@@ -1,4 +1,5 @@
-"""``ArchConfig``: a FasterViT architecture as a typed config (variant name plus overrides).
+"""``ArchConfig``: an architecture as a typed config (variant name plus overrides): a FasterViT, or
+timm's Swin with HAT (``hat_swin_*``).
 
 Typed fields let LightningCLI/jsonargparse check every key and value of ``model.arch`` in
 an experiment file and accept dotted overrides such as ``--model.arch.ct_size 4``.
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Union
 
 from fvlab.models.fastervit import FasterViT
-from fvlab.models.registry import build_model, variant_config
+from fvlab.models.swin import HatSwinTransformer
+from fvlab.models.registry import SWIN_VARIANTS, arch_defaults, build_model, variant_config
 
 __all__ = ["ArchConfig"]
 
@@ -20,7 +22,9 @@ IntOrList = Optional[Union[int, List[int]]]
 
 @dataclass
 class ArchConfig:
-    """A FasterViT: a named variant (``name``) with any of its arguments overridden.
+    """A FasterViT or a ``hat_swin_*`` model: a named variant (``name``) with any of its arguments
+    overridden (a Swin takes timm's arguments: ``embed_dim``, ``img_size``, ``patch_size``, ...,
+    plus ``hat``, ``ct_size``, ``do_propagation``; not ``dim``, ``in_dim`` or layer scales).
 
     Unset fields (None) keep the variant's value. Without ``name`` every architecture field
     falls back to ``FasterViT``'s own defaults. ``layer_scale``/``layer_scale_conv`` of 0
@@ -46,10 +50,13 @@ class ArchConfig:
     drop_rate: Optional[float] = None
     attn_drop_rate: Optional[float] = None
     qkv_bias: Optional[bool] = None
+    embed_dim: Optional[int] = None
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
     checkpoint_path: Optional[str] = None
 
     def overrides(self) -> dict[str, Any]:
-        """The fields that are set, as FasterViT arguments (layer scale 0 meaning off)."""
+        """The fields that are set, as model arguments (layer scale 0 meaning off)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -61,11 +68,14 @@ class ArchConfig:
         return out
 
     def resolved(self) -> dict[str, Any]:
-        """Every FasterViT argument this config builds with (variant values plus overrides)."""
-        base = variant_config(self.name) if self.name else {}
+        """Every variant argument this config builds with (variant values plus overrides)."""
+        if self.name in SWIN_VARIANTS:
+            base = dict(SWIN_VARIANTS[self.name])
+        else:
+            base = variant_config(self.name) if self.name else {}
         return {**base, **self.overrides()}
 
-    def build(self, **kwargs: Any) -> FasterViT:
+    def build(self, **kwargs: Any) -> FasterViT | HatSwinTransformer:
         """Build the model (``kwargs``: e.g. num_classes and in_chans from the data)."""
         spec: dict[str, Any] = {**self.overrides(), **kwargs}
         if self.name:
@@ -77,13 +87,7 @@ class ArchConfig:
 
 def effective_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     """An ``arch`` section with every unset field at the value the built model takes (the named
-    variant's, else ``FasterViT``'s default)."""
-    import inspect
-
-    from fvlab.models.registry import VARIANTS
-
-    defaults = {n: p.default for n, p in inspect.signature(FasterViT.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    defaults.update(VARIANTS.get(arch.get("name") or "", {}))
+    variant's, else its constructor's default)."""
+    defaults = arch_defaults(arch.get("name"))
     return {k: defaults.get(k) if v is None and k in defaults else v for k, v in arch.items()}
 

@@ -1,15 +1,15 @@
 """FasterViT (Hatamizadeh et al., arXiv 2306.06189), written from the paper.
 
-Layout follows timm's model files: geometry helpers, position terms, building blocks,
-stage, model; checkpoint filtering and the variant registry are in ``registry.py``.
+Layout follows timm's model files: building blocks, stage, model; the window geometry and
+position terms are in ``layers.py``, the HAT mechanism (shared with ``hat_swin_*``) in
+``hat.py``, checkpoint filtering and the variant registry in ``registry.py``.
 
 A stage of transformer blocks works on windows of ``window_size`` x ``window_size``
 tokens. With Hierarchical Attention (HAT) each window also owns ``ct_size`` x ``ct_size``
 *carrier tokens*: pooled from the stage input, they attend globally to the carrier tokens
-of every other window, then join their window's local attention. Carrier tokens are kept
-in window-major order (all tokens of window 0, then window 1, ...) so that moving between
-the global view and the per-window view is a free reshape; the global attention's
-position terms are permuted into that order once, instead of permuting tokens every block.
+of every other window, then join their window's local attention. The global attention's
+position terms are permuted into the carrier tokens' window-major order once, instead of
+permuting tokens every block.
 
 Any input resolution runs on one built model: transformer stages pad their input to whole
 windows and crop back, and every geometry-dependent term (carrier-token pooling, position
@@ -28,20 +28,23 @@ rule: there, ``ct_size`` and ``do_propagation`` of such a stage change nothing.
 
 from __future__ import annotations
 
-import contextvars
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, LayerNorm2d, ndgrid, to_ntuple, trunc_normal_
-from timm.layers.pos_embed_rel import gen_relative_position_index
+from timm.layers import DropPath, LayerNorm2d, to_ntuple, trunc_normal_
 from timm.models._features import feature_take_indices  # what timm's own models use
-from timm.models._features_fx import register_notrace_function, register_notrace_module
 from timm.models._manipulate import MATCH_PREV_GROUP
+
+from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, _hidden_prefix_bias, join_carrier_tokens,
+                              split_carrier_tokens, start_carrier_tokens, tie_zero_gradients, windows_spanned)
+# Re-exported: the building blocks were defined here before moving to the shared modules.
+from fvlab.models.hat import carrier_pool_geometry, pool_carrier_tokens  # noqa: F401
+from fvlab.models.layers import (_EXPORT_GEOMETRY, POSITION_MLP_HIDDEN, AbsolutePositionEmbedding,  # noqa: F401
+                                 InplaceGELU, Mlp, RelativePositionBias, WindowAttention, _static, add_residual,
+                                 pad_to_windows, spatial_size, window_major_order, window_partition, window_reverse)
 
 __all__ = ["FasterViT", "NUM_CONV_STAGES", "POSITION_MLP_HIDDEN"]
 
@@ -49,321 +52,11 @@ NUM_CONV_STAGES = 2  # stages 1-2 are residual conv blocks, the rest transformer
 # group_matcher ordinal of a stage's downsample: after any block index, yet its own group
 # (MATCH_PREV_GROUP would merge it into the last block's group).
 _AFTER_LAST_BLOCK = MATCH_PREV_GROUP[0] - 1
-POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official checkpoints
-
-
-# --------------------------------------------------------------------------------------
-# Geometry: all small integer/float tables, depending only on sizes (never on weights)
-# --------------------------------------------------------------------------------------
-
-
-@register_notrace_function  # reason: shape arithmetic on a Proxy
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Split a (B, H, W, C) map into (B * num_windows, window_size**2, C) tokens."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, c)
-
-
-@register_notrace_function  # reason: int arguments are Proxies
-def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * num_windows, ws**2, C) to (B, H, W, C)."""
-    c = windows.shape[-1]
-    x = windows.reshape(-1, h // window_size, w // window_size, window_size, window_size, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
-
-
-@register_notrace_function  # reason: control flow on the input size
-def pad_to_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Zero-pad a (B, C, H, W) map at the bottom and right to whole windows."""
-    h, w = spatial_size(x)
-    # Ceil-division rather than (-h) % ws: simpler symbolic sizes make export much faster.
-    pad_h = (h + window_size - 1) // window_size * window_size - h
-    pad_w = (w + window_size - 1) // window_size * window_size - w
-    if _static(h, w) and not (pad_h or pad_w):
-        return x
-    return F.pad(x, (0, pad_w, 0, pad_h))  # symbolic sizes: a graph that pads when needed
-
-
-def window_major_order(grid_h: int, grid_w: int, ct_size: int, device: torch.device) -> torch.Tensor:
-    """Raster index of each carrier token when tokens are listed window by window."""
-    idx = torch.arange(grid_h * grid_w, device=device).view(
-        grid_h // ct_size, ct_size, grid_w // ct_size, ct_size)
-    return idx.permute(0, 2, 1, 3).reshape(-1)
-
-
-def _at_least_one(size: Any) -> Any:
-    """max(size, 1) for an int, a SymInt (export) or a 0-dim tensor (torch.jit.trace, as fvcore counts)."""
-    return size.clamp(min=1) if isinstance(size, torch.Tensor) else torch.sym_max(size, 1)
-
-
-def log_spaced_relative_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Relative (dy, dx) offsets of an h x w grid, scaled to [-1, 1] then log-spaced (Swin v2).
-
-    Not timm's ``gen_relative_log_coords``: that divides by ``size - 1``, which is 0 for a
-    carrier grid one token wide.
-    """
-    dy = torch.arange(-(h - 1), h, dtype=torch.float32, device=device) / _at_least_one(h - 1)
-    dx = torch.arange(-(w - 1), w, dtype=torch.float32, device=device) / _at_least_one(w - 1)
-    table = torch.stack(ndgrid(dy, dx), dim=-1).view(-1, 2) * 8
-    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-
-
-def centred_grid_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """(h*w, 2) coordinates of an h x w grid, centred and scaled to about [-1, 1]."""
-    ys = (torch.arange(h, dtype=torch.float32, device=device) - h // 2) / _at_least_one(h // 2)
-    xs = (torch.arange(w, dtype=torch.float32, device=device) - w // 2) / _at_least_one(w // 2)
-    return torch.stack(ndgrid(ys, xs), dim=-1).view(-1, 2)
-
-
-def carrier_pool_geometry(size: int, window_size: int, ct_size: int) -> tuple[int, int]:
-    """Average-pool (kernel, stride) that turns a padded side into ct_size tokens per window.
-
-    The stride is ``window_size // ct_size``; when ct_size does not divide window_size
-    (FasterViT-0 to 6: 7 and 2) the kernel grows with the number of windows, as in the
-    official implementation.
-    """
-    # ``size`` is a whole number of windows, so size // out == window_size // ct_size.
-    out = ct_size * (size // window_size)
-    stride = window_size // ct_size
-    return size - (out - 1) * stride, stride
-
-
-def _band_average(size: int, window_size: int, ct_size: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """(out, size) matrix whose rows average the pooling windows of :func:`carrier_pool_geometry`."""
-    kernel, stride = carrier_pool_geometry(size, window_size, ct_size)
-    start = torch.arange(ct_size * (size // window_size), device=device)[:, None] * stride
-    pos = torch.arange(size, device=device)[None, :]
-    return ((pos >= start) & (pos < start + kernel)).to(dtype) / kernel
-
-
-@register_notrace_function  # reason: pooling kernel depends on the input size
-def pool_carrier_tokens(x: torch.Tensor, window_size: int, ct_size: int) -> torch.Tensor:
-    """Average-pool a padded (B, C, H, W) map to ct_size x ct_size tokens per window.
-
-    Concrete sizes use ``avg_pool2d``. Symbolic sizes (export with a dynamic image size)
-    cannot: ONNX pooling kernels are constants, so the same averages are taken as two
-    matrix products with band matrices built from the size.
-    """
-    h, w = spatial_size(x)
-    if window_size % ct_size == 0:  # kernel == stride, independent of the size
-        return F.avg_pool2d(x, window_size // ct_size)
-    if _static(h, w):
-        kh, sh = carrier_pool_geometry(h, window_size, ct_size)
-        kw, sw = carrier_pool_geometry(w, window_size, ct_size)
-        return F.avg_pool2d(x, (kh, kw), (sh, sw))
-    rows = _band_average(h, window_size, ct_size, x.device, x.dtype)
-    cols = _band_average(w, window_size, ct_size, x.device, x.dtype)
-    return rows @ x @ cols.transpose(0, 1)
-
-
-def spatial_size(x: torch.Tensor) -> tuple[Any, Any]:
-    """(H, W) of a (B, C, H, W) map; plain ints under ``torch.jit.trace`` (fvcore counts FLOPs by
-    tracing one concrete size: the caches and ``avg_pool2d`` then stay what eager runs)."""
-    h, w = x.shape[-2:]
-    if torch.jit.is_tracing():
-        return int(h), int(w)
-    return h, w
-
-
-def _static(*sizes: Any) -> bool:
-    """Whether every size is a plain int (not a SymInt of export or torch.compile)."""
-    return all(isinstance(s, int) for s in sizes)
-
-
-# --------------------------------------------------------------------------------------
-# Position terms: continuous MLPs over coordinates, cached in eval mode
-# --------------------------------------------------------------------------------------
-
-
-# Geometry tables built during one export trace, shared by the blocks of a stage (see
-# FasterViTStage.forward_blocks); None outside an export.
-_EXPORT_GEOMETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_EXPORT_GEOMETRY", default=None)
-
-
-def _built_outside_inference_mode(build: Callable[[], Any]) -> Any:
-    """Run ``build`` without recording a graph, returning normal tensors even under inference_mode.
-
-    A tensor made under ``torch.inference_mode`` can never be saved for backward: cached
-    there and reused later with gradients enabled, it would fail the backward pass.
-    """
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False), torch.no_grad():
-            return build()
-    with torch.no_grad():
-        return build()
-
-
-class _PositionMLP(nn.Module):
-    """Base of the position terms: an MLP over coordinates whose output depends on geometry only.
-
-    In eval mode the output is cached per geometry, device and dtype, and per state of the
-    MLP's weights: their storage and autograd version counter (so in-place updates such as
-    EMA, optimiser steps, ``load_state_dict`` and ``.data = ...`` reassignment all invalidate
-    it), and a ``load_state_dict`` post-hook drops it. Writes *inside* ``.data``
-    (``p.data.mul_(2)``) bypass the version counter by design; after those, call
-    ``model.eval()`` again, which drops every cached term. When training, or when gradients
-    must flow into the MLP, the term is recomputed on every call.
-    """
-
-    def __init__(self, out_features: int):
-        super().__init__()
-        self.cpb_mlp = nn.Sequential(
-            nn.Linear(2, POSITION_MLP_HIDDEN, bias=True),
-            nn.ReLU(inplace=True),
-            nn.Linear(POSITION_MLP_HIDDEN, out_features, bias=False),
-        )
-        self._geometry: dict[tuple, Any] = {}
-        self._value: tuple[tuple, list[torch.Tensor], torch.Tensor] | None = None
-        self.register_load_state_dict_post_hook(_PositionMLP._drop_cached_value)
-
-    @staticmethod
-    def _drop_cached_value(module: "_PositionMLP", incompatible_keys: Any) -> None:
-        module._value = None
-
-    def _geometry_cached(self, key: tuple, build: Callable[[], Any]) -> Any:
-        # Integer tables never depend on weights: cache them in every mode. Symbolic sizes
-        # (export with a dynamic image size) make them part of the graph instead.
-        if not _static(*key[:2]) or torch.compiler.is_exporting():
-            shared = _EXPORT_GEOMETRY.get()
-            if shared is None:
-                return build()
-            # One export trace: the blocks of a stage share its carrier grid's tables instead of
-            # each adding the same symbolic index arithmetic to the graph (export time, graph size).
-            shared_key = (type(self).__name__, *map(str, key))
-            if shared_key not in shared:
-                shared[shared_key] = build()
-            return shared[shared_key]
-        if key not in self._geometry:
-            if len(self._geometry) >= 8:
-                self._geometry.clear()
-            self._geometry[key] = _built_outside_inference_mode(build)
-        return self._geometry[key]
-
-    def _value_cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        params = list(self.parameters())
-        needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if (self.training or needs_graph or torch.compiler.is_compiling()
-                or torch.compiler.is_exporting() or not _static(*key[:2])
-                or any(p.is_inference() for p in params)):  # no version counter to key on
-            self._value = None
-            return compute()
-        full_key = (key, tuple((p.data_ptr(), p._version) for p in params))
-        if self._value is None or self._value[0] != full_key:
-            # The weights' tensors are held with the value so that their memory cannot be
-            # freed and reused by new weights at the same address while the key names it.
-            self._value = (full_key, [p.detach() for p in params],
-                           _built_outside_inference_mode(compute))
-        return self._value[2]
-
-    def train(self, mode: bool = True) -> "_PositionMLP":
-        """Switch mode and drop the cached value so no stale term survives a mode change."""
-        self._value = None
-        return super().train(mode)
-
-
-@register_notrace_module  # reason: geometry from sizes, cached per size in eval mode
-class RelativePositionBias(_PositionMLP):
-    """Continuous relative position bias (Swin v2 style), one value per head and token pair.
-
-    Returned as an additive attention mask of shape (1, heads, n, n): ``n_prefix`` leading
-    tokens (the carrier tokens of a window) get zero bias, and ``order`` permutes the grid's
-    tokens (used for window-major carrier tokens).
-    """
-
-    def __init__(self, num_heads: int):
-        super().__init__(num_heads)
-        self.num_heads = num_heads
-
-    def forward(self, grid: tuple[int, int], n_prefix: int = 0, ct_size: int = 0,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Bias mask for tokens of a ``grid`` (h, w), with ``n_prefix`` unbiased tokens in front."""
-        device = self.cpb_mlp[0].weight.device
-        h, w = grid
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            index = gen_relative_position_index((h, w), device=device)
-            if ct_size:
-                order = window_major_order(h, w, ct_size, device)
-                index = index[order][:, order]
-            return log_spaced_relative_coords(h, w, device), index.reshape(-1)
-
-        def compute() -> torch.Tensor:
-            coords, index = self._geometry_cached((h, w, ct_size, device), build)
-            table = self.cpb_mlp(coords)
-            bias = 16 * torch.sigmoid(table[index].view(h * w, h * w, -1).permute(2, 0, 1))
-            if n_prefix:
-                bias = F.pad(bias, (n_prefix, 0, n_prefix, 0))
-            return bias.unsqueeze(0).to(dtype)
-
-        return self._value_cached((h, w, n_prefix, ct_size, device, dtype), compute)
-
-
-@register_notrace_module  # reason: geometry from sizes, cached per size in eval mode
-class AbsolutePositionEmbedding(_PositionMLP):
-    """MLP-based absolute position embedding of a token grid, added to the tokens."""
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int], ct_size: int = 0) -> torch.Tensor:
-        """Add the embedding of ``grid`` (h, w) to ``x`` of shape (B, h*w, C), raster or window-major."""
-        device = self.cpb_mlp[0].weight.device
-        h, w = grid
-
-        def build() -> torch.Tensor:
-            coords = centred_grid_coords(h, w, device)
-            return coords[window_major_order(h, w, ct_size, device)] if ct_size else coords
-
-        def compute() -> torch.Tensor:
-            coords = self._geometry_cached((h, w, ct_size, device), build)
-            return self.cpb_mlp(coords).unsqueeze(0).to(x.dtype)
-
-        return x + self._value_cached((h, w, ct_size, device, x.dtype), compute)
 
 
 # --------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------
-
-
-@register_notrace_module  # reason: in place or not is decided per call, not when traced
-class InplaceGELU(nn.GELU):
-    """GELU that works in place when no autograd graph is recorded (inference).
-
-    Out-of-place activations of large maps cost more in fresh-memory page faults than in
-    arithmetic on the CPU; in place they are several times faster.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact (erf) GELU."""
-        if torch.is_grad_enabled():
-            return F.gelu(x)
-        return torch.ops.aten.gelu_(x)
-
-
-@register_notrace_function  # reason: in place or not is decided per call, not when traced
-def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``x + branch``, reusing ``branch``'s memory when no autograd graph is recorded."""
-    if torch.is_grad_enabled() or branch.shape != x.shape:
-        return x + branch
-    return branch.add_(x)
-
-
-class Mlp(nn.Module):
-    """Two-layer feed-forward network."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = InplaceGELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply fc1, GELU, fc2."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class ConvBlock(nn.Module):
@@ -387,44 +80,8 @@ class ConvBlock(nn.Module):
         return add_residual(x, self.drop_path(y))
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention with a continuous relative position bias, via SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.pos_emb_funct = RelativePositionBias(num_heads)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
-                ct_size: int = 0, key_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Attend over (B, n_prefix + h*w, C) tokens whose last h*w lie on ``grid``.
-
-        ``key_bias`` (n,): added to every query's logit of each key (-inf hides a key).
-        """
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        bias = self.pos_emb_funct(grid, n_prefix, ct_size, dtype=q.dtype)
-        if key_bias is not None:
-            bias = bias + key_bias.to(bias.dtype)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2)
-        if torch.compiler.is_exporting():
-            # SDPA's symbolic output strides hold Max(1, n), which the exporter cannot prove
-            # viewable; a fresh contiguous copy has plain strides (eager: a free view).
-            x = x.clone(memory_format=torch.contiguous_format)
-        return self.proj_drop(self.proj(x.reshape(b, n, c)))
-
-
-class HATBlock(nn.Module):
-    """Transformer block with Hierarchical Attention.
+class HATBlock(CarrierTokenAttention, nn.Module):
+    """Transformer block with Hierarchical Attention (the mechanism of ``hat.py``).
 
     With carrier tokens: (1) the carrier tokens of all windows attend to each other and pass
     an MLP; (2) each window attends over [its carrier tokens, its own tokens]; (3) in the
@@ -442,7 +99,6 @@ class HATBlock(nn.Module):
         self.window_size = window_size
         self.ct_size = ct_size
         self.propagate = last and do_propagation and ct_size > 0
-        hidden = int(dim * mlp_ratio)
 
         def scale() -> nn.Parameter | None:
             return nn.Parameter(layer_scale * torch.ones(dim)) if layer_scale is not None else None
@@ -452,31 +108,15 @@ class HATBlock(nn.Module):
         self.attn = WindowAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
                                     attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim=dim, hidden=hidden, drop=drop)
+        self.mlp = Mlp(dim=dim, hidden=int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.gamma3 = scale()
         self.gamma4 = scale()
         if ct_size > 0:
-            self.hat_norm1 = nn.LayerNorm(dim)
-            self.hat_norm2 = nn.LayerNorm(dim)
-            self.hat_attn = WindowAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
-                                            attn_drop=attn_drop, proj_drop=drop)
-            self.hat_mlp = Mlp(dim=dim, hidden=hidden, drop=drop)
-            self.hat_drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-            self.hat_pos_embed = AbsolutePositionEmbedding(dim)
-            self.gamma1 = scale()
-            self.gamma2 = scale()
-            if self.propagate:
-                # Nearest-neighbour upsampling of a window's carrier tokens, as a gather.
-                src = torch.arange(ct_size, dtype=torch.float32).view(1, 1, ct_size)
-                src = F.interpolate(src, size=window_size, mode="nearest").long().view(-1)
-                self.register_buffer(
-                    "propagation_index", (src[:, None] * ct_size + src[None, :]).view(-1),
-                    persistent=False)
-
-    @staticmethod
-    def _scaled(y: torch.Tensor, gamma: nn.Parameter | None) -> torch.Tensor:
-        return y if gamma is None else y * gamma
+            self.init_carrier_attention(
+                dim=dim, num_heads=num_heads, window_size=window_size, ct_size=ct_size,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
+                drop_path=drop_path, layer_scale=layer_scale, propagate=self.propagate)
 
     def forward(self, x: torch.Tensor, carrier_tokens: torch.Tensor | None,
                 carrier_grid: tuple[int, int], live: torch.Tensor | None = None
@@ -484,7 +124,7 @@ class HATBlock(nn.Module):
         """Update window tokens (B*nw, ws*ws, C) and window-major carrier tokens (B, nw*ct*ct, C).
 
         ``live`` (only in a graph that does not know the image size: export with a symbolic
-        size, FX tracing; see ``FasterViTStage.forward_blocks``): a (1,) bool tensor; where
+        size, FX tracing; see ``hat.start_carrier_tokens``): a (1,) bool tensor; where
         False, the carrier tokens are computed but hidden from the window attention and not
         propagated, which gives plain window attention.
         """
@@ -492,60 +132,20 @@ class HATBlock(nn.Module):
         x = self.pos_embed(x, (ws, ws))
         ct = carrier_tokens
         key_bias = None
+        n_ct = 0
         if ct is not None:
-            ct = self.hat_pos_embed(ct, carrier_grid, self.ct_size)
-            ct = ct + self.hat_drop_path(self._scaled(
-                self.hat_attn(self.hat_norm1(ct), carrier_grid, 0, self.ct_size), self.gamma1))
-            ct = ct + self.hat_drop_path(self._scaled(self.hat_mlp(self.hat_norm2(ct)), self.gamma2))
-            n_ct = self.ct_size * self.ct_size
-            x = torch.cat((ct.reshape(x.shape[0], n_ct, -1), x), dim=1)
+            ct = self.carrier_global_attention(ct, carrier_grid)
+            x, n_ct = join_carrier_tokens(x, ct, self.ct_size)
             if live is not None:
                 key_bias = _hidden_prefix_bias(live, n_ct, ws * ws)
-        else:
-            n_ct = 0
         x = add_residual(x, self.drop_path(
             self._scaled(self.attn(self.norm1(x), (ws, ws), n_ct, key_bias=key_bias), self.gamma3)))
         x = add_residual(x, self.drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma4)))
         if ct is not None:
-            ct_windows, x = x.split((n_ct, ws * ws), dim=1)
-            ct = ct_windows.reshape(ct.shape)
+            x, ct, ct_windows = split_carrier_tokens(x, n_ct, ct)
             if self.propagate:
-                spread = self._scaled(ct_windows[:, self.propagation_index], self.gamma1)
-                x = x + (spread if live is None else spread * live.to(spread.dtype))
+                x = self.propagate_carrier_tokens(x, ct_windows, live)
         return x, ct
-
-
-@register_notrace_function  # reason: tensors built from sizes
-def _hidden_prefix_bias(live: torch.Tensor, n_prefix: int, n_tokens: int) -> torch.Tensor:
-    """(n_prefix + n_tokens,) key bias: 0 everywhere, except -inf on the prefix where ``live`` is False."""
-    is_prefix = torch.arange(n_prefix + n_tokens, device=live.device) < n_prefix
-    return torch.zeros(n_prefix + n_tokens, device=live.device).masked_fill(
-        is_prefix & ~live, float("-inf"))
-
-
-@register_notrace_function  # reason: a tensor built from a size
-def _more_than_one(n_windows: Any, like: torch.Tensor) -> torch.Tensor:
-    """(1,) bool tensor ``n_windows > 1`` on ``like``'s device, for a window count that only the
-    graph knows (a SymInt of export, a Proxy of FX tracing)."""
-    return torch.zeros(1, dtype=torch.long, device=like.device).add(n_windows) > 1
-
-
-class TokenInitializer(nn.Module):
-    """Carrier tokens from a stage input: depthwise 3x3 conv, then average pooling per window."""
-
-    def __init__(self, dim: int, window_size: int, ct_size: int):
-        super().__init__()
-        self.window_size = window_size
-        self.ct_size = ct_size
-        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map a padded (B, C, H, W) input to window-major carrier tokens (B, nw*ct*ct, C)."""
-        x = pool_carrier_tokens(self.pos_embed(x), self.window_size, self.ct_size)
-        b, c, gh, gw = x.shape
-        ct = self.ct_size
-        x = x.reshape(b, c, gh // ct, ct, gw // ct, ct).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(b, gh * gw, c)
 
 
 class Downsample(nn.Module):
@@ -623,17 +223,6 @@ class FasterViTStage(nn.Module):
                        if name.startswith("hat_") or name in ("gamma1", "gamma2")]
         return params
 
-    def _with_zero_gradients_for_carrier_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` tied to the carrier-token weights by an exact zero, so that they get zero gradients
-        rather than none while a one-window map leaves them unused: DistributedDataParallel
-        (without ``find_unused_parameters``) expects a gradient for every parameter, and training
-        on one device or several then treats these weights alike."""
-        params = [p for p in self.carrier_parameters() if p.requires_grad]
-        if not params:
-            return x
-        # Sums over empty slices: exactly 0 whatever the weights hold (even inf or NaN), no arithmetic.
-        return x + sum(p.reshape(-1)[:0].sum() for p in params).to(x.dtype)
-
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint(block, *args, use_reentrant=False)
@@ -657,22 +246,13 @@ class FasterViTStage(nn.Module):
         hp, wp = spatial_size(x)
         rows, cols = hp // ws, wp // ws
         carrier_grid = (self.ct_size * rows, self.ct_size * cols)
-        # Carrier tokens only where the padded map spans more than one window, as in the official
-        # implementation (sr_ratio = padded resolution // window_size > 1); on one window the HAT weights
-        # stay unused. Decided here, in Python, where the sizes are known (eager, torch.jit.trace)
-        # or the decision is checked again for another size (torch.compile guards on it). A graph
-        # for sizes it does not know (export with a symbolic size, whose guards ONNX Runtime never
-        # checks; FX tracing) decides itself: carrier tokens are computed, then hidden from the
-        # window attention and not propagated when the map is one window.
+        # Carrier tokens only where the padded map spans more than one window (hat.py's rule); on
+        # one window the HAT weights stay unused.
         ct, live = None, None
         if self.ct_size > 0:
-            if _static(rows, cols) or (torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
-                if rows * cols > 1:
-                    ct = self.global_tokenizer(x)
-                elif torch.is_grad_enabled():
-                    x = self._with_zero_gradients_for_carrier_weights(x)
-            else:
-                ct, live = self.global_tokenizer(x), _more_than_one(rows * cols, x)
+            ct, live = start_carrier_tokens(self.global_tokenizer, x, rows, cols)
+            if ct is None and torch.is_grad_enabled():
+                x = tie_zero_gradients(x, self.carrier_parameters())
         tokens = window_partition(x.permute(0, 2, 3, 1), ws)
         for block in self.blocks:
             tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
@@ -863,9 +443,7 @@ class FasterViT(nn.Module):
         """Whether stage ``stage`` (0-based) uses carrier tokens on an input of ``image_size``: it has
         HAT weights and its feature map, padded to whole windows, spans more than one window."""
         h, w = self.feature_sizes(image_size)[stage]
-        ws = self.window_size[stage]
-        windows = math.ceil(h / ws) * math.ceil(w / ws)
-        return self.ct_size[stage] > 0 and windows > 1
+        return self.ct_size[stage] > 0 and windows_spanned(h, w, self.window_size[stage]) > 1
 
     def idle_parameters(self, image_size: int | Sequence[int]) -> list[nn.Parameter]:
         """The carrier-token weights that an input of ``image_size`` never uses: those of HAT stages

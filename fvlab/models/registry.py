@@ -15,8 +15,9 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from fvlab.models.fastervit import FasterViT
+from fvlab.models.swin import SWIN_VARIANTS, HatSwinTransformer, create_hat_swin, load_swin_weights
 
-__all__ = ["VARIANTS", "CheckpointMismatchError", "UntrustedCheckpointError", "build_model", "create_model",
+__all__ = ["VARIANTS", "SWIN_VARIANTS", "arch_defaults", "CheckpointMismatchError", "UntrustedCheckpointError", "build_model", "create_model",
            "list_variants", "load_checkpoint", "read_checkpoint", "trust_checkpoints", "trusted_checkpoints",
            "checkpoints_trusted", "checkpoint_filter_fn", "variant_config"]
 
@@ -77,8 +78,32 @@ class CheckpointMismatchError(ValueError):
 
 
 def list_variants() -> list[str]:
-    """Names of the built-in variants."""
-    return list(VARIANTS)
+    """Names of the built-in variants: FasterViT's, then the ``hat_swin_*`` ones."""
+    return [*VARIANTS, *SWIN_VARIANTS]
+
+
+def _constructor_defaults(cls: type) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's defaults win over its base's
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params.update({n: p.default for n, p in inspect.signature(init).parameters.items()
+                       if p.default is not inspect.Parameter.empty})
+    return params
+
+
+def arch_defaults(name: str | None) -> dict[str, Any]:
+    """Every constructor argument's value for the named variant (None: FasterViT's own defaults)."""
+    if name in SWIN_VARIANTS:
+        return {**_constructor_defaults(HatSwinTransformer), **SWIN_VARIANTS[name]}
+    return {**_constructor_defaults(FasterViT), **VARIANTS.get(name or "", {})}
+
+
+def _valid_arguments(name: str | None) -> set[str]:
+    if name in SWIN_VARIANTS:
+        return set(_constructor_defaults(HatSwinTransformer)) - {"device", "dtype"}
+    return set(inspect.signature(FasterViT.__init__).parameters) - {"self"}
 
 
 def variant_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -213,12 +238,20 @@ def load_checkpoint(model: FasterViT, checkpoint_path: str | Path, use_ema: bool
 
 
 def create_model(name: str, checkpoint_path: str | Path | None = None, trust_checkpoint: bool | None = None,
-                 **overrides: Any) -> FasterViT:
+                 **overrides: Any) -> FasterViT | HatSwinTransformer:
     """Build a named variant with ``overrides``; load ``checkpoint_path`` (official or ours) if given.
+
+    A ``hat_swin_*`` variant also loads timm's Swin weights, its HAT weights then new (a warning
+    names them; ``fvlab.models.swin.load_swin_weights`` also returns them).
 
     The checkpoint is read as tensors and plain values only; ``trust_checkpoint=True`` loads any
     pickle (it can run code: only for files you trust).
     """
+    if name in SWIN_VARIANTS:
+        model = create_hat_swin(name, **overrides)
+        if checkpoint_path is not None:
+            load_swin_weights(model, checkpoint_path, trust_checkpoint=trust_checkpoint)
+        return model
     model = FasterViT(**variant_config(name, **overrides))
     model.pretrained_cfg = model.default_cfg = dict(default_cfgs[name].default.to_dict(), architecture=name)
     if checkpoint_path is not None:
@@ -232,10 +265,11 @@ def build_model(arch: str | Mapping[str, Any], trust_checkpoint: bool | None = N
     spec.update(overrides)
     name = spec.pop("name", None)
     checkpoint_path = spec.pop("checkpoint_path", None)
-    valid = set(inspect.signature(FasterViT.__init__).parameters) - {"self"}
+    valid = _valid_arguments(name)
     unknown = sorted(set(spec) - valid)
     if unknown:
-        raise ValueError(f"unknown FasterViT argument(s) {', '.join(map(repr, unknown))}; "
+        kind = "Swin" if name in SWIN_VARIANTS else "FasterViT"
+        raise ValueError(f"unknown {kind} argument(s) {', '.join(map(repr, unknown))}; "
                          f"valid: name, checkpoint_path, {', '.join(sorted(valid))}")
     if name is None:
         model = FasterViT(**spec)

@@ -10,7 +10,6 @@ directories ``trial_NNNN/``.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import os
@@ -161,17 +160,14 @@ def _fmt_setting(value: Any) -> Any:
 
 
 def resolved_arch(arch: Any) -> dict[str, Any]:
-    """FasterViT settings of a config's ``model.arch``: the variant's values where the config says null."""
+    """Architecture settings of a config's ``model.arch``: the variant's values where the config says null."""
     if isinstance(arch, str):
         arch = {"name": arch}
     if not isinstance(arch, Mapping):
         return {}
-    from fvlab.models import FasterViT
-    from fvlab.models.registry import VARIANTS
+    from fvlab.models.registry import arch_defaults
 
-    defaults = {k: p.default for k, p in inspect.signature(FasterViT).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    defaults.update(VARIANTS.get(str(arch.get("name")), {}))
+    defaults = arch_defaults(str(arch.get("name")) if arch.get("name") else None)
     settings = {}
     for key, value in arch.items():
         if key in ("checkpoint_path", "class_path", "init_args"):

@@ -1,0 +1,140 @@
+"""HAT in timm's Swin (``hat_swin_*``): timm's model when off, timm's weights when on, the one-window
+rule, regular-window blocks only, FLOPs, ONNX export, and a real `fvlab fit`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import fvlab  # noqa: F401  (registers the hat_swin_* models with timm)
+from fvlab.cli import main
+from fvlab.models import create_model, load_swin_weights
+from fvlab.models.hat import CarrierTokenAttention
+from fvlab.models.swin import HatSwinStage
+
+NAME = "hat_swin_tiny_patch4_window7_224"
+# 16 px, patch 4: stage 1 is a 4x4 map (four 2x2 windows), stage 2 a 2x2 map (one window).
+TINY = dict(embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=2, img_size=16, num_classes=5)
+
+
+def timm_swin(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("swin_tiny_patch4_window7_224", **TINY).eval()
+
+
+def test_hat_off_is_timm_swin() -> None:
+    ref = timm_swin()
+    off = timm.create_model(NAME, **TINY).eval()
+    assert list(off.state_dict()) == list(ref.state_dict())
+    off.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert (off(x) - ref(x)).abs().max().item() <= 1e-6
+
+
+def test_timm_weights_load_into_hat_model_with_new_keys_reported(tmp_path: Path) -> None:
+    ref = timm_swin()
+    path = tmp_path / "swin.pth"
+    torch.save(ref.state_dict(), path)
+    with pytest.warns(UserWarning, match=r"HAT weights are new.*layers\.0\.global_tokenizer"):
+        model = create_model(NAME, checkpoint_path=path, hat=True, ct_size=1, **TINY)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        new = load_swin_weights(model, path)
+    assert new == model.hat_keys() and new and all(".global_tokenizer." in k or ".carriers." in k for k in new)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ref.state_dict().items())
+    # timm's own route for pretrained weights from a file.
+    with pytest.warns(UserWarning, match="HAT weights are new"):
+        timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), hat=True, **TINY)
+
+
+def test_carrier_tokens_live_only_where_a_stage_spans_several_windows() -> None:
+    torch.manual_seed(0)
+    model = create_model(NAME, hat=True, ct_size=1, do_propagation=True, **TINY).eval()
+    assert [model.carrier_tokens_live(i) for i in range(2)] == [True, False]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        # The one-window stage's HAT weights are built but unused: changing them changes nothing.
+        for p in model.layers[1].carrier_parameters():
+            p.add_(1.0)
+        assert torch.equal(model(x), before)
+        for p in model.layers[0].carrier_parameters():
+            p.add_(1.0)
+        assert (model(x) - before).abs().max().item() > 1e-3
+    model.train()
+    model(x).sum().backward()  # unused weights get zero gradients, not none (DDP)
+    assert all(p.grad is not None and not p.grad.any() for p in model.layers[1].carrier_parameters())
+    assert any(p.grad.any() for p in model.layers[0].carrier_parameters())
+
+
+def test_carrier_tokens_join_regular_windows_only() -> None:
+    model = create_model(NAME, hat=[True, False], ct_size=1, do_propagation=True, **TINY)
+    stage = model.layers[0]
+    assert isinstance(stage, HatSwinStage) and not isinstance(model.layers[1], HatSwinStage)
+    assert all(isinstance(c, CarrierTokenAttention) for c in stage.carriers.values())
+    shifted = [i for i, b in enumerate(stage.blocks) if any(b.target_shift_size)]
+    assert shifted == [1] and list(stage.carriers) == ["0"]
+    # The shifted block is timm's own, called as it is.
+    calls = []
+    stage.blocks[1].register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    model(torch.randn(1, 3, 16, 16))
+    assert calls == [torch.Size([1, 4, 4, 16])]
+
+
+def test_flops_with_hat_exceed_flops_without_by_the_carrier_attention() -> None:
+    from fvlab.profile import flop_breakdown
+
+    off = flop_breakdown(create_model(NAME, **TINY), 16, quiet_unsupported=True)
+    on = flop_breakdown(create_model(NAME, hat=True, ct_size=2, **TINY), 16, quiet_unsupported=True)
+    def attention(flops: dict) -> int:  # timm's attention traces as matmuls, the carrier path as SDPA
+        return flops.get("scaled_dot_product_attention", 0) + flops.get("matmul", 0)
+
+    assert attention(on) > attention(off)
+    # Only the carrier tokens' work is added: no eval-mode position MLP is counted.
+    assert 0 < on["linear"] - off["linear"] < off["linear"]
+    assert sum(on.values()) > sum(off.values())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_onnx_export_parity(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fvlab.export import check_onnx, export_onnx, parity_sizes
+
+    torch.manual_seed(0)
+    model = create_model(NAME, hat=[True, False], ct_size=1, do_propagation=True, **TINY).eval()
+    path = export_onnx(model, tmp_path / "model.onnx")
+    rows = check_onnx(path, model, parity_sizes(model, 16), batch_sizes=(1, 3))
+    assert {r["batch"] for r in rows} == {1, 3}  # dynamic batch
+    assert max(r["max_abs_diff"] for r in rows) <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fit_of_a_two_variant_tiny_ablation(tmp_path: Path, capsys) -> None:
+    arch = {"name": NAME, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "window_size": 2,
+            "hat": [True, False], "ct_size": 1}
+    config = {"name": "swin", "seed_everything": 0, "model": {"arch": arch, "lr": 1e-3},
+              "data": {"class_path": "fvlab.data.SyntheticDataModule",
+                       "init_args": {"image_size": 16, "num_classes": 4, "in_chans": 3, "num_samples": 32,
+                                     "val_samples": 16, "batch_size": 16}},
+              "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1,
+                          "num_sanity_val_steps": 0},
+              "ablation": {"no_hat": {"model.arch.hat": False}, "ct1": {}}, "reference": "no_hat"}
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "| no_hat" in out and "| ct1" in out
+    metrics = {v: json.loads((tmp_path / "runs" / "swin" / v / "metrics.json").read_text())
+               for v in ("no_hat", "ct1")}
+    assert all(m["status"] == "complete" for m in metrics.values())
+    assert metrics["ct1"]["model/params_m"] > metrics["no_hat"]["model/params_m"]
+    assert metrics["ct1"]["model/gflops"] > metrics["no_hat"]["model/gflops"]
