@@ -810,8 +810,8 @@ def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch, request
     # Window 4 at 64 px makes stage 3 one window (no carrier tokens: hat on and off cost the same);
     # window 2 makes four, with carrier tokens where hat is on. Measured one trial at a time, their
     # ratios must match one side-by-side measurement of the four.
-    monkeypatch.setenv("FVLAB_PROFILE_ROUNDS", "15")
-    monkeypatch.setenv("FVLAB_PROFILE_ROUND_S", "0.04")
+    monkeypatch.setenv("FVLAB_PROFILE_ROUNDS", "30")
+    monkeypatch.setenv("FVLAB_PROFILE_ROUND_S", "0.05")
     # One thread, as under `make test`: threads that spin while another process holds the core
     # make every round a lottery, side by side or not.
     threads = torch.get_num_threads()
@@ -840,7 +840,7 @@ def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch, request
     variants = {f"t{t.number}": {k: space[k].decode(v) for k, v in t.params.items()} for t in trials}
     experiment = tmp_path / "four.yaml"
     experiment.write_text(yaml.safe_dump({**ARCHS_64, "name": "four", "seeds": None, "ablation": variants}))
-    assert main(["profile", str(experiment), "--json", "--rounds", "15", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert main(["profile", str(experiment), "--json", "--rounds", "30", "--runs-dir", str(tmp_path / "runs")]) == 0
     rows = {row["name"]: row for row in json.loads((tmp_path / "runs" / "four" / "profile.json").read_text())}
     for a in trials:
         for b in trials:
