@@ -26,7 +26,7 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from torch import nn
 from fvlab.models.fastervit import NUM_CONV_STAGES, FasterViT, _per_stage
 from fvlab.models.hat import propagation_index, tie_zero_gradients
 
-__all__ = ["SUBNET_KEYS", "FasterViTSupernet", "extract_subnet"]
+__all__ = ["SUBNET_KEYS", "FasterViTSupernet", "extract_subnet", "recalibrate_batchnorm"]
 
 # FasterViT arguments that a subnet may set: none of them changes a parameter's shape.
 SUBNET_KEYS = ("depths", "window_size", "ct_size", "hat", "do_propagation")
@@ -292,3 +292,35 @@ def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None
             Path(tmp).unlink(missing_ok=True)
             raise
     return weights
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (inputs, or (inputs, labels)),
+    as the plain average over them; returns the number of batches used.
+
+    A supernet's running statistics mix every subnet trained; each evaluated subnet needs its
+    own (AttentiveNAS recalibrates on 64 batches). Only the BatchNorms run in training mode
+    (dropout and drop path stay off); the model's mode is restored.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    was_training = model.training
+    device = next(model.parameters()).device
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: every batch weighs the same
+    model.eval()
+    for bn in norms:
+        bn.train()
+    used = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device))
+            used += 1
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return used
