@@ -102,6 +102,8 @@ def test_bad_distributions(spec: dict, message: str) -> None:
         parse_param("k", spec)
 
 
+SUPERNET_SPACE = {"model.arch.ct_size": {"choices": [1, 2]},
+                  "model.arch.depths": {"choices": [[1, 1, 1, 1], [1, 1, 2, 1]]}}
 BAD_SWEEPS = [
     ({"objectives": {"val/top1": "maximize"}}, "objectives: unknown metric 'val/top1'"),
     ({"objectives": {"val/acc1_best": "up"}}, "objectives.val/acc1_best"),
@@ -123,6 +125,20 @@ BAD_SWEEPS = [
     ({"confirm": {"seeds": []}}, "confirm.seeds: a non-empty list of integers"),
     ({"confirm": {"seeds": [1, 1]}}, "confirm.seeds: [1, 1] repeats a seed"),
     ({"confirm": [1, 2]}, "confirm: give the seeds to re-train the front with"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 0}}, "supernet.epochs: must be a positive integer"),
+    ({"space": SUPERNET_SPACE, "supernet": {"sandwich": 2}}, "supernet.epochs: missing"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2, "sandwich": -1}}, "supernet.sandwich: random subnets"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2, "sandwich": 1.5}}, "supernet.sandwich: random subnets"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2, "distill": "yes"}}, "supernet.distill: must be true or false"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2, "bn_batches": 0}}, "supernet.bn_batches: train batches"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2, "teacher": "big"}}, "supernet.teacher: not a supernet setting"),
+    ({"space": SUPERNET_SPACE, "supernet": 8}, "supernet: give its settings"),
+    ({"supernet": {"epochs": 2}}, "space.model.lr: a supernet shares weights over model.arch.depths"),
+    ({"space": {**SUPERNET_SPACE, "model.arch.mlp_ratio": {"choices": [2.0, 4.0]}}, "supernet": {"epochs": 2}},
+     "space.model.arch.mlp_ratio: a supernet shares weights"),
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2}, "pruner": "rungs"}, "pruner: the trials of a supernet"),
+    # A valid block: checked, but fvlab sweep cannot run the one-shot search yet, and says so.
+    ({"space": SUPERNET_SPACE, "supernet": {"epochs": 2}}, "supernet: training the supernet and evaluating"),
 ]
 
 
@@ -133,6 +149,19 @@ def test_bad_sweep_file_exits_2_and_writes_nothing(tmp_path: Path, capsys, chang
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_supernet_block_parsed_with_defaults_and_part_of_the_identity(tmp_path: Path) -> None:
+    from fvlab.models.supernet import SUBNET_KEYS
+    from fvlab.sweep.space import SUPERNET_SPACE_KEYS
+
+    assert SUPERNET_SPACE_KEYS == tuple(f"model.arch.{k}" for k in SUBNET_KEYS)
+    plain = load_sweep(write_sweep(tmp_path, space=SUPERNET_SPACE))
+    assert plain.supernet is None and "supernet" not in plain.identity()  # older studies keep their hash
+    sweep = load_sweep(write_sweep(tmp_path, space=SUPERNET_SPACE, supernet={"epochs": 3, "distill": False}))
+    assert sweep.supernet == {"epochs": 3, "sandwich": 2, "distill": False, "bn_batches": 20}
+    other = load_sweep(write_sweep(tmp_path, space=SUPERNET_SPACE, supernet={"epochs": 4, "distill": False}))
+    assert sweep.identity_hash() != other.identity_hash() != plain.identity_hash()
 
 
 def test_unreachable_storage_error_hides_the_password(tmp_path: Path, capsys) -> None:

@@ -129,7 +129,7 @@ class ImageClassifier(pl.LightningModule):
         sized = {}
         if arch.name in SWIN_VARIANTS and arch.img_size is None and image_size is not None:
             sized["img_size"] = image_size  # timm's Swin is built for one size: the data's, unless set
-        self.model = arch.build(num_classes=num_classes, in_chans=in_chans, **sized)
+        self.model = self.build_network(arch, num_classes=num_classes, in_chans=in_chans, **sized)
         if image_size is not None:
             self.model.check_image_size(image_size)
         if channels_last:
@@ -156,6 +156,10 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc1_best.persistent(True)  # checkpointed, so a resumed run keeps its best
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def build_network(self, arch: ArchConfig, **kwargs: Any) -> torch.nn.Module:
+        """The network this module trains (``kwargs``: num_classes, in_chans, ...)."""
+        return arch.build(**kwargs)
 
     # ---- forward and steps -------------------------------------------------------------
 

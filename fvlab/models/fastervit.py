@@ -196,6 +196,8 @@ class FasterViTStage(nn.Module):
         self.conv = conv
         self.window_size = window_size
         self.ct_size = 0 if conv else ct_size
+        # Blocks that run: all of them, except in a shallower subnet of a supernet (supernet.py).
+        self.depth = depth
         self.grad_checkpointing = False
         if conv:
             self.blocks = nn.ModuleList(
@@ -231,7 +233,7 @@ class FasterViTStage(nn.Module):
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Run the blocks on a (B, C, H, W) map of any size; returns the same size."""
         if self.conv:
-            for block in self.blocks:
+            for block in self.blocks[:self.depth]:
                 x = self._run(block, x)
             return x
         if torch.compiler.is_exporting() and _EXPORT_GEOMETRY.get() is None:
@@ -254,7 +256,7 @@ class FasterViTStage(nn.Module):
             if ct is None and torch.is_grad_enabled():
                 x = tie_zero_gradients(x, self.carrier_parameters())
         tokens = window_partition(x.permute(0, 2, 3, 1), ws)
-        for block in self.blocks:
+        for block in self.blocks[:self.depth]:
             tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
         # Cropping to the input size is a no-op view when nothing was padded.
         return window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)[:, :, :h, :w]

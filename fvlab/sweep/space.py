@@ -28,7 +28,7 @@ from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
            "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params",
-           "rung_epochs", "check_rungs_epochs"]
+           "rung_epochs", "check_rungs_epochs", "SUPERNET_OPTIONS", "SUPERNET_SPACE_KEYS"]
 
 # DESIGN.md's metric table, less the test split (never selected on) and train/lr (a setting).
 METRICS = SELECTION_METRICS
@@ -41,7 +41,7 @@ CONSTRAINTS = {"max_gflops": ("model/gflops", "max"), "max_params_m": ("model/pa
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 PRUNERS = ("median", "hyperband", "asha", "rungs")
 _TOP_KEYS = ("study", "experiment", "space", "objectives", "constraints", "sampler", "pruner",
-             "n_trials", "overrides", "confirm")
+             "n_trials", "overrides", "confirm", "supernet")
 _RANGE_KEYS = ("low", "high", "step", "log")
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -196,6 +196,11 @@ PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pru
                   "asha": optuna.pruners.SuccessiveHalvingPruner}
 # pruner: rungs (fvlab.sweep.rungs, any number of objectives): its options and their defaults.
 RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3}
+# supernet: {...} (one-shot search): its settings and their defaults; epochs has none.
+SUPERNET_OPTIONS = {"epochs": None, "sandwich": 2, "distill": True, "bn_batches": 20}
+# The settings a subnet of fvlab.models.supernet may vary (SUBNET_KEYS there), as space keys.
+SUPERNET_SPACE_KEYS = tuple(f"model.arch.{k}" for k in ("depths", "window_size", "ct_size", "hat",
+                                                         "do_propagation"))
 
 
 @dataclass
@@ -222,6 +227,8 @@ class SweepSpec:
     reference: dict[str, Any] | None = None
     # confirm: {seeds: [...]}: the front re-trained with these seeds (not part of the identity).
     confirm_seeds: list[int] | None = None
+    # supernet: {epochs, sandwich, distill, bn_batches}, every setting filled in; None: no one-shot search.
+    supernet: dict[str, Any] | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -244,11 +251,16 @@ class SweepSpec:
         base config every trial trains from (a rerun may not change them, or trials trained
         differently would mix). How the search runs is not part of it: sampler, pruner, n_trials
         and any later re-training of the front may change between reruns."""
-        return {"space": {k: p.spec for k, p in self.space.items()},
-                "objectives": [[k, v] for k, v in self.objectives.items()],
-                "constraints": dict(sorted(self.constraints.items())),
-                "overrides": dict(sorted(self.overrides.items())),
-                "base": json.loads(json.dumps(self.base, sort_keys=True, default=str))}
+        identity = {"space": {k: p.spec for k, p in self.space.items()},
+                    "objectives": [[k, v] for k, v in self.objectives.items()],
+                    "constraints": dict(sorted(self.constraints.items())),
+                    "overrides": dict(sorted(self.overrides.items())),
+                    "base": json.loads(json.dumps(self.base, sort_keys=True, default=str))}
+        # The supernet's weights make every trial's values; absent, the identities (and hashes) of
+        # studies without one stay what they were.
+        if self.supernet is not None:
+            identity["supernet"] = dict(sorted(self.supernet.items()))
+        return identity
 
     def identity_hash(self) -> str:
         """Short hash of :meth:`identity`."""
@@ -371,11 +383,51 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
     if overlap:
         raise SweepError(f"overrides.{overlap[0]}: also in space; a key is either searched or fixed")
 
+    supernet = _check_supernet(raw["supernet"], space, pruner) if raw.get("supernet") is not None else None
+
     return SweepSpec(path=path, study=study, experiment=experiment, space=space, objectives=objectives,
                      constraints=constraints, sampler=sampler, sampler_options=sampler_options, seed=seed,
                      pruner=pruner, pruner_options=pruner_options, n_trials=n_trials,
                      overrides={str(k): v for k, v in overrides.items()},
-                     confirm_seeds=_confirm_seeds(raw.get("confirm")))
+                     confirm_seeds=_confirm_seeds(raw.get("confirm")), supernet=supernet)
+
+
+def _check_supernet(block: Any, space: Mapping[str, SearchParam], pruner: str | None) -> dict[str, Any]:
+    """``supernet: {epochs, sandwich, distill, bn_batches}`` with defaults; the space must be one that
+    weight sharing covers (the subnet settings, discrete values) and trials are not pruned."""
+    example = "e.g. supernet: {epochs: 8, sandwich: 2, distill: true, bn_batches: 20}"
+    if not isinstance(block, Mapping):
+        raise SweepError(f"supernet: give its settings, {example}; got {block!r}")
+    for option in block:
+        if option not in SUPERNET_OPTIONS:
+            raise SweepError(f"supernet.{option}: not a supernet setting; known: {', '.join(SUPERNET_OPTIONS)}")
+    settings = {**SUPERNET_OPTIONS, **block}
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if settings["epochs"] is None:
+        raise SweepError(f"supernet.epochs: missing; give the supernet's training epochs, {example}")
+    if not integer(settings["epochs"]) or settings["epochs"] < 1:
+        raise SweepError(f"supernet.epochs: must be a positive integer, got {settings['epochs']!r}")
+    if not integer(settings["sandwich"]) or settings["sandwich"] < 0:
+        raise SweepError(f"supernet.sandwich: random subnets per step besides the largest and the smallest; "
+                         f"must be an integer >= 0, got {settings['sandwich']!r}")
+    if not isinstance(settings["distill"], bool):
+        raise SweepError(f"supernet.distill: must be true or false, got {settings['distill']!r}")
+    if not integer(settings["bn_batches"]) or settings["bn_batches"] < 1:
+        raise SweepError(f"supernet.bn_batches: train batches that recalibrate BatchNorm for each evaluated "
+                         f"subnet; must be a positive integer, got {settings['bn_batches']!r}")
+    for key, param in space.items():
+        if key not in SUPERNET_SPACE_KEYS:
+            raise SweepError(f"space.{key}: a supernet shares weights over {', '.join(SUPERNET_SPACE_KEYS)} "
+                             f"only; fix {key} with overrides, or remove the supernet block")
+        if param.discrete_values is None:
+            raise SweepError(f"space.{key}: a supernet evaluates discrete subnets; give choices or an int range")
+    if pruner is not None:
+        raise SweepError("pruner: the trials of a supernet study are evaluations of its subnets (seconds "
+                         "each), with nothing to prune; remove the pruner or the supernet block")
+    return settings
 
 
 def _confirm_seeds(confirm: Any) -> list[int] | None:

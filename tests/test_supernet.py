@@ -1,0 +1,202 @@
+"""Weight-sharing supernet (issue 24, item 1): every subnet equals its stand-alone FasterViT."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fvlab.models import FasterViT, build_model, variant_config
+from fvlab.models.supernet import FasterViTSupernet, extract_subnet
+from fvlab.profile import count_params, count_flops
+
+IMAGE = 64  # fastervit_micro: stage maps 16, 8, 4, 2 (stage 2: four 2x2 windows, or one 4x4)
+SPACE = {
+    "depths": [[1, 1, 1, 1], [1, 1, 2, 1], [2, 1, 3, 2]],
+    "window_size": [2, [2, 2, 4, 2], [2, 2, 2, 1]],
+    "ct_size": [1, 2],
+    "hat": [False, [False, False, True, False], [False, False, True, True]],
+    "do_propagation": [False, True],
+}
+
+
+def perturbed_supernet(seed: int = 0) -> FasterViTSupernet:
+    """A supernet whose weights and BN statistics are far from initial values, in eval mode.
+
+    At initialisation the position MLPs are near zero, which could let a carrier-token path
+    differ by less than the tolerance unnoticed.
+    """
+    torch.manual_seed(seed)
+    net = FasterViTSupernet(SPACE, **variant_config("fastervit_micro", num_classes=7))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in net.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1, generator=g)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5, generator=g)
+    return net.eval()
+
+
+def standalone(net: FasterViTSupernet) -> FasterViT:
+    """The active subnet as a plain FasterViT holding its extracted weights."""
+    model = FasterViT(**net.subnet_arch()).eval()
+    model.load_state_dict(extract_subnet(net), strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def net() -> FasterViTSupernet:
+    return perturbed_supernet()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(5))
+
+
+HAT2 = [False, False, True, False]
+HAT23 = [False, False, True, True]
+CASES = {
+    "hat_on_ct1": dict(depths=[2, 1, 3, 2], window_size=2, ct_size=1, hat=HAT2, do_propagation=False),
+    "hat_on_ct2": dict(depths=[2, 1, 3, 2], window_size=2, ct_size=2, hat=HAT2, do_propagation=False),
+    "hat_off": dict(depths=[2, 1, 3, 2], window_size=2, ct_size=2, hat=False, do_propagation=True),
+    # stage 2's 4x4 map is one 4x4 window: no carrier tokens there, whatever ct_size says
+    "one_window_stage": dict(depths=[2, 1, 3, 2], window_size=[2, 2, 4, 2], ct_size=2, hat=HAT2,
+                             do_propagation=True),
+    "depth_prefix_propagation": dict(depths=[1, 1, 2, 1], window_size=[2, 2, 2, 1], ct_size=1, hat=HAT23,
+                                     do_propagation=True),
+    "depth_prefix_no_propagation": dict(depths=[1, 1, 2, 1], window_size=[2, 2, 2, 1], ct_size=1, hat=HAT23,
+                                        do_propagation=False),
+    "smallest": dict(depths=[1, 1, 1, 1], window_size=2, ct_size=1, hat=False, do_propagation=False),
+    "largest_ct2_propagation": dict(depths=[2, 1, 3, 2], window_size=[2, 2, 2, 1], ct_size=[1, 1, 2, 1],
+                                    hat=HAT23, do_propagation=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_subnet_equals_its_standalone_model(case: str, net: FasterViTSupernet, x: torch.Tensor) -> None:
+    net.set_subnet(CASES[case])
+    with torch.no_grad():
+        ours = net(x)
+        theirs = standalone(net)(x)
+    assert (ours - theirs).abs().max().item() <= 1e-6
+
+
+def test_settings_change_the_output_so_parity_is_not_vacuous(net: FasterViTSupernet, x: torch.Tensor) -> None:
+    """Each setting the parity tests cover changes the logits well beyond the tolerance."""
+    def logits(name: str, **change) -> torch.Tensor:
+        with net.subnet({**CASES[name], **change}), torch.no_grad():
+            return net(x)
+
+    pairs = [
+        (logits("hat_on_ct1"), logits("hat_on_ct2")),                          # ct_size 1 vs 2
+        (logits("hat_on_ct1"), logits("hat_off")),                             # hat on vs off
+        (logits("depth_prefix_propagation"), logits("depth_prefix_no_propagation")),  # propagation
+        (logits("depth_prefix_propagation"), logits("depth_prefix_propagation", depths=[1, 1, 3, 1])),
+        (logits("hat_on_ct2"), logits("hat_on_ct2", window_size=[2, 2, 4, 2])),  # 4 windows vs 1
+    ]
+    for a, b in pairs:
+        assert (a - b).abs().max().item() > 1e-3
+    # One window: ct_size and propagation do nothing there, as the stand-alone rule says.
+    one = logits("one_window_stage")
+    assert torch.equal(one, logits("one_window_stage", ct_size=1, do_propagation=False))
+
+
+def test_last_active_block_propagates(net: FasterViTSupernet) -> None:
+    net.set_subnet(CASES["depth_prefix_propagation"])
+    propagating = [(i, j) for i, stage in enumerate(net.levels) for j, block in enumerate(stage.blocks)
+                   if getattr(block, "propagate", False)]
+    assert propagating == [(2, 1), (3, 0)]  # last active block of each HAT stage, not the deepest
+    net.set_subnet(CASES["depth_prefix_no_propagation"])
+    assert not any(getattr(b, "propagate", False) for s in net.levels for b in s.blocks)
+
+
+def test_context_manager_restores_and_switching_back_reproduces(net: FasterViTSupernet,
+                                                                 x: torch.Tensor) -> None:
+    net.set_subnet(CASES["hat_on_ct2"])
+    with torch.no_grad():
+        before = net(x)
+        with net.subnet(CASES["depth_prefix_propagation"]) as inner:
+            assert inner.active_subnet == CASES["depth_prefix_propagation"]
+            assert not torch.equal(net(x), before)
+        assert net.active_subnet == CASES["hat_on_ct2"]
+        assert torch.equal(net(x), before)
+
+
+def test_extracted_checkpoint_builds_like_any_model(net: FasterViTSupernet, x: torch.Tensor, tmp_path) -> None:
+    config = CASES["depth_prefix_propagation"]
+    path = tmp_path / "subnet" / "model.pt"
+    extract_subnet(net, config, path=path)
+    saved = torch.load(path, weights_only=True)
+    # What `checkpoint_path` of an experiment's model.arch reads (fvlab fit, create_model).
+    model = build_model({**saved["arch"], "checkpoint_path": str(path)}).eval()
+    with torch.no_grad(), net.subnet(config):
+        assert (model(x) - net(x)).abs().max().item() <= 1e-6
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+def test_accounting_describes_the_active_subnet(net: FasterViTSupernet) -> None:
+    for config in CASES.values():
+        net.set_subnet(config)
+        model = FasterViT(**net.subnet_arch())
+        assert net.canonical_arch(IMAGE) == model.canonical_arch(IMAGE)
+        assert net.canonical_arch() == model.canonical_arch()
+        assert count_params(net, IMAGE) == count_params(model, IMAGE)
+
+
+def test_unused_weights_get_zero_gradients_when_training() -> None:
+    """DistributedDataParallel without find_unused_parameters needs a gradient for every weight."""
+    torch.manual_seed(0)
+    net = FasterViTSupernet(SPACE, **variant_config("fastervit_micro", num_classes=7)).train()
+    net.set_subnet(CASES["depth_prefix_propagation"])
+    net(torch.randn(2, 3, IMAGE, IMAGE)).sum().backward()
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    assert grads["levels.2.blocks.2.attn.qkv.weight"].abs().sum() == 0  # beyond the prefix
+    assert grads["levels.2.blocks.1.attn.qkv.weight"].abs().sum() > 0
+    assert grads["levels.2.blocks.1.hat_attn.qkv.weight"].abs().sum() > 0
+
+
+def test_largest_and_smallest_and_random_subnets(net: FasterViTSupernet) -> None:
+    assert net.max_depths == [2, 1, 3, 2] and net.hat_weights == [False, False, True, True]
+    largest = net.largest_subnet(IMAGE)
+    assert largest["depths"] == [2, 1, 3, 2] and largest["hat"] == HAT23 and largest["do_propagation"]
+    # At 64 px a 4x4 window makes stage 2 one window: fewer weights used, so not the largest.
+    assert largest["window_size"] != [2, 2, 4, 2]
+    assert net.smallest_subnet() == {"depths": [1, 1, 1, 1], "window_size": [2, 2, 2, 1], "ct_size": 1,
+                                     "hat": False, "do_propagation": False}
+    rng = random.Random(0)
+    for _ in range(8):
+        config = net.sample_subnet(rng)
+        assert all(config[k] in SPACE[k] for k in SPACE)
+        net.set_subnet(config)  # every sample is a valid subnet
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"depths": [1, 1, 4, 1]}, ["depths[2]=4", "3 block"]),
+    ({"mlp_ratio": 4.0}, ["'mlp_ratio'", "depths, window_size"]),
+    ({"ct_size": 2, "window_size": 1, "hat": HAT2}, ["ct_size[2]=2", "window_size[2]=1"]),
+])
+def test_bad_subnets_raise_naming_the_setting(net: FasterViTSupernet, config: dict, words: list[str]) -> None:
+    active = net.active_subnet
+    with pytest.raises(ValueError) as err:
+        net.set_subnet(config)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert net.active_subnet == active  # a refused subnet changes nothing
+
+
+def test_hat_where_no_subnet_of_the_space_has_it_is_refused() -> None:
+    net = FasterViTSupernet({"hat": [HAT2, False]}, **variant_config("fastervit_micro"))
+    assert net.hat_weights == [False, False, True, False]
+    with pytest.raises(ValueError, match="stage 3.*no carrier-token weights"):
+        net.set_subnet({"hat": HAT23, "ct_size": 1})
+    net.set_subnet({"hat": True, "ct_size": 1, "window_size": [2, 2, 2, 1]} | {"hat": HAT2})
+
+
+def test_space_keys_that_change_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="'dim'"):
+        FasterViTSupernet({"dim": [8, 16]}, **variant_config("fastervit_micro"))
