@@ -140,6 +140,17 @@ def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | Non
 _RATIOS = ("speedup", "speedup_lo", "speedup_hi", "latency_ratio", "latency_ratio_lo", "latency_ratio_hi")
 
 
+def _same_network(a: RunSpec, b: RunSpec) -> bool:
+    """Whether two runs measure the same network: equal canonical forms at the data's image size
+    (``window_size: 2`` and ``[2, 2, 2, 2]`` are one model), else equal identities."""
+    ids = arch_identity(a), arch_identity(b)
+    rest = [{k: v for k, v in i.items() if k != "arch"} for i in ids]
+    forms = [getattr(s.model.model, "canonical_arch", None) for s in (a, b)]
+    if rest[0] == rest[1] and all(callable(f) for f in forms):
+        return forms[0](rest[0]["image_size"]) == forms[1](rest[1]["image_size"])
+    return ids[0] == ids[1]
+
+
 class ArchitectureProfiler:
     """``model/*`` metrics measured once per architecture, shared by every process through the study.
 
@@ -204,8 +215,7 @@ class ArchitectureProfiler:
 
     def _measure(self, spec: RunSpec, key: str) -> dict[str, Any]:
         reference = self._reference_spec()
-        alone = reference is None or not self.throughput or \
-            arch_identity(spec) == arch_identity(reference)
+        alone = reference is None or not self.throughput or _same_network(spec, reference)
         specs = {"candidate": spec} if alone else {"reference": reference, "candidate": spec}
         measured = measure_specs(specs, reference=next(iter(specs)), throughput=self.throughput)
         figures: dict[str, Any] = {k: v for k, v in measured["candidate"].items()

@@ -85,6 +85,8 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):  # as the sweep file and the list choices write it
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
