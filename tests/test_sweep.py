@@ -864,6 +864,12 @@ def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch, request
         metrics = json.loads((Path(attrs["run_dir"]) / "metrics.json").read_text())
         assert metrics["model/throughput"] == trial.values[1] == attrs["throughput"]
         assert metrics["model/throughput_measured"] == attrs["throughput_measured"]
+    # After the search the front and the reference were measured again, together (trial 0 is the
+    # reference's own network, whatever the spelling of its arch: ratio 1), and pareto.md shows both.
+    together = study.user_attrs["fvlab_front_together"]["figures"]
+    assert together["0"]["speedup"] == 1.0 and all(figures["throughput"] > 0 for figures in together.values())
+    pareto = (tmp_path / "runs" / "scale" / "pareto.md").read_text()
+    assert "| model/throughput (together) |" in pareto and "| front (together) |" in pareto
     # One side-by-side measurement of the same four architectures.
     space = load_sweep(sweep).space
     variants = {f"t{t.number}": {k: space[k].decode(v) for k, v in t.params.items()} for t in trials}

@@ -26,7 +26,7 @@ import torch
 from optuna.trial import TrialState
 
 from fvlab.experiment import apply_overrides
-from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
+from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs, network_identity
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, MOMENT_METRICS
 from fvlab.sweep.pareto import SCALE_ATTR
@@ -140,17 +140,6 @@ def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | Non
 _RATIOS = ("speedup", "speedup_lo", "speedup_hi", "latency_ratio", "latency_ratio_lo", "latency_ratio_hi")
 
 
-def _same_network(a: RunSpec, b: RunSpec) -> bool:
-    """Whether two runs measure the same network: equal canonical forms at the data's image size
-    (``window_size: 2`` and ``[2, 2, 2, 2]`` are one model), else equal identities."""
-    ids = arch_identity(a), arch_identity(b)
-    rest = [{k: v for k, v in i.items() if k != "arch"} for i in ids]
-    forms = [getattr(s.model.model, "canonical_arch", None) for s in (a, b)]
-    if rest[0] == rest[1] and all(callable(f) for f in forms):
-        return forms[0](rest[0]["image_size"]) == forms[1](rest[1]["image_size"])
-    return ids[0] == ids[1]
-
-
 class ArchitectureProfiler:
     """``model/*`` metrics measured once per architecture, shared by every process through the study.
 
@@ -215,7 +204,8 @@ class ArchitectureProfiler:
 
     def _measure(self, spec: RunSpec, key: str) -> dict[str, Any]:
         reference = self._reference_spec()
-        alone = reference is None or not self.throughput or _same_network(spec, reference)
+        # The reference trial, however its arch is spelt, is the reference's network: its ratio is 1.
+        alone = reference is None or not self.throughput or network_identity(spec) == network_identity(reference)
         specs = {"candidate": spec} if alone else {"reference": reference, "candidate": spec}
         measured = measure_specs(specs, reference=next(iter(specs)), throughput=self.throughput)
         figures: dict[str, Any] = {k: v for k, v in measured["candidate"].items()

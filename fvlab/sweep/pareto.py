@@ -151,7 +151,7 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
     (each distinct architecture once); stored in the study, and reused while the members are the same."""
     import torch
 
-    from fvlab.lit.measure import Target, arch_identity, identity_key, measure_specs
+    from fvlab.lit.measure import Target, identity_key, measure_specs, network_identity
     from fvlab.lit.runner import build_run, release_memory
     from fvlab.sweep.confirm import trial_config
 
@@ -167,12 +167,12 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
         torch.set_num_threads(int(study.user_attrs["fvlab_threads"]))
     try:
         reference = build_run(apply_overrides(base_config, sweep.overrides), None, {"trainer.logger": False})
-        name_of_identity = {identity_key(arch_identity(reference)): "reference"}
+        name_of_identity = {identity_key(network_identity(reference)): "reference"}
         targets["reference"] = Target.of(reference)
         del reference
         for trial in sorted(members, key=lambda t: t.number):
             spec = build_run(trial_config(trial, sweep, base_config, study_dir), None, {"trainer.logger": False})
-            key = identity_key(arch_identity(spec))
+            key = identity_key(network_identity(spec))
             if key not in name_of_identity:
                 name_of_identity[key] = f"trial_{trial.number:04d}"
                 targets[name_of_identity[key]] = Target.of(spec)
