@@ -396,6 +396,7 @@ def _load_weights(model: Any, path: str | Path, trust_checkpoint: bool) -> None:
 def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
     """(model with its weights, output path, image size) for ``fvlab export``; BadInput otherwise."""
     from fvlab.experiment import ExperimentError, load_experiment
+    from fvlab.export import fixed_image_size
     from fvlab.lit.runner import BadConfig, build_run
     from fvlab.models import create_model, list_variants
 
@@ -409,7 +410,8 @@ def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
         model = create_model(args.arch)
         if args.ckpt_path is not None:
             _load_weights(model, args.ckpt_path, args.trust_checkpoint)
-        image_size = args.image_size or model.pretrained_cfg["input_size"][-1]
+        fixed = fixed_image_size(model)
+        image_size = args.image_size or (fixed[0] if fixed else model.pretrained_cfg["input_size"][-1])
         out = Path(args.out or f"{args.arch}.onnx")
     else:
         try:
@@ -447,7 +449,7 @@ def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
 
 def export_command(argv: Sequence[str]) -> int:
     """``fvlab export``: ONNX with dynamic batch and image size, checked in ONNX Runtime first."""
-    from fvlab.export import (DEFAULT_OPSET, EXPORTER, INSTALL_HINT, check_onnx, export_onnx,
+    from fvlab.export import (DEFAULT_OPSET, EXPORTER, INSTALL_HINT, check_onnx, export_onnx, fixed_image_size,
                               missing_export_packages, parity_sizes, remove_onnx)
 
     parser = ArgumentParser(prog="fvlab export", description=export_command.__doc__)
@@ -512,8 +514,10 @@ def export_command(argv: Sequence[str]) -> int:
         print(f"fvlab export: refused: max |diff| {worst:.2e} > {args.atol:g}; {out} removed",
               file=sys.stderr)
         return EXIT_FAILURE
-    print(f"wrote {out} (dynamic batch, height and width; BatchNorm fused; fp32; "
-          f"max |diff| {worst:.2e} <= {args.atol:g})")
+    fixed = fixed_image_size(model)
+    shapes = "dynamic batch, height and width" if fixed is None else f"dynamic batch; {fixed[0]}x{fixed[1]} images only"
+    fused = "; BatchNorm fused" if hasattr(model, "fuse") else ""
+    print(f"wrote {out} ({shapes}{fused}; fp32; max |diff| {worst:.2e} <= {args.atol:g})")
     return EXIT_OK
 
 

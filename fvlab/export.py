@@ -1,4 +1,5 @@
-"""ONNX export of a FasterViT with dynamic batch, height and width, and its ONNX Runtime check.
+"""ONNX export of a model (FasterViT, ``hat_swin_*``) with dynamic batch, height and width (a model
+built for one image size: dynamic batch), and its ONNX Runtime check.
 
 The graph comes from torch's dynamo-based exporter (``torch.onnx.export(dynamo=True)``, which
 needs ``onnxscript``): the model pads to whole windows and pools carrier tokens with sizes
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-
-from fvlab.models import FasterViT
 
 __all__ = ["DEFAULT_OPSET", "EXPORT_PACKAGES", "INSTALL_HINT", "MissingExportPackages",
            "check_onnx", "export_onnx", "missing_export_packages", "ort_session", "parity_sizes",
@@ -55,8 +54,13 @@ def _require_export_packages() -> None:
         raise MissingExportPackages(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
-def smallest_image_size(model: FasterViT, limit: int = 4096) -> int:
-    """The smallest square image side the model takes (every HAT window fits its feature map)."""
+def smallest_image_size(model: torch.nn.Module, limit: int = 4096) -> int:
+    """The smallest square image side the model takes (by its own ``check_image_size``)."""
+    fixed = fixed_image_size(model)
+    if fixed is not None:
+        if fixed[0] != fixed[1]:
+            raise ValueError(f"this model takes {fixed[0]}x{fixed[1]} images only, no square side")
+        return fixed[0]
     for size in range(1, limit + 1):
         try:
             model.check_image_size(size)
@@ -66,22 +70,25 @@ def smallest_image_size(model: FasterViT, limit: int = 4096) -> int:
     raise ValueError(f"no image side up to {limit} fits this model")
 
 
-def _needs_padding(model: FasterViT, size: tuple[int, int]) -> bool:
-    """Whether some transformer stage pads its feature map to whole windows at ``size``."""
-    from fvlab.models.fastervit import NUM_CONV_STAGES
-
-    return any(h % ws or w % ws for i, ((h, w), ws) in
-               enumerate(zip(model.feature_sizes(size), model.window_size)) if i >= NUM_CONV_STAGES)
+def _needs_padding(model: torch.nn.Module, size: tuple[int, int]) -> bool:
+    """Whether some window-attention stage pads its feature map to whole windows at ``size``."""
+    return any(stage.map_size[0] % stage.window[0] or stage.map_size[1] % stage.window[1]
+               for stage in model.window_geometry(size))
 
 
 def fixed_image_size(model: torch.nn.Module) -> tuple[int, int] | None:
-    """The one (height, width) a model takes (timm's Swin built for its ``img_size``), or None (any)."""
+    """The one (height, width) a model takes, or None (any).
+
+    timm's convention for models built for one input size (Swin, ViT): ``dynamic_img_size`` off and
+    the size in ``patch_embed.img_size``; a model without that attribute takes any size its
+    ``check_image_size`` accepts.
+    """
     if getattr(model, "dynamic_img_size", True):
         return None
     return tuple(model.patch_embed.img_size)
 
 
-def parity_sizes(model: FasterViT, image_size: int) -> list[tuple[int, int]]:
+def parity_sizes(model: torch.nn.Module, image_size: int) -> list[tuple[int, int]]:
     """Three (height, width) sizes to check an export at: ``image_size`` square, a non-square
     one, and one whose feature maps need padding to whole windows (a multiple of 16 above);
     a model of one fixed size is checked at that size only."""
@@ -93,28 +100,30 @@ def parity_sizes(model: FasterViT, image_size: int) -> list[tuple[int, int]]:
     return [(image_size, image_size), (image_size, padded), (padded, padded)]
 
 
-def _example_size(model: FasterViT) -> tuple[int, int]:
-    """A non-square example size with at least two windows per side in every transformer stage.
+def _example_size(model: torch.nn.Module) -> tuple[int, int]:
+    """A non-square example size whose feature maps are whole windows, at least two per side, in
+    every window-attention stage: the two smallest multiples of every stage's window span (stride
+    x window) at or above twice the largest span.
 
     The exporter specialises any size that is 0 or 1 in the example (and equal sizes to each
     other), which would tie the graph to that geometry.
     """
-    from fvlab.models.fastervit import NUM_CONV_STAGES
-
-    spans = [4 * 2 ** i * ws for i, ws in enumerate(model.window_size) if i >= NUM_CONV_STAGES]
+    # Strides and windows do not depend on the input size; 64 only names one.
+    spans = [stage.stride * side for stage in model.window_geometry(64) for side in stage.window]
     if not spans:
         return 64, 96
-    height = 2 * max(spans)
-    return height, height + max(spans)
+    step = math.lcm(*spans)
+    height = step * -(-2 * max(spans) // step)
+    return height, height + step
 
 
-def _prepared(model: FasterViT) -> FasterViT:
+def _prepared(model: torch.nn.Module) -> torch.nn.Module:
     """A fused fp32 eval copy of ``model`` on the CPU (BatchNorm folded into convs and head)."""
     prepared = copy.deepcopy(model).float().cpu().eval()
     return prepared if getattr(prepared, "fused", True) else prepared.fuse()
 
 
-def export_onnx(model: FasterViT, path: str | Path, opset: int = DEFAULT_OPSET,
+def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = DEFAULT_OPSET,
                 image_size: tuple[int, int] | None = None) -> Path:
     """Export ``model`` (fused, fp32) to ONNX at ``path`` with dynamic batch, height and width.
 
@@ -157,7 +166,7 @@ def ort_session(path: str | Path, providers: Sequence[str] | None = None,
                                 providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def check_onnx(path: str | Path, model: FasterViT, sizes: Sequence[tuple[int, int]],
+def check_onnx(path: str | Path, model: torch.nn.Module, sizes: Sequence[tuple[int, int]],
                batch_sizes: Sequence[int] = (1, 3), seed: int = 0) -> list[dict[str, Any]]:
     """Run the exported file in ONNX Runtime and ``model`` in PyTorch (fp32, eval) on the same
     random images; one row per batch size and size with the max abs difference of the logits."""
@@ -185,7 +194,7 @@ def remove_onnx(path: str | Path) -> None:
             os.remove(candidate)
 
 
-def onnxruntime_runner(model: FasterViT, input_shape: Sequence[int], device: torch.device | None = None,
+def onnxruntime_runner(model: torch.nn.Module, input_shape: Sequence[int], device: torch.device | None = None,
                        directory: str | Path | None = None) -> Callable[[torch.Tensor], Any]:
     """``model`` exported and loaded in ONNX Runtime, as a callable on torch tensors (``fvlab profile
     --backend onnxruntime``): the CUDA provider for a CUDA device where installed, else the CPU one."""

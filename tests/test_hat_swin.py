@@ -103,38 +103,113 @@ def test_flops_with_hat_exceed_flops_without_by_the_carrier_attention() -> None:
     assert sum(on.values()) > sum(off.values())
 
 
-@pytest.mark.filterwarnings("ignore")
-def test_onnx_export_parity(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from fvlab.export import check_onnx, export_onnx, parity_sizes
-
-    torch.manual_seed(0)
-    model = create_model(NAME, hat=[True, False], ct_size=1, do_propagation=True, **TINY).eval()
-    path = export_onnx(model, tmp_path / "model.onnx")
-    rows = check_onnx(path, model, parity_sizes(model, 16), batch_sizes=(1, 3))
-    assert {r["batch"] for r in rows} == {1, 3}  # dynamic batch
-    assert max(r["max_abs_diff"] for r in rows) <= 1e-4
+ARCH = {"name": NAME, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "window_size": 2,
+        "hat": True, "ct_size": 1, "do_propagation": True}  # stage 2 is one window: its HAT weights idle
 
 
-@pytest.mark.filterwarnings("ignore")
-def test_fit_of_a_two_variant_tiny_ablation(tmp_path: Path, capsys) -> None:
-    arch = {"name": NAME, "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "window_size": 2,
-            "hat": [True, False], "ct_size": 1}
-    config = {"name": "swin", "seed_everything": 0, "model": {"arch": arch, "lr": 1e-3},
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(experiment file, runs dir) of a real `fvlab fit` of a two-variant tiny ablation (HAT off, ct1)."""
+    root = tmp_path_factory.mktemp("hat_swin")
+    config = {"name": "swin", "seed_everything": 0, "model": {"arch": ARCH, "lr": 1e-3},
               "data": {"class_path": "fvlab.data.SyntheticDataModule",
                        "init_args": {"image_size": 16, "num_classes": 4, "in_chans": 3, "num_samples": 32,
                                      "val_samples": 16, "batch_size": 16}},
               "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1,
                           "num_sanity_val_steps": 0},
               "ablation": {"no_hat": {"model.arch.hat": False}, "ct1": {}}, "reference": "no_hat"}
-    experiment = tmp_path / "exp.yaml"
+    experiment = root / "exp.yaml"
     experiment.write_text(yaml.safe_dump(config, sort_keys=False))
-    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
-    out = capsys.readouterr().out
-    assert "| no_hat" in out and "| ct1" in out
-    metrics = {v: json.loads((tmp_path / "runs" / "swin" / v / "metrics.json").read_text())
-               for v in ("no_hat", "ct1")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["fit", str(experiment), "--runs-dir", str(root / "runs")]) == 0
+    return experiment, root / "runs"
+
+
+@pytest.mark.xdist_group("hat_swin_trained")  # one worker computes the module fixture once
+@pytest.mark.filterwarnings("ignore")
+def test_onnx_export_parity(trained, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from fvlab.export import check_onnx
+    from fvlab.models import load_checkpoint
+
+    experiment, runs = trained
+    # The CLI path: the run's own model (classes from its data, img_size from its image size), best.ckpt.
+    assert main(["export", str(experiment), "--variant", "ct1", "--runs-dir", str(runs)]) == 0
+    printed = capsys.readouterr().out
+    assert "batch 1  16x16" in printed and "batch 3  16x16" in printed
+    assert "dynamic batch; 16x16 images only" in printed and "BatchNorm" not in printed
+    out = runs / "swin" / "ct1" / "model.onnx"
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, 16, 16]
+    # The file against the trained weights loaded on their own, at a batch the check did not use.
+    model = create_model(NAME, **{**{k: v for k, v in ARCH.items() if k != "name"}, "img_size": 16,
+                                  "num_classes": 4})
+    load_checkpoint(model, runs / "swin" / "ct1" / "checkpoints" / "best.ckpt")
+    assert check_onnx(out, model.eval(), [(16, 16)], batch_sizes=[2])[0]["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.xdist_group("hat_swin_trained")
+@pytest.mark.filterwarnings("ignore")
+def test_fit_of_a_two_variant_tiny_ablation(trained) -> None:
+    experiment, runs = trained
+    summary = (runs / "swin" / "summary.md").read_text()
+    assert "| no_hat" in summary and "| ct1" in summary
+    metrics = {v: json.loads((runs / "swin" / v / "metrics.json").read_text()) for v in ("no_hat", "ct1")}
     assert all(m["status"] == "complete" for m in metrics.values())
     assert metrics["ct1"]["model/params_m"] > metrics["no_hat"]["model/params_m"]
     assert metrics["ct1"]["model/gflops"] > metrics["no_hat"]["model/gflops"]
+
+
+@pytest.mark.xdist_group("hat_swin_trained")
+@pytest.mark.filterwarnings("ignore")
+def test_profile_of_a_hat_swin_experiment_side_by_side(trained, tmp_path: Path, capsys) -> None:
+    from fvlab.models import create_model as build
+
+    experiment, _ = trained
+    capsys.readouterr()
+    assert main(["profile", str(experiment), "--json", "--batch-sizes", "2", "--runs-dir", str(tmp_path)]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"no_hat", "ct1"} and json.loads((tmp_path / "swin" / "profile.json").read_text())
+    off, on = rows["no_hat"], rows["ct1"]
+    assert off["model/speedup"] == 1.0 and on["model/speedup"] > 0 and on["model/throughput"] > 0
+    # Params: the weights used at 16 px, i.e. stage 2's carrier weights (one window) left out.
+    model = build(NAME, **{**{k: v for k, v in ARCH.items() if k != "name"}, "img_size": 16, "num_classes": 4})
+    idle = sum(p.numel() for p in model.idle_parameters(16))
+    assert idle > 0 and on["model/params_m"] == pytest.approx((sum(p.numel() for p in model.parameters())
+                                                                - idle) / 1e6)
+    # GFLOPs: fvcore counts the carrier-token attention (SDPA), absent without HAT.
+    assert on["model/gflops"] > off["model/gflops"] > 0
+
+
+def test_canonical_form_and_idle_weights_at_the_image_size() -> None:
+    from fvlab.profile import count_params
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    # HAT on stage 2 only, a one-window stage at 16 px: ct_size and propagation change nothing there.
+    c = create_model(NAME, hat=[False, True], ct_size=1, **TINY).eval()
+    d = create_model(NAME, hat=[False, True], ct_size=2, do_propagation=True, **TINY).eval()
+    off = create_model(NAME, hat=False, ct_size=2, **TINY).eval()
+    assert c.canonical_arch(16) == d.canonical_arch(16) != off.canonical_arch(16)  # off lacks HAT weights
+    assert c.canonical_arch() != d.canonical_arch()
+    d.load_state_dict(c.state_dict())
+    with torch.no_grad():
+        assert torch.equal(c(x), d(x))
+    # timm's arguments as built: window 2 is (2, 2); HAT off ignores ct_size.
+    assert create_model(NAME, **{**TINY, "window_size": (2, 2)}).canonical_arch(16) == \
+        create_model(NAME, ct_size=1, **TINY).canonical_arch(16) == off.canonical_arch(16)
+    # HAT on stage 1 (four windows): ct_size counts.
+    e = create_model(NAME, hat=True, ct_size=1, **TINY).eval()
+    f = create_model(NAME, hat=True, ct_size=2, **TINY).eval()
+    assert e.canonical_arch(16) != f.canonical_arch(16)
+    f.load_state_dict(e.state_dict())
+    with torch.no_grad():
+        assert (e(x) - f(x)).abs().max().item() > 1e-6  # small: the weights are at their init
+    # Idle weights: the one-window stage's, left out of params_m (built ones still counted apart).
+    assert {id(p) for p in e.idle_parameters(16)} == {id(p) for p in e.layers[1].carrier_parameters()}
+    assert count_params(e, 16) == count_params(e) - sum(p.numel() for p in e.layers[1].carrier_parameters())
+    assert not create_model(NAME, hat=[True, False], **TINY).idle_parameters(16)
+    assert e.feature_sizes(16) == e.feature_sizes() == [(4, 4), (2, 2)]

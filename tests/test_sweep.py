@@ -883,3 +883,29 @@ def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch, request
                 searched = a.user_attrs["throughput"] / b.user_attrs["throughput"]
                 together = rows[f"t{a.number}"]["model/throughput"] / rows[f"t{b.number}"]["model/throughput"]
                 assert searched == pytest.approx(together, rel=0.10), (a.params, b.params)
+
+
+def test_hat_swin_space_trains_each_distinct_model_once(tmp_path: Path) -> None:
+    # timm's Swin with HAT at 16 px: stage 1 a 4x4 map (four 2x2 windows), stage 2 one 2x2 window.
+    # HAT on stage 2 only: ct_size 1 and 2 are one model (no carrier tokens live there).
+    arch = {"name": "hat_swin_tiny_patch4_window7_224", "embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2],
+            "window_size": 2, "hat": [False, True], "ct_size": 1}
+    base = {**BASE, "model": {"arch": arch, "lr": 3.0e-3},
+            "data": {**BASE["data"], "init_args": {**BASE["data"]["init_args"], "image_size": 16}}}
+    sweep = write_sweep(tmp_path, base=base, study="swin", n_trials=4, **{
+        **UNTRAINED, "sampler": {"name": "grid", "seed": 0},
+        "space": {"model.arch.hat": {"choices": [[False, True], [True, True]]},
+                  "model.arch.ct_size": {"choices": [1, 2]}}})
+    assert run_sweep(tmp_path, sweep) == 0
+    trials = journal_study(tmp_path / "runs" / "swin" / "study.journal", "swin").get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.PRUNED for t in trials)  # over the GFLOPs bound
+    from fvlab.sweep.space import encode_choice
+
+    by_params = {(t.params["model.arch.hat"], t.params["model.arch.ct_size"]): t for t in trials}
+    one_window = [by_params[(encode_choice([False, True]), c)] for c in (1, 2)]
+    copy = max(one_window, key=lambda t: t.number)
+    assert copy.user_attrs["duplicate_of"] == min(t.number for t in one_window)
+    assert [t for t in trials if "duplicate_of" in t.user_attrs] == [copy]  # ct_size counts on stage 1
+    live = by_params[(encode_choice([True, True]), 1)].user_attrs
+    assert live["params_m"] < live["params_built_m"]  # stage 2's carrier weights idle at 16 px
+    assert by_params[(encode_choice([True, True]), 2)].user_attrs["gflops"] > live["gflops"]

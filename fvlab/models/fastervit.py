@@ -44,7 +44,8 @@ from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, _hidden_p
 from fvlab.models.hat import carrier_pool_geometry, pool_carrier_tokens  # noqa: F401
 from fvlab.models.layers import (_EXPORT_GEOMETRY, POSITION_MLP_HIDDEN, AbsolutePositionEmbedding,  # noqa: F401
                                  InplaceGELU, Mlp, RelativePositionBias, WindowAttention, _static, add_residual,
-                                 pad_to_windows, spatial_size, window_major_order, window_partition, window_reverse)
+                                 WindowStage, pad_to_windows, spatial_size, window_major_order, window_partition,
+                                 window_reverse)
 
 __all__ = ["FasterViT", "NUM_CONV_STAGES", "POSITION_MLP_HIDDEN"]
 
@@ -578,6 +579,11 @@ class FasterViT(nn.Module):
             sizes.append((h, w))
             h, w = -(-h // 2), -(-w // 2)
         return sizes
+
+    def window_geometry(self, image_size: int | Sequence[int]) -> list[WindowStage]:
+        """Map, window and stride of every window-attention (transformer) stage for an input of ``image_size``."""
+        return [WindowStage(size, (self.window_size[i],) * 2, 4 * 2 ** i)
+                for i, size in enumerate(self.feature_sizes(image_size)) if i >= NUM_CONV_STAGES]
 
     def check_image_size(self, image_size: int | Sequence[int]) -> None:
         """Raise ValueError if a HAT stage's feature map cannot hold one whole window."""

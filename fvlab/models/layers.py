@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ from timm.models._features_fx import register_notrace_function, register_notrace
 
 __all__ = ["POSITION_MLP_HIDDEN", "AbsolutePositionEmbedding", "InplaceGELU", "Mlp", "RelativePositionBias",
            "WindowAttention", "add_residual", "centred_grid_coords", "log_spaced_relative_coords",
-           "pad_to_windows", "spatial_size", "window_major_order", "window_partition", "window_reverse"]
+           "pad_to_windows", "spatial_size", "window_major_order", "window_partition", "window_reverse",
+           "WindowStage"]
 
 POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official checkpoints
 
@@ -31,6 +32,15 @@ POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official 
 # Geometry: all small integer/float tables, depending only on sizes (never on weights)
 # --------------------------------------------------------------------------------------
 
+
+
+class WindowStage(NamedTuple):
+    """One window-attention stage at an input size: its (h, w) map, (h, w) window and its stride
+    (image pixels per map cell); what export and geometry checks need, whatever the model."""
+
+    map_size: tuple[int, int]
+    window: tuple[int, int]
+    stride: int
 
 @register_notrace_function  # reason: shape arithmetic on a Proxy
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:

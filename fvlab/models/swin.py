@@ -21,6 +21,7 @@ which is then one window).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -38,7 +39,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_filte
 
 from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, _hidden_prefix_bias, join_carrier_tokens,
                               split_carrier_tokens, start_carrier_tokens, tie_zero_gradients, windows_spanned)
-from fvlab.models.layers import pad_to_windows, spatial_size, window_partition, window_reverse
+from fvlab.models.layers import WindowStage, pad_to_windows, spatial_size, window_partition, window_reverse
 
 __all__ = ["HatSwinTransformer", "HatSwinStage", "SWIN_VARIANTS", "create_hat_swin", "load_swin_weights"]
 
@@ -197,6 +198,15 @@ class HatSwinStage(SwinTransformerStage):
         return window_reverse(windows, ws, *_map_size(padded))[:, :h, :w, :]
 
 
+def _plain(value: Any) -> Any:
+    """A constructor argument as a JSON-able value (tuples as lists, classes and functions by name)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return getattr(value, "__qualname__", None) or repr(value)
+
+
 def _per_stage(name: str, value: Any, n: int, kind: type) -> list:
     values = list(to_ntuple(n)(value))
     if len(values) != n or any(not isinstance(v, kind) or (kind is int and isinstance(v, bool)) for v in values):
@@ -219,6 +229,7 @@ class HatSwinTransformer(SwinTransformer):
     def __init__(self, hat: bool | Sequence[bool] = False, ct_size: int | Sequence[int] = 1,
                  do_propagation: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
+        self._swin_args = dict(kwargs)  # for canonical_arch: timm's arguments as given
         n = len(self.layers)
         hat = _per_stage("hat", hat, n, bool)
         ct_size = _per_stage("ct_size", ct_size, n, int)
@@ -247,16 +258,64 @@ class HatSwinTransformer(SwinTransformer):
         """State-dict keys that timm's Swin lacks: the carrier-token weights."""
         return [k for k in self.state_dict() if ".global_tokenizer." in k or ".carriers." in k]
 
-    def feature_sizes(self) -> list[tuple[int, int]]:
-        """(h, w) of each stage's map at the model's image size."""
-        return [tuple(stage.output_resolution) for stage in self.layers]
+    def feature_sizes(self, image_size: int | Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """(h, w) of each stage's map for an input of ``image_size`` (default: the model's image size)."""
+        if image_size is None:
+            return [tuple(stage.output_resolution) for stage in self.layers]
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        h, w = self.patch_embed.dynamic_feat_size(size)
+        sizes = []
+        for i in range(len(self.layers)):
+            # timm's stage resolutions: the patch grid, then halved (rounded up) by each patch merging.
+            sizes.append((-(-h // 2 ** i), -(-w // 2 ** i)))
+        return sizes
 
-    def carrier_tokens_live(self, stage: int) -> bool:
-        """Whether stage ``stage`` (0-based) uses carrier tokens at the model's image size."""
+    def window_geometry(self, image_size: int | Sequence[int] | None = None) -> list[WindowStage]:
+        """Map, window and stride of every stage for an input of ``image_size`` (default: the model's)."""
+        patch = self.patch_embed.patch_size[0]
+        return [WindowStage(size, tuple(stage.blocks[0].window_size), patch * 2 ** i)
+                for i, (size, stage) in enumerate(zip(self.feature_sizes(image_size), self.layers))]
+
+    def carrier_tokens_live(self, stage: int, image_size: int | Sequence[int] | None = None) -> bool:
+        """Whether stage ``stage`` (0-based) uses carrier tokens for an input of ``image_size`` (default:
+        the model's image size): it has HAT weights and its padded map spans more than one window."""
         if not self.ct_size[stage]:
             return False
-        h, w = self.feature_sizes()[stage]
+        h, w = self.feature_sizes(image_size)[stage]
         return windows_spanned(h, w, self.layers[stage].blocks[0].window_size[0]) > 1
+
+    def idle_parameters(self, image_size: int | Sequence[int] | None = None) -> list[nn.Parameter]:
+        """The carrier-token weights an input of ``image_size`` never uses: those of HAT stages that are
+        one window there (built, so that checkpoints load, but idle)."""
+        return [p for i, stage in enumerate(self.layers) if isinstance(stage, HatSwinStage)
+                and not self.carrier_tokens_live(i, image_size) for p in stage.carrier_parameters()]
+
+    def canonical_arch(self, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+        """The architecture in one normal form: equal forms have the same parameter shapes and, with
+        the same weights, the same outputs (``fvlab sweep`` trains each form once).
+
+        timm's arguments as the stages were built (per-stage lists, the windows timm fitted to the
+        maps), carrier tokens per stage (0 where HAT is off) and propagation only with carrier
+        tokens. With ``image_size``, at that size only: a HAT stage that is one window there has no
+        carrier tokens, so its ``ct_size`` (HAT weight shapes do not depend on it) and propagation
+        are normalised away; its HAT weights stay (``carrier_weights``), so it differs from HAT off.
+        """
+        bound = inspect.signature(SwinTransformer.__init__).bind(None, **self._swin_args)
+        bound.apply_defaults()
+        args = {k: _plain(v) for k, v in bound.arguments.items() if k not in ("self", "device", "dtype")}
+        blocks = [stage.blocks[0] for stage in self.layers]
+        args.update(
+            img_size=list(self.patch_embed.img_size), patch_size=list(self.patch_embed.patch_size),
+            embed_dim=[b.dim for b in blocks], depths=[len(stage.blocks) for stage in self.layers],
+            num_heads=[b.attn.num_heads for b in blocks],
+            head_dim=[b.attn.qkv.out_features // 3 // b.attn.num_heads for b in blocks],
+            window_size=[list(b.window_size) for b in blocks], mlp_ratio=[float(b.mlp_ratio) for b in blocks],
+            num_classes=self.num_classes, in_chans=self.in_chans, global_pool=self.global_pool)
+        ct_size = list(self.ct_size)
+        if image_size is not None:
+            ct_size = [c if self.carrier_tokens_live(i, image_size) else 0 for i, c in enumerate(ct_size)]
+        return {**args, "ct_size": ct_size, "carrier_weights": [c > 0 for c in self.ct_size],
+                "do_propagation": self.do_propagation and any(ct_size)}
 
     def check_image_size(self, image_size: int | Sequence[int]) -> None:
         """Raise ValueError unless the model takes images of ``image_size`` (timm's Swin: its img_size)."""

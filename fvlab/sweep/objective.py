@@ -49,7 +49,7 @@ DUPLICATE_POLL_S = 2.0  # how often a duplicate of a running trial looks whether
 
 def canonical_key(spec: RunSpec) -> str:
     """Hash of what a run trains: its resolved config, the architecture in the model's own normal
-    form (``FasterViT.canonical_arch``) at the data's image size, run names left out. Equal keys
+    form (its ``canonical_arch``: FasterViT's, hat_swin's) at the data's image size, run names left out. Equal keys
     train the same model the same way.
 
     At the image size: settings the network ignores there count for nothing, e.g. ``ct_size`` and
