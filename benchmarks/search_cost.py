@@ -1,6 +1,6 @@
 """What multi-objective successive halving (`pruner: rungs`) saves and keeps of the front, over repetitions.
 
-The search: 12 trials of fastervit_tiny on the embedded digits at 32 px, width (`dim` 8, 16, 32
+The search: 10 trials (trial 0 the reference) of fastervit_tiny on the embedded digits at 32 px, width (`dim` 8, 16, 32
 or 64) and stage depths (1-1-1-1, 1-1-2-1, 2-2-2-1 or 1-1-4-1) in the space (16 distinct
 models; the learning rate fixed at the base experiment's), objectives val/acc1_best and
 model/throughput (both maximised), `trainer.max_epochs` 9 without warm-up, rungs at epochs 1
@@ -43,7 +43,7 @@ point is fixed globally: the worst value of each objective over every repetition
 repetition's full hypervolume; means over repetitions carry 95% t intervals, and rungs minus
 random is the paired difference of the shares per repetition with its 95% paired t interval.
 
-    python benchmarks/search_cost.py                          # 5 repetitions (estimate: ~20 min, 2 cores)
+    python benchmarks/search_cost.py                          # 5 repetitions (estimate: ~25 min on 2 quiet cores)
     python benchmarks/search_cost.py --repeats 2 --trials 6   # a quick look
 """
 
@@ -313,7 +313,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -362,8 +362,11 @@ def main() -> None:
                                        sampler_seed, training_seed, batch_size=args.batch_size), runs, shared,
                        record_only=True)
             shared.update({k: v for k, v in full.user_attrs.items() if k.startswith(ARCH_ATTR) or k == SCALE_ATTR})
+            itself = next((t.user_attrs.get("speedup") for t in full.get_trials(deepcopy=False)
+                           if t.user_attrs.get("reference")), None)
             records = records_of(full, rungs)
             rep = {"seeds": (sampler_seed, training_seed), "records": records, "seconds": time.perf_counter() - begun,
+                   "itself": itself,
                    "outcomes": {rule: replay(records, rungs, rule) for rule in rules}}
             rep["stopped"] = stopped_per_rung(records, rep["outcomes"][args.promotion])
             rng = random.Random(sampler_seed)
@@ -379,6 +382,9 @@ def main() -> None:
         print(f"one throughput scale: the reference's {shared.get(SCALE_ATTR, {}).get('throughput', math.nan):.1f} "
               f"img/s stored once; reference point (worst over every full arm): val/acc1_best {reference[0]:.4f}, "
               f"model/throughput {reference[1]:.1f}")
+        # Trial 0 builds the reference's network: a speedup far from 1 means a disturbed measurement.
+        print(f"trial 0's speedup to the reference (the same network; 1 expected): "
+              f"{reps[0]['itself'] if reps[0]['itself'] is None else round(reps[0]['itself'], 3)}")
         shares: dict[str, dict[str, list[float]]] = {arm: {"epochs": [], "hv": []} for arm in [*rules, "random"]}
         for r, rep in enumerate(reps):
             records = rep["records"]
