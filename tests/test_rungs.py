@@ -268,6 +268,8 @@ BAD_RUNGS = [
     ({"pruner": {**RUNGS, "reduction_factor": 1}}, "pruner.reduction_factor: must be at least 2"),
     ({"pruner": {**RUNGS, "eta": 3}}, "pruner.eta: not an option of rungs; known: min_epochs, reduction_factor"),
     ({"pruner": {**RUNGS, "min_epochs": 1.5}}, "pruner.min_epochs: must be an integer"),
+    ({"pruner": {**RUNGS, "promotion": "hypervolume"}},
+     "pruner.promotion: 'hypervolume' is not a promotion rule; use one of nsga2, epsilon_net, first_front"),
     ({"pruner": "rungs", "objectives": {"train/loss": "minimize"}}, "'train/loss' is not known there"),
     ({"pruner": "rungs", "objectives": {"model/throughput": "maximize"}}, "rungs needs an objective measured"),
     ({"pruner": "asha"}, "Optuna cannot prune multi-objective studies; use pruner: rungs"),
@@ -292,10 +294,13 @@ def test_bad_rungs_exit_2_and_write_nothing(tmp_path: Path, capsys, changes: dic
 def test_pruner_is_not_part_of_the_study_identity(tmp_path: Path) -> None:
     plain = load_sweep(write_sweep(tmp_path, "plain.yaml"))
     rungs = load_sweep(write_sweep(tmp_path, "rungs.yaml", pruner={"name": "rungs", "reduction_factor": 2}))
-    assert rungs.pruner_options == {"min_epochs": 1, "reduction_factor": 2}
+    assert rungs.pruner_options == {"min_epochs": 1, "reduction_factor": 2, "promotion": "nsga2"}
     assert rungs.identity_hash() == plain.identity_hash()
     made = make_pruner(rungs)
     assert isinstance(made, RungsPruner) and (made.min_epochs, made.reduction_factor) == (1, 2)
+    assert made.promotion == "nsga2"
+    net = make_pruner(load_sweep(write_sweep(tmp_path, "net.yaml", pruner={"name": "rungs", "promotion": "epsilon_net"})))
+    assert isinstance(net, RungsPruner) and net.promotion == "epsilon_net"
     asha = load_sweep(write_sweep(tmp_path, "asha.yaml", objectives={"val/acc1": "maximize"},
                                   pruner={"name": "asha", "reduction_factor": 2}))
     assert isinstance(make_pruner(asha), optuna.pruners.SuccessiveHalvingPruner)

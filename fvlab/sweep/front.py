@@ -20,7 +20,10 @@ import numpy as np
 from fvlab import pareto
 
 __all__ = ["losses", "dominates", "non_dominated_fronts", "crowding_distance", "rank_order",
-           "pareto_indices", "hypervolume"]
+           "epsilon_net_order", "PROMOTIONS", "promotion_order", "pareto_indices", "hypervolume"]
+
+# How a rung ranks its trials (``pruner: {name: rungs, promotion: ...}``), see promotion_order.
+PROMOTIONS = ("nsga2", "epsilon_net", "first_front")
 
 
 def _signs(directions: Sequence[str]) -> np.ndarray:
@@ -95,6 +98,49 @@ def rank_order(loss: np.ndarray) -> tuple[list[int], list[int]]:
         for i in front:
             front_of[i] = number
     return order, front_of
+
+
+def epsilon_net_order(loss: np.ndarray) -> tuple[list[int], list[int]]:
+    """(indices best first, front number of each point): by front, within a front as an epsilon-net
+    (the point best on the first objective, then each time the point farthest from those already
+    taken), then by index."""
+    loss = np.asarray(loss, dtype=float)
+    if len(loss) == 0:
+        return [], []
+    # Distances on losses scaled to [0, 1] per objective over the whole rung, so images/s do not
+    # outweigh accuracy; a NaN (inf loss) sits at the worst edge.
+    finite = np.isfinite(loss)
+    columns = range(loss.shape[1])
+    low = np.array([loss[finite[:, k], k].min() if finite[:, k].any() else 0.0 for k in columns])
+    high = np.array([loss[finite[:, k], k].max() if finite[:, k].any() else 0.0 for k in columns])
+    span = np.where(high > low, high - low, 1.0)
+    scaled = np.where(finite, (np.where(finite, loss, 0.0) - low) / span, 1.0)
+    order: list[int] = []
+    front_of = [0] * len(loss)
+    for number, front in enumerate(non_dominated_fronts(loss)):
+        for i in front:
+            front_of[i] = number
+        left = list(front)
+        first = min(left, key=lambda i: (loss[i, 0], i))
+        taken = [first]
+        left.remove(first)
+        nearest = {i: float(np.linalg.norm(scaled[i] - scaled[first])) for i in left}
+        while left:
+            pick = max(left, key=lambda i: (nearest[i], -i))  # ties: the earlier point
+            taken.append(pick)
+            left.remove(pick)
+            for i in left:
+                nearest[i] = min(nearest[i], float(np.linalg.norm(scaled[i] - scaled[pick])))
+        order.extend(taken)
+    return order, front_of
+
+
+def promotion_order(loss: np.ndarray, promotion: str = "nsga2") -> tuple[list[int], list[int]]:
+    """(indices best first, front number of each point) under a promotion rule of ``PROMOTIONS``
+    (``first_front`` orders like ``nsga2``; it differs in how many go on, see fvlab.sweep.rungs)."""
+    if promotion not in PROMOTIONS:
+        raise ValueError(f"promotion {promotion!r} must be one of {', '.join(PROMOTIONS)}")
+    return epsilon_net_order(loss) if promotion == "epsilon_net" else rank_order(loss)
 
 
 def pareto_indices(values: Sequence[Sequence[float]] | np.ndarray, directions: Sequence[str]) -> list[int]:

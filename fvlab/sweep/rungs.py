@@ -20,6 +20,17 @@ MO-ASHA:
   goes on if it is among the best ``n // reduction_factor`` of the ``n`` trials there; while the
   rung holds fewer than ``reduction_factor`` trials, every trial goes on (asynchronous, like
   ASHA: a trial never waits for others, so early trials are promoted more easily).
+- ``promotion`` chooses the ranking, after the alternatives MO-ASHA's literature compares
+  (Schmucker et al. 2021, "Multi-objective multi-fidelity hyperparameter optimization with
+  application to fairness"; syne-tune's MO-ASHA priorities):
+
+  - ``nsga2`` (the default): non-dominated sorting, crowding distance within a front, as above.
+  - ``epsilon_net``: non-dominated sorting, and within a front an epsilon-net (Salinas et al.
+    2021): the point best on the first objective, then each time the point farthest from those
+    taken (objectives scaled to [0, 1] over the rung), so the kept points cover the front evenly.
+  - ``first_front``: ranked like ``nsga2``, but when the rung's Pareto front holds more than
+    ``n // reduction_factor`` trials, the whole front goes on (no trade-off is dropped on a
+    tie-break; it spends more epochs when many trials are mutually non-dominated).
 - A stopped trial's trainer stops with ``stopped_status = "pruned"`` and the reason; ``fit_run``
   writes them into metrics.json with every figure reached, and the objective ends the trial
   PRUNED (user_attrs ``pruned_rung`` = the rung's epochs, ``pruned_reason``).
@@ -51,10 +62,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.lit.callbacks import ModelProfileCallback
-from fvlab.sweep.front import losses, rank_order
+from fvlab.sweep.front import PROMOTIONS, losses, promotion_order
 from fvlab.sweep.space import rung_epochs
 
-__all__ = ["RUNG_ATTR", "PRUNED_RUNG_ATTR", "RungDecision", "RungsPruner", "RungsCallback", "rung_epochs",
+__all__ = ["RUNG_ATTR", "PRUNED_RUNG_ATTR", "PROMOTIONS", "RungDecision", "RungsPruner", "RungsCallback", "rung_epochs",
            "rung_values", "decide"]
 
 RUNG_ATTR = "rung_"  # user_attr "rung_<epochs>": the objective values at that rung
@@ -95,16 +106,18 @@ class RungDecision:
 
 
 def decide(trials: Sequence[FrozenTrial], number: int, epochs: int, directions: Sequence[str],
-           reduction_factor: int) -> RungDecision:
+           reduction_factor: int, promotion: str = "nsga2") -> RungDecision:
     """Whether trial ``number`` goes on past the rung at ``epochs``, from every trial's recorded values."""
     at_rung = rung_values(trials, epochs)
     if number not in at_rung:
         raise KeyError(f"trial {number} has no values recorded at rung {epochs}")
     numbers = sorted(at_rung)
     loss = losses([at_rung[n] for n in numbers], directions)
-    order, front_of = rank_order(loss)
+    order, front_of = promotion_order(loss, promotion)
     position = order.index(numbers.index(number))
     keep = len(numbers) // reduction_factor
+    if promotion == "first_front":
+        keep = max(keep, front_of.count(0))
     go_on = len(numbers) < reduction_factor or position < keep
     return RungDecision(epochs=epochs, go_on=go_on, rank=position + 1, trials=len(numbers),
                         keep=keep if len(numbers) >= reduction_factor else 0,
@@ -118,13 +131,16 @@ class RungsPruner(optuna.pruners.BasePruner):
     multi-objective study: :class:`RungsCallback` records and decides through it.
     """
 
-    def __init__(self, min_epochs: int = 1, reduction_factor: int = 3):
+    def __init__(self, min_epochs: int = 1, reduction_factor: int = 3, promotion: str = "nsga2"):
         if not isinstance(min_epochs, int) or isinstance(min_epochs, bool) or min_epochs < 1:
             raise ValueError(f"min_epochs must be a positive integer, got {min_epochs!r}")
         if not isinstance(reduction_factor, int) or isinstance(reduction_factor, bool) or reduction_factor < 2:
             raise ValueError(f"reduction_factor must be an integer >= 2, got {reduction_factor!r}")
+        if promotion not in PROMOTIONS:
+            raise ValueError(f"promotion must be one of {', '.join(PROMOTIONS)}, got {promotion!r}")
         self.min_epochs = min_epochs
         self.reduction_factor = reduction_factor
+        self.promotion = promotion
 
     def rungs(self, max_epochs: int | None) -> list[int]:
         """This pruner's rung epochs for a run of ``max_epochs``."""
@@ -138,7 +154,8 @@ class RungsPruner(optuna.pruners.BasePruner):
         """The verdict on trial ``number`` at the rung, read from every trial of the study."""
         directions = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize"
                       for d in study.directions]
-        return decide(study.get_trials(deepcopy=False), number, epochs, directions, self.reduction_factor)
+        return decide(study.get_trials(deepcopy=False), number, epochs, directions, self.reduction_factor,
+                      self.promotion)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """Optuna's interface: whether the trial loses at the last rung it recorded."""

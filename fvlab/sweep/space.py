@@ -25,6 +25,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 
 from fvlab.experiment import changed_keys
 from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
+from fvlab.sweep.front import PROMOTIONS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
            "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params",
@@ -195,7 +196,7 @@ SAMPLER_MANAGED = ("seed", "search_space", "constraints_func", "constant_liar")
 PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
                   "asha": optuna.pruners.SuccessiveHalvingPruner}
 # pruner: rungs (fvlab.sweep.rungs, any number of objectives): its options and their defaults.
-RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3}
+RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3, "promotion": "nsga2"}
 # supernet: {...} (one-shot search): its settings and their defaults; epochs has none.
 SUPERNET_OPTIONS = {"epochs": None, "sandwich": 2, "distill": True, "bn_batches": 20}
 # The settings a subnet of fvlab.models.supernet may vary (SUBNET_KEYS there), as space keys.
@@ -451,6 +452,11 @@ def _check_rungs(options: Mapping[str, Any], objectives: Mapping[str, str]) -> d
     for option, value in options.items():
         if option not in RUNGS_OPTIONS:
             raise SweepError(f"pruner.{option}: not an option of rungs; known: {', '.join(RUNGS_OPTIONS)}")
+        if option == "promotion":
+            if value not in PROMOTIONS:
+                raise SweepError(f"pruner.promotion: {value!r} is not a promotion rule; use one of "
+                                 f"{', '.join(PROMOTIONS)}")
+            continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise SweepError(f"pruner.{option}: must be an integer, got {value!r}")
     checked = {**RUNGS_OPTIONS, **options}
