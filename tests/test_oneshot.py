@@ -1,0 +1,128 @@
+"""One-shot search in `fvlab sweep` (issue 24, items 2-4): the supernet trained once into
+runs/<study>/supernet/, trials that evaluate its subnets, the confirm table's Kendall tau."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from fvlab.sweep import sweep_command
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+HAT2 = [False, False, True, False]
+# fastervit_micro at 32 px: stage 2 is 2x2 tokens, so window 1 there gives four windows with
+# carrier tokens and window 2 one window without: with the two depths, four distinct subnets.
+BASE = {"name": "tiny_base", "seed_everything": 0,
+        "model": {"arch": {"name": "fastervit_micro", "hat": HAT2, "window_size": [2, 2, 2, 1]}, "lr": 3.0e-3},
+        "data": {"class_path": "fvlab.data.SyntheticDataModule",
+                 "init_args": {"image_size": 32, "num_classes": 4, "num_samples": 64, "val_samples": 32,
+                               "batch_size": 32}},
+        "trainer": {"max_epochs": 1, "limit_train_batches": 2, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False}}
+SPACE = {"model.arch.depths": {"choices": [[1, 1, 1, 1], [1, 1, 2, 1]]},
+         "model.arch.window_size": {"choices": [[2, 2, 1, 1], [2, 2, 2, 1]]}}
+SWEEP = {"study": "oneshot", "experiment": "base.yaml", "space": SPACE,
+         "objectives": {"val/acc1_best": "maximize", "model/throughput": "maximize"},
+         "sampler": {"name": "grid", "seed": 0},
+         "supernet": {"epochs": 1, "sandwich": 1, "bn_batches": 2}}
+
+
+def write_sweep(tmp_path: Path, **changes) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, **changes}, sort_keys=False))
+    return path
+
+
+def run_sweep(tmp_path: Path, sweep: Path, *extra: str) -> int:
+    return sweep_command([str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra])
+
+
+def journal_study(path: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_path: Path, capsys) -> None:
+    sweep = write_sweep(tmp_path)
+    assert run_sweep(tmp_path, sweep) == 0
+    out = capsys.readouterr().out
+    study_dir = tmp_path / "runs" / "oneshot"
+    supernet = study_dir / "supernet"
+    metrics = json.loads((supernet / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs"] == 1 and metrics["variant"] == "supernet"
+    assert (supernet / "checkpoints" / "last.ckpt").is_file() and (supernet / "checkpoints" / "best.ckpt").is_file()
+    assert list(supernet.glob("events.out.tfevents.*"))
+    config = yaml.safe_load((supernet / "config.yaml").read_text())
+    assert config["model"]["space"] == {"depths": [[1, 1, 1, 1], [1, 1, 2, 1]],
+                                        "window_size": [[2, 2, 1, 1], [2, 2, 2, 1]]}
+    assert config["model"]["sandwich"] == 1 and config["trainer"]["max_epochs"] == 1
+
+    study = journal_study(study_dir / "study.journal", "oneshot")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # the whole grid
+    scale = study.user_attrs["fvlab_throughput_scale"]
+    for trial in trials:
+        attrs = trial.user_attrs
+        assert attrs["evaluated_on"] == str(supernet) and attrs["bn_batches"] == 2
+        assert trial.values[0] == attrs["val_acc1_best"] and 0.0 <= trial.values[0] <= 1.0
+        # Measured as the stand-alone FasterViT of the subnet, on the study's one scale.
+        assert attrs["throughput"] == pytest.approx(attrs["speedup"] * scale["throughput"])
+        assert attrs["params_m"] > 0 and attrs["gflops"] > 0
+    params = {(t.params["model.arch.depths"], t.params["model.arch.window_size"]): t.user_attrs["params_m"]
+              for t in trials}
+    for window in ("2-2-1-1", "2-2-2-1"):
+        assert params["1-1-2-1", window] > params["1-1-1-1", window]
+    assert params["1-1-1-1", "2-2-1-1"] > params["1-1-1-1", "2-2-2-1"]  # carrier tokens in use
+    assert not list(study_dir.glob("trial_*"))  # evaluations train nothing
+    assert "supernet: training 1 epoch(s)" in out
+
+    # A rerun finds the complete supernet and does not train it again.
+    last = supernet / "checkpoints" / "last.ckpt"
+    stamp = last.stat().st_mtime_ns
+    assert run_sweep(tmp_path, sweep) == 0
+    assert "supernet: complete" in capsys.readouterr().out
+    assert last.stat().st_mtime_ns == stamp
+
+    # Another supernet config: the study says which setting changed ...
+    changed = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": 2})
+    assert run_sweep(tmp_path, changed) == 2
+    assert "supernet (epochs)" in capsys.readouterr().err
+    # ... and a new study in another storage never replaces the trained supernet.
+    assert run_sweep(tmp_path, changed, "--storage", str(tmp_path / "other.journal")) == 2
+    err = capsys.readouterr().err
+    assert "holds a supernet trained with a different config (changed: trainer.max_epochs)" in err
+    assert last.stat().st_mtime_ns == stamp
+
+
+def test_interrupted_supernet_training_resumes_from_last_ckpt(tmp_path: Path, capsys, monkeypatch) -> None:
+    from fvlab.lit import SupernetClassifier
+
+    def stop_in_second_epoch(self) -> None:
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    sweep = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": 2},
+                        space={"model.arch.depths": SPACE["model.arch.depths"]})
+    with monkeypatch.context() as patch:
+        patch.setattr(SupernetClassifier, "on_train_epoch_start", stop_in_second_epoch, raising=False)
+        assert run_sweep(tmp_path, sweep) == 1
+    supernet = tmp_path / "runs" / "oneshot" / "supernet"
+    assert (supernet / "checkpoints" / "last.ckpt").is_file()
+    assert "interrupted" in capsys.readouterr().err
+    # What a kill -9 leaves: checkpoints and config.yaml, no metrics.json.
+    (supernet / "metrics.json").unlink()
+    assert run_sweep(tmp_path, sweep) == 0
+    assert "resuming" in capsys.readouterr().out
+    metrics = json.loads((supernet / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs"] == 2
+    study = journal_study(tmp_path / "runs" / "oneshot" / "study.journal", "oneshot")
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
