@@ -51,7 +51,7 @@ def journal_study(path: Path, name: str) -> optuna.Study:
 
 
 def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_path: Path, capsys) -> None:
-    sweep = write_sweep(tmp_path)
+    sweep = write_sweep(tmp_path, confirm={"seeds": [1]})
     assert run_sweep(tmp_path, sweep) == 0
     out = capsys.readouterr().out
     study_dir = tmp_path / "runs" / "oneshot"
@@ -84,6 +84,13 @@ def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_
     assert params["1-1-1-1", "2-2-1-1"] > params["1-1-1-1", "2-2-2-1"]  # carrier tokens in use
     assert not list(study_dir.glob("trial_*"))  # evaluations train nothing
     assert "supernet: training 1 epoch(s)" in out
+    # confirm re-trains the front stand-alone; the table puts the supernet's accuracy beside it.
+    confirmed = sorted(p.parent.parent.name for p in (study_dir / "confirm").glob("trial_*/seed_1/metrics.json"))
+    assert confirmed and all((study_dir / "best" / f"{name}.yaml").is_file() or name == "trial_0000"
+                             for name in confirmed)
+    pareto = (study_dir / "pareto.md").read_text()
+    assert "val/acc1_best (supernet)" in pareto
+    assert f"cannot be judged from {len(confirmed)} confirmed trial(s); it needs at least 4" in pareto
 
     # A rerun finds the complete supernet and does not train it again.
     last = supernet / "checkpoints" / "last.ckpt"
@@ -110,7 +117,7 @@ def test_interrupted_supernet_training_resumes_from_last_ckpt(tmp_path: Path, ca
         if self.current_epoch == 1:
             raise KeyboardInterrupt
 
-    sweep = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": 2},
+    sweep = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": 2}, n_trials=1,
                         space={"model.arch.depths": SPACE["model.arch.depths"]})
     with monkeypatch.context() as patch:
         patch.setattr(SupernetClassifier, "on_train_epoch_start", stop_in_second_epoch, raising=False)
@@ -125,4 +132,39 @@ def test_interrupted_supernet_training_resumes_from_last_ckpt(tmp_path: Path, ca
     metrics = json.loads((supernet / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["epochs"] == 2
     study = journal_study(tmp_path / "runs" / "oneshot" / "study.journal", "oneshot")
-    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(tmp_path: Path) -> None:
+    from scipy.stats import kendalltau
+
+    from fvlab.sweep.confirm import confirm_dir, confirmed_table, rank_agreement
+
+    # A real journal study as a one-shot sweep leaves it, confirm runs' metrics.json as fit_run writes them.
+    study = optuna.create_study(study_name="ranked", directions=["maximize", "minimize"],
+                                storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
+    study.set_user_attr("fvlab_spec", {"supernet": SWEEP["supernet"]})
+    supernet = [0.50, 0.60, 0.55, 0.70, 0.80]
+    standalone = {1: [0.61, 0.70, 0.72, 0.75, 0.90], 2: [0.59, 0.62, 0.68, 0.79, 0.88]}
+    for number, accuracy in enumerate(supernet):
+        trial = study.ask()
+        trial.set_user_attr("val_acc1_best", accuracy)
+        trial.set_user_attr("run_name", f"trial_{number:04d}")
+        study.tell(trial, [accuracy, 1.0 + accuracy])  # accurate costs more: all five on the front
+        for seed, values in standalone.items():
+            run_dir = confirm_dir(tmp_path, study.trials[number], seed)
+            run_dir.mkdir(parents=True)
+            (run_dir / "metrics.json").write_text(json.dumps({"status": "complete", "val/acc1_best": values[number]}))
+    means = [(a + b) / 2 for a, b in zip(*standalone.values())]
+    tau, low, high = rank_agreement(supernet, means)
+    assert tau == pytest.approx(kendalltau(supernet, means).statistic) == pytest.approx(0.8)
+    assert -1.0 <= low <= tau <= high <= 1.0 and low < high
+    table = confirmed_table(study, ["val/acc1_best", "model/params_m"], [1, 2], tmp_path)
+    assert "val/acc1_best (supernet)" in table
+    assert f"over 5 confirmed trials: τ = 0.80, bootstrap 95% interval [{low:.2f}, {high:.2f}]" in table
+    # Three confirmed trials are too few to judge.
+    for number in (3, 4):
+        for seed in standalone:
+            (confirm_dir(tmp_path, study.trials[number], seed) / "metrics.json").unlink()
+    assert "cannot be judged from 3 confirmed trial(s)" in confirmed_table(
+        study, ["val/acc1_best", "model/params_m"], [1, 2], tmp_path)

@@ -217,9 +217,9 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
             notes = (f"The reference trial {base_trial.number} (the base experiment's settings) is "
                      f"{base_trial.state.name.lower()}: {why}\n\n" + notes).strip()
     what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
-    from fvlab.sweep.confirm import confirmed_rows, format_confirmed
+    from fvlab.sweep.confirm import confirmed_table
 
-    confirmed = (format_confirmed(confirmed_rows(study, list(sweep.objectives), sweep.confirm_seeds, study_dir))
+    confirmed = (confirmed_table(study, list(sweep.objectives), sweep.confirm_seeds, study_dir)
                  if sweep.confirm_seeds else "")
     write_front(study_dir, rows, f"{sweep.study}: {what}", notes)
     if confirmed:

@@ -163,8 +163,8 @@ class OneShotObjective(SweepObjective):
     def __call__(self, trial: optuna.Trial) -> list[float]:
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
         run_dir = self.study_dir / SUPERNET_DIR
-        # No run directory of its own: nothing is trained; the values come from the supernet's.
-        trial.set_user_attr("run_name", f"{SUPERNET_DIR} (subnet)")
+        # A name (best/<name>.yaml, confirm/<name>/) but no directory: nothing is trained here.
+        trial.set_user_attr("run_name", f"trial_{trial.number:04d}")
         trial.set_user_attr("evaluated_on", str(run_dir))
         config = apply_overrides(self.base_config, {**self.sweep.overrides, **params})
         try:
