@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -111,28 +112,35 @@ def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_
 
 
 def test_interrupted_supernet_training_resumes_from_last_ckpt(tmp_path: Path, capsys, monkeypatch) -> None:
+    # The sweep's own training step (train_supernet, as fvlab sweep calls it), without the trials
+    # that the test above runs: a real Trainer stopped in its second epoch, then resumed.
+    from fvlab.experiment import load_experiment
     from fvlab.lit import SupernetClassifier
+    from fvlab.sweep.oneshot import train_supernet
+    from fvlab.sweep.space import load_sweep
 
     def stop_in_second_epoch(self) -> None:
         if self.current_epoch == 1:
             raise KeyboardInterrupt
 
-    sweep = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": 2}, n_trials=1,
-                        space={"model.arch.depths": SPACE["model.arch.depths"]})
+    sweep = load_sweep(write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": 2},
+                                   space={"model.arch.depths": SPACE["model.arch.depths"]}))
+    base = load_experiment(tmp_path / "base.yaml").base_config()
+    study_dir = tmp_path / "runs" / "oneshot"
     with monkeypatch.context() as patch:
         patch.setattr(SupernetClassifier, "on_train_epoch_start", stop_in_second_epoch, raising=False)
-        assert run_sweep(tmp_path, sweep) == 1
-    supernet = tmp_path / "runs" / "oneshot" / "supernet"
+        with pytest.raises(KeyboardInterrupt):
+            train_supernet(sweep, base, study_dir)
+    supernet = study_dir / "supernet"
     assert (supernet / "checkpoints" / "last.ckpt").is_file()
-    assert "interrupted" in capsys.readouterr().err
+    assert json.loads((supernet / "metrics.json").read_text())["status"] == "failed"
     # What a kill -9 leaves: checkpoints and config.yaml, no metrics.json.
     (supernet / "metrics.json").unlink()
-    assert run_sweep(tmp_path, sweep) == 0
+    metrics = train_supernet(sweep, base, study_dir)
     assert "resuming" in capsys.readouterr().out
-    metrics = json.loads((supernet / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["epochs"] == 2
-    study = journal_study(tmp_path / "runs" / "oneshot" / "study.journal", "oneshot")
-    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+    state = torch.load(supernet / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 4  # 2 epochs of 2 batches, none repeated
 
 
 def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(tmp_path: Path) -> None:
