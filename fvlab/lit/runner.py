@@ -50,7 +50,7 @@ from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
-           "fit_run", "measure_test_split", "write_test_json", "run_one", "read_metrics", "find_runs",
+           "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "run_one", "read_metrics", "find_runs",
            "release_memory", "config_hash", "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
@@ -272,13 +272,15 @@ def _resolve_precision(config: dict[str, Any]) -> str | None:
 def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequence[str] | Mapping[str, Any] = (),
               *, experiment: str = "", variant: str = "", seed: int | None = None,
               callbacks: Sequence[pl.Callback] = (), hparams: Mapping[str, Any] | None = None,
-              model_metrics: Mapping[str, float | None] | None = None) -> RunSpec:
+              model_metrics: Mapping[str, float | None] | None = None,
+              model_class: type[ImageClassifier] = ImageClassifier) -> RunSpec:
     """Parse, check and instantiate one run (nothing written); raises BadConfig with a one-line reason.
 
     ``overrides`` are dotted keys ({"model.lr": 0.01}) or LightningCLI-style arguments
     (["--model.lr", "0.01"]); ``seed`` replaces ``seed_everything``; ``callbacks`` join the
     trainer's; ``hparams`` join the HParams table; ``model_metrics`` are already measured
-    ``model/*`` values (measured at fit start otherwise).
+    ``model/*`` values (measured at fit start otherwise); ``model_class`` is the LightningModule
+    whose arguments ``model`` holds (an ``ImageClassifier`` subclass, e.g. ``SupernetClassifier``).
     """
     from fvlab.experiment import ExperimentError, apply_overrides, parse_cli_overrides
 
@@ -300,7 +302,7 @@ def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequen
         with warnings.catch_warnings():
             # LightningCLI warns when given a dict while sys.argv holds fvlab's own arguments.
             warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
-            cli = FvlabCLI(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True, run=False,
+            cli = FvlabCLI(model_class, pl.LightningDataModule, subclass_mode_data=True, run=False,
                            save_config_callback=None, seed_everything_default=0,
                            auto_configure_optimizers=False,  # the module's timm optimizer rules
                            trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
@@ -416,6 +418,11 @@ def _changes(run_dir: Path, config: Mapping[str, Any] | None) -> tuple[str, list
     if not keys:
         return "", []
     return f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})", keys
+
+
+def changed_run_keys(run_dir: Path, config: Mapping[str, Any]) -> list[str]:
+    """Dotted keys in which ``config`` differs from the config a run directory was trained with."""
+    return _changes(Path(run_dir), config)[1]
 
 
 def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bool = False,

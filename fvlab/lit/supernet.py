@@ -44,7 +44,8 @@ class SupernetClassifier(ImageClassifier):
     The largest and smallest subnets are taken at ``image_size`` when it is given (there, a
     window that makes a stage one window leaves carrier-token weights unused). Validation and
     testing run the largest subnet with the running BatchNorm statistics of training, which mix
-    all subnets; an evaluated subnet recalibrates them (``recalibrate_batchnorm``).
+    all subnets, or ``evaluated_subnet`` when it is set; an evaluated subnet recalibrates them
+    first (``recalibrate_batchnorm``).
     """
 
     def __init__(self, space: dict[str, list[Any]], sandwich: int = 2, distill: bool = True,
@@ -62,6 +63,8 @@ class SupernetClassifier(ImageClassifier):
             raise ValueError(f"sandwich must be an integer >= 0, got {sandwich!r}")
         super().__init__(arch=arch, **kwargs)
         self._extremes: tuple[dict[str, Any], dict[str, Any]] | None = None
+        # The subnet validation and testing run (a one-shot trial's); None: the largest.
+        self.evaluated_subnet: dict[str, Any] | None = None
 
     def build_network(self, arch: ArchConfig, **kwargs: Any) -> FasterViTSupernet:
         """The supernet over ``space`` with ``arch`` as its base."""
@@ -122,9 +125,9 @@ class SupernetClassifier(ImageClassifier):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        """Validate the largest subnet."""
-        self.model.set_subnet(self.extreme_subnets()[0])
+        """Validate the evaluated subnet, else the largest."""
+        self.model.set_subnet(self.evaluated_subnet or self.extreme_subnets()[0])
 
     def on_test_epoch_start(self) -> None:
-        """Test the largest subnet."""
-        self.model.set_subnet(self.extreme_subnets()[0])
+        """Test the evaluated subnet, else the largest."""
+        self.model.set_subnet(self.evaluated_subnet or self.extreme_subnets()[0])

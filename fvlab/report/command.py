@@ -367,13 +367,12 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
 
 def _confirmed(data: StudyData) -> str:
     """The confirm table of a study trained with ``confirm: {seeds}`` (empty without confirm runs)."""
-    from fvlab.sweep.confirm import confirm_seeds_on_disk, confirmed_rows, format_confirmed
+    from fvlab.sweep.confirm import confirm_seeds_on_disk, confirmed_table
 
     study_dir = getattr(data, "study_dir", None)
     if study_dir is None or not (study_dir / "confirm").is_dir():
         return ""
-    return format_confirmed(confirmed_rows(data.study, list(data.objective_names),
-                                           confirm_seeds_on_disk(study_dir), study_dir))
+    return confirmed_table(data.study, list(data.objective_names), confirm_seeds_on_disk(study_dir), study_dir)
 
 
 def write_report(report: Report, out: Path) -> str:

@@ -51,12 +51,6 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     if args.workers < 1:
         raise SweepError(f"--workers must be >= 1, got {args.workers}")
     sweep = load_sweep(args.sweep, study_name=args.study_name, n_trials=args.n_trials)
-    if sweep.supernet is not None:
-        # Parsed and checked, but no trial evaluates a subnet yet: running ordinary trials instead
-        # would pass off a different search as the one the file asks for.
-        raise SweepError(f"{args.sweep}: supernet: training the supernet and evaluating its subnets inside "
-                         f"fvlab sweep is not available yet; train one from Python (fvlab.lit.SupernetClassifier) "
-                         f"or remove the supernet block")
     if sweep.n_trials is None and args.timeout is None and sweep.sampler != "grid":
         raise SweepError(f"{args.sweep}: n_trials: missing; give n_trials in the file, --n-trials N or --timeout S")
     try:
@@ -102,6 +96,10 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     sweep.base = resolved
     del spec
     gc.collect()
+    if sweep.supernet is not None:
+        from fvlab.sweep.oneshot import check_supernet_config
+
+        check_supernet_config(sweep, base)
     runs_dir = Path(args.runs_dir)
     if runs_dir.exists() and not runs_dir.is_dir():
         raise SweepError(f"--runs-dir {runs_dir} is a file; give a directory (default: runs)")
@@ -219,9 +217,9 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
             notes = (f"The reference trial {base_trial.number} (the base experiment's settings) is "
                      f"{base_trial.state.name.lower()}: {why}\n\n" + notes).strip()
     what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
-    from fvlab.sweep.confirm import confirmed_rows, format_confirmed
+    from fvlab.sweep.confirm import confirmed_table
 
-    confirmed = (format_confirmed(confirmed_rows(study, list(sweep.objectives), sweep.confirm_seeds, study_dir))
+    confirmed = (confirmed_table(study, list(sweep.objectives), sweep.confirm_seeds, study_dir)
                  if sweep.confirm_seeds else "")
     write_front(study_dir, rows, f"{sweep.study}: {what}", notes)
     if confirmed:
@@ -242,6 +240,30 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
     print(f"\n{study_dir}/pareto.md, pareto.csv" + (f"; configs: {study_dir}/best/ ({len(paths)})" if paths else ""))
     print(f"tensorboard --logdir {study_dir}")
     print(f"optuna-dashboard {label}")
+
+
+def _supernet(args: argparse.Namespace, sweep: Any, base: dict[str, Any], storage: Any, journal: Path,
+              study_dir: Path) -> int:
+    """Train the study's supernet unless it is complete; an exit code (130: interrupted)."""
+    from fvlab.sweep.oneshot import train_supernet
+    from fvlab.sweep.space import SweepError
+    from fvlab.sweep.storage import budget_lock
+    from fvlab.sweep.workers import EXIT_INTERRUPTED
+
+    try:
+        # Under the study's lock: one command trains it, commands started beside it wait and then
+        # find it complete (the lock is a file or advisory lock, released if its process dies).
+        with budget_lock(storage, args.storage, journal, sweep.study):
+            train_supernet(sweep, base, study_dir)
+    except SweepError as err:
+        print(f"fvlab sweep: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except RuntimeError as err:
+        print(f"[{sweep.study}] {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
 
 
 def sweep_command(argv: Sequence[str]) -> int:
@@ -274,7 +296,11 @@ def sweep_command(argv: Sequence[str]) -> int:
         deadline=time.time() + args.timeout if args.timeout else None, workers=args.workers)
     label = storage_label(args.storage, journal)
     code = 0
-    if not args.confirm:
+    if sweep.supernet is not None and not args.confirm:
+        code = _supernet(args, sweep, base, storage, journal, study_dir)
+        if code == EXIT_BAD_INPUT:
+            return code
+    if code == 0 and not args.confirm:
         print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
               f"{args.workers} worker(s), storage {label}", flush=True)
         code = run_workers(settings)

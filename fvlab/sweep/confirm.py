@@ -28,7 +28,13 @@ from fvlab.experiment import apply_overrides
 from fvlab.sweep.space import SweepSpec
 
 __all__ = ["trial_config", "confirm_dir", "confirm_members", "confirm_front", "confirm_seeds_on_disk",
-           "confirmed_rows", "format_confirmed", "CONFIRM_LEGEND"]
+           "confirmed_rows", "format_confirmed", "confirmed_table", "is_supernet_study", "rank_agreement",
+           "supernet_agreement", "CONFIRM_LEGEND", "MIN_RANKED"]
+
+# Fewer confirmed trials than this rank too few pairs for Kendall's tau to say anything
+# (with 3 the only values are -1, -1/3, 1/3 and 1, and every bootstrap interval spans most of them).
+MIN_RANKED = 4
+RANK_METRIC = "val/acc1_best"
 
 
 def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
@@ -135,6 +141,8 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
     from fvlab.report.stats import SIGNIFICANT_MARK, holm, paired_difference
 
     trained = [m for m in objectives if not m.startswith("model/")]
+    # In a one-shot study the trial's own value is its subnet's, evaluated on the supernet.
+    own_label = "supernet" if is_supernet_study(study) else "selecting run"
     reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
     members = []
     for trial in confirm_members(study):
@@ -178,7 +186,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
             else:
                 spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
                 row[metric] = f"{statistics.fmean(values):.4g} ± {spread}"
-            row[f"{metric} (selecting run)"] = f"{own[trial.number][metric]:.4g}"
+            row[f"{metric} ({own_label})"] = f"{own[trial.number][metric]:.4g}"
             if differences:
                 d = differences.get(trial.number, {}).get(metric)
                 if is_reference:
@@ -206,3 +214,63 @@ def format_confirmed(rows: list[dict[str, Any]]) -> str:
     from fvlab.sweep.pareto import format_front
 
     return f"{format_front(rows)}\n\n{CONFIRM_LEGEND}" if rows else ""
+
+
+def is_supernet_study(study: optuna.Study) -> bool:
+    """Whether the study is a one-shot search (its identity has a ``supernet`` block)."""
+    return (study.user_attrs.get("fvlab_spec") or {}).get("supernet") is not None
+
+
+def rank_agreement(x: list[float], y: list[float], resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float | None, float | None]:
+    """Kendall's tau-b between ``x`` and ``y`` with a percentile bootstrap 95% interval over the pairs
+    (resampled with replacement; resamples where tau is undefined, all values tied, are left out)."""
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    tau = float(kendalltau(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    draws = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(xs), len(xs))
+        value = kendalltau(xs[index], ys[index]).statistic
+        if math.isfinite(value):
+            draws.append(value)
+    if not draws:
+        return tau, None, None
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return tau, float(low), float(high)
+
+
+def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, metric: str = RANK_METRIC) -> str:
+    """How well the supernet ranks the confirmed trials: Kendall's tau between each trial's supernet
+    ``metric`` and its stand-alone mean over the confirm seeds, with its bootstrap interval, or why
+    it cannot be judged. Empty for a study without a supernet."""
+    if not is_supernet_study(study):
+        return ""
+    supernet, standalone = [], []
+    for trial in confirm_members(study):
+        own = trial.user_attrs.get(metric.replace("/", "_"))
+        values = [m[metric] for m in (_read_metrics(confirm_dir(study_dir, trial, s)) for s in seeds)
+                  if m is not None and m.get(metric) is not None]
+        if own is not None and values:
+            supernet.append(float(own))
+            standalone.append(statistics.fmean(float(v) for v in values))
+    what = f"Kendall τ between supernet and stand-alone {metric} (mean over the confirm seeds)"
+    if len(supernet) < MIN_RANKED:
+        return (f"{what}: cannot be judged from {len(supernet)} confirmed trial(s); it needs at least "
+                f"{MIN_RANKED} (confirm more trials: a larger front, or a sweep with more objectives).")
+    tau, low, high = rank_agreement(supernet, standalone)
+    interval = f"[{low:.2f}, {high:.2f}]" if low is not None else "[n/a]"
+    shown = "n/a (every value tied)" if math.isnan(tau) else f"{tau:.2f}"
+    return (f"{what} over {len(supernet)} confirmed trials: τ = {shown}, bootstrap 95% interval {interval} "
+            f"(2000 resamples of the trials).")
+
+
+def confirmed_table(study: optuna.Study, objectives: list[str], seeds: list[int], study_dir: Path) -> str:
+    """The confirm table with, in a one-shot study, the supernet's rank agreement under it (empty
+    before any confirm run is complete)."""
+    text = format_confirmed(confirmed_rows(study, objectives, seeds, study_dir))
+    agreement = supernet_agreement(study, seeds, study_dir)
+    return f"{text}\n\n{agreement}" if text and agreement else text

@@ -560,7 +560,7 @@ def reference_params(space: Mapping[str, SearchParam], resolved: Mapping[str, An
 def describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """Which sections of two identities differ, and which keys (dotted in the base config)."""
     parts = []
-    for section in ("space", "objectives", "constraints", "overrides", "base"):
+    for section in ("space", "objectives", "constraints", "overrides", "base", "supernet"):
         a, b = old.get(section), new.get(section)
         if json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str):
             continue

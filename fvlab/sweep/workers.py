@@ -198,7 +198,8 @@ def run_worker(settings: WorkerSettings) -> int:
     import torch
 
     from fvlab.experiment import apply_overrides, load_experiment
-    from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective
+    from fvlab.sweep.objective import ArchitectureProfiler
+    from fvlab.sweep.oneshot import objective_for
     from fvlab.sweep.space import load_sweep
     from fvlab.sweep.storage import (budget_lock, open_storage, process_tag, recover_dead_trials,
                                      retry_trial)
@@ -225,8 +226,8 @@ def run_worker(settings: WorkerSettings) -> int:
         study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
         profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
                                         throughput=sweep.uses_throughput(), locked=locked)
-        objective = SweepObjective(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
-                                   locked=locked, recover=lambda: recover_dead_trials(study, storage))
+        objective = objective_for(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
+                                  locked=locked, recover=lambda: recover_dead_trials(study, storage))
         objectives = list(sweep.objectives)
         budget = settings.n_trials
         heartbeat = is_heartbeat_enabled(storage)
