@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -875,13 +876,22 @@ def test_trial_throughputs_are_on_one_scale(tmp_path: Path, monkeypatch, request
     variants = {f"t{t.number}": {k: space[k].decode(v) for k, v in t.params.items()} for t in trials}
     experiment = tmp_path / "four.yaml"
     experiment.write_text(yaml.safe_dump({**ARCHS_64, "name": "four", "seeds": None, "ablation": variants}))
-    assert main(["profile", str(experiment), "--json", "--rounds", "30", "--runs-dir", str(tmp_path / "runs")]) == 0
-    rows = {row["name"]: row for row in json.loads((tmp_path / "runs" / "four" / "profile.json").read_text())}
+    # Three independent profiles, each pair's ratio their median: one burst of load on a shared
+    # machine (the parallel suite's DDP tests) must not decide the comparison.
+    ratios: dict[tuple[int, int], list[float]] = {}
+    for _ in range(3):
+        assert main(["profile", str(experiment), "--json", "--rounds", "30", "--runs-dir", str(tmp_path / "runs")]) == 0
+        rows = {row["name"]: row for row in json.loads((tmp_path / "runs" / "four" / "profile.json").read_text())}
+        for a in trials:
+            for b in trials:
+                if a.number < b.number:
+                    ratios.setdefault((a.number, b.number), []).append(
+                        rows[f"t{a.number}"]["model/throughput"] / rows[f"t{b.number}"]["model/throughput"])
     for a in trials:
         for b in trials:
             if a.number < b.number:
                 searched = a.user_attrs["throughput"] / b.user_attrs["throughput"]
-                together = rows[f"t{a.number}"]["model/throughput"] / rows[f"t{b.number}"]["model/throughput"]
+                together = statistics.median(ratios[(a.number, b.number)])
                 assert searched == pytest.approx(together, rel=0.10), (a.params, b.params)
 
 
