@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["DEFAULT_OPSET", "EXPORT_PACKAGES", "INSTALL_HINT", "MissingExportPackages",
            "check_onnx", "export_onnx", "missing_export_packages", "ort_session", "parity_sizes",
-           "fixed_image_size", "smallest_image_size"]
+           "fixed_image_size"]
 
 DEFAULT_OPSET = 18
 EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -52,22 +52,6 @@ def _require_export_packages() -> None:
     missing = missing_export_packages()
     if missing:
         raise MissingExportPackages(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
-
-
-def smallest_image_size(model: torch.nn.Module, limit: int = 4096) -> int:
-    """The smallest square image side the model takes (by its own ``check_image_size``)."""
-    fixed = fixed_image_size(model)
-    if fixed is not None:
-        if fixed[0] != fixed[1]:
-            raise ValueError(f"this model takes {fixed[0]}x{fixed[1]} images only, no square side")
-        return fixed[0]
-    for size in range(1, limit + 1):
-        try:
-            model.check_image_size(size)
-        except ValueError:
-            continue
-        return size
-    raise ValueError(f"no image side up to {limit} fits this model")
 
 
 def _needs_padding(model: torch.nn.Module, size: tuple[int, int]) -> bool:

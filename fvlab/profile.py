@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["Throughput", "SideBySide", "BACKENDS", "count_params", "count_flops", "flop_breakdown",
-           "measure_throughput", "measure_side_by_side", "median_interval", "profile_model",
+           "measure_throughput", "measure_side_by_side", "median_interval",
            "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
 
 
@@ -257,22 +257,6 @@ def measure_throughput(model: nn.Module, image_size: int | Sequence[int] = 224,
                       max_images_per_s=max(rates), latency_ms=1000 * statistics.median(latency),
                       batch_size=batch_size, device=str(device), dtype=dtype,
                       channels_last=channels_last, peak_memory_mb=peak)
-
-
-def profile_model(model: nn.Module, image_size: int | Sequence[int] = 224,
-                  throughput: bool = True, **benchmark: Any) -> dict[str, Any]:
-    """The metrics of DESIGN.md for one model: params (M), GFLOPs, throughput and latency."""
-    metrics: dict[str, Any] = {
-        "model/params_m": count_params(model, image_size) / 1e6,
-        "model/params_built_m": count_params(model) / 1e6,
-        "model/gflops": count_flops(model, image_size, in_chans=benchmark.get("in_chans")),
-    }
-    if throughput:
-        result = measure_throughput(model, image_size, **benchmark)
-        metrics.update({"model/throughput": result.images_per_s,
-                        "model/latency_ms": result.latency_ms,
-                        "throughput": result.to_dict()})
-    return metrics
 
 
 def summarize_unsupported(unsupported: Counter) -> str:

@@ -320,7 +320,7 @@ def make_study(study_dir: Path):
             trial.set_user_attr("pruned_reason", "infeasible, not trained: model/gflops=0.8 > max_gflops 0.5")
             study.tell(trial, state=TrialState.PRUNED)
         elif state == "pruned":
-            trial.set_user_attr("reason", "pruned at epoch 1: below the median")
+            trial.set_user_attr("pruned_reason", "pruned at epoch 1: below the median")
             metrics["error"] = "pruned at epoch 1: below the median"
             study.tell(trial, state=TrialState.PRUNED)
         else:

@@ -10,7 +10,7 @@ The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
   training; a failed measurement is a warning and a None.
 - ``plan_run`` is the skip / resume / refuse policy for an existing run directory.
 - ``fit_run`` writes the run directory, fits, and measures the best checkpoint once on the test
-  split (``measure_test_split``); ``run_one`` builds, fits and frees one run.
+  split (``measure_test_split``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
-           "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "run_one", "read_metrics", "find_runs",
+           "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "read_metrics", "find_runs",
            "release_memory", "config_hash", "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
@@ -596,17 +596,3 @@ def release_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def run_one(config: Mapping[str, Any], run_dir: Path | None, *, overrides: Sequence[str] | Mapping[str, Any] = (),
-            experiment: str = "", variant: str = "", seed: int | None = None,
-            callbacks: Sequence[pl.Callback] = (), hparams: Mapping[str, Any] | None = None,
-            ckpt_path: str | None = None,
-            model_metrics: Mapping[str, float | None] | None = None) -> dict[str, Any]:
-    """Build, fit and free one run; returns its metrics.json content. Raises BadConfig on a bad config."""
-    spec = build_run(config, run_dir, overrides, experiment=experiment, variant=variant, seed=seed,
-                     callbacks=callbacks, hparams=hparams)
-    try:
-        return fit_run(spec, ckpt_path=ckpt_path, model_metrics=model_metrics)
-    finally:
-        del spec
-        release_memory()

@@ -32,12 +32,11 @@ __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "disco
 STUDY_FILE = "study.journal"
 TEST_FILE = "test.json"  # written by `fvlab test` into the run directory
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
-_TRIAL_DIR = re.compile(r"^trial_(\d+)$")
 # Optuna user_attrs of fvlab's sweep -> metrics.json names.
 TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "test_acc1": "test/acc1",
                **{metric.removeprefix("model/"): metric for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}}
-_REASON_ATTRS = ("reason", "error", "fail_reason", "prune_reason", "pruned_reason", "infeasible_reason",
-                 "infeasible")
+# Where a trial's reason is written: fvlab's sweep (user_attrs) and a failed run's metrics.json ("error").
+_REASON_ATTRS = ("error", "fail_reason", "pruned_reason")
 
 
 class ReportInputError(ValueError):
@@ -326,12 +325,10 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
                     if key.startswith("constraints:") and value > 0}
         violated.update({f"constraint {i}": value for i, value in enumerate(system.get("constraints") or [])
                          if value > 0})
-        infeasible = bool(violated) or attrs.get("infeasible") not in (None, False) or attrs.get("feasible") is False
         # fvlab's sweep prunes an infeasible architecture before training it.
-        if infeasible and state in ("complete", "pruned"):
+        if violated and state in ("complete", "pruned"):
             state = "infeasible"
-            reason = reason or "; ".join(f"{key} exceeded by {value:.4g}" for key, value in violated.items()) \
-                or "infeasible"
+            reason = reason or "; ".join(f"{key} exceeded by {value:.4g}" for key, value in violated.items())
         if state == "pruned" and not reason:
             reason = f"pruned at epoch {frozen.last_step}" if frozen.last_step is not None else "pruned"
         duplicate_of = attrs.get("duplicate_of")

@@ -264,10 +264,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, fmt: str = "{:.4f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def model_cell(model: Mapping[str, Any], key: str) -> str:
     """One architecture figure; throughput as ``1183 [1150, 1204]`` (median and 95% interval over rounds)."""
     value = _number(model.get(key))

@@ -13,8 +13,6 @@ from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 __all__ = ["sweep_command", "prepare_sweep"]
 
-STUDY_ATTRS = ("fvlab_spec", "fvlab_spec_hash", "fvlab_device", "fvlab_threads")
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="fvlab sweep", description="Optuna search over a base experiment's "
