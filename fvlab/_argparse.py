@@ -1,4 +1,4 @@
-"""The argument parser every ``fvlab`` command uses, and the exit codes of DESIGN.md."""
+"""The argument parser every ``fvlab`` command uses, and the exit codes: 0 ok, 1 failed while running, 2 bad input."""
 
 from __future__ import annotations
 

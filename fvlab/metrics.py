@@ -1,4 +1,4 @@
-"""The metric names of DESIGN.md's table, defined once: callbacks, runner, stats, sweep and report import them.
+"""The metric names, defined once: callbacks, runner, stats, sweep and report import them.
 
 No heavy imports here, so the report and the sweep's file checks read the names without torch.
 """

@@ -324,11 +324,9 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
 # measured in interleaved rounds in one process (A B C, then B C A, ...), a whole round lasting
 # about ``round_s`` (each model's slot ``round_s / n``); every figure is the median over rounds
 # with a distribution-free 95% interval, and a speedup is the median of per-round ratios, so a
-# burst of load that slows one round slows both sides of its ratio. Short rounds matter: bursts
-# on a shared machine last 0.2-1.5 s, so a round of 0.2 s mostly falls inside or outside one,
-# while 0.2 s per slot (0.8 s rounds for four models) let a burst slow one side of a ratio only
-# (ct4/no_carrier spread over five runs with bursts: 21% with 15 rounds of 0.2 s slots, 2.3%
-# with 60 rounds of 0.2 s; benchmarks/throughput_stability.py).
+# burst of load that slows one round slows both sides of its ratio. Rounds are short because
+# bursts last 0.2-1.5 s: a short round mostly falls wholly inside or outside one, while a long
+# one lets a burst slow one side of a ratio only (measurements: docs/performance.md).
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 CONFIDENCE = 0.95
@@ -380,7 +378,7 @@ class SideBySide:
     latency_ratio_hi: float | None = None
 
     def metrics(self) -> dict[str, float | None]:
-        """The ``model/*`` figures of DESIGN.md's metric table."""
+        """The ``model/*`` figures of this comparison: throughput with its interval, latency and speedup."""
         return {"model/throughput": self.images_per_s, "model/throughput_lo": self.images_per_s_lo,
                 "model/throughput_hi": self.images_per_s_hi, "model/latency_ms": self.latency_ms,
                 "model/speedup": self.speedup}

@@ -2,7 +2,8 @@
 
 ``fvlab fit`` measures all of an experiment's variants together before training the first,
 ``fvlab profile`` always measures, and ``fvlab sweep`` measures each new architecture next to
-its base architecture (DESIGN.md, "Throughput: measured side by side"). The protocol itself is
+its base architecture: throughput moves 10-30% from one moment to the next on a shared machine,
+so only figures taken in the same interleaved rounds compare. The protocol itself is
 :func:`fvlab.profile.measure_side_by_side`; this module turns built runs into its inputs and
 keeps the figures per architecture identity, so that adding seeds never re-measures and a
 table never mixes figures of different identities.

@@ -40,7 +40,7 @@ from timm.models._manipulate import MATCH_PREV_GROUP
 
 from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, _hidden_prefix_bias, join_carrier_tokens,
                               split_carrier_tokens, start_carrier_tokens, tie_zero_gradients, windows_spanned)
-# Re-exported: the building blocks were defined here before moving to the shared modules.
+# Re-exported, so that code importing these building blocks from fvlab.models.fastervit keeps working.
 from fvlab.models.hat import carrier_pool_geometry, pool_carrier_tokens  # noqa: F401
 from fvlab.models.layers import (_EXPORT_GEOMETRY, POSITION_MLP_HIDDEN, AbsolutePositionEmbedding,  # noqa: F401
                                  InplaceGELU, Mlp, RelativePositionBias, WindowAttention, _static, add_residual,

@@ -38,7 +38,7 @@ __all__ = ["canonical_key", "TrialFailed", "PruningCallback", "ArchitectureProfi
 log = logging.getLogger(__name__)
 
 ARCH_ATTR = "fvlab_arch:"
-# user_attrs names of the model metrics (DESIGN.md metric -> attribute).
+# user_attrs names of the model metrics: the metric name without its "model/" prefix.
 USER_ATTRS = {metric: metric.removeprefix("model/")
               for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS, *MOMENT_METRICS)}
 
@@ -143,9 +143,10 @@ _RATIOS = ("speedup", "speedup_lo", "speedup_hi", "latency_ratio", "latency_rati
 class ArchitectureProfiler:
     """``model/*`` metrics measured once per architecture, shared by every process through the study.
 
-    Throughput is measured side by side (DESIGN.md): each new architecture in interleaved rounds
-    with the base experiment's architecture (the reference), in one process, so its speedup (the
-    median of per-round ratios) holds whatever the load of that moment. The study keeps one scale:
+    Throughput on a shared machine moves 10-30% from one moment to the next, so it is measured side
+    by side: each new architecture in interleaved rounds with the base experiment's architecture
+    (the reference), in one process, so its speedup (the median of per-round ratios) holds
+    whatever the load of that moment. The study keeps one scale:
     the reference's throughput and latency from the first measurement are stored in the study
     (``SCALE_ATTR``), and a trial's ``model/throughput`` (with its interval) and ``model/latency_ms``
     are its ratios to the reference times those stored figures, so trials measured at different

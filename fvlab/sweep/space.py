@@ -31,7 +31,8 @@ __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param"
            "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params",
            "rung_epochs", "check_rungs_epochs", "SUPERNET_OPTIONS", "SUPERNET_SPACE_KEYS"]
 
-# DESIGN.md's metric table, less the test split (never selected on) and train/lr (a setting).
+# What a sweep may optimise or constrain: every metric but the test split's (selecting on it would
+# leak the test set into the choice) and train/lr (a setting, not a result).
 METRICS = SELECTION_METRICS
 # Reported at every validation, so a pruner can follow them.
 TRAINING_METRICS = VAL_METRICS
