@@ -24,6 +24,9 @@ X86_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # arm64 (Linux "Features" line): FEAT_BF16 (BFDOT/BFMMLA; Graviton 3, Neoverse V1/N2, Apple M2+).
 ARM_NATIVE_BF16_FLAGS = ("bf16",)
 
+# Where Linux lists the CPU's feature flags.
+CPUINFO_PATH = "/proc/cpuinfo"
+
 ALLOCATOR_ENV = "FVLAB_TUNE_ALLOCATOR"
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
@@ -75,7 +78,7 @@ def cpu_has_native_bf16() -> bool:
     machine = platform.machine()
     if sys.platform.startswith("linux"):
         try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            with open(CPUINFO_PATH, encoding="utf-8", errors="replace") as f:
                 text = f.read()
         except OSError:
             return False

@@ -174,33 +174,55 @@ def test_digits_in_worker_processes() -> None:
 
 
 class TinyClassifier(pl.LightningModule):
-    """Pool + linear: enough to drive a Trainer through the loaders."""
+    """Pool + linear, recording the batches the Trainer hands it."""
 
     def __init__(self, in_chans: int, num_classes: int):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
                                        torch.nn.Linear(in_chans * 16, num_classes))
+        self.seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "val": []}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        self.seen["train"].append((images.clone(), labels.clone()))
         return F.cross_entropy(self.net(images), labels)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
+        self.seen["val"].append((images.clone(), labels.clone()))
         self.log("val_loss", F.cross_entropy(self.net(images), labels))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # Lightning's own, under this torch
 def test_digits_drive_a_trainer(tmp_path: Path) -> None:
     dm = DigitsDataModule(image_size=16, batch_size=32)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, accelerator="cpu",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(TinyClassifier(dm.in_chans, dm.num_classes), datamodule=dm)
-    assert trainer.global_step == 4 and "val_loss" in trainer.callback_metrics
+    trainer = pl.Trainer(max_epochs=2, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    model = TinyClassifier(dm.in_chans, dm.num_classes)
+    before = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]
+    trainer.fit(model, datamodule=dm)
+    after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]
+    assert after < 0.6 * before, (before, after)  # the digits carry their labels' signal
+
+    train, val = model.seen["train"], model.seen["val"]
+    assert len(train) == 2 * (1257 // 32)  # whole epochs, the last partial batch dropped
+    for images, labels in train + val:
+        assert images.shape[1:] == (1, 16, 16) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
+    epoch = [torch.cat(part) for part in zip(*train[: len(train) // 2])]
+    assert torch.bincount(epoch[1], minlength=10).min() > 0.8 * len(epoch[1]) / 10  # every class, balanced
+    assert not torch.equal(epoch[1], dm.train_set.labels[: len(epoch[1])])  # shuffled
+    # Each validation pass sees the whole val split once, in order, the same images every time.
+    passes = [val[i * 9:(i + 1) * 9] for i in range(len(val) // 9)]
+    assert len(val) == 4 * math.ceil(270 / 32) and len(passes) == 4
+    for one in passes:
+        assert torch.equal(torch.cat([labels for _, labels in one]), dm.val_set.labels)
+        assert torch.equal(torch.cat([images for images, _ in one]), torch.cat([images for images, _ in passes[0]]))
 
 
 # --- image folder -----------------------------------------------------------------------------

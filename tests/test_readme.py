@@ -16,9 +16,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,16 +240,48 @@ def test_allocator_tuning_switch(value: str | None, enabled: bool) -> None:
     assert allocator_tuning_enabled(environ) is enabled
 
 
-def test_fvlab_command_leaves_malloc_alone_when_told(monkeypatch, capsys) -> None:
-    from fvlab import cli, runtime
+# Runs the fvlab command's entry point told to leave malloc alone, then as by default, and after
+# each asks glibc (mallinfo2) whether a fresh 64 MiB block was served by mmap: glibc's default
+# does so for anything above its mmap threshold, while the command's tuning (M_MMAP_MAX 0) keeps
+# every block in the heap.
+MMAPPED_AFTER_COMMAND = """
+import contextlib, ctypes, io, json, os
+from fvlab.cli import main
 
-    reached = []
-    monkeypatch.setattr(runtime, "_allocator_tuned", False)
-    monkeypatch.setattr(runtime, "_glibc", lambda: reached.append(True))  # no mallopt in any case
-    monkeypatch.setenv("FVLAB_TUNE_ALLOCATOR", "0")
-    assert cli.main(["--help"]) == 0
-    assert reached == [] and runtime._allocator_tuned is False
-    monkeypatch.delenv("FVLAB_TUNE_ALLOCATOR")
-    assert cli.main(["--help"]) == 0
-    assert reached == [True]  # by default the command goes for mallopt (here: a stub, nothing applied)
-    capsys.readouterr()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                      "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+
+def command_then_block():
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["--help"])
+    before = libc.mallinfo2().hblks
+    libc.malloc(64 * 2**20)
+    return {"code": code, "mmapped": libc.mallinfo2().hblks - before}
+
+os.environ["FVLAB_TUNE_ALLOCATOR"] = "0"
+told = command_then_block()
+del os.environ["FVLAB_TUNE_ALLOCATOR"]
+print(json.dumps({"told": told, "default": command_then_block()}))
+"""
+
+
+def _glibc_version() -> tuple[int, ...]:
+    name, version = platform.libc_ver()
+    return tuple(int(part) for part in version.split(".")) if name == "glibc" and version else ()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc_version() < (2, 33),
+                    reason="glibc's mallopt and mallinfo2 (2.33+)")
+def test_fvlab_command_leaves_malloc_alone_when_told() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "FVLAB_TUNE_ALLOCATOR"}
+    out = subprocess.run([sys.executable, "-c", MMAPPED_AFTER_COMMAND], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["told"] == {"code": 0, "mmapped": 1}  # FVLAB_TUNE_ALLOCATOR=0: glibc's own state
+    assert result["default"] == {"code": 0, "mmapped": 0}  # by default the command tunes malloc

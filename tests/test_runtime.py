@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -26,6 +25,16 @@ vendor_id\t: AuthenticAMD
 model name\t: AMD EPYC 9R45
 flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni
 bugs\t\t: sysret_ss_attrs
+"""
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9654 96-Core Processor
+flags\t\t: fpu sse sse2 avx avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni avx512vbmi
+"""
+BROADWELL = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) CPU E5-2686 v4 @ 2.30GHz
+flags\t\t: fpu vme sse sse2 ssse3 sse4_1 sse4_2 avx f16c avx2 fma bmi2
 """
 SKYLAKE = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8175M CPU @ 2.50GHz
@@ -47,6 +56,8 @@ Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpui
 
 @pytest.mark.parametrize("text, machine, expected", [
     (ZEN5, "x86_64", True),
+    (ZEN4, "x86_64", True),
+    (BROADWELL, "x86_64", False),
     (SAPPHIRE_RAPIDS, "x86_64", True),
     (SKYLAKE, "x86_64", False),  # AVX-512 without bf16: oneDNN only emulates it
     (GRAVITON3, "aarch64", True),
@@ -64,10 +75,47 @@ def test_flags_are_whole_words() -> None:
     assert not native_bf16_from_flags(cpu_flags_from_cpuinfo("Features : avx512_bf16\n"), "aarch64")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
-def test_cpu_has_native_bf16_matches_this_machines_cpuinfo() -> None:
-    flags = cpu_flags_from_cpuinfo(Path("/proc/cpuinfo").read_text())
-    assert cpu_has_native_bf16() is native_bf16_from_flags(flags, platform.machine())
+# CPU -> what precision "auto" must pick on it: bf16 only where the hardware computes it.
+CPU_TABLE = {
+    "zen4": (ZEN4, "x86_64", "bf16-mixed"),  # avx512_bf16
+    "sapphire_rapids": (SAPPHIRE_RAPIDS, "x86_64", "bf16-mixed"),  # amx_bf16
+    "skylake": (SKYLAKE, "x86_64", "32-true"),  # AVX-512, bf16 emulated only
+    "broadwell": (BROADWELL, "x86_64", "32-true"),  # an old Xeon: no AVX-512 at all
+    "graviton3": (GRAVITON3, "aarch64", "bf16-mixed"),
+    "graviton2": (GRAVITON2, "aarch64", "32-true"),
+}
+
+
+@pytest.fixture
+def fake_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Makes this process read a given /proc/cpuinfo text on a given Linux machine."""
+    import fvlab.runtime
+
+    def use(text: str, machine: str) -> None:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(text)
+        monkeypatch.setattr(fvlab.runtime, "CPUINFO_PATH", str(cpuinfo))
+        monkeypatch.setattr(fvlab.runtime.sys, "platform", "linux")
+        monkeypatch.setattr(fvlab.runtime.platform, "machine", lambda: machine)
+        cpu_has_native_bf16.cache_clear()
+
+    yield use
+    cpu_has_native_bf16.cache_clear()  # no faked answer outlives the test
+
+
+@pytest.mark.parametrize("cpu", CPU_TABLE)
+def test_cpu_has_native_bf16_reads_the_kernels_cpuinfo(cpu: str, fake_cpu) -> None:
+    text, machine, precision = CPU_TABLE[cpu]
+    fake_cpu(text, machine)
+    assert cpu_has_native_bf16() is (precision == "bf16-mixed")
+
+
+def test_unreadable_cpuinfo_means_no_native_bf16(fake_cpu, tmp_path: Path, monkeypatch) -> None:
+    import fvlab.runtime
+
+    fake_cpu(ZEN4, "x86_64")
+    monkeypatch.setattr(fvlab.runtime, "CPUINFO_PATH", str(tmp_path / "missing"))
+    assert cpu_has_native_bf16() is False
 
 
 @pytest.mark.parametrize("value", ["32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", 32, None])
@@ -76,8 +124,10 @@ def test_explicit_precision_passes_through(value) -> None:
         assert resolve_precision(value, accelerator) == value
 
 
-def test_auto_precision_follows_the_cpu() -> None:
-    expected = "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+@pytest.mark.parametrize("cpu", CPU_TABLE)
+def test_auto_precision_follows_the_cpu(cpu: str, fake_cpu) -> None:
+    text, machine, expected = CPU_TABLE[cpu]
+    fake_cpu(text, machine)
     assert resolve_precision("auto", "cpu") == expected
     assert resolve_precision("auto", CPUAccelerator()) == expected
     if not torch.cuda.is_available():
@@ -86,14 +136,20 @@ def test_auto_precision_follows_the_cpu() -> None:
     assert resolve_precision("auto", "mps") == "32-true"
 
 
-def test_auto_precision_builds_the_matching_trainer_plugin() -> None:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=resolve_precision("auto", "cpu"),
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    plugin = trainer.precision_plugin
-    if cpu_has_native_bf16():
-        assert isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed"
-    else:
-        assert type(plugin) is Precision and plugin.precision == "32-true"
+@pytest.mark.parametrize("cpu, plugin_type, precision", [("zen4", MixedPrecision, "bf16-mixed"),
+                                                          ("broadwell", Precision, "32-true")])
+def test_auto_precision_builds_the_matching_trainer_plugin(cpu: str, plugin_type: type, precision: str,
+                                                          fake_cpu) -> None:
+    from fvlab.lit.runner import build_run
+
+    fake_cpu(*CPU_TABLE[cpu][:2])
+    # The path of an experiment file's `trainer.precision: auto`: fvlab resolves it, Lightning builds.
+    spec = build_run({"model": {"arch": {"name": "fastervit_micro"}},
+                      "trainer": {"accelerator": "cpu", "devices": 1, "precision": "auto"}}, None)
+    plugin = spec.trainer.precision_plugin
+    assert type(plugin) is plugin_type and plugin.precision == precision
+    assert spec.precision == precision and spec.hparams["precision"] == precision
+    assert spec.config["trainer"]["precision"] == "auto"  # the saved config stays portable
 
 
 def test_cuda_device_indices_follow_lightnings_devices() -> None:
