@@ -219,7 +219,8 @@ def first_rung_spearman(records: Sequence[TrialRecord], rung: int) -> float:
 
 
 def write_sweep(folder: Path, study: str, trials: int, epochs: int, image_size: int, sampler_seed: int,
-                training_seed: int, promotion: str = "nsga2", batch_size: int = 16) -> Path:
+                training_seed: int, promotion: str = "nsga2", batch_size: int = 16,
+                train_batches: int | None = None) -> Path:
     """A repetition's sweep file (every arm runs with `pruner: rungs`; the full arm's never stops)."""
     sweep = {"study": study, "experiment": str(ROOT / "experiments" / "baseline.yaml"), "space": SPACE,
              "objectives": OBJECTIVES, "sampler": {"name": "random", "seed": sampler_seed}, "n_trials": trials,
@@ -228,6 +229,8 @@ def write_sweep(folder: Path, study: str, trials: int, epochs: int, image_size: 
              "overrides": {"trainer.max_epochs": epochs, "data.init_args.image_size": image_size,
                            "data.init_args.batch_size": batch_size, "model.warmup_epochs": 0,
                            "seed_everything": training_seed}}
+    if train_batches:
+        sweep["overrides"]["trainer.limit_train_batches"] = train_batches
     path = folder / f"{study}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
@@ -317,6 +320,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--train-batches", type=int, default=32,
+                        help="training batches per epoch (trainer.limit_train_batches; 0: the whole split, 80)")
     parser.add_argument("--seed", type=int, default=0, help="repetition r: sampler seed+r, training seed seed+100+r")
     parser.add_argument("--promotion", choices=PROMOTIONS, default="nsga2",
                         help="the rule of the summary line and of the random control's stop counts")
@@ -346,7 +351,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     print(f"# {args.repeats} repetitions x {args.trials} trials, max_epochs {args.epochs} (rungs at {rungs}), "
-          f"digits at {args.image_size} px, batch {args.batch_size}, fastervit_tiny; {cpu}, {torch.get_num_threads()} threads")
+          f"digits at {args.image_size} px, batch {args.batch_size} x {args.train_batches or 'all'} per epoch, fastervit_tiny; {cpu}, {torch.get_num_threads()} threads")
     rules = list(PROMOTIONS)
     started = time.perf_counter()
     reps: list[dict[str, Any]] = []
@@ -359,7 +364,8 @@ def main() -> None:
             sampler_seed, training_seed = repetition_seeds(r, args.seed)
             begun = time.perf_counter()
             full = run_arm(write_sweep(folder, f"full_r{r}", args.trials, args.epochs, args.image_size,
-                                       sampler_seed, training_seed, batch_size=args.batch_size), runs, shared,
+                                       sampler_seed, training_seed, batch_size=args.batch_size,
+                                       train_batches=args.train_batches), runs, shared,
                        record_only=True)
             shared.update({k: v for k, v in full.user_attrs.items() if k.startswith(ARCH_ATTR) or k == SCALE_ATTR})
             itself = next((t.user_attrs.get("speedup") for t in full.get_trials(deepcopy=False)
@@ -373,7 +379,8 @@ def main() -> None:
             rep["plans"] = [random_plan(records, rep["stopped"], rng) for _ in range(args.draws)]
             if r < args.live:
                 live = run_arm(write_sweep(folder, f"live_r{r}", args.trials, args.epochs, args.image_size,
-                                           sampler_seed, training_seed, args.promotion, args.batch_size),
+                                           sampler_seed, training_seed, args.promotion, args.batch_size,
+                                           args.train_batches),
                                runs, shared, record_only=False)
                 rep["live"] = same_stops(records, live_outcome(live), rep["outcomes"][args.promotion])
             reps.append(rep)
