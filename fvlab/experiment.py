@@ -29,6 +29,20 @@ class ExperimentError(ValueError):
     """A bad experiment file or override: the message names the key or file and the fix."""
 
 
+def get_dotted(config: Mapping, key: str, default: Any = None) -> Any:
+    """Read a dotted key, looking into ``init_args`` of subclass-mode sections."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping):
+            return default
+        if part not in node and "init_args" in node:
+            node = node["init_args"]
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with ``overrides`` (a config fragment, e.g. {"model.arch.ct_size": 2}) merged as LightningCLI merges them."""
     # LightningCLI's parser knows the sections (subclass data, class_path changes); it lives with the runs.

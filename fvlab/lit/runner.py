@@ -348,7 +348,7 @@ def _cli(args: list[str], model_class: type[ImageClassifier], **kwargs: Any) -> 
 
 @functools.lru_cache(maxsize=4)
 def _parser(model_class: type[ImageClassifier]) -> Any:
-    return _cli([], model_class, parse_only=True, save_config_callback=None).parser
+    return _cli(_args({"data": DEFAULT_DATA}), model_class, parse_only=True, save_config_callback=None).parser
 
 
 def merge_config(config: Mapping[str, Any], *fragments: Mapping[str, Any],
