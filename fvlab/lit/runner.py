@@ -383,7 +383,8 @@ def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
     first = dict(first)
     first.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
     head = {"name": experiment or None, "variant": variant or None}
-    tail = {"seed_everything": seed} if seed is not None else {}
+    # An argument, not a fragment: a --config after --print_config would be all that it prints.
+    tail = [f"--seed_everything={seed}"] if seed is not None else []
     with warnings.catch_warnings():
         # LightningCLI warns when given args while sys.argv holds fvlab's own arguments.
         warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
