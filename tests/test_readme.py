@@ -5,7 +5,7 @@
 - Every command in the README's "Quick start" and "Your data on your GPUs" parses: each bash
   block runs in bash with ``fvlab`` (and ``srun``, ``make``, ...) replaced by recorders, then each
   recorded ``fvlab`` command goes through fvlab's own parser in-process, without training:
-  ``fit`` with ``--print_config`` (parse, check and build the run, print the resolved config),
+  ``fit`` with ``--print_config`` (LightningCLI parses and checks every key and value, prints the resolved config),
   ``validate``/``test`` through the same option parser and experiment loader, ``sweep`` through
   its parser and ``prepare_sweep`` (the sweep file, its base experiment and every space key
   checked, nothing written), anything else with ``--help``. The placeholder data roots point at
