@@ -61,7 +61,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     import copy
     import gc
 
-    from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
+    from fvlab.experiment import ExperimentError, get_dotted, load_experiment
     from fvlab.lit.runner import BadConfig, build_run, without_display_keys
     from fvlab.lit.measure import device_kind
     from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep, reference_params
@@ -79,11 +79,10 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     try:
         experiment = load_experiment(sweep.experiment)
         base = experiment.base_config()
-        configured = apply_overrides(base, sweep.overrides)
     except ExperimentError as err:
         raise SweepError(f"experiment {sweep.experiment}: {err}") from None
     try:
-        spec = build_run(configured, None, {"trainer.logger": False})
+        spec = build_run([base, sweep.overrides], None, {"trainer.logger": False})
     except BadConfig as err:
         raise SweepError(f"{args.sweep}: the base experiment with overrides cannot be built: {err}") from None
     check_rungs_epochs(sweep, get_dotted(spec.config, "trainer.max_epochs", None),
