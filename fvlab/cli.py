@@ -18,9 +18,6 @@ from fvlab.models.registry import checkpoints_trusted, trust_checkpoints
 from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 
-DEFAULT_DATA = "fvlab.data.DigitsDataModule"
-
-
 class BadInput(Exception):
     """Bad user input: reported in one line, exit code 2."""
 
@@ -45,7 +42,7 @@ def _check_checkpoint(path: str | Path) -> None:
 def _profile_targets(args: argparse.Namespace, device: Any) -> tuple[Any, dict[str, Any]]:
     """(experiment or None, name -> built run or --arch target) for every model to profile, each
     checked as `fit` checks it; all held together, since they are measured side by side."""
-    from fvlab.experiment import ExperimentError, load_experiment, set_dotted
+    from fvlab.experiment import ExperimentError, load_experiment
     from fvlab.lit.measure import Target
     from fvlab.lit.runner import BadConfig, build_run
     from fvlab.models import build_model, list_variants
@@ -59,17 +56,12 @@ def _profile_targets(args: argparse.Namespace, device: Any) -> tuple[Any, dict[s
     except ExperimentError as err:
         raise BadInput(str(err)) from None
     targets = {}
+    sized = {"data.image_size": args.image_size} if args.image_size else {}
     for variant in experiment.variant_names():
-        config = experiment.config(variant)
-        if args.image_size:
-            config.setdefault("data", {"class_path": DEFAULT_DATA})
-            try:
-                set_dotted(config, "data.image_size", args.image_size)
-            except ExperimentError as err:
-                raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
         try:
-            targets[variant] = build_run(config, None, {"trainer.logger": False}, experiment=experiment.name,
-                                         variant=variant)
+            targets[variant] = build_run(experiment.layers(variant), None,
+                                         [sized, *args.overrides, {"trainer.logger": False}],
+                                         experiment=experiment.name, variant=variant)
         except BadConfig as err:
             raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
     return experiment, targets
@@ -146,10 +138,12 @@ def profile_command(argv: Sequence[str]) -> int:
                         "(default: runs)")
     parser.add_argument("--no-throughput", action="store_true", help="params and GFLOPs only")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    args = parser.parse_args(argv)
+    args = _parse_with_overrides(parser, argv)
     trust_checkpoints(args.trust_checkpoint)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
+    if args.arch is not None and args.overrides:
+        parser.error(f"{args.overrides[0]}: config options need an experiment file, not --arch")
     if args.batch_size is not None and args.batch_sizes is not None:
         parser.error("give --batch-size or --batch-sizes, not both")
     batch_sizes = args.batch_sizes or ([args.batch_size] if args.batch_size else [None])
@@ -200,9 +194,35 @@ def profile_command(argv: Sequence[str]) -> int:
 # ---- fvlab fit / validate / test -------------------------------------------------------
 
 
+CONFIG_HELP = ("Any other option is LightningCLI's, merged in order after the experiment file: "
+               "--config FILE (repeatable), --key value or --key=value (e.g. --trainer.max_epochs 2 "
+               "--model.arch.ct_size 4 --data.batch_size 32), --trainer.callbacks+=CLASS, "
+               "--print_config[=skip_null] (print the resolved config and exit).")
+# Options without a dot that LightningCLI takes (every config key has a dot).
+_CLI_OPTIONS = ("config", "print_config", "seed_everything", "name")
+
+
+def _parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """fvlab's own options into a namespace; the rest, LightningCLI's, into ``overrides`` unparsed
+    (LightningCLI parses them, after the experiment's own config)."""
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+        parser.print_help()
+        print(f"\n{CONFIG_HELP}")
+        raise SystemExit(0 if argv else EXIT_BAD_INPUT)
+    args, rest = parser.parse_known_args(argv)
+    own = ", ".join(a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help")
+    for item in rest:
+        key = item[2:].partition("=")[0] if item.startswith("--") else ""
+        if key and "." not in key and key not in _CLI_OPTIONS:
+            parser.error(f"unknown option --{key}; the options are {own}, and LightningCLI's: "
+                         f"--config FILE, --print_config and config keys such as --trainer.max_epochs 2")
+    args.overrides = rest
+    return args
+
+
 def _split_fit_args(prog: str, argv: Sequence[str], description: str,
                     seeds: bool = False) -> tuple[argparse.Namespace, list[str]]:
-    """fvlab's own options; everything else goes to LightningCLI as overrides."""
+    """fvlab's own options; everything else goes to LightningCLI, after the experiment's config."""
     parser = ArgumentParser(prog=prog, description=description, add_help=False)
     parser.add_argument("experiment", help="experiment YAML file (or a run's config.yaml)")
     parser.add_argument("--variant", action="append", default=None,
@@ -216,24 +236,9 @@ def _split_fit_args(prog: str, argv: Sequence[str], description: str,
     parser.add_argument("--runs-dir", default=None, help="where run directories go (default: runs, "
                         "or, for a run's own config.yaml, the runs directory it lives in)")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        print("\nAny other option is a LightningCLI override, e.g. --trainer.max_epochs 2 "
-              "--model.arch.ct_size 4 --data.batch_size 32; --print_config prints the resolved config.")
-        raise SystemExit(0 if argv else EXIT_BAD_INPUT)
-    args, rest = parser.parse_known_args(argv)
-    for item in rest:
-        key = item[2:].partition("=")[0] if item.startswith("--") else ""
-        if key and "." not in key and key not in ("seed_everything", "print_config"):
-            parser.error(f"unknown option --{key}; the options are --variant, "
-                         f"{'--seeds, ' if seeds else ''}--force, --ckpt_path, --runs-dir, --trust-checkpoint, and "
-                         f"dotted config overrides such as --trainer.max_epochs 2")
-    args.print_config = "--print_config" in rest
+    args = _parse_with_overrides(parser, argv)
     trust_checkpoints(args.trust_checkpoint)
-    rest = [item for item in rest if item != "--print_config"]
-    return args, rest
-
-
+    return args, args.overrides
 
 
 def _load_selection(args: argparse.Namespace) -> tuple[Any, list[str], list[int] | None]:
@@ -271,22 +276,6 @@ def _plan_fit(args: argparse.Namespace, overrides: list[str]) -> Any:
         raise BadInput(str(err)) from None
 
 
-def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
-    import yaml
-
-    from fvlab.experiment import ExperimentError, parse_cli_overrides
-    from fvlab.lit.runner import BadConfig, build_run
-
-    experiment, selected, seeds = _load_selection(args)
-    try:
-        spec = build_run(experiment.config(selected[0]), None, parse_cli_overrides(overrides),
-                         seed=seeds[0] if seeds else None)
-    except (BadConfig, ExperimentError) as err:
-        raise BadInput(f"{args.experiment} [{selected[0]}]: {err}") from None
-    print(yaml.safe_dump({"name": experiment.name, **spec.config}, sort_keys=False), end="")
-    return EXIT_OK
-
-
 def fit_command(argv: Sequence[str]) -> int:
     """``fvlab fit``: train every variant (x seed) of an experiment, then print the comparison table."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -299,14 +288,13 @@ def fit_command(argv: Sequence[str]) -> int:
     args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__, seeds=True)
     _quiet_lightning()
     try:
-        if args.print_config:
-            return _print_config(args, overrides)
-        plan = _plan_fit(args, overrides)  # every DDP rank plans alike (see fvlab.lit.plan)
+        # Every DDP rank plans alike (see fvlab.lit.plan); --print_config prints the first run's config.
+        plan = _plan_fit(args, overrides)
     except BadInput as err:
         print(f"fvlab fit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     experiment, root, jobs = plan.experiment, plan.root, plan.jobs
-    failed = fit_jobs(plan, overrides)
+    failed = fit_jobs(plan)
     if rank_zero_only.rank != 0:
         return EXIT_FAILURE if failed else EXIT_OK
     # Every run of the experiment directory, not only this command's: a rerun of one variant's
@@ -324,7 +312,7 @@ def fit_command(argv: Sequence[str]) -> int:
 
 def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     """``fvlab validate|test``: LightningCLI's subcommand on one variant, from a checkpoint."""
-    from fvlab.experiment import ExperimentError, parse_cli_overrides
+    from fvlab.experiment import ExperimentError
     from fvlab.lit.runner import BadConfig, build_run
 
     args, overrides = _split_fit_args(f"fvlab {stage}", argv, f"run Trainer.{stage}", seeds=True)
@@ -343,8 +331,7 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
         ckpt = str(path)
         _check_checkpoint(ckpt)
         # run_dir=None, no logger: evaluating adds no events or checkpoints to the run directory.
-        spec = build_run(experiment.config(variant), None,
-                         {**parse_cli_overrides(overrides), "trainer.logger": False},
+        spec = build_run(experiment.layers(variant), None, [*overrides, {"trainer.logger": False}],
                          experiment=experiment.name, variant=variant, seed=seed)
         if stage == "test" and getattr(spec.datamodule, "no_test_split", ""):
             raise BadInput(f"{args.experiment} [{variant}]: no test split to test on: "
@@ -433,7 +420,7 @@ def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
         run_dir, ckpt = _run_checkpoint(experiment, args.runs_dir, variant, seed, args.ckpt_path)
         try:
             # The run's own model (classes and channels from its data); nothing is written.
-            spec = build_run(experiment.config(variant), None, {"trainer.logger": False},
+            spec = build_run(experiment.layers(variant), None, [*args.overrides, {"trainer.logger": False}],
                              experiment=experiment.name, variant=variant, seed=seed)
         except BadConfig as err:
             raise BadInput(f"{args.experiment} [{variant}]: {err}") from None
@@ -455,7 +442,8 @@ def export_command(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="fvlab export", description=export_command.__doc__)
     parser.add_argument("experiment", nargs="?", help="experiment YAML: export a trained variant")
     parser.add_argument("--variant", help="the variant to export (needed if the file has several)")
-    parser.add_argument("--seed", type=int, help="which seed's run (default: the file's first seed)")
+    parser.add_argument("--seeds", "--seed", dest="seed", type=int,
+                        help="which seed's run (default: the file's first seed)")
     parser.add_argument("--arch", help="a variant name, e.g. fastervit_0: untrained, or --ckpt_path weights")
     parser.add_argument("--ckpt_path", "--ckpt-path", dest="ckpt_path", default=None,
                         help="checkpoint FILE, or best (default) / last of the run")
@@ -468,11 +456,13 @@ def export_command(argv: Sequence[str]) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where run directories are (default: runs)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help=TRUST_HELP)
-    args = parser.parse_args(argv)
+    args = _parse_with_overrides(parser, argv)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
     if args.arch is not None and (args.variant or args.seed is not None):
-        parser.error("--variant and --seed pick a run of an experiment; with --arch give --ckpt_path")
+        parser.error("--variant and --seeds pick a run of an experiment; with --arch give --ckpt_path")
+    if args.arch is not None and args.overrides:
+        parser.error(f"{args.overrides[0]}: config options need an experiment file, not --arch")
     if args.image_size is not None and args.image_size < 1:
         parser.error(f"--image-size must be >= 1, got {args.image_size}")
     if not 7 <= args.opset <= 23:

@@ -1,7 +1,7 @@
 """Experiment files: a LightningCLI config plus ``name``, an ``ablation`` block of variants and ``seeds``.
 
-Each variant is the base config with dotted overrides applied, e.g.
-``{model.arch.ct_size: 1}``. A file without ``ablation`` is a single run named ``default``, or
+Each variant is a config fragment that LightningCLI merges over the base config, as it merges
+a second ``--config`` file, e.g. ``{model.arch.ct_size: 1}`` (dotted or nested keys). A file without ``ablation`` is a single run named ``default``, or
 named by its ``variant`` key: the config.yaml that ``fvlab fit`` writes into a run directory
 carries ``name``, ``variant`` (and ``seeds: [s]`` for a seeded run), so re-running it trains
 that same run in place.
@@ -10,8 +10,6 @@ that same run in place.
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment", "set_dotted", "get_dotted",
-           "apply_overrides", "parse_cli_overrides", "run_dir_for", "is_run_dir", "CONFIG_HEADER"]
+__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "apply_overrides", "run_dir_for",
+           "is_run_dir", "CONFIG_HEADER"]
 
 DEFAULT_VARIANT = "default"
 CONFIG_HEADER = "# fvlab: resolved config"  # the first line of the config.yaml a run starts by writing
@@ -29,29 +27,6 @@ _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class ExperimentError(ValueError):
     """A bad experiment file or override: the message names the key or file and the fix."""
-
-
-def _descend(node: dict, key: str) -> dict:
-    # A subclass-mode section (class_path + init_args) takes plain keys into init_args,
-    # as LightningCLI's own `--data.batch_size` does.
-    if "class_path" in node and key not in ("class_path", "init_args"):
-        node = node.setdefault("init_args", {})
-    return node
-
-
-def set_dotted(config: dict, key: str, value: Any) -> None:
-    """Set ``config[a][b][c] = value`` for the dotted ``key`` "a.b.c", creating sections."""
-    parts = key.split(".")
-    node = config
-    for part in parts[:-1]:
-        node = _descend(node, part)
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ExperimentError(f"cannot set {key!r}: {part!r} is {child!r}, not a section")
-        node = child
-    _descend(node, parts[-1])[parts[-1]] = copy.deepcopy(value)
 
 
 def get_dotted(config: Mapping, key: str, default: Any = None) -> Any:
@@ -68,57 +43,15 @@ def get_dotted(config: Mapping, key: str, default: Any = None) -> Any:
     return node
 
 
-def _keep_accepted_init_args(section: dict) -> None:
-    # As LightningCLI does on `--data.class_path OTHER`: keep the init_args the new class accepts.
-    module_name, _, class_name = str(section.get("class_path", "")).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-        parameters = inspect.signature(cls).parameters
-    except (ImportError, AttributeError, ValueError, TypeError):
-        return  # an unknown class: LightningCLI reports it
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    init_args = section.get("init_args")
-    if isinstance(init_args, dict):
-        section["init_args"] = {k: v for k, v in init_args.items() if k in parameters}
-
-
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``config`` with dotted ``overrides`` ({"model.arch.ct_size": 2}) applied."""
-    out = copy.deepcopy(dict(config))
-    for key, value in overrides.items():
-        before = get_dotted(out, key)
-        set_dotted(out, key, value)
-        if key.endswith(".class_path") and value != before:
-            section = get_dotted(out, key.rpartition(".")[0])
-            if isinstance(section, dict):
-                _keep_accepted_init_args(section)
-    return out
+    """``config`` with ``overrides`` (a config fragment, e.g. {"model.arch.ct_size": 2}) merged as LightningCLI merges them."""
+    # LightningCLI's parser knows the sections (subclass data, class_path changes); it lives with the runs.
+    from fvlab.lit.runner import BadConfig, merge_config
 
-
-def parse_cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
-    """``["--model.lr", "0.01", "--trainer.max_epochs=2"]`` to ``{"model.lr": 0.01, ...}`` (YAML values)."""
-    overrides: dict[str, Any] = {}
-    items = list(argv)
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if not item.startswith("--") or len(item) == 2:
-            raise ExperimentError(f"unexpected argument {item!r}; overrides look like "
-                                  f"--model.arch.ct_size 4 or --trainer.max_epochs=2")
-        key, sep, text = item[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(items) or items[i + 1].startswith("--"):
-                raise ExperimentError(f"--{key} needs a value, e.g. --{key} VALUE")
-            text = items[i + 1]
-            i += 1
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
-        overrides[key] = value
-        i += 1
-    return overrides
+    try:
+        return merge_config(config, overrides)
+    except BadConfig as err:
+        raise ExperimentError(str(err)) from None
 
 
 def run_dir_for(root: Path, variant: str, seed: int | None) -> Path:
@@ -162,13 +95,19 @@ class Experiment:
             model["arch"] = {"name": model["arch"]}  # `arch: fastervit_0` short form
         return config
 
-    def config(self, variant: str | None = None) -> dict[str, Any]:
-        """The base config with ``variant``'s overrides applied (a fresh copy)."""
+    def layers(self, variant: str | None = None) -> list[dict[str, Any]]:
+        """The config fragments of ``variant``, merged in order: the base config, then the variant's own."""
         variant = variant or self.variant_names()[0]
         if variant not in self.variant_names():
             raise ExperimentError(
                 f"unknown variant {variant!r} in {self.path}; known: {', '.join(self.variant_names())}")
-        return apply_overrides(self.base_config(), self.variants.get(variant, {}))
+        own = self.variants.get(variant)
+        return [self.base_config(), *([copy.deepcopy(own)] if own else [])]
+
+    def config(self, variant: str | None = None) -> dict[str, Any]:
+        """The base config with ``variant``'s fragment merged (a fresh copy)."""
+        base, *own = self.layers(variant)
+        return apply_overrides(base, own[0]) if own else base
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -202,7 +141,7 @@ def load_experiment(path: str | Path) -> Experiment:
     reference = raw.pop("reference", None)
     ablation = raw.pop("ablation", None) or {}
     if not isinstance(ablation, dict):
-        raise ExperimentError(f"{path}: 'ablation' must map variant names to dotted overrides")
+        raise ExperimentError(f"{path}: 'ablation' must map variant names to config fragments")
     variants: dict[str, dict[str, Any]] = {}
     for variant, overrides in ablation.items():
         if not isinstance(variant, str) or not _VARIANT_NAME.match(variant):
@@ -222,8 +161,6 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ExperimentError(f"{path}: reference {reference!r} is not a variant; known: "
                               f"{', '.join(experiment.variant_names())}")
     experiment.reference = reference or experiment.variant_names()[0]
-    for variant in experiment.variant_names():
-        experiment.config(variant)  # every override must apply
     return experiment
 
 

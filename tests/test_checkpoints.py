@@ -144,7 +144,7 @@ def test_cli_refuses_a_crafted_checkpoint_with_exit_2_and_writes_nothing(tmp_pat
     plain = dict(config, model={"arch": {"name": "fastervit_micro"}})
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     # The opt-in loads it (and so runs its pickle: trusted means trusted), for that command only.
-    assert main(["fit", str(experiment), "--print_config", "--trust-checkpoint"]) == 0
+    assert main(["profile", str(experiment), "--no-throughput", "--trust-checkpoint", "--runs-dir", str(runs)]) == 0
     assert marker.exists()
     marker.unlink()
     capsys.readouterr()

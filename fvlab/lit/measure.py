@@ -18,7 +18,7 @@ import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -247,7 +247,7 @@ def write_profile_json(path: Path, rows: list[dict[str, Any]]) -> None:
 MEASUREMENTS_FILE = "measurements.json"
 
 
-def measure_experiment(experiment: Any, overrides: Mapping[str, Any], root: Path, *, force: bool = False,
+def measure_experiment(experiment: Any, overrides: Sequence[str], root: Path, *, force: bool = False,
                        throughput: bool = True,
                        built: Mapping[str, tuple[Target, dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
     """``model/*`` figures of every variant of an experiment, measured together (``fvlab fit``).
@@ -270,7 +270,7 @@ def measure_experiment(experiment: Any, overrides: Mapping[str, Any], root: Path
         if built and name in built:
             specs[name], identities[name] = built[name]
             continue
-        spec = build_run(experiment.config(name), None, {**dict(overrides), "trainer.logger": False},
+        spec = build_run(experiment.layers(name), None, [*overrides, {"trainer.logger": False}],
                          experiment=experiment.name, variant=name)
         specs[name], identities[name] = Target.of(spec), arch_identity(spec)
         del spec

@@ -16,11 +16,11 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from fvlab.experiment import Experiment, ExperimentError, load_experiment, parse_cli_overrides, run_dir_for
+from fvlab.experiment import Experiment, ExperimentError, load_experiment, run_dir_for
 from fvlab.lit.runner import (CONFIG_HEADER, FINAL_METRICS, BadConfig, RunRefused, _write_json, build_run,
                               config_hash, fit_run, plan_run, release_memory)
 
@@ -34,7 +34,7 @@ class PlanError(ValueError):
 
 @dataclass
 class FitJob:
-    """One run of ``fvlab fit``: a variant (and seed), its config, run directory and plan."""
+    """One run of ``fvlab fit``: a variant (and seed), its resolved config, run directory and plan."""
 
     variant: str
     seed: int | None
@@ -68,6 +68,8 @@ class FitPlan:
     root: Path
     jobs: list[FitJob]
     force: bool = False  # --force: trained and measured again
+    # The command line's config arguments (--config FILE, --key value ...), for variants not selected.
+    overrides: list[str] = field(default_factory=list)
     # The networks plan_fit built (with their identities), measured without building them again.
     built: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -114,11 +116,12 @@ def load_selection(path: str | Path, variants: Sequence[str] | None = None, seed
     return Selection(experiment, selected, seeds, Path(runs_dir))
 
 
-def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = False,
+def plan_fit(selection: Selection, overrides: Sequence[str] = (), *, force: bool = False,
              ckpt_path: str | None = None) -> FitPlan:
     """Check every selected variant and seed and decide skip/fresh/resume before anything is
-    written; PlanError otherwise. Each variant is built once to check it, then dropped, so big
-    ablations are never held in memory together."""
+    written; PlanError otherwise. LightningCLI parses each variant's fragments and ``overrides``
+    (command-line arguments) once, here: the jobs hold the resolved configs. Each variant is built
+    once to check it, then dropped, so big ablations are never held in memory together."""
     experiment, selected, seeds = selection.experiment, selection.variants, selection.seeds
     if ckpt_path == "best":
         raise PlanError("--ckpt_path best: fit resumes from the last checkpoint (--ckpt_path last) "
@@ -129,20 +132,15 @@ def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = Fa
                             "--ckpt_path last to resume every run from its own last checkpoint")
         if not Path(ckpt_path).is_file():
             raise PlanError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
-    try:
-        parsed = parse_cli_overrides(overrides)
-    except ExperimentError as err:
-        raise PlanError(str(err)) from None
     from fvlab.lit.measure import Target, arch_identity
 
     root = selection.runs_dir / experiment.name
     jobs = []
     built: dict[str, Any] = {}
     for variant in selected:
-        config = experiment.config(variant)
         try:
-            spec = build_run(config, root / variant, parsed, experiment=experiment.name, variant=variant,
-                             seed=seeds[0] if seeds else None)
+            spec = build_run(experiment.layers(variant), root / variant, list(overrides), experiment=experiment.name,
+                             variant=variant, seed=seeds[0] if seeds else None)
         except BadConfig as err:
             raise PlanError(f"{experiment.path} [{variant}]: {err}") from None
         resolved = spec.config
@@ -162,8 +160,8 @@ def plan_fit(selection: Selection, overrides: Sequence[str], *, force: bool = Fa
             ckpt = ckpt_path if ckpt_path not in (None, "last") else plan.ckpt_path
             if ckpt is not None:
                 check_checkpoint(ckpt)
-            jobs.append(FitJob(variant, seed, config, run_dir, plan.action, ckpt, plan.note))
-    return FitPlan(experiment, root, jobs, force=force, built=built)
+            jobs.append(FitJob(variant, seed, resolved, run_dir, plan.action, ckpt, plan.note))
+    return FitPlan(experiment, root, jobs, force=force, built=built, overrides=list(overrides))
 
 
 def check_checkpoint(path: str | Path) -> None:
@@ -201,8 +199,7 @@ def fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:
     return result
 
 
-def fit_jobs(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any] = (),
-             log: Callable[..., None] = print) -> bool:
+def fit_jobs(plan: FitPlan, log: Callable[..., None] = print) -> bool:
     """Fit the plan's runs in order (rank 0 reports through ``log``); True when one failed.
 
     A run that fails is recorded and the next one starts, except under several processes,
@@ -218,7 +215,7 @@ def fit_jobs(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any] = (),
     failed = False
     measured: dict[str, dict[str, Any]] = {}
     if rank == 0 and any(job.action != "skip" for job in plan.jobs):
-        measured = _measure_variants(plan, overrides, log)
+        measured = _measure_variants(plan, log)
     plan.built.clear()  # training never holds the other variants' networks
     try:
         for job in (job for job in plan.jobs if job.action != "skip"):
@@ -227,8 +224,7 @@ def fit_jobs(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any] = (),
                     + (f" (resuming {job.ckpt_path})" if job.ckpt_path else ""), flush=True)
             world_size = 1
             try:
-                spec = build_run(job.config, job.run_dir, overrides, experiment=name,
-                                 variant=job.variant, seed=job.seed)
+                spec = build_run(job.config, job.run_dir, experiment=name, variant=job.variant, seed=job.seed)
             except BadConfig as err:
                 result = fail_build(job, name, f"BadConfig: {err}") if rank == 0 else {}
             else:
@@ -249,8 +245,7 @@ def fit_jobs(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any] = (),
     return failed
 
 
-def _measure_variants(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any],
-                      log: Callable[..., None]) -> dict[str, dict[str, Any]]:
+def _measure_variants(plan: FitPlan, log: Callable[..., None]) -> dict[str, dict[str, Any]]:
     """Every variant's ``model/*`` figures, measured side by side before the first run trains.
 
     A variant that cannot be built (one not selected, say) leaves every run to measure its own
@@ -261,8 +256,7 @@ def _measure_variants(plan: FitPlan, overrides: Sequence[str] | Mapping[str, Any
     from fvlab.lit.measure import measure_experiment
 
     try:
-        parsed = overrides if isinstance(overrides, Mapping) else parse_cli_overrides(overrides)
-        return measure_experiment(plan.experiment, parsed, plan.root, force=plan.force, built=plan.built)
+        return measure_experiment(plan.experiment, plan.overrides, plan.root, force=plan.force, built=plan.built)
     except (BadConfig, ExperimentError) as err:
         log(f"[{plan.experiment.name}] warning: the variants could not be measured side by side ({err}); "
             f"each run measures its own architecture", file=sys.stderr)

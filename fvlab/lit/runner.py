@@ -2,10 +2,11 @@
 
 The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
 
-- ``build_run`` turns a plain config dict (one variant of an experiment, with dotted overrides
-  applied) into a model, a datamodule and a trainer, via LightningCLI/jsonargparse, so that
-  every key and type is checked and linked arguments (classes, channels, image size) flow from
-  the data to the model. Nothing touches the disk.
+- ``build_run`` hands one variant's config fragments and the command line's arguments to
+  LightningCLI, which merges, checks and instantiates them into a model, a datamodule and a
+  trainer: every key and type is checked and linked arguments (classes, channels, image size)
+  flow from the data to the model. Nothing touches the disk until the fit, which saves the
+  resolved config as Lightning's SaveConfigCallback does.
 - ``profile_run`` measures the built network (params, GFLOPs, throughput, latency) before any
   training; a failed measurement is a warning and a None.
 - ``plan_run`` is the skip / resume / refuse policy for an existing run directory.
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -31,14 +32,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -49,8 +51,8 @@ from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
 from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
 
-__all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
-           "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "read_metrics", "find_runs",
+__all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "Trainer", "build_run", "merge_config", "profile_run",
+           "plan_run", "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "read_metrics", "find_runs",
            "release_memory", "config_hash", "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
@@ -66,21 +68,50 @@ class RunRefused(ValueError):
     """A run directory whose finished work a new run would throw away: the message says what to pass."""
 
 
+class Trainer(pl.Trainer):
+    """Lightning's Trainer that also takes ``precision: auto``: what this machine runs fast."""
+
+    def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None,
+                 **kwargs: Any):
+        from fvlab.runtime import resolve_precision
+
+        # The request, not the machine's answer, stays in the parsed config, so config.yaml is portable.
+        precision = resolve_precision(precision, accelerator=kwargs.get("accelerator") or "auto",
+                                      devices=kwargs.get("devices") or "auto")
+        super().__init__(precision=precision, **kwargs)
+
+
 class FvlabCLI(LightningCLI):
-    """LightningCLI for ImageClassifier with any datamodule; the data's sizes link to the model."""
+    """LightningCLI for ImageClassifier with any datamodule; the data's sizes link to the model.
+
+    ``parse_only``: parse and check the arguments (``self.config``), instantiate nothing.
+    """
 
     def __init__(self, *args: Any, run_dir: Path | None = None, experiment: str = "",
-                 variant: str = "", extra_callbacks: Sequence[pl.Callback] = (), **kwargs: Any):
+                 variant: str = "", extra_callbacks: Sequence[pl.Callback] = (), parse_only: bool = False,
+                 **kwargs: Any):
         self.run_dir = run_dir
         self.experiment_name = experiment
         self.variant = variant
         self.extra_callbacks = list(extra_callbacks)
+        self.parse_only = parse_only
         super().__init__(*args, **kwargs)
+
+    def add_default_arguments_to_parser(self, parser: Any) -> None:
+        """The experiment's ``name`` and ``variant`` first (a printed config starts with them), then LightningCLI's."""
+        parser.add_argument("--name", type=Optional[str], default=None, help="the experiment's name")
+        parser.add_argument("--variant", type=Optional[str], default=None, help="the variant's name")
+        super().add_default_arguments_to_parser(parser)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link the data module's classes, channels and image size into the model."""
         for key in ("num_classes", "in_chans", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Model, datamodule and trainer, unless only parsing."""
+        if not self.parse_only:
+            super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The trainer, writing into this variant's run directory with fvlab's callbacks."""
@@ -104,6 +135,33 @@ class FvlabCLI(LightningCLI):
                 callbacks.append(EpochSummary(f"{self.experiment_name}/{self.variant}"))
         self.trainer_defaults["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the run's resolved config into ``run_dir/config.yaml`` when the fit starts, headed by
+    how to re-run it; with ``name`` and ``variant`` (and ``seeds: [s]`` in a seed's directory),
+    the file is an experiment file that trains that same run in place."""
+
+    def __init__(self, parser: Any, config: Any, run_dir: Path, **kwargs: Any):
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+        self.run_dir = Path(run_dir)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Write config.yaml (global rank 0)."""
+        if not trainer.is_global_zero:
+            return
+        resolved = _dump(self.parser, self.config)
+        name, variant = resolved.pop("name", None), resolved.pop("variant", None)
+        seeded = self.run_dir.name.startswith("seed_")
+        seed = int(resolved.get("seed_everything") or 0)
+        header = (f"{CONFIG_HEADER} of variant '{variant}' of experiment '{name}'"
+                  f"{f', seed {seed}' if seeded else ''}.\n"
+                  f"# Re-run it in place as it is: fvlab fit {self.run_dir / 'config.yaml'}\n")
+        head: dict[str, Any] = {"name": name, "variant": variant}
+        if seeded:
+            head["seeds"] = [seed]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(header + yaml.safe_dump({**head, **resolved}, sort_keys=False))
 
 
 class RunLogger(TensorBoardLogger):
@@ -217,28 +275,16 @@ class RunSpec:
         return config_hash(self.config)
 
 
-def _one_line(err: BaseException) -> str:
+def _error_line(err: BaseException) -> str:
+    """jsonargparse's error, or the error raised in a class's ``__init__``, on one line."""
     text = str(err)
     if not isinstance(err, argparse.ArgumentError):
-        # jsonargparse wraps errors raised in __init__; the innermost cause holds our message.
+        # jsonargparse wraps errors raised in __init__; the innermost cause holds the class's message.
         cause = err.__cause__ or err.__context__
         while isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
             text = str(cause)
             cause = cause.__cause__ or cause.__context__
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Parser key"):
-        given = [line for line in lines if line.startswith("Given value:")]
-        expected = [line.removeprefix("- ") for line in lines if line.startswith("- Expected")]
-        subtypes = [line for line in lines if line.startswith("Subtypes:")]
-        hint = subtypes[0] if subtypes else (expected[0] if expected else "")
-        lines = [lines[0].rstrip(":"), *(given[:1]), hint] if given else lines[:3]
-    text = re.sub(r"\s+", " ", "; ".join(part for part in lines if part))
-    # jsonargparse names an unknown key by its group; users wrote the dotted key.
-    text = re.sub(r"Group '([\w.]+)' does not accept option '([\w.]+)'",
-                  r"unknown key '\1.\2'; see the accepted keys with --print_config", text)
-    text = re.sub(r"Option '([\w.]+)' is not accepted",
-                  r"unknown key '\1'; the sections are model, data, trainer and seed_everything", text)
-    return text[:2000]
+    return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())[:2000]
 
 
 def without_display_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,69 +303,99 @@ def config_hash(resolved: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _resolve_precision(config: dict[str, Any]) -> str | None:
-    """Replace ``trainer.precision: auto`` by what this machine runs fast; returns the request."""
-    trainer = config.get("trainer")
-    if not isinstance(trainer, dict) or str(trainer.get("precision")) != "auto":
-        return None
-    from fvlab.runtime import resolve_precision
-
-    trainer["precision"] = resolve_precision("auto", accelerator=str(trainer.get("accelerator") or "auto"),
-                                             devices=trainer.get("devices") or "auto")
-    return "auto"
+Layers = Union[Mapping[str, Any], Sequence[Union[str, Mapping[str, Any]]]]
 
 
-def build_run(config: Mapping[str, Any], run_dir: Path | None, overrides: Sequence[str] | Mapping[str, Any] = (),
+def _args(*layers: Layers) -> list[str]:
+    """LightningCLI arguments merging ``layers`` in order: a mapping is a config fragment (nested or
+    dotted keys, as in a --config file); a sequence holds command-line arguments and fragments."""
+    args: list[str] = []
+    for layer in layers:
+        for item in [layer] if isinstance(layer, Mapping) else layer:
+            if isinstance(item, Mapping):
+                if item:
+                    args += ["--config", yaml.safe_dump(dict(item), sort_keys=False)]
+            else:
+                args.append(str(item))
+    return args
+
+
+def _dump(parser: Any, config: Any) -> dict[str, Any]:
+    """A parsed config as a plain dict, without the ``config`` files it came from."""
+    resolved = yaml.safe_load(parser.dump(config, skip_none=False, skip_validation=True))
+    resolved.pop("config", None)
+    return resolved
+
+
+def _cli(args: list[str], model_class: type[ImageClassifier], **kwargs: Any) -> FvlabCLI:
+    """FvlabCLI on ``args``; BadConfig with a one-line reason when they do not parse or build."""
+    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_logger.level
+    seed_logger.setLevel(logging.WARNING)  # "Seed set to 0" must not precede a bad-input message
+    try:
+        return FvlabCLI(model_class, pl.LightningDataModule, subclass_mode_data=True, run=False,
+                        trainer_class=Trainer, seed_everything_default=0,
+                        auto_configure_optimizers=False,  # the module's timm optimizer rules
+                        trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
+                        parser_kwargs={"exit_on_error": False, "dump_header": None}, args=args, **kwargs)
+    except SystemExit:
+        raise  # --help, --print_config
+    except Exception as err:  # jsonargparse's ArgumentError, our ValueErrors from __init__
+        raise BadConfig(_error_line(err)) from None
+    finally:
+        seed_logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=4)
+def _parser(model_class: type[ImageClassifier]) -> Any:
+    return _cli(_args({"data": DEFAULT_DATA}), model_class, parse_only=True, save_config_callback=None).parser
+
+
+def merge_config(config: Mapping[str, Any], *fragments: Mapping[str, Any],
+                 model_class: type[ImageClassifier] = ImageClassifier) -> dict[str, Any]:
+    """``config`` with ``fragments`` merged over it as LightningCLI merges --config files (only the
+    keys they give, no defaults); BadConfig when a key or value is not accepted."""
+    parser = _parser(model_class)
+    try:
+        parsed = parser.parse_args(_args(config, *fragments), defaults=False)
+    except Exception as err:  # jsonargparse's ArgumentError
+        raise BadConfig(_error_line(err)) from None
+    return _dump(parser, parsed)
+
+
+def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
               *, experiment: str = "", variant: str = "", seed: int | None = None,
               callbacks: Sequence[pl.Callback] = (), hparams: Mapping[str, Any] | None = None,
               model_metrics: Mapping[str, float | None] | None = None,
               model_class: type[ImageClassifier] = ImageClassifier) -> RunSpec:
     """Parse, check and instantiate one run (nothing written); raises BadConfig with a one-line reason.
 
-    ``overrides`` are dotted keys ({"model.lr": 0.01}) or LightningCLI-style arguments
-    (["--model.lr", "0.01"]); ``seed`` replaces ``seed_everything``; ``callbacks`` join the
-    trainer's; ``hparams`` join the HParams table; ``model_metrics`` are already measured
-    ``model/*`` values (measured at fit start otherwise); ``model_class`` is the LightningModule
-    whose arguments ``model`` holds (an ``ImageClassifier`` subclass, e.g. ``SupernetClassifier``).
+    LightningCLI parses ``config`` (a config, or its fragments in order, e.g. ``Experiment.layers``)
+    and then ``overrides``: config fragments ({"model.lr": 0.01}) and command-line arguments
+    (["--config", "more.yaml", "--model.lr", "0.01", "--trainer.callbacks+=CLASS"]), as its own
+    command line does (``--print_config`` prints and exits); ``seed`` replaces ``seed_everything``;
+    ``callbacks`` join the trainer's; ``hparams`` join the HParams table; ``model_metrics`` are
+    already measured ``model/*`` values (measured at fit start otherwise); ``model_class`` is the
+    LightningModule whose arguments ``model`` holds (an ``ImageClassifier`` subclass, e.g.
+    ``SupernetClassifier``). With a ``run_dir``, the fit writes the resolved config to its config.yaml.
     """
-    from fvlab.experiment import ExperimentError, apply_overrides, parse_cli_overrides
-
-    config = dict(config)
-    config.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
-    try:
-        if not isinstance(overrides, Mapping):
-            overrides = parse_cli_overrides(overrides)
-        config = apply_overrides(config, overrides)
-    except ExperimentError as err:
-        raise BadConfig(str(err)) from None
-    if seed is not None:
-        config["seed_everything"] = seed
-    requested_precision = _resolve_precision(config)
-    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_logger.level
-    seed_logger.setLevel(logging.WARNING)  # "Seed set to 0" must not precede a bad-input message
-    try:
-        with warnings.catch_warnings():
-            # LightningCLI warns when given a dict while sys.argv holds fvlab's own arguments.
-            warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
-            cli = FvlabCLI(model_class, pl.LightningDataModule, subclass_mode_data=True, run=False,
-                           save_config_callback=None, seed_everything_default=0,
-                           auto_configure_optimizers=False,  # the module's timm optimizer rules
-                           trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
-                           parser_kwargs={"exit_on_error": False}, args=config,
-                           run_dir=run_dir, experiment=experiment, variant=variant,
-                           extra_callbacks=callbacks)
-    except SystemExit:
-        raise  # --help
-    except Exception as err:  # jsonargparse's ArgumentError, our ValueErrors from __init__
-        raise BadConfig(_one_line(err)) from None
-    finally:
-        seed_logger.setLevel(level)
-    resolved = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
-    resolved.pop("config", None)
+    first, *rest = [config] if isinstance(config, Mapping) else list(config) or [{}]
+    first = dict(first)
+    first.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
+    head = {"name": experiment or None, "variant": variant or None}
+    # An argument, not a fragment: a --config after --print_config would be all that it prints.
+    tail = [f"--seed_everything={seed}"] if seed is not None else []
+    with warnings.catch_warnings():
+        # LightningCLI warns when given args while sys.argv holds fvlab's own arguments.
+        warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+        cli = _cli(_args(head, first, *rest, overrides, tail), model_class, run_dir=run_dir,
+                   experiment=experiment, variant=variant, extra_callbacks=callbacks,
+                   save_config_callback=SaveRunConfig if run_dir is not None else None,
+                   save_config_kwargs={"run_dir": run_dir, "overwrite": True})
+    resolved = _dump(cli.parser, cli.config)
+    resolved.pop("name", None)
+    resolved.pop("variant", None)
     precision = str(cli.trainer.precision)
-    if requested_precision:
-        resolved["trainer"]["precision"] = requested_precision  # config.yaml stays portable
     run_seed = int(resolved.get("seed_everything") or 0)
     if hasattr(cli.datamodule, "seed_data"):  # data order and augmentation follow the run's seed only
         cli.datamodule.seed_data(run_seed)
@@ -472,17 +548,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
-def _write_config(spec: RunSpec) -> None:
-    run_dir = spec.run_dir
-    header = (f"{CONFIG_HEADER} of variant '{spec.variant}' of experiment '{spec.experiment}'"
-              f"{f', seed {spec.seed}' if 'seed_' in run_dir.name else ''}.\n"
-              f"# Re-run it in place as it is: fvlab fit {run_dir / 'config.yaml'}\n")
-    head: dict[str, Any] = {"name": spec.experiment, "variant": spec.variant}
-    if run_dir.name.startswith("seed_"):
-        head["seeds"] = [spec.seed]
-    (run_dir / "config.yaml").write_text(header + yaml.safe_dump({**head, **spec.config}, sort_keys=False))
-
-
 def _end_process_group(trainer: pl.Trainer) -> None:
     # Peers blocked in a collective would wait forever for a rank that left: tearing the process
     # group down turns their wait into an error, so every rank ends the job together.
@@ -537,8 +602,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     if writer and run_dir is not None:
         if ckpt_path is None and run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh start: plan_run checked that nothing is lost
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(spec)
+        run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: SaveRunConfig, when the fit starts
     image_size = getattr(spec.datamodule, "image_size", None)
     result: dict[str, Any] = {"experiment": spec.experiment, "variant": spec.variant, "seed": spec.seed,
                               "image_size": image_size, "device": str(spec.device),

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
 from fvlab.runtime import quiet_lightning as _quiet_lightning
 
-__all__ = ["sweep_command", "prepare_sweep"]
+__all__ = ["sweep_command", "prepare_sweep", "parse_sets"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default="runs", help="where run directories go (default: runs)")
     parser.add_argument("--confirm", action="store_true", help="only re-train the front of the study with the "
                         "file's confirm seeds (no new trials); a search with confirm does it at its end")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of the base experiment, over the file's overrides "
+                        "(repeatable; VALUE is YAML, e.g. --set trainer.max_epochs=1 --set "
+                        "model.arch.depths=[1,1,2,1]); part of the study's identity, like the file")
     return parser
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["trainer.max_epochs=1"]`` -> ``{"trainer.max_epochs": 1}`` (values parsed as YAML); SweepError if malformed."""
+    import yaml
+
+    from fvlab.sweep.space import SweepError
+
+    sets: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or "." not in key or key != key.strip():
+            raise SweepError(f"--set {item}: give a dotted config key and a value, e.g. --set trainer.max_epochs=1")
+        try:
+            sets[key] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SweepError(f"--set {item}: the value is not YAML: {' '.join(str(err).split())}") from None
+    return sets
 
 
 def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
@@ -37,7 +59,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     import copy
     import gc
 
-    from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
+    from fvlab.experiment import ExperimentError, get_dotted, load_experiment
     from fvlab.lit.runner import BadConfig, build_run, without_display_keys
     from fvlab.lit.measure import device_kind
     from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep, reference_params
@@ -48,17 +70,17 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         raise SweepError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.workers < 1:
         raise SweepError(f"--workers must be >= 1, got {args.workers}")
-    sweep = load_sweep(args.sweep, study_name=args.study_name, n_trials=args.n_trials)
+    sweep = load_sweep(args.sweep, study_name=args.study_name, n_trials=args.n_trials,
+                       overrides=parse_sets(getattr(args, "set", None) or []))
     if sweep.n_trials is None and args.timeout is None and sweep.sampler != "grid":
         raise SweepError(f"{args.sweep}: n_trials: missing; give n_trials in the file, --n-trials N or --timeout S")
     try:
         experiment = load_experiment(sweep.experiment)
         base = experiment.base_config()
-        configured = apply_overrides(base, sweep.overrides)
     except ExperimentError as err:
         raise SweepError(f"experiment {sweep.experiment}: {err}") from None
     try:
-        spec = build_run(configured, None, {"trainer.logger": False})
+        spec = build_run([base, sweep.overrides], None, {"trainer.logger": False})
     except BadConfig as err:
         raise SweepError(f"{args.sweep}: the base experiment with overrides cannot be built: {err}") from None
     check_rungs_epochs(sweep, get_dotted(spec.config, "trainer.max_epochs", None),
@@ -290,7 +312,7 @@ def sweep_command(argv: Sequence[str]) -> int:
         n_trials = min(n_trials or sweep.grid_size, sweep.grid_size)
     settings = WorkerSettings(
         sweep_path=str(sweep.path), study_name=sweep.study, n_trials=n_trials, storage=args.storage,
-        journal=str(journal), runs_dir=str(args.runs_dir),
+        journal=str(journal), runs_dir=str(args.runs_dir), overrides=parse_sets(args.set),
         deadline=time.time() + args.timeout if args.timeout else None, workers=args.workers)
     label = storage_label(args.storage, journal)
     code = 0

@@ -296,8 +296,10 @@ def _resolve_experiment(value: Any, sweep_path: Path) -> Path:
     return candidate
 
 
-def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | None = None) -> SweepSpec:
-    """Read and check a sweep file (the base experiment's keys are checked by the caller)."""
+def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | None = None,
+               overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and check a sweep file (the base experiment's keys are checked by the caller);
+    ``overrides`` (``fvlab sweep --set``) replace or join the file's, and so the study's identity."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
@@ -377,20 +379,22 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
     if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
         raise SweepError(f"n_trials: must be a positive integer, got {n_trials!r}")
 
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, dict):
+    fixed = raw.get("overrides") or {}
+    if not isinstance(fixed, dict):
         raise SweepError(f"{path}: overrides must map dotted config keys to values, e.g. "
                          f"{{trainer.max_epochs: 3}}")
-    overlap = sorted(set(overrides) & set(space))
+    fixed = {**{str(k): v for k, v in fixed.items()}, **dict(overrides or {})}
+    overlap = sorted(set(fixed) & set(space))
     if overlap:
-        raise SweepError(f"overrides.{overlap[0]}: also in space; a key is either searched or fixed")
+        where = f"--set {overlap[0]}" if overlap[0] in (overrides or {}) else f"overrides.{overlap[0]}"
+        raise SweepError(f"{where}: also in space; a key is either searched or fixed")
 
     supernet = _check_supernet(raw["supernet"], space, pruner) if raw.get("supernet") is not None else None
 
     return SweepSpec(path=path, study=study, experiment=experiment, space=space, objectives=objectives,
                      constraints=constraints, sampler=sampler, sampler_options=sampler_options, seed=seed,
                      pruner=pruner, pruner_options=pruner_options, n_trials=n_trials,
-                     overrides={str(k): v for k, v in overrides.items()},
+                     overrides=fixed,
                      confirm_seeds=_confirm_seeds(raw.get("confirm")), supernet=supernet)
 
 

@@ -58,6 +58,7 @@ class WorkerSettings:
     workers: int = 1
     threads: int | None = None
     cuda_device: str | None = None
+    overrides: dict[str, Any] | None = None  # fvlab sweep --set
 
 
 def count_budget(study: optuna.Study) -> tuple[int, int]:
@@ -213,7 +214,8 @@ def run_worker(settings: WorkerSettings) -> int:
     journal = Path(settings.journal)
     trial: optuna.Trial | None = None
     try:
-        sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials)
+        sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials,
+                           overrides=settings.overrides)
         base = load_experiment(sweep.experiment).base_config()
         storage = open_storage(settings.storage, journal)
         study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(sweep))
