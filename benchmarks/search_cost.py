@@ -11,9 +11,10 @@ model can learn, so a narrow or shallow model is expected to be behind at epoch 
 epoch 9, while the learning rate (left out: with it in the space, epoch 1 ranked the rate) and
 the carrier-token count (left out) mostly move how fast the first epoch goes or a few of 270
 validation images. Warm-up is off because a one-epoch warm-up makes the
-first rung measure the warm-up, and batches of 16 give the first epoch 80 steps (batches of 64:
-20, after which a model at 3e-3 still validated at chance, its BatchNorm statistics lagging;
-seen in a small run). Each repetition prints the Spearman correlation between the
+first rung measure the warm-up, and batches of 16 keep BatchNorm statistics current (with
+batches of 64 a model at 3e-3 still validated at chance after epoch 1; seen in a small run). An
+epoch is 32 batches (``--train-batches``), to fit the time: with the whole split (80) one
+repetition took about 10 minutes. Each repetition prints the Spearman correlation between the
 accuracy at the first rung and the final accuracy over its trained trials: the check that the
 first rung ranks like the end.
 
@@ -21,7 +22,7 @@ Each repetition r (sampler seed ``seed + r``, training seed ``seed + 100 + r``, 
 
 - `full`: a real sweep (fvlab's workers, one worker) that trains every trial to the end and
   records each trial's objectives at the rung epochs (a pruner that records and never stops);
-- every promotion rule of `pruner: rungs` (`nsga2`, the default; `epsilon_net`; `first_front`),
+- every promotion rule of `pruner: rungs` (`nsga2`; `epsilon_net`; `first_front`, the default),
   replayed on those records with fvlab's own rung decision (`fvlab.sweep.rungs.decide`), trial
   by trial in number order as one worker decides: a trial stopped at epoch k would have
   trained exactly the first k epochs of its full run (same seed, same schedule over
@@ -43,7 +44,7 @@ point is fixed globally: the worst value of each objective over every repetition
 repetition's full hypervolume; means over repetitions carry 95% t intervals, and rungs minus
 random is the paired difference of the shares per repetition with its 95% paired t interval.
 
-    python benchmarks/search_cost.py                          # 5 repetitions (estimate: ~25 min on 2 quiet cores)
+    python benchmarks/search_cost.py                          # 5 repetitions (~17 min on 2 quiet cores)
     python benchmarks/search_cost.py --repeats 2 --trials 6   # a quick look
 """
 
@@ -323,7 +324,7 @@ def main() -> None:
     parser.add_argument("--train-batches", type=int, default=32,
                         help="training batches per epoch (trainer.limit_train_batches; 0: the whole split, 80)")
     parser.add_argument("--seed", type=int, default=0, help="repetition r: sampler seed+r, training seed seed+100+r")
-    parser.add_argument("--promotion", choices=PROMOTIONS, default="nsga2",
+    parser.add_argument("--promotion", choices=PROMOTIONS, default="first_front",
                         help="the rule of the summary line and of the random control's stop counts")
     parser.add_argument("--draws", type=int, default=200, help="random choices averaged per repetition")
     parser.add_argument("--live", type=int, default=1, help="repetitions whose headline rule also runs for real")

@@ -4,6 +4,10 @@ runs/<study>/supernet/, trials that evaluate its subnets, the confirm table's Ke
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -141,6 +145,34 @@ def test_interrupted_supernet_training_resumes_from_last_ckpt(tmp_path: Path, ca
     assert metrics["status"] == "complete" and metrics["epochs"] == 2
     state = torch.load(supernet / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 4  # 2 epochs of 2 batches, none repeated
+
+
+def test_supernet_killed_by_sigkill_resumes_on_rerun_and_its_trials_run(tmp_path: Path, capsys) -> None:
+    # A real `fvlab sweep` process killed with SIGKILL while it trains the supernet; the rerun
+    # resumes from the last.ckpt the kill left (no epoch trained twice) and evaluates the grid.
+    epochs = 8
+    sweep = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": epochs},
+                        space={"model.arch.depths": SPACE["model.arch.depths"]})
+    code = "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", code, "sweep", str(sweep), "--runs-dir", str(tmp_path / "runs")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    supernet = tmp_path / "runs" / "oneshot" / "supernet"
+    last = supernet / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (supernet / "metrics.json").exists()  # killed, not finished
+    assert run_sweep(tmp_path, sweep) == 0
+    assert "resuming" in capsys.readouterr().out
+    metrics = json.loads((supernet / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs"] == epochs
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 * epochs  # two batches an epoch, none trained twice
+    trials = journal_study(supernet.parent / "study.journal", "oneshot").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
 
 
 def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(tmp_path: Path) -> None:

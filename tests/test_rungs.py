@@ -294,11 +294,11 @@ def test_bad_rungs_exit_2_and_write_nothing(tmp_path: Path, capsys, changes: dic
 def test_pruner_is_not_part_of_the_study_identity(tmp_path: Path) -> None:
     plain = load_sweep(write_sweep(tmp_path, "plain.yaml"))
     rungs = load_sweep(write_sweep(tmp_path, "rungs.yaml", pruner={"name": "rungs", "reduction_factor": 2}))
-    assert rungs.pruner_options == {"min_epochs": 1, "reduction_factor": 2, "promotion": "nsga2"}
+    assert rungs.pruner_options == {"min_epochs": 1, "reduction_factor": 2, "promotion": "first_front"}
     assert rungs.identity_hash() == plain.identity_hash()
     made = make_pruner(rungs)
     assert isinstance(made, RungsPruner) and (made.min_epochs, made.reduction_factor) == (1, 2)
-    assert made.promotion == "nsga2"
+    assert made.promotion == "first_front"  # the default the repeated search_cost benchmark supports
     net = make_pruner(load_sweep(write_sweep(tmp_path, "net.yaml", pruner={"name": "rungs", "promotion": "epsilon_net"})))
     assert isinstance(net, RungsPruner) and net.promotion == "epsilon_net"
     asha = load_sweep(write_sweep(tmp_path, "asha.yaml", objectives={"val/acc1": "maximize"},

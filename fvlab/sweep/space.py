@@ -197,7 +197,7 @@ SAMPLER_MANAGED = ("seed", "search_space", "constraints_func", "constant_liar")
 PRUNER_CLASSES = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
                   "asha": optuna.pruners.SuccessiveHalvingPruner}
 # pruner: rungs (fvlab.sweep.rungs, any number of objectives): its options and their defaults.
-RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3, "promotion": "nsga2"}
+RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3, "promotion": "first_front"}
 # supernet: {...} (one-shot search): its settings and their defaults; epochs has none.
 SUPERNET_OPTIONS = {"epochs": None, "sandwich": 2, "distill": True, "bn_batches": 20}
 # The settings a subnet of fvlab.models.supernet may vary (SUBNET_KEYS there), as space keys.
