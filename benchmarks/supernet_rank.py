@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-batches", type=int, default=32, help="trainer.limit_train_batches")
     parser.add_argument("--profile-rounds", type=int, default=10)
+    parser.add_argument("--promotion", default="first_front", help="promotion rule of the replayed rungs arm")
     parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     if not 2 <= args.archs <= 2 * len(DEPTHS) or args.archs % 2:
@@ -235,7 +236,7 @@ def main() -> None:
               f"front: {hv:.3f}")
 
         records = search_cost.records_of(studies[0], rungs)
-        outcome = search_cost.replay(records, rungs, "nsga2")
+        outcome = search_cost.replay(records, rungs, args.promotion)
         kept = {r.number for r in records if r.values is not None and outcome.get(r.number) is None}
         rung_archs = [a for a in archs if truth[0][a].number in kept]
         rung_hv = front_hv(front_of({a: (acc[a][0], speed[a]) for a in rung_archs}), mean, speed, worst)
@@ -243,7 +244,7 @@ def main() -> None:
         first = {r.number: r.rungs[rungs[0]][0] for r in records if rungs and rungs[0] in r.rungs}
         early = [a for a in archs if truth[0][a].number in first]
         rung_tau = rank_agreement([first[truth[0][a].number] for a in early], [mean[a] for a in early])
-        print(f"pruner: rungs (rungs at {rungs}, replayed on seed 0's sweep): epochs share {share:.3f} "
+        print(f"pruner: rungs (promotion {args.promotion}, rungs at {rungs}, replayed on seed 0's sweep): epochs share {share:.3f} "
               f"(the one-shot search: {cost:.3f}); hypervolume {rung_hv / true_hv:.3f}; tau of the accuracy at "
               f"epoch {rungs[0] if rungs else '-'} vs stand-alone mean: {rung_tau[0]:.2f} "
               f"[{_f(rung_tau[1])}, {_f(rung_tau[2])}]")
