@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
-from fvlab.models.registry import checkpoints_trusted, trust_checkpoints
+from fvlab.models.checkpoint import checkpoints_trusted, trust_checkpoints
 from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 
@@ -45,12 +45,12 @@ def _profile_targets(args: argparse.Namespace, device: Any) -> tuple[Any, dict[s
     from fvlab.experiment import ExperimentError, load_experiment
     from fvlab.lit.measure import Target
     from fvlab.lit.runner import BadConfig, build_run
-    from fvlab.models import build_model, list_variants
+    from fvlab.models import create_model, list_variants
 
     if args.experiment is None:
         if args.arch not in list_variants():
             raise BadInput(f"unknown arch {args.arch!r}; known: {', '.join(list_variants())}")
-        return None, {args.arch: Target(build_model(args.arch), args.image_size or 224, None, device)}
+        return None, {args.arch: Target(create_model(args.arch), args.image_size or 224, None, device)}
     try:
         experiment = load_experiment(args.experiment)
     except ExperimentError as err:
@@ -369,7 +369,7 @@ def _load_weights(model: Any, path: str | Path, trust_checkpoint: bool) -> None:
     import pickle
 
     from fvlab.models import load_checkpoint
-    from fvlab.models.registry import UntrustedCheckpointError
+    from fvlab.models.checkpoint import UntrustedCheckpointError
 
     try:
         load_checkpoint(model, path, trust_checkpoint=trust_checkpoint or None)

@@ -17,6 +17,7 @@ from fvlab.cli import main
 from fvlab.models import create_model, load_swin_weights
 from fvlab.models.hat import CarrierTokenAttention
 from fvlab.models.swin import HatSwinStage
+from fvlab.sweep.canonical import canonical_arch
 
 NAME = "hat_swin_tiny_patch4_window7_224"
 # 16 px, patch 4: stage 1 is a 4x4 map (four 2x2 windows), stage 2 a 2x2 map (one window).
@@ -193,18 +194,18 @@ def test_canonical_form_and_idle_weights_at_the_image_size() -> None:
     c = create_model(NAME, hat=[False, True], ct_size=1, **TINY).eval()
     d = create_model(NAME, hat=[False, True], ct_size=2, do_propagation=True, **TINY).eval()
     off = create_model(NAME, hat=False, ct_size=2, **TINY).eval()
-    assert c.canonical_arch(16) == d.canonical_arch(16) != off.canonical_arch(16)  # off lacks HAT weights
-    assert c.canonical_arch() != d.canonical_arch()
+    assert canonical_arch(c, 16) == canonical_arch(d, 16) != canonical_arch(off, 16)  # off lacks HAT weights
+    assert canonical_arch(c) != canonical_arch(d)
     d.load_state_dict(c.state_dict())
     with torch.no_grad():
         assert torch.equal(c(x), d(x))
     # timm's arguments as built: window 2 is (2, 2); HAT off ignores ct_size.
-    assert create_model(NAME, **{**TINY, "window_size": (2, 2)}).canonical_arch(16) == \
-        create_model(NAME, ct_size=1, **TINY).canonical_arch(16) == off.canonical_arch(16)
+    assert canonical_arch(create_model(NAME, **{**TINY, "window_size": (2, 2)}), 16) == \
+        canonical_arch(create_model(NAME, ct_size=1, **TINY), 16) == canonical_arch(off, 16)
     # HAT on stage 1 (four windows): ct_size counts.
     e = create_model(NAME, hat=True, ct_size=1, **TINY).eval()
     f = create_model(NAME, hat=True, ct_size=2, **TINY).eval()
-    assert e.canonical_arch(16) != f.canonical_arch(16)
+    assert canonical_arch(e, 16) != canonical_arch(f, 16)
     f.load_state_dict(e.state_dict())
     with torch.no_grad():
         assert (e(x) - f(x)).abs().max().item() > 1e-6  # small: the weights are at their init

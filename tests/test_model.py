@@ -269,17 +269,18 @@ def test_export_graph_hides_carrier_tokens_of_a_one_window_map() -> None:
     torch.manual_seed(0)
     model = _loud_carrier_tokens(create_model("fastervit_tiny", do_propagation=True)).eval()
     stage = model.levels[2]
-    not_static = lambda *sizes: False  # noqa: E731
-    symbolic = (mock.patch.object(hat_module, "_static", not_static),
-                mock.patch.object(layers_module, "_static", not_static),
+    not_known = lambda *sizes: False  # noqa: E731
+    symbolic = (mock.patch.object(hat_module, "decided_in_python", not_known),
+                mock.patch.object(hat_module, "sizes_known", not_known),
+                mock.patch.object(layers_module, "sizes_known", not_known),
                 mock.patch("torch.compiler.is_exporting", lambda: True))
     for side in (2, 1, 4, 3):  # one window (2, or 1 padded to 2), then several (3 padded to 4)
         x = torch.randn(2, 128, side, side)
         with torch.no_grad():
             expected = stage.forward_blocks(x)
-            with symbolic[0], symbolic[1], symbolic[2]:
+            with symbolic[0], symbolic[1], symbolic[2], symbolic[3]:
                 got = stage.forward_blocks(x)
-                with mock.patch.object(hat_module, "_more_than_one",
+                with mock.patch.object(hat_module, "graph_condition",
                                        lambda n, like: torch.ones(1, dtype=torch.bool, device=like.device)):
                     ungated = stage.forward_blocks(x)
         assert (got - expected).abs().max().item() <= 1e-5, side

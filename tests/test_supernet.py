@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from fvlab.models import FasterViT, build_model, variant_config
+from fvlab.models import FasterViT, create_model, variant_config
 from fvlab.models.supernet import FasterViTSupernet, extract_subnet
 from fvlab.profile import count_params, count_flops
+from fvlab.sweep.canonical import canonical_arch
 
 IMAGE = 64  # fastervit_micro: stage maps 16, 8, 4, 2 (stage 2: four 2x2 windows, or one 4x4)
 SPACE = {
@@ -133,7 +134,7 @@ def test_extracted_checkpoint_builds_like_any_model(net: FasterViTSupernet, x: t
     extract_subnet(net, config, path=path)
     saved = torch.load(path, weights_only=True)
     # What `checkpoint_path` of an experiment's model.arch reads (fvlab fit, create_model).
-    model = build_model({**saved["arch"], "checkpoint_path": str(path)}).eval()
+    model = create_model(None, checkpoint_path=str(path), **saved["arch"]).eval()
     with torch.no_grad(), net.subnet(config):
         assert (model(x) - net(x)).abs().max().item() <= 1e-6
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in net.parameters())
@@ -143,8 +144,8 @@ def test_accounting_describes_the_active_subnet(net: FasterViTSupernet) -> None:
     for config in CASES.values():
         net.set_subnet(config)
         model = FasterViT(**net.subnet_arch())
-        assert net.canonical_arch(IMAGE) == model.canonical_arch(IMAGE)
-        assert net.canonical_arch() == model.canonical_arch()
+        assert canonical_arch(net, IMAGE) == canonical_arch(model, IMAGE)
+        assert canonical_arch(net) == canonical_arch(model)
         assert count_params(net, IMAGE) == count_params(model, IMAGE)
 
 

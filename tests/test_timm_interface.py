@@ -12,7 +12,7 @@ import torch
 from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 
 import fvlab  # noqa: F401 - registers the variants with timm
-from fvlab.models import create_model, list_variants
+from fvlab.models import ArchConfig, create_model, list_variants
 
 SMALL = ["fastervit_tiny", "fastervit_micro"]
 
@@ -45,8 +45,12 @@ def test_default_cfg_unpooled_head_and_fx_trace(name: str) -> None:
     # Built on the meta device: tensors carry shapes only, so even FasterViT-6 at its input
     # size costs no arithmetic, and symbolic tracing runs no kernels at all.
     with torch.device("meta"):
-        model = timm.create_model(name).eval()
-    cfg = model.pretrained_cfg
+        model = timm.create_model(name, num_classes=0, global_pool="").eval()  # timm: no head, no pooling
+        cfg = model.pretrained_cfg
+        assert model.num_classes == 0 and model.global_pool == "" and isinstance(model.head, torch.nn.Identity)
+        unpooled = torch.empty(2, model.num_features, *cfg["pool_size"])
+        assert model.forward_head(unpooled).shape == unpooled.shape
+        model.reset_classifier(cfg["num_classes"], global_pool="avg")
     assert cfg["architecture"] == name
     assert cfg["num_classes"] == model.num_classes == 1000
     first = model.get_submodule(cfg["first_conv"])
@@ -78,10 +82,19 @@ def test_default_cfg_unpooled_head_and_fx_trace(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_create_model_carries_the_same_cfg(name: str) -> None:
-    ours, theirs = create_model(name), timm.create_model(name)
-    for key in ("input_size", "pool_size", "first_conv", "classifier", "num_classes"):
-        assert ours.pretrained_cfg[key] == theirs.pretrained_cfg[key], key
+def test_fvlab_timm_and_an_experiment_build_the_same_model(name: str) -> None:
+    # One factory behind fvlab.models.create_model, timm.create_model and an experiment's model.arch.
+    built = []
+    for build in (lambda: create_model(name), lambda: timm.create_model(name),
+                  lambda: ArchConfig(name=name).build()):
+        torch.manual_seed(0)
+        built.append(build())
+    ours = built[0]
+    for other in built[1:]:
+        assert type(other) is type(ours) and other.pretrained_cfg == ours.pretrained_cfg
+        state = other.state_dict()
+        assert state.keys() == ours.state_dict().keys()
+        assert all(torch.equal(v, state[k]) for k, v in ours.state_dict().items())
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -104,9 +117,9 @@ def test_fx_traced_model_matches_forward_and_backward(name: str) -> None:
     x = torch.randn(2, 3, 48, 64)  # non-square, padded to whole windows
     model.eval(), traced.eval()
     with torch.no_grad():
-        assert torch.allclose(traced(x)["head"], model(x), atol=1e-6)
+        assert torch.equal(traced(x)["head"], model(x))
         x_small = torch.randn(3, 3, 32, 32)
-        assert torch.allclose(traced(x_small)["head"], model(x_small), atol=1e-6)
+        assert torch.equal(traced(x_small)["head"], model(x_small))
     model.train(), traced.train()
     for net in (model, traced):
         out = net(x)

@@ -26,7 +26,7 @@ from fvlab.lit.runner import RunSpec
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
 from fvlab.profile import count_flops, count_params, measure_side_by_side
 
-__all__ = ["Target", "device_kind", "arch_identity", "network_identity", "identity_key", "measure_specs", "MeasurementCache",
+__all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
            "THROUGHPUT_METRICS", "profile_rows", "write_profile_json", "measure_experiment"]
 
 # The figures the side-by-side protocol gives; params and GFLOPs need no timing.
@@ -60,16 +60,6 @@ def arch_identity(spec: RunSpec, backend: str = "eager", batch_size: int | None 
             "precision": spec.precision,
             "threads": torch.get_num_threads() if spec.device.type == "cpu" else None,
             "backend": backend, "batch_size": batch_size}
-
-
-def network_identity(spec: RunSpec) -> dict[str, Any]:
-    """:func:`arch_identity` with the architecture in the network's canonical form at the data's image
-    size, where it has one: spellings of one network (``window_size: 2`` or ``[2, 2, 2, 2]``) are one."""
-    identity = arch_identity(spec)
-    canonical = getattr(spec.model.model, "canonical_arch", None)
-    if callable(canonical):
-        identity["arch"] = canonical(identity["image_size"])
-    return identity
 
 
 def identity_key(identity: Mapping[str, Any]) -> str:

@@ -23,7 +23,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fvlab.models import ArchConfig
-from fvlab.models.registry import SWIN_VARIANTS
+from fvlab.models.swin import SWIN_VARIANTS
 
 __all__ = ["ImageClassifier", "NonFiniteLossError", "SCHEDULERS", "check_optimizer_name",
            "check_scheduler_name"]

@@ -166,7 +166,7 @@ def plan_fit(selection: Selection, overrides: Sequence[str] = (), *, force: bool
 
 def check_checkpoint(path: str | Path) -> None:
     """PlanError unless the checkpoint loads as tensors and plain values (or the user trusts it)."""
-    from fvlab.models.registry import UntrustedCheckpointError, read_checkpoint
+    from fvlab.models.checkpoint import UntrustedCheckpointError, read_checkpoint
 
     try:
         read_checkpoint(path, mmap=True)  # mapped, not read: cheap even for big files

@@ -48,7 +48,7 @@ from fvlab.experiment import CONFIG_HEADER, changed_keys, is_run_dir
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
 from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
-from fvlab.models.registry import checkpoints_trusted
+from fvlab.models.checkpoint import checkpoints_trusted
 from fvlab.profile import model_metrics
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "Trainer", "build_run", "merge_config", "profile_run",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fvlab.lit.module import ImageClassifier
 from fvlab.models import ArchConfig
-from fvlab.models.registry import SWIN_VARIANTS
+from fvlab.models.swin import SWIN_VARIANTS
 from fvlab.models.supernet import FasterViTSupernet
 
 __all__ = ["SupernetClassifier", "soft_cross_entropy"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fvlab.models.registry import VARIANTS, create_model
+from fvlab.models.factory import create_model
+from fvlab.models.fastervit import VARIANTS
 
 
 def variant_table() -> str:

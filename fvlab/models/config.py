@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, List, Optional, Union
 
-from fvlab.models.fastervit import FasterViT
-from fvlab.models.swin import HatSwinTransformer
-from fvlab.models.registry import SWIN_VARIANTS, arch_defaults, build_model, variant_config
+from torch import nn
+
+from fvlab.models.factory import create_model, variant_config
 
 __all__ = ["ArchConfig"]
 
@@ -69,25 +69,10 @@ class ArchConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every variant argument this config builds with (variant values plus overrides)."""
-        if self.name in SWIN_VARIANTS:
-            base = dict(SWIN_VARIANTS[self.name])
-        else:
-            base = variant_config(self.name) if self.name else {}
-        return {**base, **self.overrides()}
+        return variant_config(self.name, **self.overrides()) if self.name else self.overrides()
 
-    def build(self, **kwargs: Any) -> FasterViT | HatSwinTransformer:
+    def build(self, **kwargs: Any) -> nn.Module:
         """Build the model (``kwargs``: e.g. num_classes and in_chans from the data)."""
-        spec: dict[str, Any] = {**self.overrides(), **kwargs}
-        if self.name:
-            spec["name"] = self.name
-        if self.checkpoint_path:
-            spec["checkpoint_path"] = self.checkpoint_path
-        return build_model(spec)
-
-
-def effective_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """An ``arch`` section with every unset field at the value the built model takes (the named
-    variant's, else its constructor's default)."""
-    defaults = arch_defaults(arch.get("name"))
-    return {k: defaults.get(k) if v is None and k in defaults else v for k, v in arch.items()}
+        return create_model(self.name or None, checkpoint_path=self.checkpoint_path or None,
+                            **{**self.overrides(), **kwargs})
 

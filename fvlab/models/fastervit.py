@@ -1,8 +1,9 @@
-"""FasterViT (Hatamizadeh et al., arXiv 2306.06189), written from the paper.
+"""FasterViT (Hatamizadeh et al., arXiv 2306.06189), written from the paper, laid out as a timm
+model file: helpers, blocks, stage, model, checkpoint filter, configurations, registration.
 
-Layout follows timm's model files: building blocks, stage, model; the window geometry and
-position terms are in ``layers.py``, the HAT mechanism (shared with ``hat_swin_*``) in
-``hat.py``, checkpoint filtering and the variant registry in ``registry.py``.
+The attention is shared with ``hat_swin_*``: window attention and the position terms are in
+``layers.py``, the carrier-token (HAT) mechanism in ``hat.py``; what changes when a graph is
+captured (export, FX tracing) is in ``tracing.py``.
 
 A stage of transformer blocks works on windows of ``window_size`` x ``window_size``
 tokens. With Hierarchical Attention (HAT) each window also owns ``ct_size`` x ``ct_size``
@@ -17,47 +18,150 @@ bias and embedding of the carrier grid) follows the actual feature size.
 
 Carrier tokens are used only where the stage's (padded) feature map spans more than one
 window, as in the official implementation (its any-resolution model: sr_ratio = padded
-resolution // window_size > 1). The
-official model fixes this when it is built, for one resolution; here it is decided on every
-call from the actual feature size, so a HAT stage whose map fits one window runs plain window
-attention (no carrier tokens, no propagation). The HAT weights are built regardless, so
-checkpoints load at any resolution and the parameter count does not depend on the input size;
-while unused they get zero gradients. ``FasterViT.canonical_arch(image_size)`` follows the
-rule: there, ``ct_size`` and ``do_propagation`` of such a stage change nothing.
+resolution // window_size > 1). The official model fixes this when it is built, for one
+resolution; here it is decided on every call from the actual feature size, so a HAT stage whose
+map fits one window runs plain window attention (no carrier tokens, no propagation). The HAT
+weights are built regardless, so checkpoints load at any resolution and the parameter count does
+not depend on the input size; while unused they get zero gradients.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, to_ntuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # what timm's own models use
 from timm.models._manipulate import MATCH_PREV_GROUP
 
-from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, _hidden_prefix_bias, join_carrier_tokens,
-                              split_carrier_tokens, start_carrier_tokens, tie_zero_gradients, windows_spanned)
-# Re-exported, so that code importing these building blocks from fvlab.models.fastervit keeps working.
-from fvlab.models.hat import carrier_pool_geometry, pool_carrier_tokens  # noqa: F401
-from fvlab.models.layers import (_EXPORT_GEOMETRY, POSITION_MLP_HIDDEN, AbsolutePositionEmbedding,  # noqa: F401
-                                 InplaceGELU, Mlp, RelativePositionBias, WindowAttention, _static, add_residual,
-                                 WindowStage, pad_to_windows, spatial_size, window_major_order, window_partition,
-                                 window_reverse)
+from fvlab.models.checkpoint import unwrap_state_dict
+from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, by_one_window_rule, hidden_prefix_bias,
+                              join_carrier_tokens, split_carrier_tokens, windows_spanned)
+from fvlab.models.layers import (AbsolutePositionEmbedding, InplaceGELU, Mlp, WindowAttention, WindowStage,
+                                 add_residual, pad_to_windows, window_partition, window_reverse)
+from fvlab.models.tracing import export_geometry_scope, spatial_size
 
-__all__ = ["FasterViT", "NUM_CONV_STAGES", "POSITION_MLP_HIDDEN"]
+__all__ = ["FasterViT", "VARIANTS", "NUM_CONV_STAGES", "checkpoint_filter_fn", "default_cfgs"]
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
 
 NUM_CONV_STAGES = 2  # stages 1-2 are residual conv blocks, the rest transformer blocks
 # group_matcher ordinal of a stage's downsample: after any block index, yet its own group
 # (MATCH_PREV_GROUP would merge it into the last block's group).
 _AFTER_LAST_BLOCK = MATCH_PREV_GROUP[0] - 1
+GLOBAL_POOLS = ("avg", "")  # timm's names: average pooling, or none (the head sees the map)
+
+
+def _per_stage(name: str, value: Any, n: int, kind: type | tuple[type, ...]) -> list:
+    """Broadcast a scalar to one value per stage, or check a per-stage list's length."""
+    values = list(to_ntuple(n)(value))
+    if len(values) != n:
+        raise ValueError(
+            f"{name} has {len(values)} entries but the model has {n} stages (len(depths)); "
+            f"give one value per stage or a single value for all stages")
+    for v in values:
+        if isinstance(v, bool) and kind is not bool or not isinstance(v, kind):
+            raise ValueError(f"{name} entries must be {getattr(kind, '__name__', kind)}, got {v!r}")
+    return values
+
+
+def _fuse_bn_into_following_linear(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
+    """A linear layer equal to ``linear(mean_hw(bn(x)))`` applied to ``mean_hw(x)`` (eval mode)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    # Built on the meta device, then filled: initialising a real Linear would draw from the
+    # global RNG, and fusing a copy for a measurement must not change what a run trains.
+    fused = nn.Linear(linear.in_features, linear.out_features, device="meta",
+                      dtype=linear.weight.dtype).to_empty(device=linear.weight.device)
+    fused.weight.copy_(linear.weight * scale)
+    bias = linear.weight @ shift
+    fused.bias.copy_(bias if linear.bias is None else bias + linear.bias)
+    return fused
+
+
+def _checked_arguments(dim: int, in_dim: int, depths: Any, num_heads: Any, window_size: Any, ct_size: Any,
+                       hat: Any, mlp_ratio: float, layer_scale: float | None, layer_scale_conv: float | None,
+                       drop_path_rate: float, num_classes: int, in_chans: int) -> tuple[list, list, list, list, list]:
+    """(depths, num_heads, window_size, ct_size, hat) as one value per stage; ValueError naming any
+    argument FasterViT cannot be built with."""
+    depths = list(depths) if isinstance(depths, (list, tuple)) else depths
+    if not isinstance(depths, list) or not depths or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+        raise ValueError(f"depths must be a non-empty list of positive ints, got {depths!r}")
+    n = len(depths)
+    num_heads = _per_stage("num_heads", num_heads, n, int)
+    window_size = _per_stage("window_size", window_size, n, int)
+    ct_size = _per_stage("ct_size", ct_size, n, int)
+    hat = _per_stage("hat", hat, n, bool)
+    for name, value in (("dim", dim), ("in_dim", in_dim), ("in_chans", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
+    if not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+    if not 0 <= drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    for name, value in (("layer_scale", layer_scale), ("layer_scale_conv", layer_scale_conv)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be a positive number or None (off), got {value!r}")
+    for i in range(n):
+        stage_dim = dim * 2 ** i
+        if window_size[i] < 1:
+            raise ValueError(f"window_size[{i}] must be >= 1, got {window_size[i]}")
+        if ct_size[i] < 0:
+            raise ValueError(f"ct_size[{i}] must be >= 0 (0: no carrier tokens), got {ct_size[i]}")
+        if i < NUM_CONV_STAGES:
+            continue
+        if num_heads[i] < 1 or stage_dim % num_heads[i]:
+            raise ValueError(
+                f"num_heads[{i}]={num_heads[i]} must be positive and divide the stage's "
+                f"{stage_dim} channels (dim * 2**{i}); pick a divisor of {stage_dim}")
+        if hat[i] and ct_size[i] > window_size[i]:
+            raise ValueError(
+                f"ct_size[{i}]={ct_size[i]} exceeds window_size[{i}]={window_size[i]}: carrier "
+                f"tokens are pooled from their window, so use ct_size <= window_size")
+    return depths, num_heads, window_size, ct_size, hat
+
+
+def _check_global_pool(global_pool: str, num_classes: int) -> None:
+    """Raise ValueError unless ``global_pool`` is one FasterViT has and fits ``num_classes``."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+    if global_pool == "" and num_classes > 0:
+        raise ValueError("global_pool='' (no pooling) needs num_classes=0: a linear head "
+                         "classifies pooled features")
 
 
 # --------------------------------------------------------------------------------------
-# Building blocks
+# Blocks (attention: ``layers.WindowAttention``, ``hat.CarrierTokenAttention``)
 # --------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Stem: two stride-2 3x3 convs, each with BatchNorm and ReLU (resolution / 4)."""
+
+    def __init__(self, in_chans: int, in_dim: int, dim: int):
+        super().__init__()
+        self.conv_down = nn.Sequential(
+            nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(in_dim, eps=1e-4),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_dim, dim, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(dim, eps=1e-4),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed an image into a (B, dim, H/4, W/4) map."""
+        return self.conv_down(x)
 
 
 class ConvBlock(nn.Module):
@@ -124,10 +228,10 @@ class HATBlock(CarrierTokenAttention, nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Update window tokens (B*nw, ws*ws, C) and window-major carrier tokens (B, nw*ct*ct, C).
 
-        ``live`` (only in a graph that does not know the image size: export with a symbolic
-        size, FX tracing; see ``hat.start_carrier_tokens``): a (1,) bool tensor; where
-        False, the carrier tokens are computed but hidden from the window attention and not
-        propagated, which gives plain window attention.
+        ``live`` (only in an export graph that does not know the image size; see
+        ``hat.by_one_window_rule``): a (1,) bool tensor; where False, the carrier tokens are
+        computed but hidden from the window attention and not propagated, which gives plain
+        window attention.
         """
         ws = self.window_size
         x = self.pos_embed(x, (ws, ws))
@@ -138,7 +242,7 @@ class HATBlock(CarrierTokenAttention, nn.Module):
             ct = self.carrier_global_attention(ct, carrier_grid)
             x, n_ct = join_carrier_tokens(x, ct, self.ct_size)
             if live is not None:
-                key_bias = _hidden_prefix_bias(live, n_ct, ws * ws)
+                key_bias = hidden_prefix_bias(live, n_ct, ws * ws)
         x = add_residual(x, self.drop_path(
             self._scaled(self.attn(self.norm1(x), (ws, ws), n_ct, key_bias=key_bias), self.gamma3)))
         x = add_residual(x, self.drop_path(self._scaled(self.mlp(self.norm2(x)), self.gamma4)))
@@ -160,25 +264,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise and halve the resolution."""
         return self.reduction(self.norm(x))
-
-
-class PatchEmbed(nn.Module):
-    """Stem: two stride-2 3x3 convs, each with BatchNorm and ReLU (resolution / 4)."""
-
-    def __init__(self, in_chans: int, in_dim: int, dim: int):
-        super().__init__()
-        self.conv_down = nn.Sequential(
-            nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(in_dim, eps=1e-4),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(in_dim, dim, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(dim, eps=1e-4),
-            nn.ReLU(inplace=True),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed an image into a (B, dim, H/4, W/4) map."""
-        return self.conv_down(x)
 
 
 # --------------------------------------------------------------------------------------
@@ -237,30 +322,29 @@ class FasterViTStage(nn.Module):
             for block in self.blocks[:self.depth]:
                 x = self._run(block, x)
             return x
-        if torch.compiler.is_exporting() and _EXPORT_GEOMETRY.get() is None:
-            token = _EXPORT_GEOMETRY.set({})
-            try:
-                return self.forward_blocks(x)
-            finally:
-                _EXPORT_GEOMETRY.reset(token)
+        with export_geometry_scope():
+            return self._forward_windows(x)
+
+    def _forward_windows(self, x: torch.Tensor) -> torch.Tensor:
         ws = self.window_size
         h, w = spatial_size(x)
         x = pad_to_windows(x, ws)
         hp, wp = spatial_size(x)
         rows, cols = hp // ws, wp // ws
         carrier_grid = (self.ct_size * rows, self.ct_size * cols)
-        # Carrier tokens only where the padded map spans more than one window (hat.py's rule); on
-        # one window the HAT weights stay unused.
-        ct, live = None, None
+
+        def run(x: torch.Tensor, ct: torch.Tensor | None, live: torch.Tensor | None) -> torch.Tensor:
+            tokens = window_partition(x.permute(0, 2, 3, 1), ws)
+            for block in self.blocks[:self.depth]:
+                tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
+            return window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)
+
         if self.ct_size > 0:
-            ct, live = start_carrier_tokens(self.global_tokenizer, x, rows, cols)
-            if ct is None and torch.is_grad_enabled():
-                x = tie_zero_gradients(x, self.carrier_parameters())
-        tokens = window_partition(x.permute(0, 2, 3, 1), ws)
-        for block in self.blocks[:self.depth]:
-            tokens, ct = self._run(block, tokens, ct, carrier_grid, live)
+            x = by_one_window_rule(x, rows, cols, lambda: self.global_tokenizer(x), self.carrier_parameters, run)
+        else:
+            x = run(x, None, None)
         # Cropping to the input size is a no-op view when nothing was padded.
-        return window_reverse(tokens, ws, hp, wp).permute(0, 3, 1, 2)[:, :, :h, :w]
+        return x[:, :, :h, :w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks, then downsample if this is not the last stage."""
@@ -271,33 +355,6 @@ class FasterViTStage(nn.Module):
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
-
-
-def _fuse_bn_into_following_linear(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
-    """A linear layer equal to ``linear(mean_hw(bn(x)))`` applied to ``mean_hw(x)`` (eval mode)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    # Built on the meta device, then filled: initialising a real Linear would draw from the
-    # global RNG, and fusing a copy for a measurement must not change what a run trains.
-    fused = nn.Linear(linear.in_features, linear.out_features, device="meta",
-                      dtype=linear.weight.dtype).to_empty(device=linear.weight.device)
-    fused.weight.copy_(linear.weight * scale)
-    bias = linear.weight @ shift
-    fused.bias.copy_(bias if linear.bias is None else bias + linear.bias)
-    return fused
-
-
-def _per_stage(name: str, value: Any, n: int, kind: type | tuple[type, ...]) -> list:
-    """Broadcast a scalar to one value per stage, or check a per-stage list's length."""
-    values = list(to_ntuple(n)(value))
-    if len(values) != n:
-        raise ValueError(
-            f"{name} has {len(values)} entries but the model has {n} stages (len(depths)); "
-            f"give one value per stage or a single value for all stages")
-    for v in values:
-        if isinstance(v, bool) and kind is not bool or not isinstance(v, kind):
-            raise ValueError(f"{name} entries must be {getattr(kind, '__name__', kind)}, got {v!r}")
-    return values
 
 
 class FasterViT(nn.Module):
@@ -329,6 +386,8 @@ class FasterViT(nn.Module):
         qkv_bias: learnable bias of the query, key and value projections.
         num_classes: classes of the head (0: no head, features only).
         in_chans: input image channels.
+        global_pool: ``'avg'``, or ``''`` (no pooling; needs ``num_classes=0``): the head then
+            returns the final feature map, timm's convention.
     """
 
     def __init__(self, dim: int = 64, in_dim: int = 64, depths: Sequence[int] = (2, 3, 6, 5),
@@ -339,66 +398,30 @@ class FasterViT(nn.Module):
                  layer_scale: float | None = None, layer_scale_conv: float | None = None,
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, qkv_bias: bool = True,
-                 num_classes: int = 1000, in_chans: int = 3):
+                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
-        depths = list(depths) if isinstance(depths, (list, tuple)) else depths
-        if not isinstance(depths, list) or not depths or any(
-                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
-            raise ValueError(f"depths must be a non-empty list of positive ints, got {depths!r}")
+        depths, num_heads, window_size, ct_size, hat = _checked_arguments(
+            dim=dim, in_dim=in_dim, depths=depths, num_heads=num_heads, window_size=window_size,
+            ct_size=ct_size, hat=hat, mlp_ratio=mlp_ratio, layer_scale=layer_scale,
+            layer_scale_conv=layer_scale_conv, drop_path_rate=drop_path_rate, num_classes=num_classes,
+            in_chans=in_chans)
+        _check_global_pool(global_pool, num_classes)
         n = len(depths)
-        num_heads = _per_stage("num_heads", num_heads, n, int)
-        window_size = _per_stage("window_size", window_size, n, int)
-        ct_size = _per_stage("ct_size", ct_size, n, int)
-        hat = _per_stage("hat", hat, n, bool)
-        for name, value in (("dim", dim), ("in_dim", in_dim), ("in_chans", in_chans)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
-        if not 0 <= drop_path_rate < 1:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
-        for name, value in (("layer_scale", layer_scale), ("layer_scale_conv", layer_scale_conv)):
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number or None (off), got {value!r}")
-        for i in range(n):
-            stage_dim = dim * 2 ** i
-            if window_size[i] < 1:
-                raise ValueError(f"window_size[{i}] must be >= 1, got {window_size[i]}")
-            if ct_size[i] < 0:
-                raise ValueError(f"ct_size[{i}] must be >= 0 (0: no carrier tokens), got {ct_size[i]}")
-            if i < NUM_CONV_STAGES:
-                continue
-            if num_heads[i] < 1 or stage_dim % num_heads[i]:
-                raise ValueError(
-                    f"num_heads[{i}]={num_heads[i]} must be positive and divide the stage's "
-                    f"{stage_dim} channels (dim * 2**{i}); pick a divisor of {stage_dim}")
-            if hat[i] and ct_size[i] > window_size[i]:
-                raise ValueError(
-                    f"ct_size[{i}]={ct_size[i]} exceeds window_size[{i}]={window_size[i]}: carrier "
-                    f"tokens are pooled from their window, so use ct_size <= window_size")
-
         self.depths = depths
         self.window_size = window_size
         self.ct_size = [c if (h and i >= NUM_CONV_STAGES) else 0
                         for i, (c, h) in enumerate(zip(ct_size, hat))]
-        transformer = [i >= NUM_CONV_STAGES for i in range(n)]
-        # What this network computes, whatever way its arguments were written: settings a stage
-        # does not use are None (window and heads of conv stages), carrier tokens 0 where HAT is
-        # off, propagation off without carrier tokens. Equal forms build equal networks.
-        self._canonical = {
-            "dim": dim, "in_dim": in_dim, "depths": list(depths),
-            "num_heads": [h if t else None for h, t in zip(num_heads, transformer)],
-            "window_size": [w if t else None for w, t in zip(window_size, transformer)],
-            "ct_size": list(self.ct_size), "do_propagation": bool(do_propagation) and any(self.ct_size),
-            "mlp_ratio": float(mlp_ratio), "layer_scale": None if layer_scale is None else float(layer_scale),
-            "layer_scale_conv": None if layer_scale_conv is None else float(layer_scale_conv),
-            "drop_path_rate": float(drop_path_rate), "drop_rate": float(drop_rate),
-            "attn_drop_rate": float(attn_drop_rate), "qkv_bias": bool(qkv_bias),
-            "num_classes": num_classes, "in_chans": in_chans}
+        # The arguments as built, one value per stage where per stage (a supernet sets its active
+        # subnet's); what a sweep's canonical form of the architecture is read from.
+        self.model_args: dict[str, Any] = dict(
+            dim=dim, in_dim=in_dim, depths=list(depths), num_heads=num_heads, window_size=window_size,
+            ct_size=ct_size, hat=hat, do_propagation=bool(do_propagation), mlp_ratio=float(mlp_ratio),
+            layer_scale=None if layer_scale is None else float(layer_scale),
+            layer_scale_conv=None if layer_scale_conv is None else float(layer_scale_conv),
+            drop_path_rate=float(drop_path_rate), drop_rate=float(drop_rate),
+            attn_drop_rate=float(attn_drop_rate), qkv_bias=bool(qkv_bias), in_chans=in_chans)
         self.num_classes = num_classes
-        self.global_pool = "avg"
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = dim * 2 ** (n - 1)
         self.drop_rate = drop_rate
@@ -424,23 +447,6 @@ class FasterViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-
-    def canonical_arch(self, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
-        """The architecture in one normal form: two models with equal forms have the same parameter
-        shapes and, with the same weights, the same outputs (``fvlab sweep`` trains each form once).
-
-        Without ``image_size``, the same outputs at every input size. With it, at that size only:
-        a HAT stage whose (padded) feature map is one window there uses no carrier tokens, so its
-        ``ct_size`` (any value >= 1: the HAT weights' shapes do not depend on it) and
-        ``do_propagation`` are normalised away; it keeps its HAT weights, which a stage without
-        HAT (``hat`` off or ``ct_size`` 0) lacks, so those stay two forms (``carrier_weights``).
-        """
-        form = {**self._canonical, "num_classes": self.num_classes, "global_pool": self.global_pool,
-                "carrier_weights": [c > 0 for c in self.ct_size]}
-        if image_size is not None:
-            live = [c if self.carrier_tokens_live(i, image_size) else 0 for i, c in enumerate(self.ct_size)]
-            form.update(ct_size=live, do_propagation=form["do_propagation"] and any(live))
-        return form
 
     def carrier_tokens_live(self, stage: int, image_size: int | Sequence[int]) -> bool:
         """Whether stage ``stage`` (0-based) uses carrier tokens on an input of ``image_size``: it has
@@ -506,12 +512,8 @@ class FasterViT(nn.Module):
         ``forward_head`` then returns the unpooled feature map, timm's convention); None
         keeps the current pooling.
         """
-        if global_pool not in (None, "avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         pool = self.global_pool if global_pool is None else global_pool
-        if pool == "" and num_classes > 0:
-            raise ValueError("global_pool='' (no pooling) needs num_classes=0: a linear head "
-                             "classifies pooled features")
+        _check_global_pool(pool, num_classes)
         if self.fused:
             raise RuntimeError("this FasterViT was fused for inference (model.fuse()), which may "
                                "fold the final BatchNorm into the head; call reset_classifier "
@@ -635,3 +637,149 @@ class FasterViT(nn.Module):
             raise RuntimeError("this FasterViT was fused for inference (model.fuse()); "
                                "build a fresh model to train")
         return super().train(mode)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint filter
+# --------------------------------------------------------------------------------------
+
+# Buffers of the official implementation that are pure functions of geometry (or caches of
+# position-MLP outputs): recomputed here, never loaded.
+DERIVED_SUFFIXES = ("relative_coords_table", "relative_position_index", "relative_bias")
+# The official tokenizer registers its depthwise conv twice (".pos_embed." and this alias).
+TOKENIZER_ALIAS = ".global_tokenizer.to_global_feature.pos."
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: FasterViT | None = None,
+                         use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """A FasterViT state dict from an official, timm, Lightning or plain checkpoint (see
+    ``checkpoint.unwrap_state_dict`` for ``use_ema``): official keys renamed, derived buffers dropped."""
+    out = {}
+    for key, value in unwrap_state_dict(state_dict, use_ema=use_ema).items():
+        if key.endswith(DERIVED_SUFFIXES):
+            continue
+        if TOKENIZER_ALIAS in key:
+            key = key.replace(TOKENIZER_ALIAS, ".global_tokenizer.pos_embed.")
+        out.setdefault(key, value)
+    return out
+
+
+def _create_fastervit(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """Build ``variant`` (its ``VARIANTS``, then ``kwargs``) with timm's builder; a variant without
+    arguments there is FasterViT with its constructor's defaults."""
+    if variant not in VARIANTS and not kwargs.get("pretrained_cfg"):
+        kwargs["pretrained_cfg"] = _cfg()  # no registered configuration to look up
+    return build_model_with_cfg(
+        FasterViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **{**VARIANTS.get(variant, {}), **kwargs})
+
+
+# --------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------
+
+_IMAGENET = dict(depths=[2, 3, 6, 5], num_heads=[2, 4, 8, 16], window_size=7, ct_size=2,
+                 hat=[False, False, True, False], mlp_ratio=4.0)
+
+# Each variant's arguments: the ImageNet-1K configurations of the official registry, plus small
+# CPU-sized ones.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fastervit_0": dict(_IMAGENET, dim=64, in_dim=64, drop_path_rate=0.2),
+    "fastervit_1": dict(_IMAGENET, depths=[1, 3, 8, 5], dim=80, in_dim=32, drop_path_rate=0.2),
+    "fastervit_2": dict(_IMAGENET, depths=[3, 3, 8, 5], dim=96, in_dim=64, drop_path_rate=0.2),
+    "fastervit_3": dict(_IMAGENET, depths=[3, 3, 12, 5], dim=128, in_dim=64, drop_path_rate=0.3,
+                        layer_scale=1e-5, do_propagation=True),
+    "fastervit_4": dict(_IMAGENET, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], dim=196,
+                        in_dim=64, drop_path_rate=0.3, layer_scale=1e-5, do_propagation=True),
+    "fastervit_5": dict(_IMAGENET, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], dim=320,
+                        in_dim=64, drop_path_rate=0.3, layer_scale=1e-5, do_propagation=True),
+    "fastervit_6": dict(_IMAGENET, depths=[3, 3, 16, 8], num_heads=[4, 8, 16, 32], dim=320,
+                        in_dim=64, drop_path_rate=0.5, layer_scale=1e-5, do_propagation=True),
+    # 64 px: stage 3 sees 4x4 tokens, i.e. four 2x2 windows, each with its carrier token.
+    "fastervit_tiny": dict(depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=2, ct_size=1,
+                           hat=[False, False, True, False], mlp_ratio=4.0, dim=32, in_dim=16,
+                           drop_path_rate=0.0, do_propagation=True),
+    # 32-64 px smoke-test size: a few hundred thousand parameters.
+    "fastervit_micro": dict(depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 4], window_size=2,
+                            ct_size=1, hat=[False, False, True, False], mlp_ratio=2.0, dim=16,
+                            in_dim=8, drop_path_rate=0.0),
+}
+
+_OFFICIAL_URL = "https://huggingface.co/ahatamiz/FasterViT/resolve/main/fastervit_{}_224_1k.pth.tar"
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    cfg = dict(url=url, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+               crop_pct=1.0, interpolation="bicubic", fixed_input_size=False,
+               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv="patch_embed.conv_down.0", classifier="head",
+               license="NVIDIA Source Code License-NC (official weights)")
+    return {**cfg, **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    **{f"fastervit_{i}.in1k": _cfg(_OFFICIAL_URL.format(i), crop_pct=0.875 if i == 0 else 1.0)
+       for i in range(7)},
+    "fastervit_tiny": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), license=None),
+    "fastervit_micro": _cfg(input_size=(3, 32, 32), pool_size=(1, 1), license=None),
+})
+
+
+# --------------------------------------------------------------------------------------
+# Registration with timm
+# --------------------------------------------------------------------------------------
+
+
+@register_model
+def fastervit_0(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-0 (31.4 M params, 3.37 GFLOPs at 224)."""
+    return _create_fastervit("fastervit_0", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_1(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-1 (53.4 M params, 5.33 GFLOPs at 224)."""
+    return _create_fastervit("fastervit_1", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_2(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-2 (75.9 M params, 8.78 GFLOPs at 224)."""
+    return _create_fastervit("fastervit_2", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_3(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-3 (159.6 M params, 18.4 GFLOPs at 224)."""
+    return _create_fastervit("fastervit_3", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_4(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4 (365.6 M params, official registry config)."""
+    return _create_fastervit("fastervit_4", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_5(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-5 (957.5 M params)."""
+    return _create_fastervit("fastervit_5", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_6(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-6 (1360.3 M params)."""
+    return _create_fastervit("fastervit_6", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_tiny(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """A CPU-sized FasterViT for 64-128 px images (fvlab)."""
+    return _create_fastervit("fastervit_tiny", pretrained, **kwargs)
+
+
+@register_model
+def fastervit_micro(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """A smoke-test FasterViT for 32-64 px images (fvlab)."""
+    return _create_fastervit("fastervit_micro", pretrained, **kwargs)

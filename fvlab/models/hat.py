@@ -16,11 +16,11 @@ Carrier tokens are kept in window-major order (all tokens of window 0, then wind
 that moving between the global view (B, windows * ct**2, C) and the per-window view
 (B * windows, ct**2, C) is a free reshape.
 
-The rule of when carrier tokens exist (:func:`start_carrier_tokens`) is the official
+The rule of when carrier tokens exist (:func:`by_one_window_rule`) is the official
 any-resolution model's: only where a stage's map, padded to whole windows, spans more than one
 window. It is decided on every call from the actual size, so a model built once keeps the rule
 at every resolution; where the size is unknown to Python (export with a symbolic size, FX
-tracing) the graph decides itself (``live``).
+tracing) the graph decides itself (see ``tracing.py``).
 
 FasterViT (``fastervit.py``) and timm's Swin (``swin.py``) host this mechanism: the weights are
 registered on the host block under the official FasterViT names (``hat_norm1``, ``hat_attn``,
@@ -39,12 +39,12 @@ from torch import nn
 from timm.layers import DropPath
 from timm.models._features_fx import register_notrace_function
 
-from fvlab.models.layers import AbsolutePositionEmbedding, Mlp, WindowAttention, _static, spatial_size
+from fvlab.models.layers import AbsolutePositionEmbedding, Mlp, WindowAttention
+from fvlab.models.tracing import decided_in_python, fx_proxy, graph_condition, select, sizes_known, spatial_size
 
-__all__ = ["CarrierTokenAttention", "TokenInitializer", "carrier_pool_geometry", "join_carrier_tokens",
-           "pool_carrier_tokens", "propagation_index", "split_carrier_tokens", "start_carrier_tokens",
-           "tie_zero_gradients",
-           "windows_spanned"]
+__all__ = ["CarrierTokenAttention", "TokenInitializer", "by_one_window_rule", "carrier_pool_geometry",
+           "hidden_prefix_bias", "join_carrier_tokens", "pool_carrier_tokens", "propagation_index",
+           "split_carrier_tokens", "tie_zero_gradients", "windows_spanned"]
 
 
 def windows_spanned(h: int, w: int, window_size: int) -> int:
@@ -85,7 +85,7 @@ def pool_carrier_tokens(x: torch.Tensor, window_size: int, ct_size: int) -> torc
     h, w = spatial_size(x)
     if window_size % ct_size == 0:  # kernel == stride, independent of the size
         return F.avg_pool2d(x, window_size // ct_size)
-    if _static(h, w):
+    if sizes_known(h, w):
         kh, sh = carrier_pool_geometry(h, window_size, ct_size)
         kw, sw = carrier_pool_geometry(w, window_size, ct_size)
         return F.avg_pool2d(x, (kh, kw), (sh, sw))
@@ -95,18 +95,11 @@ def pool_carrier_tokens(x: torch.Tensor, window_size: int, ct_size: int) -> torc
 
 
 @register_notrace_function  # reason: tensors built from sizes
-def _hidden_prefix_bias(live: torch.Tensor, n_prefix: int, n_tokens: int) -> torch.Tensor:
+def hidden_prefix_bias(live: torch.Tensor, n_prefix: int, n_tokens: int) -> torch.Tensor:
     """(n_prefix + n_tokens,) key bias: 0 everywhere, except -inf on the prefix where ``live`` is False."""
     is_prefix = torch.arange(n_prefix + n_tokens, device=live.device) < n_prefix
     return torch.zeros(n_prefix + n_tokens, device=live.device).masked_fill(
         is_prefix & ~live, float("-inf"))
-
-
-@register_notrace_function  # reason: a tensor built from a size
-def _more_than_one(n_windows: Any, like: torch.Tensor) -> torch.Tensor:
-    """(1,) bool tensor ``n_windows > 1`` on ``like``'s device, for a window count that only the
-    graph knows (a SymInt of export, a Proxy of FX tracing)."""
-    return torch.zeros(1, dtype=torch.long, device=like.device).add(n_windows) > 1
 
 
 class TokenInitializer(nn.Module):
@@ -151,21 +144,32 @@ def split_carrier_tokens(tokens: torch.Tensor, n_ct: int, like: torch.Tensor
     return windows, ct_windows.reshape(like.shape), ct_windows
 
 
-def start_carrier_tokens(tokenizer: nn.Module, x: torch.Tensor, rows: Any, cols: Any
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(carrier tokens or None, live or None) of a padded (B, C, H, W) stage input of ``rows`` x
-    ``cols`` windows, by the one-window rule.
+def by_one_window_rule(x: torch.Tensor, rows: Any, cols: Any, carrier_tokens: Callable[[], torch.Tensor],
+                       carrier_parameters: Callable[[], Sequence[nn.Parameter]],
+                       run: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+                       ) -> torch.Tensor:
+    """``run(x, carrier tokens or None, live or None)`` for a stage input ``x`` of ``rows`` x ``cols``
+    windows (once padded), with carrier tokens (``carrier_tokens()``) only where it spans more
+    than one window.
 
-    Decided in Python where the sizes are known (eager, torch.jit.trace) or the decision is checked
-    again for another size (torch.compile guards on it). A graph for sizes it does not know (export
-    with a symbolic size, whose guards ONNX Runtime never checks; FX tracing) decides itself: the
-    carrier tokens are computed and ``live`` ((1,) bool) tells the blocks to hide them on one window.
-    None means one window: the host then runs plain window attention and, when training, ties its
-    input to the unused HAT weights with :func:`tie_zero_gradients`.
+    Where Python knows the sizes (see ``tracing.decided_in_python``) it decides: one window runs
+    plain window attention (``run(x, None, None)``), its input tied to the unused HAT weights by
+    :func:`tie_zero_gradients` when training. Otherwise the graph decides, with ``live``, a (1,)
+    bool tensor: FX tracing runs both branches and selects one (the traced output is eager's, bit
+    for bit); export, whose graph should not run a stage twice, computes the carrier tokens and
+    passes ``live`` to the blocks, which hide them (:func:`hidden_prefix_bias`) and do not
+    propagate them where it is False.
     """
-    if _static(rows, cols) or (torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
-        return (tokenizer(x), None) if rows * cols > 1 else (None, None)
-    return tokenizer(x), _more_than_one(rows * cols, x)
+    if decided_in_python(rows, cols):
+        if rows * cols > 1:
+            return run(x, carrier_tokens(), None)
+        if torch.is_grad_enabled():
+            x = tie_zero_gradients(x, carrier_parameters())
+        return run(x, None, None)
+    live = graph_condition(rows * cols, x)
+    if fx_proxy(rows, cols):
+        return select(live, run(x, carrier_tokens(), None), run(x, None, None))
+    return run(x, carrier_tokens(), live)
 
 
 def tie_zero_gradients(x: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:

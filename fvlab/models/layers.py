@@ -3,13 +3,11 @@ position terms (MLPs over coordinates, cached per geometry in eval mode), attent
 
 Written from the FasterViT paper (arXiv 2306.06189) and Swin v2's continuous position bias.
 Every geometry-dependent term follows the actual feature size, so one built model runs at any
-input resolution; sizes may be plain ints, SymInts (export, torch.compile) or, under
-``torch.jit.trace`` (fvcore's FLOP count), ints read from the traced input.
+input resolution; the forms a size takes when a graph is captured are handled in ``tracing.py``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -21,10 +19,12 @@ from timm.layers import ndgrid
 from timm.layers.pos_embed_rel import gen_relative_position_index
 from timm.models._features_fx import register_notrace_function, register_notrace_module
 
+from fvlab.models.tracing import (capturing_graph, exporting, plain_strides_for_export, shared_in_export,
+                                  sizes_known, spatial_size)
+
 __all__ = ["POSITION_MLP_HIDDEN", "AbsolutePositionEmbedding", "InplaceGELU", "Mlp", "RelativePositionBias",
            "WindowAttention", "add_residual", "centred_grid_coords", "log_spaced_relative_coords",
-           "pad_to_windows", "spatial_size", "window_major_order", "window_partition", "window_reverse",
-           "WindowStage"]
+           "pad_to_windows", "window_major_order", "window_partition", "window_reverse", "WindowStage"]
 
 POSITION_MLP_HIDDEN = 512  # hidden width of every position MLP in the official checkpoints
 
@@ -65,7 +65,7 @@ def pad_to_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
     # Ceil-division rather than (-h) % ws: simpler symbolic sizes make export much faster.
     pad_h = (h + window_size - 1) // window_size * window_size - h
     pad_w = (w + window_size - 1) // window_size * window_size - w
-    if _static(h, w) and not (pad_h or pad_w):
+    if sizes_known(h, w) and not (pad_h or pad_w):
         return x
     return F.pad(x, (0, pad_w, 0, pad_h))  # symbolic sizes: a graph that pads when needed
 
@@ -101,28 +101,9 @@ def centred_grid_coords(h: int, w: int, device: torch.device) -> torch.Tensor:
     return torch.stack(ndgrid(ys, xs), dim=-1).view(-1, 2)
 
 
-def spatial_size(x: torch.Tensor) -> tuple[Any, Any]:
-    """(H, W) of a (B, C, H, W) map; plain ints under ``torch.jit.trace`` (fvcore counts FLOPs by
-    tracing one concrete size: the caches and ``avg_pool2d`` then stay what eager runs)."""
-    h, w = x.shape[-2:]
-    if torch.jit.is_tracing():
-        return int(h), int(w)
-    return h, w
-
-
-def _static(*sizes: Any) -> bool:
-    """Whether every size is a plain int (not a SymInt of export or torch.compile)."""
-    return all(isinstance(s, int) for s in sizes)
-
-
 # --------------------------------------------------------------------------------------
 # Position terms: continuous MLPs over coordinates, cached in eval mode
 # --------------------------------------------------------------------------------------
-
-
-# Geometry tables built during one export trace, shared by the blocks of a stage (see
-# FasterViTStage.forward_blocks); None outside an export.
-_EXPORT_GEOMETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("_EXPORT_GEOMETRY", default=None)
 
 
 def _built_outside_inference_mode(build: Callable[[], Any]) -> Any:
@@ -166,18 +147,10 @@ class _PositionMLP(nn.Module):
         module._value = None
 
     def _geometry_cached(self, key: tuple, build: Callable[[], Any]) -> Any:
-        # Integer tables never depend on weights: cache them in every mode. Symbolic sizes
-        # (export with a dynamic image size) make them part of the graph instead.
-        if not _static(*key[:2]) or torch.compiler.is_exporting():
-            shared = _EXPORT_GEOMETRY.get()
-            if shared is None:
-                return build()
-            # One export trace: the blocks of a stage share its carrier grid's tables instead of
-            # each adding the same symbolic index arithmetic to the graph (export time, graph size).
-            shared_key = (type(self).__name__, *map(str, key))
-            if shared_key not in shared:
-                shared[shared_key] = build()
-            return shared[shared_key]
+        # Integer tables never depend on weights: cached in every mode where sizes are ints.
+        # Symbolic sizes (export with a dynamic image size) make them part of the graph instead.
+        if not sizes_known(*key[:2]) or exporting():
+            return shared_in_export((type(self).__name__, *key), build)
         if key not in self._geometry:
             if len(self._geometry) >= 8:
                 self._geometry.clear()
@@ -187,8 +160,7 @@ class _PositionMLP(nn.Module):
     def _value_cached(self, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         params = list(self.parameters())
         needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if (self.training or needs_graph or torch.compiler.is_compiling()
-                or torch.compiler.is_exporting() or not _static(*key[:2])
+        if (self.training or needs_graph or capturing_graph() or not sizes_known(*key[:2])
                 or any(p.is_inference() for p in params)):  # no version counter to key on
             self._value = None
             return compute()
@@ -336,10 +308,6 @@ class WindowAttention(nn.Module):
             bias = bias + key_bias.to(bias.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2)
-        if torch.compiler.is_exporting():
-            # SDPA's symbolic output strides hold Max(1, n), which the exporter cannot prove
-            # viewable; a fresh contiguous copy has plain strides (eager: a free view).
-            x = x.clone(memory_format=torch.contiguous_format)
+        x = plain_strides_for_export(x.transpose(1, 2))
         return self.proj_drop(self.proj(x.reshape(b, n, c)))
 

@@ -19,7 +19,6 @@ arguments computes when it holds the subnet's weights (:func:`extract_subnet`).
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from fvlab.models.factory import arch_defaults
 from fvlab.models.fastervit import NUM_CONV_STAGES, FasterViT, _per_stage
 from fvlab.models.hat import propagation_index, tie_zero_gradients
 
@@ -38,12 +38,6 @@ __all__ = ["SUBNET_KEYS", "FasterViTSupernet", "extract_subnet", "recalibrate_ba
 
 # FasterViT arguments that a subnet may set: none of them changes a parameter's shape.
 SUBNET_KEYS = ("depths", "window_size", "ct_size", "hat", "do_propagation")
-
-
-def _defaults() -> dict[str, Any]:
-    """FasterViT's constructor defaults."""
-    return {name: p.default for name, p in inspect.signature(FasterViT.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 def _size(key: str, value: Any, n: int) -> float:
@@ -64,7 +58,7 @@ class _Subnet:
     window_size: list[int]
     ct_size: list[int]  # 0 where the stage has no carrier tokens (hat off or ct_size 0)
     propagate: bool
-    canonical: dict[str, Any]
+    model_args: dict[str, Any]
     parameter_names: frozenset[str]
     state_keys: tuple[str, ...]
 
@@ -81,9 +75,9 @@ class FasterViTSupernet(FasterViT):
 
     The model has the largest depth of the space in each stage and carrier-token weights in
     each transformer stage where some subnet has HAT on with ``ct_size`` > 0. Built with the
-    largest subnet (:meth:`largest_subnet`) active. ``canonical_arch``, ``idle_parameters``,
-    ``feature_sizes`` and ``check_image_size`` describe the active subnet, as its stand-alone
-    model would; the weights it does not use count as idle, and when training they get zero
+    largest subnet (:meth:`largest_subnet`) active. ``model_args`` (and with it a sweep's
+    canonical form), ``idle_parameters``, ``feature_sizes`` and ``check_image_size`` describe the
+    active subnet, as its stand-alone model would; the weights it does not use count as idle, and when training they get zero
     gradients (so DistributedDataParallel needs no ``find_unused_parameters``).
     """
 
@@ -96,7 +90,7 @@ class FasterViTSupernet(FasterViT):
         for key, values in space.items():
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
                 raise ValueError(f"supernet space {key!r} must be a non-empty list of values, got {values!r}")
-        base = {**_defaults(), **arch}
+        base = {**arch_defaults(None), **arch}
         choices = {key: list(space.get(key, [base[key]])) for key in SUBNET_KEYS}
         depth_choices = [list(d) if isinstance(d, (list, tuple)) else d for d in choices["depths"]]
         if not all(isinstance(d, list) and d for d in depth_choices):
@@ -202,7 +196,7 @@ class FasterViTSupernet(FasterViT):
                     index = propagation_index(ws, ct)
                     block.register_buffer("propagation_index", index.to(device), persistent=False)
         self.depths, self.window_size, self.ct_size = list(sub.depths), list(sub.window_size), list(sub.ct_size)
-        self._canonical = dict(sub.canonical)
+        self.model_args = dict(sub.model_args)
         self._inactive = [p for name, p in self.named_parameters() if name not in sub.parameter_names]
         self._active = {k: sub.arch[k] for k in SUBNET_KEYS}
 
@@ -243,7 +237,8 @@ class FasterViTSupernet(FasterViT):
         sub = _Subnet(
             arch={**arch, "depths": list(depths)}, depths=list(model.depths),
             window_size=list(model.window_size), ct_size=list(model.ct_size),
-            propagate=model._canonical["do_propagation"], canonical=dict(model._canonical),
+            propagate=model.model_args["do_propagation"] and any(model.ct_size),
+            model_args=dict(model.model_args),
             parameter_names=frozenset(name for name, _ in model.named_parameters()),
             state_keys=tuple(model.state_dict().keys()))
         if len(self._resolved) >= 4096:  # bounded: random subnets of a large space
@@ -272,7 +267,7 @@ def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None
 
     It loads (strictly) into ``FasterViT(**supernet.subnet_arch(config))``. With ``path``, also
     writes ``{"state_dict": ..., "arch": ...}`` there, a checkpoint that ``checkpoint_path`` of
-    an arch (``fvlab fit``, ``create_model``, ``build_model``) reads like any other.
+    an arch (``fvlab fit``, ``create_model``) reads like any other.
     """
     with supernet.subnet(config) if config is not None else nullcontext():
         keys = supernet._resolve(supernet.active_subnet).state_keys

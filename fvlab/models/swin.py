@@ -14,14 +14,13 @@ windows, and the cyclic shift's wrapped windows hold pieces of opposite map edge
 mask keeps apart, which an unmasked carrier token would join again. Carrier tokens add the
 long-range path; the shift keeps the neighbour-to-neighbour one it already gave.
 
-Carrier tokens follow FasterViT's rule (``hat.start_carrier_tokens``): only where a stage's map,
+Carrier tokens follow FasterViT's rule (``hat.by_one_window_rule``): only where a stage's map,
 padded to whole windows, spans more than one window (timm shrinks a window to a smaller map,
 which is then one window).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -37,11 +36,13 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 from timm.models.swin_transformer import checkpoint_filter_fn as timm_swin_filter_fn
 
-from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, _hidden_prefix_bias, join_carrier_tokens,
-                              split_carrier_tokens, start_carrier_tokens, tie_zero_gradients, windows_spanned)
-from fvlab.models.layers import WindowStage, pad_to_windows, spatial_size, window_partition, window_reverse
+from fvlab.models.checkpoint import CheckpointMismatchError, read_checkpoint, unwrap_state_dict
+from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, by_one_window_rule, hidden_prefix_bias,
+                              join_carrier_tokens, split_carrier_tokens, windows_spanned)
+from fvlab.models.layers import WindowStage, pad_to_windows, window_partition, window_reverse
+from fvlab.models.tracing import spatial_size
 
-__all__ = ["HatSwinTransformer", "HatSwinStage", "SWIN_VARIANTS", "create_hat_swin", "load_swin_weights"]
+__all__ = ["HatSwinTransformer", "HatSwinStage", "SWIN_VARIANTS", "load_swin_weights"]
 
 _logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def hat_swin_block(block: SwinTransformerBlock, carrier: CarrierTokens, x: torch
     normed = pad_to_windows(block.norm1(x).permute(0, 3, 1, 2), ws).permute(0, 2, 3, 1)
     hp, wp = _map_size(normed)
     tokens, n_ct = join_carrier_tokens(window_partition(normed, ws), block.norm1(ct), carrier.ct_size)
-    key_bias = _hidden_prefix_bias(live, n_ct, ws * ws) if live is not None else None
+    key_bias = hidden_prefix_bias(live, n_ct, ws * ws) if live is not None else None
     out = attend_with_carrier_tokens(block.attn, tokens, n_ct, key_bias)
     windows, ct_out, _ = split_carrier_tokens(out, n_ct, ct)
     x = x + block.drop_path1(window_reverse(windows, ws, hp, wp)[:, :h, :w, :])
@@ -174,17 +175,19 @@ class HatSwinStage(SwinTransformerStage):
         h, w = _map_size(x)
         rows, cols = (h + ws - 1) // ws, (w + ws - 1) // ws
         carrier_grid = (self.ct_size * rows, self.ct_size * cols)
-        ct, live = start_carrier_tokens(self.global_tokenizer, pad_to_windows(x.permute(0, 3, 1, 2), ws),
-                                        rows, cols)
-        if ct is None and torch.is_grad_enabled():
-            x = tie_zero_gradients(x, self.carrier_parameters())
-        for i, block in enumerate(self.blocks):
-            carrier = self.carriers[str(i)] if str(i) in self.carriers else None
-            if ct is None or carrier is None:
-                x = self._block(block, x)
-            else:
-                x, ct = self._block(hat_swin_block, block, carrier, x, ct, carrier_grid, live)
-        return x if ct is None or not self.propagate else self._propagate(x, ct, live)
+
+        def run(x: torch.Tensor, ct: torch.Tensor | None, live: torch.Tensor | None) -> torch.Tensor:
+            for i, block in enumerate(self.blocks):
+                carrier = self.carriers[str(i)] if str(i) in self.carriers else None
+                if ct is None or carrier is None:
+                    x = self._block(block, x)
+                else:
+                    x, ct = self._block(hat_swin_block, block, carrier, x, ct, carrier_grid, live)
+            return x if ct is None or not self.propagate else self._propagate(x, ct, live)
+
+        return by_one_window_rule(
+            x, rows, cols, lambda: self.global_tokenizer(pad_to_windows(x.permute(0, 3, 1, 2), ws)),
+            self.carrier_parameters, run)
 
     def _propagate(self, x: torch.Tensor, ct: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
         """Carrier tokens upsampled onto their regular window and added to the map."""
@@ -196,15 +199,6 @@ class HatSwinStage(SwinTransformerStage):
         ct_windows = ct.reshape(windows.shape[0], self.ct_size * self.ct_size, -1)
         windows = carrier.propagate_carrier_tokens(windows, ct_windows, live)
         return window_reverse(windows, ws, *_map_size(padded))[:, :h, :w, :]
-
-
-def _plain(value: Any) -> Any:
-    """A constructor argument as a JSON-able value (tuples as lists, classes and functions by name)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    return getattr(value, "__qualname__", None) or repr(value)
 
 
 def _per_stage(name: str, value: Any, n: int, kind: type) -> list:
@@ -229,7 +223,7 @@ class HatSwinTransformer(SwinTransformer):
     def __init__(self, hat: bool | Sequence[bool] = False, ct_size: int | Sequence[int] = 1,
                  do_propagation: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
-        self._swin_args = dict(kwargs)  # for canonical_arch: timm's arguments as given
+        self.model_args = dict(kwargs)  # timm's arguments as given (a sweep's canonical form reads them)
         n = len(self.layers)
         hat = _per_stage("hat", hat, n, bool)
         ct_size = _per_stage("ct_size", ct_size, n, int)
@@ -290,33 +284,6 @@ class HatSwinTransformer(SwinTransformer):
         return [p for i, stage in enumerate(self.layers) if isinstance(stage, HatSwinStage)
                 and not self.carrier_tokens_live(i, image_size) for p in stage.carrier_parameters()]
 
-    def canonical_arch(self, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
-        """The architecture in one normal form: equal forms have the same parameter shapes and, with
-        the same weights, the same outputs (``fvlab sweep`` trains each form once).
-
-        timm's arguments as the stages were built (per-stage lists, the windows timm fitted to the
-        maps), carrier tokens per stage (0 where HAT is off) and propagation only with carrier
-        tokens. With ``image_size``, at that size only: a HAT stage that is one window there has no
-        carrier tokens, so its ``ct_size`` (HAT weight shapes do not depend on it) and propagation
-        are normalised away; its HAT weights stay (``carrier_weights``), so it differs from HAT off.
-        """
-        bound = inspect.signature(SwinTransformer.__init__).bind(None, **self._swin_args)
-        bound.apply_defaults()
-        args = {k: _plain(v) for k, v in bound.arguments.items() if k not in ("self", "device", "dtype")}
-        blocks = [stage.blocks[0] for stage in self.layers]
-        args.update(
-            img_size=list(self.patch_embed.img_size), patch_size=list(self.patch_embed.patch_size),
-            embed_dim=[b.dim for b in blocks], depths=[len(stage.blocks) for stage in self.layers],
-            num_heads=[b.attn.num_heads for b in blocks],
-            head_dim=[b.attn.qkv.out_features // 3 // b.attn.num_heads for b in blocks],
-            window_size=[list(b.window_size) for b in blocks], mlp_ratio=[float(b.mlp_ratio) for b in blocks],
-            num_classes=self.num_classes, in_chans=self.in_chans, global_pool=self.global_pool)
-        ct_size = list(self.ct_size)
-        if image_size is not None:
-            ct_size = [c if self.carrier_tokens_live(i, image_size) else 0 for i, c in enumerate(ct_size)]
-        return {**args, "ct_size": ct_size, "carrier_weights": [c > 0 for c in self.ct_size],
-                "do_propagation": self.do_propagation and any(ct_size)}
-
     def check_image_size(self, image_size: int | Sequence[int]) -> None:
         """Raise ValueError unless the model takes images of ``image_size`` (timm's Swin: its img_size)."""
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -330,11 +297,9 @@ def load_swin_weights(model: HatSwinTransformer, checkpoint: str | Path | Mappin
                       trust_checkpoint: bool | None = None) -> list[str]:
     """Load timm Swin weights (a file or a state dict) into ``model``: timm's keys strictly, the HAT
     weights left as built. Returns the HAT keys the weights lacked, and warns naming them."""
-    from fvlab.models.registry import CheckpointMismatchError, checkpoint_filter_fn, read_checkpoint
-
     source = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint,
                                                                                trust_checkpoint=trust_checkpoint)
-    state = timm_swin_filter_fn(checkpoint_filter_fn(source), model)
+    state = timm_swin_filter_fn(unwrap_state_dict(source), model)
     result = model.load_state_dict(state, strict=False)
     hat = set(model.hat_keys())
     missing = [k for k in result.missing_keys if k not in hat]
@@ -352,7 +317,7 @@ def load_swin_weights(model: HatSwinTransformer, checkpoint: str | Path | Mappin
     return new
 
 
-def create_hat_swin(name: str, pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
+def _create_hat_swin(name: str, pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
     """Build ``name`` (a key of SWIN_VARIANTS) with overrides through timm's ``build_model_with_cfg``.
 
     ``pretrained`` loads timm's weights of the plain Swin (``pretrained_cfg_overlay=dict(file=...)``
@@ -368,35 +333,35 @@ def create_hat_swin(name: str, pretrained: bool = False, **kwargs: Any) -> HatSw
     if pretrained and hat_on:
         warnings.warn(f"{name}: timm's {timm_name} weights loaded; HAT weights are new: "
                       + ", ".join(model.hat_keys()), stacklevel=2)
-    model.pretrained_cfg = dict(model.pretrained_cfg, architecture=name)
+    model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=name)
     return model
 
 
 @register_model
 def hat_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
     """Swin-T with HAT per stage (timm's swin_tiny_patch4_window7_224 when HAT is off)."""
-    return create_hat_swin("hat_swin_tiny_patch4_window7_224", pretrained, **kwargs)
+    return _create_hat_swin("hat_swin_tiny_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def hat_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
     """Swin-S with HAT per stage."""
-    return create_hat_swin("hat_swin_small_patch4_window7_224", pretrained, **kwargs)
+    return _create_hat_swin("hat_swin_small_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def hat_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
     """Swin-B (224 px) with HAT per stage."""
-    return create_hat_swin("hat_swin_base_patch4_window7_224", pretrained, **kwargs)
+    return _create_hat_swin("hat_swin_base_patch4_window7_224", pretrained, **kwargs)
 
 
 @register_model
 def hat_swin_base_patch4_window12_384(pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
     """Swin-B (384 px) with HAT per stage."""
-    return create_hat_swin("hat_swin_base_patch4_window12_384", pretrained, **kwargs)
+    return _create_hat_swin("hat_swin_base_patch4_window12_384", pretrained, **kwargs)
 
 
 @register_model
 def hat_swin_large_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> HatSwinTransformer:
     """Swin-L (224 px) with HAT per stage."""
-    return create_hat_swin("hat_swin_large_patch4_window7_224", pretrained, **kwargs)
+    return _create_hat_swin("hat_swin_large_patch4_window7_224", pretrained, **kwargs)

@@ -164,15 +164,12 @@ def resolved_arch(arch: Any) -> dict[str, Any]:
         arch = {"name": arch}
     if not isinstance(arch, Mapping):
         return {}
-    from fvlab.models.registry import arch_defaults
+    from fvlab.models.factory import effective_arch
 
-    defaults = arch_defaults(str(arch.get("name")) if arch.get("name") else None)
-    settings = {}
-    for key, value in arch.items():
-        if key in ("checkpoint_path", "class_path", "init_args"):
-            continue
-        settings[key] = _fmt_setting(defaults.get(key) if value is None else value)
-    return settings
+    if arch.get("name"):
+        arch = {**arch, "name": str(arch["name"])}
+    return {key: _fmt_setting(value) for key, value in effective_arch(arch).items()
+            if key not in ("checkpoint_path", "class_path", "init_args")}
 
 
 def read_run(path: Path, *, events: bool = True) -> Run:

@@ -94,7 +94,7 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     effective = copy.deepcopy(spec.config)
     model = effective.get("model")
     if isinstance(model, dict) and isinstance(model.get("arch"), dict):
-        from fvlab.models.config import effective_arch
+        from fvlab.models.factory import effective_arch
 
         model["arch"] = effective_arch(model["arch"])  # unset fields: the values the model is built with
     sweep.reference = reference_params(sweep.space, effective)

@@ -26,9 +26,10 @@ import torch
 from optuna.trial import TrialState
 
 from fvlab.experiment import apply_overrides
-from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs, network_identity
+from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, MOMENT_METRICS
+from fvlab.sweep.canonical import canonical_arch, network_identity
 from fvlab.sweep.pareto import SCALE_ATTR
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
@@ -49,7 +50,7 @@ DUPLICATE_POLL_S = 2.0  # how often a duplicate of a running trial looks whether
 
 def canonical_key(spec: RunSpec) -> str:
     """Hash of what a run trains: its resolved config, the architecture in the model's own normal
-    form (its ``canonical_arch``: FasterViT's, hat_swin's) at the data's image size, run names left out. Equal keys
+    form (``canonical.canonical_arch``: FasterViT's, hat_swin's) at the data's image size, run names left out. Equal keys
     train the same model the same way.
 
     At the image size: settings the network ignores there count for nothing, e.g. ``ct_size`` and
@@ -64,11 +65,9 @@ def canonical_key(spec: RunSpec) -> str:
         config.pop(key, None)
     model = config.get("model")
     if isinstance(model, dict) and isinstance(model.get("arch"), dict):
-        network = spec.model.model
-        image_size = getattr(spec.datamodule, "image_size", None)
+        form = canonical_arch(spec.model.model, getattr(spec.datamodule, "image_size", None))
         model["arch"] = {"checkpoint_path": model["arch"].get("checkpoint_path"),
-                         **(network.canonical_arch(image_size) if hasattr(network, "canonical_arch")
-                            else model["arch"])}
+                         **(form if form is not None else model["arch"])}
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

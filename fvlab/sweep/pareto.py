@@ -151,8 +151,9 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
     (each distinct architecture once); stored in the study, and reused while the members are the same."""
     import torch
 
-    from fvlab.lit.measure import Target, identity_key, measure_specs, network_identity
+    from fvlab.lit.measure import Target, identity_key, measure_specs
     from fvlab.lit.runner import build_run, release_memory
+    from fvlab.sweep.canonical import network_identity
     from fvlab.sweep.confirm import trial_config
 
     numbers = sorted(t.number for t in members)
