@@ -204,7 +204,8 @@ class _Worker:
     sweep: SweepSpec
     study: optuna.Study
     storage: BaseStorage
-    objective: Callable[[optuna.Trial], Any] | None = None
+    locked: Callable[[], contextlib.AbstractContextManager[None]]  # the study's budget lock
+    objective: Callable[[optuna.Trial], Any]
     trial: optuna.Trial | None = None  # the trial running now
     interrupted: bool = False  # an interrupt left the objective of ``trial``
 
@@ -212,13 +213,6 @@ class _Worker:
     def prefix(self) -> str:
         """What starts each line this worker prints."""
         return _prefix(self.settings)
-
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        """The study's budget lock."""
-        from fvlab.sweep.storage import budget_lock
-
-        s = self.settings
-        return budget_lock(self.storage, s.storage, Path(s.journal), s.study_name)
 
     def run(self) -> None:
         """Run trials until the budget is spent or the deadline passes."""
@@ -310,21 +304,24 @@ def _open_worker(settings: WorkerSettings) -> _Worker:
     from fvlab.sweep.objective import ArchitectureProfiler
     from fvlab.sweep.oneshot import objective_for
     from fvlab.sweep.space import load_sweep
-    from fvlab.sweep.storage import open_storage, recover_dead_trials
+    from fvlab.sweep.storage import budget_lock, open_storage, recover_dead_trials
 
     sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials)
     base = load_experiment(sweep.experiment).base_config()
     storage = open_storage(settings.storage, Path(settings.journal))
     study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(sweep))
-    worker = _Worker(settings, sweep, study, storage)
-    with worker.locked():
+
+    def locked() -> contextlib.AbstractContextManager[None]:
+        return budget_lock(storage, settings.storage, Path(settings.journal), settings.study_name)
+
+    with locked():
         index = claim_worker_index(study)
     study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
     profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
-                                    throughput=sweep.uses_throughput(), locked=worker.locked)
-    worker.objective = objective_for(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
-                                     locked=worker.locked, recover=lambda: recover_dead_trials(study, storage))
-    return worker
+                                    throughput=sweep.uses_throughput(), locked=locked)
+    objective = objective_for(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
+                              locked=locked, recover=lambda: recover_dead_trials(study, storage))
+    return _Worker(settings, sweep, study, storage, locked, objective)
 
 
 def run_worker(settings: WorkerSettings) -> int:
