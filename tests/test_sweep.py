@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -360,15 +361,59 @@ def test_infeasible_trial_is_never_trained_and_unbuildable_is_pruned(tmp_path: P
 
 def _seed_training_first(choices: list, first) -> int:
     """A sampler seed whose grid order (as the worker derives it) proposes ``first`` first."""
-    from fvlab.sweep.workers import worker_seed
+    from fvlab.sweep.workers import GridSampler, worker_seed
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     for seed in range(100):
-        sampler = optuna.samplers.GridSampler({"model.lr": choices}, seed=worker_seed(seed, 0))
-        trial = optuna.create_study(sampler=sampler).ask()
-        if trial.suggest_categorical("model.lr", choices) == first:
+        if GridSampler({"model.lr": choices}, seed=worker_seed(seed, 0)).points[0]["model.lr"] == first:
             return seed
     raise AssertionError("no seed found")
+
+
+def test_grid_sampler_order_is_seeded_and_workers_share_the_grid(tmp_path: Path) -> None:
+    from fvlab.sweep.storage import open_storage
+    from fvlab.sweep.workers import GridSampler
+
+    steps = [0.1 + i * 0.1 for i in range(3)]  # a stepped range as the space lists it: 0.1 + 2 * 0.1 != 0.3
+    space = {"b": [1, 2], "a": steps}
+    assert GridSampler(space, seed=5).points == GridSampler(space, seed=5).points  # a seed repeats its order
+    assert len({str(GridSampler(space, seed=s).points) for s in range(5)}) > 1
+    every = [(a, b) for a in steps for b in (1, 2)]
+    assert sorted((p["a"], p["b"]) for p in GridSampler(space, seed=5).points) == every
+    storage = open_storage(None, tmp_path / "study.journal")
+    optuna.create_study(study_name="grid", storage=storage).enqueue_trial({"a": 0.3, "b": 2})  # the reference
+    workers = [optuna.load_study(study_name="grid", storage=storage, sampler=GridSampler(space, seed=s))
+               for s in (1, 2)]
+    for number in range(6):  # as the workers do: queue a point (none waiting), ask, draw its parameters
+        study = workers[number % 2]
+        if not any(t.state == TrialState.WAITING for t in study.get_trials()):
+            study.sampler.enqueue_next(study)
+        trial = study.ask()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 0.1 + 2 * 0.1 lies a rounding error above the range
+            trial.suggest_float("a", 0.1, 0.3, step=0.1)
+        trial.suggest_int("b", 1, 2)
+        if number == 2:
+            study.tell(trial, 1.0)  # finished or running, a point is held
+    points = {(round(t.params["a"], 9), t.params["b"]) for t in workers[0].get_trials()}
+    assert len(workers[0].get_trials()) == 6 and len(points) == 6
+    with pytest.raises(RuntimeError, match="queued with their point"):
+        workers[0].ask().suggest_int("b", 1, 2)
+
+
+def test_a_grid_is_visited_once_over_reruns(tmp_path: Path) -> None:
+    # Six points, each pruned before training. Every rerun's worker draws another seed (its index in
+    # the study), and so another order: it must still take only points that no trial holds.
+    space = {"model.arch.ct_size": {"choices": [1, 2]}, "model.lr": {"choices": [1.0e-3, 3.0e-3, 1.0e-2]}}
+    sweep = write_sweep(tmp_path, study="grid", n_trials=None,
+                        **{**UNTRAINED, "space": space, "sampler": {"name": "grid", "seed": 0}})
+    for n_trials in (2, 4, 6):
+        assert run_sweep(tmp_path, sweep, "--n-trials", str(n_trials)) == 0
+    study = journal_study(tmp_path / "runs" / "grid" / "study.journal", "grid")
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.PRUNED for t in trials)
+    assert trials[0].user_attrs["reference"] and trials[0].params["model.lr"] == 3.0e-3
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert study.user_attrs["fvlab_workers_started"] == 3
 
 
 def test_pruning_stops_a_bad_trial_early(tmp_path: Path) -> None:
@@ -455,7 +500,7 @@ def test_kill_9_then_rerun_resumes_in_its_own_run_directory(tmp_path: Path, stor
     trials = assert_budget_spent(load_study(tmp_path, "killed", storage), 3)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [t.number for t in failed] == [1] and "ended while running it" in failed[0].user_attrs["fail_reason"]
-    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
+    retry = next(t for t in trials if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 1)
     assert retry.state == TrialState.COMPLETE and retry.params == failed[0].params
     # Its own directory, continued from the killed attempt's last.ckpt (not started over).
     assert retry.user_attrs["run_name"] == f"trial_{retry.number:04d}" != "trial_0001"
@@ -566,6 +611,41 @@ def test_a_single_fixed_seed_worker_reproduces_its_search(tmp_path: Path) -> Non
         assert run_sweep(tmp_path, sweep, "--study-name", name) == 0
         searches.append([t.params for t in load_study(tmp_path, name, None).get_trials()])
     assert searches[0] == searches[1] and len({str(p) for p in searches[0]}) == 2
+
+
+def test_a_worker_beats_while_its_trial_runs_and_a_silent_one_is_retried(tmp_path: Path, postgres_url: str,
+                                                                      monkeypatch) -> None:
+    # Another machine's view: only the heartbeat (1 s, 2 s grace here) tells a live trial from a dead one.
+    from fvlab.sweep import storage as storages
+
+    for name, value in (("HEARTBEAT_INTERVAL", 1), ("GRACE_PERIOD", 2)):
+        monkeypatch.setattr(storages, name, value)
+    sweep = write_sweep(tmp_path, study="beats", n_trials=2, space=LR_ONLY, objectives={"val/acc1_best": "maximize"},
+                        overrides={"trainer.max_epochs": 50, "trainer.limit_train_batches": 2})
+    code = ("import sys; from fvlab.sweep import storage; storage.HEARTBEAT_INTERVAL, storage.GRACE_PERIOD = 1, 2; "
+            "from fvlab.cli import main; sys.exit(main(sys.argv[1:]))")
+    process = subprocess.Popen([sys.executable, "-c", code, "sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"),
+                                "--storage", postgres_url], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        checkpoint = tmp_path / "runs" / "beats" / "trial_0000" / "checkpoints" / "last.ckpt"
+        deadline = time.time() + 240
+        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+        study = optuna.load_study(study_name="beats", storage=storages.open_storage(postgres_url, tmp_path / "x"))
+        time.sleep(3)  # longer than the grace period: only its heartbeat keeps the trial alive
+        optuna.storages.fail_stale_trials(study)
+        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+    finally:
+        process.kill()  # no Ctrl-C, no goodbye: a machine that went away
+        process.communicate()
+    time.sleep(3)
+    optuna.storages.fail_stale_trials(study)  # as another machine's worker does before each trial
+    dead, retry = study.get_trials()
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.WAITING and retry.params == dead.params
+    assert retry.user_attrs["resume_from"] == [dead.user_attrs["run_dir"]]  # continues from its checkpoint
+    assert "fvlab_process" not in retry.user_attrs
 
 
 def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> None:

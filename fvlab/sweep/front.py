@@ -1,8 +1,8 @@
 """Pareto fronts with directions: non-dominated sorting, crowding distance and hypervolume.
 
 Plain NumPy on small arrays (a study has tens to hundreds of trials), so the rung decisions,
-the Pareto table and the benchmarks can use it without Optuna's private helpers
-(``optuna._hypervolume`` and ``optuna.study._multi_objective`` are not public API).
+the Pareto table and the benchmarks can use it: Optuna's hypervolume and non-dominated sorting
+are not public API.
 Values are given as the objectives report them, with a direction per objective
 (``"maximize"`` or ``"minimize"``); internally everything is turned into losses to minimise.
 A NaN (a diverged accuracy, a failed measurement) is the worst possible value.

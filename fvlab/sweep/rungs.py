@@ -38,17 +38,11 @@ MO-ASHA:
   like any trial, so they count in every decision, but it is never stopped: every front is read
   against it.
 
-What the samplers learn from stopped trials (Optuna 5.0):
-
-- One objective: the callback also reports the objective at every validation, so TPE ranks a
-  pruned trial by its last intermediate value (deeper trials first) when it splits trials into
-  good and bad, exactly as with Optuna's own pruners.
-- Several objectives, TPE: pruned trials count in the "above" (bad) group with their parameters,
-  after every complete trial (they have no values, and intermediate values cannot exist in a
-  multi-objective study), so TPE learns to move away from the settings that were stopped.
-- NSGA-II and GP: they read COMPLETE trials only; a stopped trial teaches them nothing, it only
-  spends budget (NSGA-II's generations fill with complete trials, so they fill more slowly).
-- Random and grid do not learn; grid counts a stopped point as visited.
+What the samplers learn from a stopped trial: with one objective the callback also reports it
+at every validation, so TPE ranks a pruned trial by its last intermediate value; with several,
+TPE counts pruned trials among the bad ones (intermediate values cannot exist in a
+multi-objective study). NSGA-II and GP read complete trials only, and grid counts a stopped
+point as visited.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -39,8 +39,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = ["open_storage", "storage_label", "budget_lock", "process_tag", "process_alive",
-           "recover_dead_trials", "retry_trial", "retrying", "RetryAttempt", "HEARTBEAT_INTERVAL",
-           "GRACE_PERIOD", "SQLITE_TIMEOUT", "MAX_RETRIES", "KILLED"]
+           "recover_dead_trials", "retry_trial", "retry_history", "retried_numbers", "retrying", "RetryAttempt",
+           "HEARTBEAT_INTERVAL", "GRACE_PERIOD", "SQLITE_TIMEOUT", "MAX_RETRIES", "KILLED"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +77,7 @@ class RetryAttempt(RetryHeartbeatStaleTrialCallback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
+        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Enqueue ``trial`` again (unless its retries are spent), without its attempt's attributes."""
@@ -85,9 +86,23 @@ class RetryAttempt(RetryHeartbeatStaleTrialCallback):
         earlier = [attrs["run_dir"]] if attrs.get("run_dir") else []
         attrs["resume_from"] = earlier + [d for d in attrs.get("resume_from") or [] if d not in earlier]
         attempt.user_attrs = {k: v for k, v in attrs.items() if k not in _ATTEMPT_ATTRS}
-        if self._max_retry is not None and len(trial.system_attrs.get("retry_history", [])) >= self._max_retry:
-            log.warning("trial %d failed and is not retried: %d retries spent", trial.number, self._max_retry)
+        if self.max_retry is not None and len(retry_history(trial)) >= self.max_retry:
+            log.warning("trial %d failed and is not retried: %d retries spent", trial.number, self.max_retry)
         super().__call__(study, attempt)
+
+
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """Numbers of the earlier attempts that ``trial`` retries, the first attempt first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return list(RetryHeartbeatStaleTrialCallback.retry_history(trial))
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that were queued again (each counts once, as its retry)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
 _RACES = ("already exists", "duplicate", "deadlock", "could not serialize")
@@ -246,24 +261,28 @@ def recover_dead_trials(study: optuna.Study, storage: BaseStorage) -> list[tuple
     recovered = []
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
+    study_id = None
     for trial in trials:
         tag = trial.user_attrs.get("fvlab_process")
         if trial.state != TrialState.RUNNING or not isinstance(tag, dict) or tag.get("host") != host \
                 or process_alive(tag):
             continue
         # Interrupted attempts (Ctrl-C) do not count: only kills, the OOM killer's signature.
-        killed = 1 + sum(1 for n in trial.system_attrs.get("retry_history", [])
+        killed = 1 + sum(1 for n in retry_history(trial)
                          if str(by_number[n].user_attrs.get("fail_reason") or "").startswith(KILLED))
         reason = f"{KILLED} {tag.get('pid')} ended while running it (killed?)"
         if killed > MAX_RETRIES:
             reason += (f"; not retried: killed {killed} times ({MAX_RETRIES} retries at most; out of memory? "
                        f"see dmesg)")
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if study_id is None:
+            study_id = storage.get_study_id_from_name(study.study_name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:  # another process's trial: written through the storage, as fail_stale_trials does
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except Exception:  # another worker recovered it first
             continue
         if killed <= MAX_RETRIES:
-            retry_trial(study, storage.get_trial(trial._trial_id))
+            retry_trial(study, storage.get_trial(trial_id))
         recovered.append((trial.number, killed <= MAX_RETRIES))
     return recovered

@@ -3,9 +3,9 @@
 ``n_trials`` is a total over every rerun, worker and machine: before each trial a worker
 takes the study's budget lock, recovers trials whose process died, counts the trials that are
 finished, running or waiting (a failed trial that was enqueued again counts once, as its
-retry) and asks for a new trial (``study.ask()``) only while the count is below the budget;
-the trial carries its process tag before the lock is released, runs, and is told its result
-(``study.tell()``). Each worker claims an index in the study, in start order, and seeds its
+retry) and runs one more trial (``study.optimize(n_trials=1)``) only while the count is below
+the budget; the trial carries its process tag and its parameters before the lock is released.
+Each worker claims an index in the study, in start order, and seeds its
 sampler from ``sampler.seed`` and that index: workers propose different configurations, and a
 single worker with a fixed seed repeats its search. ``--workers K``
 spawns K processes (not forked: CUDA and OpenMP do not survive a fork), each with its own
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import multiprocessing
 import os
@@ -25,17 +26,17 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.trial import TrialState
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.sweep.space import PRUNER_CLASSES, SAMPLER_CLASSES, SweepSpec
 
-__all__ = ["WorkerSettings", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
+__all__ = ["WorkerSettings", "GridSampler", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
            "worker_seed", "worker_threads", "claim_worker_index", "EXIT_INTERRUPTED", "WORKERS_ATTR"]
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ class WorkerSettings:
 
 def count_budget(study: optuna.Study) -> tuple[int, int]:
     """(trials that count towards n_trials, trials waiting to run)."""
+    from fvlab.sweep.storage import retried_numbers
+
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = retried_numbers(trials)
     counted = sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     return counted, waiting
@@ -91,32 +94,52 @@ def claim_worker_index(study: optuna.Study) -> int:
     return index
 
 
-class _GridSampler(optuna.samplers.GridSampler):
-    # GridSampler stops study.optimize() when the grid is spent, and raises outside it; the
-    # workers' budget (n_trials capped at the grid's size) already ends the search.
-    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Any) -> None:
-        """Nothing: the budget, not the sampler, ends the search."""
+class GridSampler(optuna.samplers.BaseSampler):
+    """Every combination of a discrete space once, in an order seeded per worker.
 
-    def before_trial(self, study: optuna.Study, trial: Any) -> None:
-        """Give the trial an unvisited grid point; an enqueued trial (the reference) counts as its own.
+    Optuna's GridSampler numbers the points of its own shuffle, so workers with different seeds
+    (every worker, every rerun) would read each other's points wrong; this one names a point by
+    its values. The worker queues each trial's point (:meth:`enqueue_next`) under the budget lock
+    and draws the trial's parameters before releasing it, so the next worker sees the point as
+    taken. A trial already queued (the reference, a retry) is asked before a new point is queued,
+    and keeps its own parameters.
+    """
 
-        Optuna's GridSampler leaves enqueued trials off the grid and hands trial k the k-th point,
-        which assumes no enqueued trial: with the reference as trial 0, a grid of n points would
-        then need n + 1 trials and visit the reference's point twice.
-        """
-        if "grid_id" in trial.system_attrs:
-            return
-        storage = study._storage
-        fixed = trial.system_attrs.get("fixed_params")
-        if fixed is not None:
-            point = tuple(fixed.get(name) for name in self._param_names)
-            if point in self._all_grids:
-                storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-                storage.set_trial_system_attr(trial._trial_id, "grid_id", self._all_grids.index(point))
-            return
-        targets = self._get_unvisited_grid_ids(study) or list(range(len(self._all_grids)))
-        storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        storage.set_trial_system_attr(trial._trial_id, "grid_id", int(self._rng.rng.choice(sorted(targets))))
+    def __init__(self, search_space: Mapping[str, Sequence[Any]], seed: int | None = None):
+        self._names = sorted(search_space)
+        combos = list(itertools.product(*(list(search_space[name]) for name in self._names)))
+        order = np.random.default_rng(seed).permutation(len(combos))
+        self.points = [dict(zip(self._names, combos[i])) for i in order]
+
+    def _key(self, params: Mapping[str, Any]) -> tuple | None:
+        if any(name not in params for name in self._names):
+            return None
+        # Floats of a stepped range compare by value (0.1 + 2 * 0.1 is not 0.3).
+        return tuple(float(f"{v:.12g}") if isinstance(v, float) else v for v in (params[n] for n in self._names))
+
+    def next_point(self, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
+        """The first point of this sampler's order that no trial holds (the first one when all are held)."""
+        taken = {self._key(t.params) for t in trials}
+        return dict(next((p for p in self.points if self._key(p) not in taken), self.points[0]))
+
+    def enqueue_next(self, study: optuna.Study) -> None:
+        """Queue a trial at the next point; call under the budget lock, with no trial waiting."""
+        study.enqueue_trial(self.next_point(study.get_trials(deepcopy=False)))
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        """Nothing: every trial of a grid search is queued with its parameters."""
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        """Nothing: every trial of a grid search is queued with its parameters."""
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        """Never called for a queued trial; a trial asked without one has no point."""
+        raise RuntimeError(f"trial {trial.number}: {param_name} is not set; a grid search's trials are queued "
+                           f"with their point (GridSampler.enqueue_next) before they are asked")
 
 
 def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
@@ -129,7 +152,7 @@ def make_sampler(sweep: SweepSpec, seed: int, parallel: bool) -> optuna.samplers
             options.setdefault("multivariate", True)
             options.setdefault("constant_liar", parallel)
         if sweep.sampler == "grid":
-            return _GridSampler(sweep.grid_search_space(), seed=seed, **options)
+            return GridSampler(sweep.grid_search_space(), seed=seed, **options)
         return cls(seed=seed, **options)
 
 
@@ -153,7 +176,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix: str) -> str:
-    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    trial = _frozen(study, number)
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
         what = " ".join(f"{m}={v:.4g}" for m, v in zip(objectives, trial.values))
@@ -166,27 +189,141 @@ def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix:
     return f"{prefix}trial {number} ({attrs.get('run_name', '?')}): {what}"
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, objective: Any) -> None:
-    """Run the objective on an asked trial and tell the study how it ended."""
-    from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize() runs around a trial
+def _prefix(settings: WorkerSettings) -> str:
+    return f"[{settings.study_name}{f' w{settings.worker}' if settings.workers > 1 else ''}] "
 
-    from fvlab.sweep.objective import TrialFailed
 
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+def _frozen(study: optuna.Study, number: int) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+@dataclass
+class _Worker:
+    """One worker's study, objective and budget; :meth:`run` runs its trials."""
+
+    settings: WorkerSettings
+    sweep: SweepSpec
+    study: optuna.Study
+    storage: BaseStorage
+    locked: Callable[[], contextlib.AbstractContextManager[None]]  # the study's budget lock
+    objective: Callable[[optuna.Trial], Any]
+    trial: optuna.Trial | None = None  # the trial running now
+    interrupted: bool = False  # an interrupt left the objective of ``trial``
+
+    @property
+    def prefix(self) -> str:
+        """What starts each line this worker prints."""
+        return _prefix(self.settings)
+
+    def run(self) -> None:
+        """Run trials until the budget is spent or the deadline passes."""
+        from fvlab.sweep.objective import TrialFailed
+
+        while True:
+            if self.settings.deadline is not None and time.time() >= self.settings.deadline:
+                print(f"{self.prefix}--timeout reached; no new trials", flush=True)
+                return
+            with contextlib.ExitStack() as held:
+                held.enter_context(self.locked())
+                if not self._room_for_a_trial():
+                    return
+                # optimize() asks under the lock, beats the trial's heartbeat (PostgreSQL) and tells
+                # it its end: PRUNED, FAIL (TrialFailed: the reason is in its user_attrs) or COMPLETE.
+                self.study.optimize(lambda trial: self._run_trial(trial, held), n_trials=1, catch=(TrialFailed,))
+            gc.collect()
+            print(_trial_line(self.study, self.trial.number, list(self.sweep.objectives), self.prefix), flush=True)
+            self.trial = None
+
+    def _room_for_a_trial(self) -> bool:
+        """Under the lock: recover dead trials; whether the budget has room (a grid point is then queued)."""
+        from fvlab.sweep.storage import recover_dead_trials
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)  # PostgreSQL: trials of machines that stopped beating
+        for number, retried in recover_dead_trials(self.study, self.storage):
+            print(f"{self.prefix}trial {number}: its process is gone; failed"
+                  + (" and queued again" if retried else ", not retried (killed too often)"), flush=True)
+        counted, waiting = count_budget(self.study)
+        budget = self.settings.n_trials
+        if not waiting and budget is not None and counted >= budget:
+            return False
+        if not waiting and isinstance(self.study.sampler, GridSampler):  # a queued retry goes first
+            self.study.sampler.enqueue_next(self.study)
+        return True
+
+    def _run_trial(self, trial: optuna.Trial, held: contextlib.ExitStack) -> Any:
+        """The objective as optimize() calls it, on the trial it asked while the lock is ``held``."""
+        from fvlab.sweep.objective import TrialFailed
+        from fvlab.sweep.storage import process_tag
+
+        self.trial = trial
         try:
-            values = objective(trial)
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            return
-        except TrialFailed:  # its reason is in the trial's user_attrs
-            study.tell(trial, state=TrialState.FAIL)
-            return
+            # Before the lock goes: another worker must not take this trial for a dead one, and
+            # sees its parameters (the grid's point, TPE's constant liar).
+            trial.set_user_attr("fvlab_process", process_tag())
+            for param in self.sweep.space.values():
+                param.suggest(trial)
+            held.close()
+            return self.objective(trial)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            if trial.user_attrs.get("fail_reason") is None:
+                trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except (optuna.TrialPruned, TrialFailed):
+            raise
         except Exception as err:
             if trial.user_attrs.get("fail_reason") is None:
                 trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
-            study.tell(trial, state=TrialState.FAIL)
             raise
-    study.tell(trial, values)
+
+    def stop(self) -> int:
+        """After an interrupt: the running trial failed (interrupted) and queued again; the exit code."""
+        from fvlab.sweep.storage import retry_trial
+
+        if self.trial is None:
+            print(f"{self.prefix}interrupted between trials", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        trial, frozen = self.trial, _frozen(self.study, self.trial.number)
+        if frozen.state == TrialState.RUNNING:  # interrupted before optimize() told it
+            if frozen.user_attrs.get("fail_reason") is None:
+                trial.set_user_attr("fail_reason", "interrupted")
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif not (frozen.state == TrialState.FAIL and self.interrupted):  # it had ended
+            print(f"{self.prefix}interrupted between trials", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        retry_trial(self.study, _frozen(self.study, trial.number))
+        print(f"{self.prefix}interrupted: trial {trial.number} recorded as failed (interrupted) and "
+              f"queued again; rerun the same command to resume", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _open_worker(settings: WorkerSettings) -> _Worker:
+    """Load the study, claim a worker index, seed the sampler and build the objective."""
+    from fvlab.experiment import apply_overrides, load_experiment
+    from fvlab.sweep.objective import ArchitectureProfiler
+    from fvlab.sweep.oneshot import objective_for
+    from fvlab.sweep.space import load_sweep
+    from fvlab.sweep.storage import budget_lock, open_storage, recover_dead_trials
+
+    sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials,
+                       overrides=settings.overrides)
+    base = load_experiment(sweep.experiment).base_config()
+    storage = open_storage(settings.storage, Path(settings.journal))
+    study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(sweep))
+
+    def locked() -> contextlib.AbstractContextManager[None]:
+        return budget_lock(storage, settings.storage, Path(settings.journal), settings.study_name)
+
+    with locked():
+        index = claim_worker_index(study)
+    study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
+    profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
+                                    throughput=sweep.uses_throughput(), locked=locked)
+    objective = objective_for(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
+                              locked=locked, recover=lambda: recover_dead_trials(study, storage))
+    return _Worker(settings, sweep, study, storage, locked, objective)
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -198,79 +335,24 @@ def run_worker(settings: WorkerSettings) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.cuda_device
     import torch
 
-    from fvlab.experiment import apply_overrides, load_experiment
-    from fvlab.sweep.objective import ArchitectureProfiler
-    from fvlab.sweep.oneshot import objective_for
-    from fvlab.sweep.space import load_sweep
-    from fvlab.sweep.storage import (budget_lock, open_storage, process_tag, recover_dead_trials,
-                                     retry_trial)
-
     if settings.threads:
         torch.set_num_threads(settings.threads)
     # SIGTERM's default (or Lightning's, outside fit) would end the process with the trial RUNNING.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    prefix = f"[{settings.study_name}{f' w{settings.worker}' if settings.workers > 1 else ''}] "
-    journal = Path(settings.journal)
-    trial: optuna.Trial | None = None
+    verbosity = optuna.logging.get_verbosity()
+    # Each trial's line says how it ended; Optuna would add a traceback for every failed one.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    worker = None
     try:
-        sweep = load_sweep(settings.sweep_path, study_name=settings.study_name, n_trials=settings.n_trials,
-                           overrides=settings.overrides)
-        base = load_experiment(sweep.experiment).base_config()
-        storage = open_storage(settings.storage, journal)
-        study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(sweep))
-
-        def locked() -> contextlib.AbstractContextManager[None]:
-            return budget_lock(storage, settings.storage, journal, settings.study_name)
-
-        with locked():
-            index = claim_worker_index(study)
-        study.sampler = make_sampler(sweep, worker_seed(sweep.seed, index), parallel=True)
-        profiler = ArchitectureProfiler(study, apply_overrides(base, sweep.overrides),
-                                        throughput=sweep.uses_throughput(), locked=locked)
-        objective = objective_for(sweep, base, Path(settings.runs_dir) / settings.study_name, profiler,
-                                  locked=locked, recover=lambda: recover_dead_trials(study, storage))
-        objectives = list(sweep.objectives)
-        budget = settings.n_trials
-        heartbeat = is_heartbeat_enabled(storage)
-        while True:
-            if settings.deadline is not None and time.time() >= settings.deadline:
-                print(f"{prefix}--timeout reached; no new trials", flush=True)
-                break
-            with locked():
-                if heartbeat:  # PostgreSQL: trials of machines that stopped beating
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", ExperimentalWarning)
-                        optuna.storages.fail_stale_trials(study)
-                for number, retried in recover_dead_trials(study, storage):
-                    print(f"{prefix}trial {number}: its process is gone; failed"
-                          + (" and queued again" if retried else ", not retried (killed too often)"), flush=True)
-                counted, waiting = count_budget(study)
-                if not waiting and budget is not None and counted >= budget:
-                    break
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "heartbeat ... with Study.optimize": _tell runs it
-                    trial = study.ask()  # a queued retry first
-                # Before the lock goes: another worker must not take this trial for a dead one.
-                trial.set_user_attr("fvlab_process", process_tag())
-            _tell(study, trial, objective)
-            gc.collect()
-            print(_trial_line(study, trial.number, objectives, prefix), flush=True)
-            trial = None
+        worker = _open_worker(settings)
+        worker.run()
     except KeyboardInterrupt:
-        if trial is None:
-            print(f"{prefix}interrupted between trials", file=sys.stderr, flush=True)
+        if worker is None:
+            print(f"{_prefix(settings)}interrupted between trials", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state == TrialState.RUNNING:
-            if frozen.user_attrs.get("fail_reason") is None:
-                trial.set_user_attr("fail_reason", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            retry_trial(study, study._storage.get_trial(trial._trial_id))
-        print(f"{prefix}interrupted: trial {trial.number} recorded as failed (interrupted) and "
-              f"queued again; rerun the same command to resume", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return worker.stop()
     finally:
+        optuna.logging.set_verbosity(verbosity)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
