@@ -138,7 +138,7 @@ def profile_command(argv: Sequence[str]) -> int:
                         "(default: runs)")
     parser.add_argument("--no-throughput", action="store_true", help="params and GFLOPs only")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    args = _parse_with_overrides(parser, argv)
+    args = _parse_with_overrides(parser, argv, help_when_empty=False)
     trust_checkpoints(args.trust_checkpoint)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
@@ -202,10 +202,12 @@ CONFIG_HELP = ("Any other option is LightningCLI's, merged in order after the ex
 _CLI_OPTIONS = ("config", "print_config", "seed_everything", "name")
 
 
-def _parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+def _parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str],
+                          help_when_empty: bool = True) -> argparse.Namespace:
     """fvlab's own options into a namespace; the rest, LightningCLI's, into ``overrides`` unparsed
-    (LightningCLI parses them, after the experiment's own config)."""
-    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+    (LightningCLI parses them, after the experiment's own config). With no arguments: the help
+    (exit 2), or, where ``help_when_empty`` is off, the command's own check names what is missing."""
+    if (not argv and help_when_empty) or (argv and argv[0] in ("-h", "--help")) or "--help" in argv:
         parser.print_help()
         print(f"\n{CONFIG_HELP}")
         raise SystemExit(0 if argv else EXIT_BAD_INPUT)
@@ -456,7 +458,7 @@ def export_command(argv: Sequence[str]) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where run directories are (default: runs)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help=TRUST_HELP)
-    args = _parse_with_overrides(parser, argv)
+    args = _parse_with_overrides(parser, argv, help_when_empty=False)
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
     if args.arch is not None and (args.variant or args.seed is not None):
