@@ -292,7 +292,7 @@ def fit_command(argv: Sequence[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from fvlab.lit.plan import fit_jobs
-    from fvlab.lit.runner import find_runs
+    from fvlab.runs import find_runs
     from fvlab.report import write_summary
     from fvlab.report.collect import read_run
 
@@ -311,7 +311,7 @@ def fit_command(argv: Sequence[str]) -> int:
         return EXIT_FAILURE if failed else EXIT_OK
     # Every run of the experiment directory, not only this command's: a rerun of one variant's
     # config.yaml keeps the other rows.
-    found = list(find_runs(root))
+    found = find_runs(root)
     results = [read_run(run_dir, events=False).metrics for run_dir in found]
     results += [{"experiment": experiment.name, "variant": job.variant, "seed": job.seed,
                  "status": "not run"} for job in jobs if job.run_dir not in found]

@@ -11,9 +11,7 @@ table never mixes figures of different identities.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import torch
 from fvlab.lit.runner import RunSpec
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
 from fvlab.profile import count_flops, count_params, measure_side_by_side
+from fvlab.runs import stable_hash, write_json
 
 __all__ = ["Target", "device_kind", "arch_identity", "network_identity", "identity_key", "measure_specs", "MeasurementCache",
            "THROUGHPUT_METRICS", "profile_rows", "write_profile_json", "measure_experiment"]
@@ -74,7 +73,7 @@ def network_identity(spec: RunSpec) -> dict[str, Any]:
 
 def identity_key(identity: Mapping[str, Any]) -> str:
     """A short stable hash of an identity."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stable_hash(identity)
 
 
 @dataclass
@@ -194,9 +193,7 @@ class MeasurementCache:
     def save(self) -> None:
         """Write the file atomically (a reader never sees half a file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(self.path)
+        write_json(self.path, self.entries)
 
 
 def profile_rows(specs: Mapping[str, RunSpec | Target], *, batch_sizes: list[int | None],
@@ -239,9 +236,7 @@ def write_profile_json(path: Path, rows: list[dict[str, Any]]) -> None:
     kept = [r for r in old if isinstance(r, dict)
             and (r.get("name"), r.get("batch_size"), r.get("backend")) not in new_keys]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(kept + rows, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_json(path, kept + rows, sort_keys=False)
 
 
 MEASUREMENTS_FILE = "measurements.json"

@@ -16,12 +16,8 @@ The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import hashlib
-import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -31,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -42,20 +38,20 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from fvlab.experiment import CONFIG_HEADER, changed_keys, is_run_dir
+from fvlab.experiment import changed_keys
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
 from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
 from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
+from fvlab.runs import (DISPLAY_KEYS, METRICS_FILE, TEST_FILE, config_hash, is_run_dir, layout_conflict,
+                        read_metrics, trained_config, write_config, write_json)
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "build_run", "profile_run", "plan_run",
-           "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "read_metrics", "find_runs",
-           "release_memory", "config_hash", "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
+           "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "release_memory", "DEFAULT_DATA",
+           "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
-# Settings that change what is shown, not what is trained: left out of the config hash.
-_UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 class BadConfig(ValueError):
@@ -241,22 +237,6 @@ def _one_line(err: BaseException) -> str:
     return text[:2000]
 
 
-def without_display_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a resolved config without the display-only settings (progress bar, model summary)."""
-    config = copy.deepcopy(dict(resolved))
-    for key in _UNHASHED:
-        section, _, name = key.partition(".")
-        if isinstance(config.get(section), dict):
-            config[section].pop(name, None)
-    return config
-
-
-def config_hash(resolved: Mapping[str, Any]) -> str:
-    """A short stable hash of a resolved config, ignoring display-only settings."""
-    text = json.dumps(without_display_keys(resolved), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _resolve_precision(config: dict[str, Any]) -> str | None:
     """Replace ``trainer.precision: auto`` by what this machine runs fast; returns the request."""
     trainer = config.get("trainer")
@@ -345,42 +325,6 @@ def profile_run(spec: RunSpec, throughput: bool = True, batch_size: int | None =
 # ---- run directories -------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """The run's metrics.json, or None when there is none (or it is unreadable)."""
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def find_runs(root: Path) -> Iterator[Path]:
-    """Run directories under an experiment or study directory: ``<variant>/`` and ``<variant>/seed_<s>/``."""
-    root = Path(root)
-    if not root.is_dir():
-        return
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
-        if is_run_dir(child):
-            yield child
-        else:
-            yield from (grand for grand in sorted(child.iterdir())
-                        if grand.is_dir() and grand.name.startswith("seed_") and is_run_dir(grand))
-
-
-def _layout_conflict(run_dir: Path) -> str:
-    """Why seeded and unseeded runs of one variant would nest inside each other, or ''."""
-    seeded = run_dir.name.startswith("seed_")
-    if seeded and run_dir.parent.is_dir() and is_run_dir(run_dir.parent):
-        return (f"{run_dir.parent} holds a run without seeds; runs with seeds would nest inside it. "
-                f"Move it away, or use another --runs-dir")
-    if not seeded and run_dir.is_dir() and any(child.name.startswith("seed_") and is_run_dir(child)
-                                               for child in run_dir.iterdir()):
-        return (f"{run_dir} holds runs with seeds (seed_*/); train it with --seeds, or use "
-                f"another --runs-dir")
-    return ""
-
-
 @dataclass
 class RunPlan:
     """What to do with a run directory: ``skip`` it, start it ``fresh`` or ``resume`` it."""
@@ -390,31 +334,20 @@ class RunPlan:
     note: str = ""
 
 
-def _stored_config(run_dir: Path) -> dict[str, Any] | None:
-    """The resolved config a run directory was trained with (its config.yaml), or None."""
-    try:
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(stored, dict):
-        return None
-    return {k: v for k, v in stored.items() if k not in ("name", "variant", "seeds")}
-
-
 def _stored_hash(run_dir: Path, previous: Mapping[str, Any]) -> str | None:
     # A run killed before it wrote metrics.json still has its config.yaml.
     if previous.get("config_hash"):
         return previous["config_hash"]
-    stored = _stored_config(run_dir)
+    stored = trained_config(run_dir)
     return config_hash(stored) if stored is not None else None
 
 
 def _changes(run_dir: Path, config: Mapping[str, Any] | None) -> tuple[str, list[str]]:
     """`` (changed: a, b)`` naming the keys that differ from the stored config, and the keys."""
-    stored = _stored_config(run_dir) if config is not None else None
+    stored = trained_config(run_dir) if config is not None else None
     if stored is None:
         return "", []
-    keys = changed_keys(stored, dict(config), _UNHASHED)
+    keys = changed_keys(stored, dict(config), DISPLAY_KEYS)
     if not keys:
         return "", []
     return f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})", keys
@@ -431,7 +364,7 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
     restart on --force; refuse anything that would lose work silently (RunRefused)."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    layout = _layout_conflict(run_dir)
+    layout = layout_conflict(run_dir)
     if layout:
         raise RunRefused(layout)
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
@@ -463,24 +396,6 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
               if resume and any(k in ("trainer.max_epochs", "trainer.max_steps") for k in keys) else "")
     raise RunRefused(f"{run_dir} holds {state} run trained with a different config{changed};{why} "
                      f"re-train it with --force{longer}, or keep it and use another --runs-dir")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    # A per-process temporary name: ranks or workers never write into each other's file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
-
-
-def _write_config(spec: RunSpec) -> None:
-    run_dir = spec.run_dir
-    header = (f"{CONFIG_HEADER} of variant '{spec.variant}' of experiment '{spec.experiment}'"
-              f"{f', seed {spec.seed}' if 'seed_' in run_dir.name else ''}.\n"
-              f"# Re-run it in place as it is: fvlab fit {run_dir / 'config.yaml'}\n")
-    head: dict[str, Any] = {"name": spec.experiment, "variant": spec.variant}
-    if run_dir.name.startswith("seed_"):
-        head["seeds"] = [spec.seed]
-    (run_dir / "config.yaml").write_text(header + yaml.safe_dump({**head, **spec.config}, sort_keys=False))
 
 
 def _end_process_group(trainer: pl.Trainer) -> None:
@@ -520,8 +435,8 @@ def write_test_json(run_dir: Path, checkpoint: str, metrics: Mapping[str, Any],
             "images": len(test_set) if test_set is not None else None,
             "metrics": {k: float(metrics[k]) if k in metrics else None for k in TEST_METRICS},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path = Path(run_dir) / "test.json"
-    _write_json(path, data)
+    path = Path(run_dir) / TEST_FILE
+    write_json(path, data)
     return path
 
 
@@ -538,7 +453,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
         if ckpt_path is None and run_dir.exists():
             shutil.rmtree(run_dir)  # a fresh start: plan_run checked that nothing is lost
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(spec)
+        write_config(run_dir, spec.config, experiment=spec.experiment, variant=spec.variant, seed=spec.seed)
     image_size = getattr(spec.datamodule, "image_size", None)
     result: dict[str, Any] = {"experiment": spec.experiment, "variant": spec.variant, "seed": spec.seed,
                               "image_size": image_size, "device": str(spec.device),
@@ -579,7 +494,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     if interrupted:
         result.update(status="failed", error="interrupted; resume with --ckpt_path last")
     if writer and run_dir is not None:
-        _write_json(run_dir / "metrics.json", result)
+        write_json(run_dir / METRICS_FILE, result)
     for logger in trainer.loggers:
         if isinstance(logger, RunLogger):
             logger.close()

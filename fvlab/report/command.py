@@ -20,6 +20,7 @@ from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
 from fvlab.metrics import MODEL_EXTRA_METRICS, TEST_METRICS
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
+from fvlab.runs import CONFIG_FILE, confirm_seeds, is_confirm_run, variant_dir_of
 from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING,
                                 TEST_PRIMARY_METRIC, VariantStats, aggregate, difference_cell, explanation,
                                 holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
@@ -93,17 +94,15 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
         data = collect.read_study(study, source, runs, study_dir)
         used |= {t.run.path.resolve() for t in data.trials if t.run is not None}
         if study_dir is not None:
-            confirm = (Path(study_dir) / "confirm").resolve()
             # The front re-trained over seeds: its own table (below), not an experiment's variants.
-            used |= {r for r in runs if confirm in r.parents}
+            used |= {r for r in runs if is_confirm_run(r, study_dir)}
             data.study_dir = Path(study_dir)
         report.studies.append(data)
     for resolved, run in runs.items():
         if resolved not in used:
             report.experiments.setdefault(run.experiment, []).append(run)
     for name, members in report.experiments.items():
-        experiment_dirs = {(r.path.parent.parent if r.path.name.startswith("seed_") else r.path.parent)
-                           for r in members}
+        experiment_dirs = {variant_dir_of(r.path).parent for r in members}
         order, reference = [], None
         for experiment_dir in sorted(experiment_dirs):
             report.profiles.setdefault(name, []).extend(collect.read_profile(experiment_dir))
@@ -121,7 +120,7 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
 
 def _started(run: Run) -> float:
     try:
-        return (run.path / "config.yaml").stat().st_mtime
+        return (run.path / CONFIG_FILE).stat().st_mtime
     except OSError:
         return float("inf")
 
@@ -367,12 +366,11 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
 
 def _confirmed(data: StudyData) -> str:
     """The confirm table of a study trained with ``confirm: {seeds}`` (empty without confirm runs)."""
-    from fvlab.sweep.confirm import confirm_seeds_on_disk, confirmed_table
+    from fvlab.sweep.confirm import confirmed_table
 
     study_dir = getattr(data, "study_dir", None)
-    if study_dir is None or not (study_dir / "confirm").is_dir():
-        return ""
-    return confirmed_table(data.study, list(data.objective_names), confirm_seeds_on_disk(study_dir), study_dir)
+    seeds = confirm_seeds(study_dir) if study_dir is not None else []
+    return confirmed_table(data.study, list(data.objective_names), seeds, study_dir) if seeds else ""
 
 
 def write_report(report: Report, out: Path) -> str:

@@ -29,6 +29,7 @@ from fvlab.experiment import apply_overrides
 from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs, network_identity
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, MOMENT_METRICS
+from fvlab.runs import stable_hash, trial_dir_name, without_display_keys
 from fvlab.sweep.pareto import SCALE_ATTR
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
@@ -54,11 +55,6 @@ def canonical_key(spec: RunSpec) -> str:
 
     At the image size: settings the network ignores there count for nothing, e.g. ``ct_size`` and
     ``do_propagation`` of a HAT stage whose feature map is one window (no carrier tokens)."""
-    import hashlib
-    import json
-
-    from fvlab.lit.runner import without_display_keys
-
     config = without_display_keys(spec.config)
     for key in ("name", "variant"):
         config.pop(key, None)
@@ -69,8 +65,7 @@ def canonical_key(spec: RunSpec) -> str:
         model["arch"] = {"checkpoint_path": model["arch"].get("checkpoint_path"),
                          **(network.canonical_arch(image_size) if hasattr(network, "canonical_arch")
                             else model["arch"])}
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return stable_hash(config)
 
 
 class TrialFailed(RuntimeError):
@@ -341,7 +336,7 @@ class SweepObjective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
-        run_name = f"trial_{trial.number:04d}"  # every attempt its own: a retry has its own number
+        run_name = trial_dir_name(trial.number)  # every attempt its own: a retry has its own number
         run_dir = self.study_dir / run_name
         trial.set_user_attr("run_name", run_name)
         trial.set_user_attr("run_dir", str(run_dir))

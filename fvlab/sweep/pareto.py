@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.experiment import apply_overrides
 from fvlab.pareto import pareto_optimal
+from fvlab.runs import best_config_path, best_dir, read_config, stale_best_configs, trial_dir_name
 from fvlab.sweep.space import SweepSpec, encode_choice
 
 __all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "write_front", "export_configs",
@@ -120,28 +121,24 @@ def write_front(study_dir: Path, rows: list[dict[str, Any]], title: str, notes: 
 def export_configs(study_dir: Path, trials: list[FrozenTrial], sweep: SweepSpec,
                    base_config: Mapping[str, Any]) -> list[Path]:
     """``best/trial_NNNN.yaml`` per front trial: the trial's resolved config, runnable with ``fvlab fit``."""
-    best = study_dir / "best"
-    best.mkdir(parents=True, exist_ok=True)
+    best_dir(study_dir).mkdir(parents=True, exist_ok=True)
     wanted = set()
     paths = []
     for trial in trials:
-        run_name = trial.user_attrs.get("run_name") or f"trial_{trial.number:04d}"
-        resolved = study_dir / run_name / "config.yaml"
-        if resolved.is_file():
-            config = yaml.safe_load(resolved.read_text())
-        else:  # trained on another machine: rebuild it from the base and the trial's parameters
+        run_name = trial.user_attrs.get("run_name") or trial_dir_name(trial.number)
+        config = read_config(study_dir / run_name)
+        if config is None:  # trained on another machine: rebuild it from the base and the trial's parameters
             config = apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
         config = {**config, "name": f"{sweep.study}_best", "variant": run_name}
         scores = ", ".join(f"{m}={v:.4g}" for m, v in zip(sweep.objectives, trial.values))
-        path = best / f"{run_name}.yaml"
+        path = best_config_path(study_dir, run_name)
         path.write_text(f"# fvlab sweep {sweep.study}, trial {trial.number}: {scores}\n"
                         f"# Train it: fvlab fit {path} (e.g. --trainer.max_epochs 300)\n"
                         + yaml.safe_dump(config, sort_keys=False))
         wanted.add(path.name)
         paths.append(path)
-    for old in best.glob("trial_*.yaml"):
-        if old.name not in wanted:  # left the front since the last export
-            old.unlink()
+    for old in stale_best_configs(study_dir, keep=wanted):  # left the front since the last export
+        old.unlink()
     return paths
 
 
@@ -174,7 +171,7 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
             spec = build_run(trial_config(trial, sweep, base_config, study_dir), None, {"trainer.logger": False})
             key = identity_key(network_identity(spec))
             if key not in name_of_identity:
-                name_of_identity[key] = f"trial_{trial.number:04d}"
+                name_of_identity[key] = trial_dir_name(trial.number)
                 targets[name_of_identity[key]] = Target.of(spec)
                 counts[name_of_identity[key]] = {"model/gflops": trial.user_attrs.get("gflops")}
             name_of[trial.number] = name_of_identity[key]

@@ -9,7 +9,6 @@ list when the trial's config is built.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -25,6 +24,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 
 from fvlab.experiment import changed_keys
 from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
+from fvlab.runs import stable_hash
 from fvlab.sweep.front import PROMOTIONS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
@@ -266,8 +266,7 @@ class SweepSpec:
 
     def identity_hash(self) -> str:
         """Short hash of :meth:`identity`."""
-        text = json.dumps(self.identity(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return stable_hash(self.identity())
 
     def decode(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Optuna's parameter values of a trial -> config overrides (list choices decoded)."""
