@@ -27,9 +27,9 @@ import yaml
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "TEST_FILE", "STUDY_FILE", "CONFIG_HEADER", "RUN_LABELS",
            "DISPLAY_KEYS", "seed_dir_name", "seed_of", "trial_dir_name", "trial_number_of", "run_dir_for",
-           "variant_dir_of", "confirm_dir", "confirm_seeds", "is_confirm_run", "best_dir", "best_config_path", "stale_best_configs",
-           "has_trial_dirs", "is_run_config", "is_run_dir", "find_runs", "find_studies", "layout_conflict",
-           "read_config", "trained_config", "write_config", "read_metrics", "write_json", "stable_hash",
+           "variant_dir_of", "confirm_dir", "confirm_seeds", "is_confirm_run", "best_dir", "best_config_path",
+           "stale_best_configs", "has_trial_dirs", "is_run_config", "is_run_dir", "find_runs", "find_studies",
+           "layout_conflict", "read_config", "trained_config", "write_config", "read_metrics", "write_json", "stable_hash",
            "without_display_keys", "config_hash"]
 
 CONFIG_FILE = "config.yaml"

@@ -41,7 +41,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from fvlab.experiment import changed_keys
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
-from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
+from fvlab.metrics import (FINAL_METRICS, MODEL_METRICS, TEST_METRICS, TRAIN_LOSS_EPOCH, VAL_ACC1,
+                           VAL_ACC1_BEST, VAL_LOSS, is_model_metric)
 from fvlab.models.registry import checkpoints_trusted
 from fvlab.profile import model_metrics
 from fvlab.runs import (DISPLAY_KEYS, METRICS_FILE, TEST_FILE, config_hash, is_run_dir, layout_conflict,
@@ -90,7 +91,7 @@ class FvlabCLI(LightningCLI):
         callbacks = [ModelProfileCallback(), RNGStateCallback(), *self.extra_callbacks]
         if self.run_dir is not None:
             callbacks.append(ModelCheckpoint(
-                dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/acc1",
+                dirpath=self.run_dir / "checkpoints", filename="best", monitor=VAL_ACC1,
                 mode="max", save_last=True, save_top_k=1, auto_insert_metric_name=False))
         if trainer_config.get("enable_progress_bar", True) is not False:
             if sys.stdout.isatty():
@@ -168,8 +169,8 @@ class EpochSummary(pl.Callback):
         if not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
-        parts = [f"{k}={float(m[k]):.4f}" for k in ("train/loss_epoch", "val/loss", "val/acc1",
-                                                     "val/acc1_best") if k in m]
+        parts = [f"{k}={float(m[k]):.4f}" for k in (TRAIN_LOSS_EPOCH, VAL_LOSS, VAL_ACC1,
+                                                     VAL_ACC1_BEST) if k in m]
         print(f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
               f"{' '.join(parts)} ({time.perf_counter() - self.start:.1f}s)", flush=True)
 
@@ -478,7 +479,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     result.update(dict.fromkeys(FINAL_METRICS))  # every metric name is a key, null when never reached
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
     result.update({k: profile.metrics.get(k) for k in MODEL_METRICS})
-    result.update({k: v for k, v in profile.metrics.items() if k.startswith("model/")})  # e.g. speedup
+    result.update({k: v for k, v in profile.metrics.items() if is_model_metric(k)})  # e.g. speedup
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
     if stopper is not None and result["status"] == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))

@@ -19,16 +19,13 @@ from typing import Any, Mapping
 
 from fvlab.runs import (TEST_FILE, find_runs, find_studies, read_config, read_metrics, seed_of, trial_dir_name,
                         variant_dir_of)
-from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, VAL_METRICS
+from fvlab.metrics import MODEL_METRICS, TRAIN_LOSS_EPOCH, TRIAL_ATTRS, VAL_ACC1, VAL_ACC1_BEST, VAL_METRICS
 from fvlab.report.stats import RUNNING
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",
            "variant_order_hint"]
 
-# Optuna user_attrs of fvlab's sweep -> metrics.json names.
-TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "test_acc1": "test/acc1",
-               **{metric.removeprefix("model/"): metric for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}}
 # Where a trial's reason is written: fvlab's sweep (user_attrs) and a failed run's metrics.json ("error").
 _REASON_ATTRS = ("error", "fail_reason", "pruned_reason")
 
@@ -104,7 +101,7 @@ def _event_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in accumulator.Tags().get("scalars", [])}
 
 
-def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/acc1") -> list[tuple[int, float]]:
+def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = VAL_ACC1) -> list[tuple[int, float]]:
     """(epoch starting at 1, value) per validation; the epoch comes from Lightning's ``epoch`` scalar."""
     epoch_at = {step: int(value) for step, value in scalars.get("epoch", [])}
     by_epoch: dict[int, float] = {}
@@ -116,13 +113,13 @@ def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/a
 
 def _latest_figures(scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for tag in (*VAL_METRICS, "train/loss_epoch", *MODEL_METRICS):
+    for tag in (*VAL_METRICS, TRAIN_LOSS_EPOCH, *MODEL_METRICS):
         if scalars.get(tag):
             figures[tag] = scalars[tag][-1][1]
     curve = read_curve(scalars)
     if curve:
         figures["epochs"] = curve[-1][0]
-        figures.setdefault("val/acc1_best", max(v for _, v in curve))
+        figures.setdefault(VAL_ACC1_BEST, max(v for _, v in curve))
     return figures
 
 
@@ -284,7 +281,7 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
         if frozen.values is not None:
             for name, value in zip(names, frozen.values):
                 metrics.setdefault(name, value)
-        for attr, name in TRIAL_ATTRS.items():
+        for name, attr in TRIAL_ATTRS.items():
             if attrs.get(attr) is not None:
                 metrics[name] = attrs[attr]
         state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",

@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
+from fvlab.metrics import MODEL_TRIAL_ATTRS, VAL_ACC1_BEST, is_model_metric, trial_attr
 from fvlab.runs import confirm_dir, read_metrics, trained_config, trial_dir_name
 from fvlab.sweep.space import SweepSpec
 
@@ -34,7 +35,7 @@ __all__ = ["trial_config", "confirm_members", "confirm_front",
 # Fewer confirmed trials than this rank too few pairs for Kendall's tau to say anything
 # (with 3 the only values are -1, -1/3, 1/3 and 1, and every bootstrap interval spans most of them).
 MIN_RANKED = 4
-RANK_METRIC = "val/acc1_best"
+RANK_METRIC = VAL_ACC1_BEST
 
 
 def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
@@ -49,9 +50,7 @@ def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str,
 
 def _model_figures(trial: FrozenTrial) -> dict[str, Any]:
     """The architecture's figures as the search measured them (a re-training does not change them)."""
-    from fvlab.sweep.objective import USER_ATTRS
-
-    return {metric: trial.user_attrs[attr] for metric, attr in USER_ATTRS.items()
+    return {metric: trial.user_attrs[attr] for metric, attr in MODEL_TRIAL_ATTRS.items()
             if trial.user_attrs.get(attr) is not None}
 
 
@@ -108,11 +107,10 @@ def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
     """A ``model/*`` figure as measured (a seed does not change it); throughput with its interval."""
-    attr = metric.removeprefix("model/")
-    value = trial.user_attrs.get(attr)
+    value = trial.user_attrs.get(trial_attr(metric))
     if value is None:
         return "-"
-    lo, hi = trial.user_attrs.get(f"{attr}_lo"), trial.user_attrs.get(f"{attr}_hi")
+    lo, hi = trial.user_attrs.get(trial_attr(f"{metric}_lo")), trial.user_attrs.get(trial_attr(f"{metric}_hi"))
     return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{value:.4g}"
 
 
@@ -124,7 +122,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
     from fvlab.pareto import pareto_optimal
     from fvlab.report.stats import SIGNIFICANT_MARK, holm, paired_difference
 
-    trained = [m for m in objectives if not m.startswith("model/")]
+    trained = [m for m in objectives if not is_model_metric(m)]
     # In a one-shot study the trial's own value is its subnet's, evaluated on the supernet.
     own_label = "supernet" if is_supernet_study(study) else "selecting run"
     reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
@@ -152,7 +150,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
     means = []
     for trial, by_seed in members:
         means.append([statistics.fmean(by_seed[m].values()) if by_seed.get(m) else
-                      (own[trial.number][m] if m.startswith("model/") else math.nan) for m in objectives])
+                      (own[trial.number][m] if is_model_metric(m) else math.nan) for m in objectives])
     stays = pareto_optimal([None if any(math.isnan(v) for v in mean) else mean for mean in means],
                            study.directions)
     rows = []
@@ -161,7 +159,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
         row: dict[str, Any] = {"trial": f"{trial.number}" + (" (reference)" if is_reference else "")}
         row["confirm seeds"] = " ".join(str(s) for s in seeds if any(s in by_seed[m] for m in trained)) or "-"
         for metric in objectives:
-            if metric.startswith("model/"):
+            if is_model_metric(metric):
                 row[metric] = _architecture_cell(trial, metric)
                 continue
             values = list(by_seed[metric].values())
@@ -235,7 +233,7 @@ def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, m
         return ""
     supernet, standalone = [], []
     for trial in confirm_members(study):
-        own = trial.user_attrs.get(metric.replace("/", "_"))
+        own = trial.user_attrs.get(trial_attr(metric))
         values = [m[metric] for m in (_read_metrics(confirm_dir(study_dir, trial.number, s)) for s in seeds)
                   if m is not None and m.get(metric) is not None]
         if own is not None and values:
