@@ -1,13 +1,10 @@
 """The run layout (fvlab.runs): names, finding runs in a tree a real `fvlab fit` wrote, reading and
-writing config.yaml and metrics.json, atomic JSON writes, configuration hashes; fvlab.metrics."""
+writing config.yaml and metrics.json, atomic JSON writes, configuration hashes."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -200,14 +197,3 @@ def test_config_hash_is_the_one_existing_run_directories_hold() -> None:
     assert runs.config_hash({**config, "trainer": {"max_epochs": 3}}) != runs.config_hash(config)
     assert runs.stable_hash({"arch": {"name": "fastervit_micro"}, "image_size": 32}) == "8b2df6720d9e9178"
     assert config["trainer"]["enable_progress_bar"] is False  # the caller's config is left as it was
-
-
-# ---- fvlab.metrics ---------------------------------------------------------------------
-
-
-def test_metric_names_and_the_run_layout_load_without_torch() -> None:
-    code = "import fvlab.metrics, fvlab.runs, sys; assert 'torch' not in sys.modules, 'torch imported'"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                         *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
