@@ -214,7 +214,7 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                                                        *TEST_METRICS)},
                          **{f"{k}_std": v.std.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS,
                                                                *TEST_METRICS)},
-                         "delta/val/acc1_best": d.mean if d else None, "delta_ci_low": d.low if d else None,
+                         f"delta/{PRIMARY_METRIC}": d.mean if d else None, "delta_ci_low": d.low if d else None,
                          "delta_ci_high": d.high if d else None, "delta_n_pairs": d.n if d else None,
                          "delta_p_value": d.p_value if d else None,
                          "delta_significant": mark if d is not None and d.p_value is not None else None,

@@ -382,7 +382,7 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
 
 CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
               *(f for k in SEED_METRICS for f in (k, f"{k}_std")), VAL_ACC5, "test_note",
-              "reference", "delta/val/acc1_best", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
+              "reference", f"delta/{PRIMARY_METRIC}", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
               "delta_excludes_zero", "delta_p_value", "delta_significant", *MODEL_METRICS, *MODEL_EXTRA_METRICS,
               "precision", "epochs", "wall_s", "error"]
 
@@ -406,7 +406,7 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
         for key in SEED_METRICS:
             row[key], row[f"{key}_std"] = v.mean.get(key), v.std.get(key)
         if d is not None:
-            row.update({"delta/val/acc1_best": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
+            row.update({f"delta/{PRIMARY_METRIC}": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
                         "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None,
                         "delta_p_value": d.p_value, "delta_significant": mark if d.p_value is not None else None})
         rows.append(row)
