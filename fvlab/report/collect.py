@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from fvlab.runs import (TEST_FILE, find_runs, find_studies, read_config, read_metrics, seed_of, trial_dir_name,
-                        variant_dir_of)
 from fvlab.metrics import MODEL_METRICS, TRAIN_LOSS_EPOCH, TRIAL_ATTRS, VAL_ACC1, VAL_ACC1_BEST, VAL_METRICS
 from fvlab.report.stats import RUNNING
+from fvlab.runs import (TEST_FILE, find_runs, find_studies, read_config, read_metrics, seed_of, trial_dir_name,
+                        variant_dir_of)
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",

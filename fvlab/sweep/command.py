@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
-from fvlab.runs import STUDY_FILE
+from fvlab.runs import STUDY_FILE, has_trial_dirs, without_display_keys
 from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 __all__ = ["sweep_command", "prepare_sweep"]
@@ -40,7 +40,6 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
 
     from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
     from fvlab.lit.runner import BadConfig, build_run
-    from fvlab.runs import without_display_keys
     from fvlab.lit.measure import device_kind
     from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep, reference_params
 
@@ -112,7 +111,6 @@ def _open_study(args: argparse.Namespace, sweep: Any, kind: str, journal: Path) 
     Under the study's budget lock, so that commands started together create it once and
     every other one finds it with its identity already recorded.
     """
-    from fvlab.runs import has_trial_dirs
     from fvlab.runtime import hide_password, scrub_password
     from fvlab.sweep.space import SweepError
     from fvlab.sweep.storage import budget_lock, open_storage, retrying

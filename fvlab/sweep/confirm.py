@@ -25,12 +25,12 @@ from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
 from fvlab.metrics import MODEL_TRIAL_ATTRS, VAL_ACC1_BEST, is_model_metric, trial_attr
-from fvlab.runs import confirm_dir, read_metrics, trained_config, trial_dir_name
+from fvlab.runs import config_hash, confirm_dir, read_metrics, trained_config, trial_dir_name
 from fvlab.sweep.space import SweepSpec
 
-__all__ = ["trial_config", "confirm_members", "confirm_front",
-           "confirmed_rows", "format_confirmed", "confirmed_table", "is_supernet_study", "rank_agreement",
-           "supernet_agreement", "CONFIRM_LEGEND", "MIN_RANKED"]
+__all__ = ["trial_config", "confirm_members", "confirm_front", "confirmed_rows", "format_confirmed",
+           "confirmed_table", "is_supernet_study", "rank_agreement", "supernet_agreement", "CONFIRM_LEGEND",
+           "MIN_RANKED"]
 
 # Fewer confirmed trials than this rank too few pairs for Kendall's tau to say anything
 # (with 3 the only values are -1, -1/3, 1/3 and 1, and every bootstrap interval spans most of them).
@@ -70,7 +70,6 @@ def confirm_front(study: optuna.Study, sweep: SweepSpec, base_config: Mapping[st
     """Train every front member and the reference with every confirm seed (complete runs skipped);
     True when one failed."""
     from fvlab.lit.runner import BadConfig, RunRefused, build_run, fit_run, plan_run, release_memory
-    from fvlab.runs import config_hash
 
     failed = False
     for trial in confirm_members(study):
