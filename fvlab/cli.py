@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
+from fvlab.metrics import GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, THROUGHPUT
 from fvlab.models.checkpoint import checkpoints_trusted, trust_checkpoints
 from fvlab.runtime import quiet_lightning as _quiet_lightning
 
@@ -103,10 +104,10 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     header = ["model", "resolution", "batch", "params (M)", "GFLOPs", "throughput (img/s) [95%]",
               "speedup [95%]", "latency (ms) [95%]", "backend", "precision", "device"]
     cells = [[row["name"], str(row["image_size"]), str(row.get("batch_size") or "-"),
-              f"{row['model/params_m']:.2f}",
-              f"{row['model/gflops']:.3f}" if row.get("model/gflops") is not None else "-",
-              _interval_cell(row, "model/throughput", "{:.0f}"), _interval_cell(row, "model/speedup", "{:.3f}"),
-              _interval_cell(row, "model/latency_ms", "{:.2f}"), str(row.get("backend", "-")),
+              f"{row[PARAMS_M]:.2f}",
+              f"{row[GFLOPS]:.3f}" if row.get(GFLOPS) is not None else "-",
+              _interval_cell(row, THROUGHPUT, "{:.0f}"), _interval_cell(row, SPEEDUP, "{:.3f}"),
+              _interval_cell(row, LATENCY_MS, "{:.2f}"), str(row.get("backend", "-")),
               str(row.get("precision", "-")), str(row.get("device", "-"))] for row in rows]
     return markdown_table(header, cells)
 
@@ -283,7 +284,7 @@ def fit_command(argv: Sequence[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from fvlab.lit.plan import fit_jobs
-    from fvlab.lit.runner import find_runs
+    from fvlab.runs import find_runs
     from fvlab.report import write_summary
     from fvlab.report.collect import read_run
 
@@ -301,7 +302,7 @@ def fit_command(argv: Sequence[str]) -> int:
         return EXIT_FAILURE if failed else EXIT_OK
     # Every run of the experiment directory, not only this command's: a rerun of one variant's
     # config.yaml keeps the other rows.
-    found = list(find_runs(root))
+    found = find_runs(root)
     results = [read_run(run_dir, events=False).metrics for run_dir in found]
     results += [{"experiment": experiment.name, "variant": job.variant, "seed": job.seed,
                  "status": "not run"} for job in jobs if job.run_dir not in found]

@@ -17,11 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "apply_overrides", "run_dir_for",
-           "is_run_dir", "CONFIG_HEADER"]
+__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "apply_overrides"]
 
 DEFAULT_VARIANT = "default"
-CONFIG_HEADER = "# fvlab: resolved config"  # the first line of the config.yaml a run starts by writing
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -52,23 +50,6 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
         return merge_config(config, overrides)
     except BadConfig as err:
         raise ExperimentError(str(err)) from None
-
-
-def run_dir_for(root: Path, variant: str, seed: int | None) -> Path:
-    """``root/<variant>``, or ``root/<variant>/seed_<s>`` when the experiment lists seeds."""
-    return root / variant if seed is None else root / variant / f"seed_{seed}"
-
-
-def is_run_dir(path: Path) -> bool:
-    """An fvlab run directory: it holds metrics.json, or the config.yaml a run writes before anything else."""
-    path = Path(path)
-    if (path / "metrics.json").is_file():
-        return True
-    try:
-        with (path / "config.yaml").open() as handle:
-            return handle.read(len(CONFIG_HEADER)) == CONFIG_HEADER
-    except OSError:
-        return False
 
 
 @dataclass

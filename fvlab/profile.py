@@ -24,6 +24,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_BUILT_M, PARAMS_M, SPEEDUP, THROUGHPUT, THROUGHPUT_HI,
+                           THROUGHPUT_LO)
+
 __all__ = ["Throughput", "SideBySide", "BACKENDS", "count_params", "count_flops", "flop_breakdown",
            "measure_throughput", "measure_side_by_side", "median_interval",
            "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
@@ -292,11 +295,11 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
                    device: str | torch.device | None, precision: str | None, throughput: bool,
                    batch_size: int | None, repeats: int | None) -> dict[str, float | None]:
     metrics: dict[str, float | None] = dict.fromkeys(
-        ("model/params_m", "model/gflops", "model/throughput", "model/latency_ms"))
-    metrics["model/params_m"] = count_params(network, image_size) / 1e6
-    metrics["model/params_built_m"] = count_params(network) / 1e6
+        (PARAMS_M, GFLOPS, THROUGHPUT, LATENCY_MS))
+    metrics[PARAMS_M] = count_params(network, image_size) / 1e6
+    metrics[PARAMS_BUILT_M] = count_params(network) / 1e6
     try:
-        metrics["model/gflops"] = count_flops(network, image_size, in_chans=in_chans)
+        metrics[GFLOPS] = count_flops(network, image_size, in_chans=in_chans)
     except Exception as err:  # a measurement never fails a run
         warnings.warn(f"FLOP count failed, recorded as null: {type(err).__name__}: {err}", stacklevel=2)
     if throughput:
@@ -305,8 +308,8 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
             result = measure_throughput(network, image_size, batch_size=batch_size, device=device,
                                         amp=amp, amp_dtype=amp_dtype, repeats=repeats,
                                         in_chans=in_chans)
-            metrics["model/throughput"] = result.images_per_s
-            metrics["model/latency_ms"] = result.latency_ms
+            metrics[THROUGHPUT] = result.images_per_s
+            metrics[LATENCY_MS] = result.latency_ms
         except Exception as err:  # out of memory, an unsupported dtype on this device ...
             warnings.warn(f"throughput measurement failed, recorded as null: "
                           f"{type(err).__name__}: {err}", stacklevel=2)
@@ -379,9 +382,9 @@ class SideBySide:
 
     def metrics(self) -> dict[str, float | None]:
         """The ``model/*`` figures of this comparison: throughput with its interval, latency and speedup."""
-        return {"model/throughput": self.images_per_s, "model/throughput_lo": self.images_per_s_lo,
-                "model/throughput_hi": self.images_per_s_hi, "model/latency_ms": self.latency_ms,
-                "model/speedup": self.speedup}
+        return {THROUGHPUT: self.images_per_s, THROUGHPUT_LO: self.images_per_s_lo,
+                THROUGHPUT_HI: self.images_per_s_hi, LATENCY_MS: self.latency_ms,
+                SPEEDUP: self.speedup}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for JSON."""

@@ -376,7 +376,7 @@ def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -
         seeds = experiment.seeds[:1] if experiment.seeds else None
         assert main(["fit", str(path), "--runs-dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "1",
                      *(["--seeds", str(seeds[0])] if seeds else [])]) == 0
-        from fvlab.experiment import run_dir_for
+        from fvlab.runs import run_dir_for
         for variant in experiment.variant_names():
             for seed in seeds or [None]:
                 run = run_dir_for(tmp_path / "runs" / experiment.name, variant, seed)

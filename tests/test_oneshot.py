@@ -178,7 +178,8 @@ def test_supernet_killed_by_sigkill_resumes_on_rerun_and_its_trials_run(tmp_path
 def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(tmp_path: Path) -> None:
     from scipy.stats import kendalltau
 
-    from fvlab.sweep.confirm import confirm_dir, confirmed_table, rank_agreement
+    from fvlab.runs import confirm_dir
+    from fvlab.sweep.confirm import confirmed_table, rank_agreement
 
     # A real journal study as a one-shot sweep leaves it, confirm runs' metrics.json as fit_run writes them.
     study = optuna.create_study(study_name="ranked", directions=["maximize", "minimize"],
@@ -192,7 +193,7 @@ def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(t
         trial.set_user_attr("run_name", f"trial_{number:04d}")
         study.tell(trial, [accuracy, 1.0 + accuracy])  # accurate costs more: all five on the front
         for seed, values in standalone.items():
-            run_dir = confirm_dir(tmp_path, study.trials[number], seed)
+            run_dir = confirm_dir(tmp_path, number, seed)
             run_dir.mkdir(parents=True)
             (run_dir / "metrics.json").write_text(json.dumps({"status": "complete", "val/acc1_best": values[number]}))
     means = [(a + b) / 2 for a, b in zip(*standalone.values())]
@@ -205,6 +206,6 @@ def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(t
     # Three confirmed trials are too few to judge.
     for number in (3, 4):
         for seed in standalone:
-            (confirm_dir(tmp_path, study.trials[number], seed) / "metrics.json").unlink()
+            (confirm_dir(tmp_path, number, seed) / "metrics.json").unlink()
     assert "cannot be judged from 3 confirmed trial(s)" in confirmed_table(
         study, ["val/acc1_best", "model/params_m"], [1, 2], tmp_path)

@@ -372,24 +372,6 @@ def test_a_study_reached_twice_is_reported_once(tmp_path: Path) -> None:
     assert len([line for line in md.splitlines() if line.startswith("| #")]) == 8
 
 
-def test_fit_and_report_agree_on_what_a_run_directory_is(tmp_path: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    from fvlab.lit.runner import CONFIG_HEADER, find_runs
-    from fvlab.report.collect import discover
-
-    root = tmp_path / "exp"
-    (root / "done").mkdir(parents=True)
-    (root / "done" / "metrics.json").write_text("{}")
-    (root / "started").mkdir()  # a run's first write, before any event or metric
-    (root / "started" / "config.yaml").write_text(f"{CONFIG_HEADER} of variant 'started'\nname: exp\n")
-    SummaryWriter(str(root / "tensorboard_only")).close()  # someone else's logs: not a run
-    (root / "notes").mkdir()
-    (root / "notes" / "config.yaml").write_text("name: not written by fvlab\n")
-    expected = [root / "done", root / "started"]
-    assert sorted(find_runs(root)) == sorted(discover(root)[0]) == expected
-
-
 def test_report_from_storage_with_one_complete_trial_skips_importances(tmp_path: Path, capsys) -> None:
     import optuna
     from optuna.storages import JournalStorage

@@ -191,7 +191,8 @@ def test_multi_objective_trial_stops_at_the_expected_rung(tmp_path: Path) -> Non
 
 def test_fit_run_keeps_a_pruned_trials_figures(tmp_path: Path) -> None:
     from fvlab.experiment import apply_overrides
-    from fvlab.lit.runner import build_run, fit_run, profile_run, read_metrics
+    from fvlab.lit.runner import build_run, fit_run, profile_run
+    from fvlab.runs import read_metrics
 
     study = _study("memory", tmp_path, ["maximize", "minimize"])
     pruner = RungsPruner(min_epochs=1, reduction_factor=3)

@@ -11,9 +11,7 @@ table never mixes figures of different identities.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -23,15 +21,18 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fvlab.lit.runner import RunSpec
-from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS
+from fvlab.metrics import (GFLOPS, LATENCY_MS_HI, LATENCY_MS_LO, MODEL_EXTRA_METRICS, MODEL_METRICS,
+                           PARAMS_BUILT_M, PARAMS_M, SIZE_METRICS, SPEEDUP_HI, SPEEDUP_LO, THROUGHPUT,
+                           is_model_metric)
 from fvlab.profile import count_flops, count_params, measure_side_by_side
+from fvlab.runs import stable_hash, write_json
 
 __all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
            "THROUGHPUT_METRICS", "profile_rows", "write_profile_json", "measure_experiment"]
 
 # The figures the side-by-side protocol gives; params and GFLOPs need no timing.
 THROUGHPUT_METRICS = tuple(m for m in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)
-                           if m not in ("model/params_m", "model/params_built_m", "model/gflops"))
+                           if m not in SIZE_METRICS)
 
 
 def device_kind(device: torch.device) -> str:
@@ -64,7 +65,7 @@ def arch_identity(spec: RunSpec, backend: str = "eager", batch_size: int | None 
 
 def identity_key(identity: Mapping[str, Any]) -> str:
     """A short stable hash of an identity."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stable_hash(identity)
 
 
 @dataclass
@@ -111,15 +112,15 @@ def measure_specs(specs: Mapping[str, RunSpec | Target], *, reference: str | Non
                          f"{sorted(devices)} and {sorted(precisions)}")
     metrics: dict[str, dict[str, Any]] = {}
     for name, target in targets.items():
-        figures: dict[str, Any] = {"model/params_m": count_params(target.network, target.image_size) / 1e6,
-                                   "model/params_built_m": count_params(target.network) / 1e6,
-                                   "model/gflops": None, **dict.fromkeys(THROUGHPUT_METRICS)}
+        figures: dict[str, Any] = {PARAMS_M: count_params(target.network, target.image_size) / 1e6,
+                                   PARAMS_BUILT_M: count_params(target.network) / 1e6,
+                                   GFLOPS: None, **dict.fromkeys(THROUGHPUT_METRICS)}
         if counts and name in counts:
-            figures["model/gflops"] = counts[name].get("model/gflops")
+            figures[GFLOPS] = counts[name].get(GFLOPS)
         else:
             try:
                 with torch.random.fork_rng(devices=[]):
-                    figures["model/gflops"] = count_flops(target.network, target.image_size,
+                    figures[GFLOPS] = count_flops(target.network, target.image_size,
                                                           in_chans=target.in_chans)
             except Exception as err:  # a measurement never fails a run
                 warnings.warn(f"{name}: FLOP count failed, recorded as null: {type(err).__name__}: {err}",
@@ -184,9 +185,7 @@ class MeasurementCache:
     def save(self) -> None:
         """Write the file atomically (a reader never sees half a file)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(self.path)
+        write_json(self.path, self.entries)
 
 
 def profile_rows(specs: Mapping[str, RunSpec | Target], *, batch_sizes: list[int | None],
@@ -211,9 +210,9 @@ def profile_rows(specs: Mapping[str, RunSpec | Target], *, batch_sizes: list[int
                          "device": detail.get("device", str(device or target.device)),
                          "threads": detail.get("threads"), "rounds": detail.get("rounds"),
                          "reference": detail.get("reference"), "compile_s": detail.get("compile_s"),
-                         "model/latency_ms_lo": detail.get("latency_ms_lo"),
-                         "model/latency_ms_hi": detail.get("latency_ms_hi"),
-                         "model/speedup_lo": detail.get("speedup_lo"), "model/speedup_hi": detail.get("speedup_hi"),
+                         LATENCY_MS_LO: detail.get("latency_ms_lo"),
+                         LATENCY_MS_HI: detail.get("latency_ms_hi"),
+                         SPEEDUP_LO: detail.get("speedup_lo"), SPEEDUP_HI: detail.get("speedup_hi"),
                          **figures})
     return rows
 
@@ -229,9 +228,7 @@ def write_profile_json(path: Path, rows: list[dict[str, Any]]) -> None:
     kept = [r for r in old if isinstance(r, dict)
             and (r.get("name"), r.get("batch_size"), r.get("backend")) not in new_keys]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(kept + rows, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_json(path, kept + rows, sort_keys=False)
 
 
 MEASUREMENTS_FILE = "measurements.json"
@@ -266,7 +263,7 @@ def measure_experiment(experiment: Any, overrides: Sequence[str], root: Path, *,
         del spec
     cache = MeasurementCache(Path(root) / MEASUREMENTS_FILE)
     known = {name: cache.get(identities[name], identities[reference]) for name in names}
-    complete = all(figures is not None and (not throughput or figures.get("model/throughput") is not None)
+    complete = all(figures is not None and (not throughput or figures.get(THROUGHPUT) is not None)
                    for figures in known.values())
     if force or not complete:
         # Variants that build the same architecture are one measurement (the reference's own first).
@@ -282,5 +279,5 @@ def measure_experiment(experiment: Any, overrides: Sequence[str], root: Path, *,
         known = {name: cache.get(identities[name], identities[reference]) for name in names}
     del specs
     release_memory()
-    return {name: {k: v for k, v in figures.items() if k.startswith("model/")}
+    return {name: {k: v for k, v in figures.items() if is_model_metric(k)}
             for name, figures in known.items()}

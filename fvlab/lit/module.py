@@ -22,6 +22,8 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from fvlab.metrics import (TEST_ACC1, TEST_ACC5, TEST_LOSS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_LR, VAL_ACC1,
+                           VAL_ACC1_BEST, VAL_ACC5, VAL_LOSS)
 from fvlab.models import ArchConfig
 from fvlab.models.swin import SWIN_VARIANTS
 
@@ -185,10 +187,10 @@ class ImageClassifier(pl.LightningModule):
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
         self.check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
+        self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=x.shape[0])
-        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        self.log("train/lr", self.base_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log(TRAIN_LOSS_EPOCH, loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log(TRAIN_LR, self.base_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
     def check_finite(self, loss: torch.Tensor) -> None:
@@ -233,10 +235,10 @@ class ImageClassifier(pl.LightningModule):
         acc1 = self.val_acc1.compute()
         if not self.trainer.sanity_checking:
             self.val_acc1_best.update(acc1)
-        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc1": acc1,
-                       "val/acc5": self.val_acc5.compute()}, prog_bar=True, sync_dist=True)
+        self.log_dict({VAL_LOSS: self.val_loss.compute(), VAL_ACC1: acc1,
+                       VAL_ACC5: self.val_acc5.compute()}, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
-            self.log("val/acc1_best", self.val_acc1_best.compute(), prog_bar=True, sync_dist=True)
+            self.log(VAL_ACC1_BEST, self.val_acc1_best.compute(), prog_bar=True, sync_dist=True)
         for metric in (self.val_loss, self.val_acc1, self.val_acc5):
             metric.reset()
 
@@ -246,8 +248,8 @@ class ImageClassifier(pl.LightningModule):
         logits = self.eval_network()(self._prepare(x))
         self.test_acc1.update(logits, y)
         self.test_acc5.update(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), batch_size=x.shape[0], sync_dist=True)
-        self.log_dict({"test/acc1": self.test_acc1, "test/acc5": self.test_acc5})
+        self.log(TEST_LOSS, F.cross_entropy(logits, y), batch_size=x.shape[0], sync_dist=True)
+        self.log_dict({TEST_ACC1: self.test_acc1, TEST_ACC5: self.test_acc5})
 
     # ---- optimisation ------------------------------------------------------------------
 
@@ -270,7 +272,7 @@ class ImageClassifier(pl.LightningModule):
                 min_lr=hp.min_lr, decay_rate=hp.decay_rate, patience_epochs=hp.patience_epochs,
                 plateau_mode="max")
             return {"optimizer": optimizer, "lr_scheduler": {
-                "scheduler": scheduler, "interval": "epoch", "monitor": "val/acc1",
+                "scheduler": scheduler, "interval": "epoch", "monitor": VAL_ACC1,
                 "reduce_on_plateau": True, "strict": False}}
         updates_per_epoch, total_updates = self.schedule_length()
         # timm counts in epochs; a run cut short by max_steps ends after a fraction of one.

@@ -20,9 +20,10 @@ from typing import Any, Callable, Sequence
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from fvlab.experiment import Experiment, ExperimentError, load_experiment, run_dir_for
-from fvlab.lit.runner import (CONFIG_HEADER, FINAL_METRICS, BadConfig, RunRefused, _write_json, build_run,
-                              config_hash, fit_run, plan_run, release_memory)
+from fvlab.experiment import Experiment, ExperimentError, load_experiment
+from fvlab.lit.runner import FINAL_METRICS, BadConfig, RunRefused, build_run, fit_run, plan_run, release_memory
+from fvlab.runs import (CONFIG_FILE, METRICS_FILE, config_hash, is_run_config, run_dir_for,
+                        variant_dir_of, write_json)
 
 __all__ = ["PlanError", "FitJob", "Selection", "FitPlan", "own_runs_dir", "load_selection", "plan_fit",
            "fail_build", "fit_jobs", "check_checkpoint", "run_checkpoint"]
@@ -47,7 +48,7 @@ class FitJob:
     @property
     def label(self) -> str:
         """``variant`` or ``variant/seed_S``."""
-        return self.variant if self.seed is None else f"{self.variant}/seed_{self.seed}"
+        return run_dir_for(Path(), self.variant, self.seed).as_posix()
 
 
 @dataclass
@@ -76,13 +77,9 @@ class FitPlan:
 
 def own_runs_dir(path: Path, experiment: Experiment) -> Path | None:
     """For a run's own config.yaml (runs/<name>/<variant>[/seed_<s>]/config.yaml), its runs directory."""
-    try:
-        if path.name != "config.yaml" or not path.read_text().startswith(CONFIG_HEADER):
-            return None
-    except OSError:
+    if path.name != CONFIG_FILE or not is_run_config(path):
         return None
-    run_dir = path.resolve().parent
-    variant_dir = run_dir.parent if run_dir.name.startswith("seed_") else run_dir
+    variant_dir = variant_dir_of(path.resolve().parent)
     if variant_dir.name != experiment.variant_names()[0] or variant_dir.parent.name != experiment.name:
         return None
     return variant_dir.parent.parent
@@ -195,7 +192,7 @@ def fail_build(job: FitJob, experiment: str, error: str) -> dict[str, Any]:
     result = {"experiment": experiment, "variant": job.variant, "seed": job.seed, "status": "failed",
               "error": error, "epochs": 0, "wall_s": 0.0, **dict.fromkeys(FINAL_METRICS)}
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(job.run_dir / "metrics.json", result)
+    write_json(job.run_dir / METRICS_FILE, result)
     return result
 
 

@@ -20,10 +20,7 @@ import argparse
 import copy
 import functools
 import gc
-import hashlib
-import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -44,20 +41,21 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from fvlab.experiment import CONFIG_HEADER, changed_keys, is_run_dir
+from fvlab.experiment import changed_keys
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
-from fvlab.metrics import FINAL_METRICS, MODEL_METRICS, TEST_METRICS
+from fvlab.metrics import (FINAL_METRICS, MODEL_METRICS, TEST_METRICS, TRAIN_LOSS_EPOCH, VAL_ACC1,
+                           VAL_ACC1_BEST, VAL_LOSS, is_model_metric)
 from fvlab.models.checkpoint import checkpoints_trusted
 from fvlab.profile import model_metrics
+from fvlab.runs import (DISPLAY_KEYS, METRICS_FILE, TEST_FILE, config_hash, is_run_dir, layout_conflict,
+                        read_metrics, trained_config, write_config, write_json)
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "Trainer", "build_run", "merge_config", "profile_run",
-           "plan_run", "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "read_metrics", "find_runs",
-           "release_memory", "config_hash", "without_display_keys", "DEFAULT_DATA", "FINAL_METRICS"]
+           "plan_run", "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "release_memory",
+           "DEFAULT_DATA", "FINAL_METRICS"]
 
 DEFAULT_DATA = {"class_path": "fvlab.data.DigitsDataModule"}
-# Settings that change what is shown, not what is trained: left out of the config hash.
-_UNHASHED = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 class BadConfig(ValueError):
@@ -125,7 +123,7 @@ class FvlabCLI(LightningCLI):
         callbacks = [ModelProfileCallback(), RNGStateCallback(), *self.extra_callbacks]
         if self.run_dir is not None:
             callbacks.append(ModelCheckpoint(
-                dirpath=self.run_dir / "checkpoints", filename="best", monitor="val/acc1",
+                dirpath=self.run_dir / "checkpoints", filename="best", monitor=VAL_ACC1,
                 mode="max", save_last=True, save_top_k=1, auto_insert_metric_name=False))
         if trainer_config.get("enable_progress_bar", True) is not False:
             if sys.stdout.isatty():
@@ -152,16 +150,9 @@ class SaveRunConfig(SaveConfigCallback):
             return
         resolved = _dump(self.parser, self.config)
         name, variant = resolved.pop("name", None), resolved.pop("variant", None)
-        seeded = self.run_dir.name.startswith("seed_")
-        seed = int(resolved.get("seed_everything") or 0)
-        header = (f"{CONFIG_HEADER} of variant '{variant}' of experiment '{name}'"
-                  f"{f', seed {seed}' if seeded else ''}.\n"
-                  f"# Re-run it in place as it is: fvlab fit {self.run_dir / 'config.yaml'}\n")
-        head: dict[str, Any] = {"name": name, "variant": variant}
-        if seeded:
-            head["seeds"] = [seed]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(header + yaml.safe_dump({**head, **resolved}, sort_keys=False))
+        write_config(self.run_dir, resolved, experiment=name, variant=variant,
+                     seed=int(resolved.get("seed_everything") or 0))
 
 
 class RunLogger(TensorBoardLogger):
@@ -230,8 +221,8 @@ class EpochSummary(pl.Callback):
         if not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
-        parts = [f"{k}={float(m[k]):.4f}" for k in ("train/loss_epoch", "val/loss", "val/acc1",
-                                                     "val/acc1_best") if k in m]
+        parts = [f"{k}={float(m[k]):.4f}" for k in (TRAIN_LOSS_EPOCH, VAL_LOSS, VAL_ACC1,
+                                                     VAL_ACC1_BEST) if k in m]
         print(f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
               f"{' '.join(parts)} ({time.perf_counter() - self.start:.1f}s)", flush=True)
 
@@ -285,22 +276,6 @@ def _error_line(err: BaseException) -> str:
             text = str(cause)
             cause = cause.__cause__ or cause.__context__
     return "; ".join(" ".join(line.split()) for line in text.splitlines() if line.strip())[:2000]
-
-
-def without_display_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a resolved config without the display-only settings (progress bar, model summary)."""
-    config = copy.deepcopy(dict(resolved))
-    for key in _UNHASHED:
-        section, _, name = key.partition(".")
-        if isinstance(config.get(section), dict):
-            config[section].pop(name, None)
-    return config
-
-
-def config_hash(resolved: Mapping[str, Any]) -> str:
-    """A short stable hash of a resolved config, ignoring display-only settings."""
-    text = json.dumps(without_display_keys(resolved), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 Layers = Union[Mapping[str, Any], Sequence[Union[str, Mapping[str, Any]]]]
@@ -421,42 +396,6 @@ def profile_run(spec: RunSpec, throughput: bool = True, batch_size: int | None =
 # ---- run directories -------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """The run's metrics.json, or None when there is none (or it is unreadable)."""
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def find_runs(root: Path) -> Iterator[Path]:
-    """Run directories under an experiment or study directory: ``<variant>/`` and ``<variant>/seed_<s>/``."""
-    root = Path(root)
-    if not root.is_dir():
-        return
-    for child in sorted(root.iterdir()):
-        if not child.is_dir():
-            continue
-        if is_run_dir(child):
-            yield child
-        else:
-            yield from (grand for grand in sorted(child.iterdir())
-                        if grand.is_dir() and grand.name.startswith("seed_") and is_run_dir(grand))
-
-
-def _layout_conflict(run_dir: Path) -> str:
-    """Why seeded and unseeded runs of one variant would nest inside each other, or ''."""
-    seeded = run_dir.name.startswith("seed_")
-    if seeded and run_dir.parent.is_dir() and is_run_dir(run_dir.parent):
-        return (f"{run_dir.parent} holds a run without seeds; runs with seeds would nest inside it. "
-                f"Move it away, or use another --runs-dir")
-    if not seeded and run_dir.is_dir() and any(child.name.startswith("seed_") and is_run_dir(child)
-                                               for child in run_dir.iterdir()):
-        return (f"{run_dir} holds runs with seeds (seed_*/); train it with --seeds, or use "
-                f"another --runs-dir")
-    return ""
-
-
 @dataclass
 class RunPlan:
     """What to do with a run directory: ``skip`` it, start it ``fresh`` or ``resume`` it."""
@@ -466,31 +405,20 @@ class RunPlan:
     note: str = ""
 
 
-def _stored_config(run_dir: Path) -> dict[str, Any] | None:
-    """The resolved config a run directory was trained with (its config.yaml), or None."""
-    try:
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(stored, dict):
-        return None
-    return {k: v for k, v in stored.items() if k not in ("name", "variant", "seeds")}
-
-
 def _stored_hash(run_dir: Path, previous: Mapping[str, Any]) -> str | None:
     # A run killed before it wrote metrics.json still has its config.yaml.
     if previous.get("config_hash"):
         return previous["config_hash"]
-    stored = _stored_config(run_dir)
+    stored = trained_config(run_dir)
     return config_hash(stored) if stored is not None else None
 
 
 def _changes(run_dir: Path, config: Mapping[str, Any] | None) -> tuple[str, list[str]]:
     """`` (changed: a, b)`` naming the keys that differ from the stored config, and the keys."""
-    stored = _stored_config(run_dir) if config is not None else None
+    stored = trained_config(run_dir) if config is not None else None
     if stored is None:
         return "", []
-    keys = changed_keys(stored, dict(config), _UNHASHED)
+    keys = changed_keys(stored, dict(config), DISPLAY_KEYS)
     if not keys:
         return "", []
     return f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})", keys
@@ -507,7 +435,7 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
     restart on --force; refuse anything that would lose work silently (RunRefused)."""
     run_dir = Path(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    layout = _layout_conflict(run_dir)
+    layout = layout_conflict(run_dir)
     if layout:
         raise RunRefused(layout)
     if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
@@ -539,13 +467,6 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
               if resume and any(k in ("trainer.max_epochs", "trainer.max_steps") for k in keys) else "")
     raise RunRefused(f"{run_dir} holds {state} run trained with a different config{changed};{why} "
                      f"re-train it with --force{longer}, or keep it and use another --runs-dir")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    # A per-process temporary name: ranks or workers never write into each other's file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
 
 
 def _end_process_group(trainer: pl.Trainer) -> None:
@@ -585,8 +506,8 @@ def write_test_json(run_dir: Path, checkpoint: str, metrics: Mapping[str, Any],
             "images": len(test_set) if test_set is not None else None,
             "metrics": {k: float(metrics[k]) if k in metrics else None for k in TEST_METRICS},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path = Path(run_dir) / "test.json"
-    _write_json(path, data)
+    path = Path(run_dir) / TEST_FILE
+    write_json(path, data)
     return path
 
 
@@ -627,7 +548,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     result.update(dict.fromkeys(FINAL_METRICS))  # every metric name is a key, null when never reached
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
     result.update({k: profile.metrics.get(k) for k in MODEL_METRICS})
-    result.update({k: v for k, v in profile.metrics.items() if k.startswith("model/")})  # e.g. speedup
+    result.update({k: v for k, v in profile.metrics.items() if is_model_metric(k)})  # e.g. speedup
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
     if stopper is not None and result["status"] == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
@@ -643,7 +564,7 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     if interrupted:
         result.update(status="failed", error="interrupted; resume with --ckpt_path last")
     if writer and run_dir is not None:
-        _write_json(run_dir / "metrics.json", result)
+        write_json(run_dir / METRICS_FILE, result)
     for logger in trainer.loggers:
         if isinstance(logger, RunLogger):
             logger.close()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fvlab.lit.module import ImageClassifier
+from fvlab.metrics import TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_LOSS_LARGEST, TRAIN_LOSS_SMALLEST, TRAIN_LR
 from fvlab.models import ArchConfig
 from fvlab.models.swin import SWIN_VARIANTS
 from fvlab.models.supernet import FasterViTSupernet
@@ -117,11 +118,11 @@ class SupernetClassifier(ImageClassifier):
         loss = torch.stack(losses).sum()
         self.check_finite(loss)
         n = x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
-        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/loss_largest", losses[0], on_step=True, on_epoch=False, batch_size=n)
-        self.log("train/loss_smallest", losses[1], on_step=True, on_epoch=False, batch_size=n)
-        self.log("train/lr", self.base_lr(), on_step=True, on_epoch=False, batch_size=n)
+        self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        self.log(TRAIN_LOSS_EPOCH, loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log(TRAIN_LOSS_LARGEST, losses[0], on_step=True, on_epoch=False, batch_size=n)
+        self.log(TRAIN_LOSS_SMALLEST, losses[1], on_step=True, on_epoch=False, batch_size=n)
+        self.log(TRAIN_LR, self.base_lr(), on_step=True, on_epoch=False, batch_size=n)
         return loss
 
     def on_validation_epoch_start(self) -> None:

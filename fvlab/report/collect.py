@@ -12,29 +12,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from fvlab.experiment import is_run_dir
-from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, VAL_METRICS
+from fvlab.metrics import MODEL_METRICS, TRAIN_LOSS_EPOCH, TRIAL_ATTRS, VAL_ACC1, VAL_ACC1_BEST, VAL_METRICS
 from fvlab.report.stats import RUNNING
+from fvlab.runs import (TEST_FILE, find_runs, find_studies, read_config, read_metrics, seed_of, trial_dir_name,
+                        variant_dir_of)
 
-__all__ = ["Run", "Trial", "StudyData", "ReportInputError", "is_run_dir", "discover", "read_run",
+__all__ = ["Run", "Trial", "StudyData", "ReportInputError", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",
            "variant_order_hint"]
 
-STUDY_FILE = "study.journal"
-TEST_FILE = "test.json"  # written by `fvlab test` into the run directory
-_SEED_DIR = re.compile(r"^seed_(\d+)$")
-# Optuna user_attrs of fvlab's sweep -> metrics.json names.
-TRIAL_ATTRS = {"val_acc1_best": "val/acc1_best", "test_acc1": "test/acc1",
-               **{metric.removeprefix("model/"): metric for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS)}}
 # Where a trial's reason is written: fvlab's sweep (user_attrs) and a failed run's metrics.json ("error").
 _REASON_ATTRS = ("error", "fail_reason", "pruned_reason")
 
@@ -94,19 +85,7 @@ class StudyData:
 
 def discover(directory: Path, skip: Path | None = None) -> tuple[list[Path], list[Path]]:
     """Run directories and study journals in or under ``directory`` (checkpoints and ``skip`` ignored)."""
-    runs, journals = [], []
-    skip_resolved = skip.resolve() if skip is not None else None
-    for root, dirs, files in os.walk(directory):
-        root_path = Path(root)
-        if STUDY_FILE in files:
-            journals.append(root_path / STUDY_FILE)
-        if is_run_dir(root_path):
-            runs.append(root_path)
-            dirs[:] = []  # a run directory holds no other runs
-            continue
-        dirs[:] = sorted(d for d in dirs if d != "checkpoints" and not d.startswith(".")
-                         and (skip_resolved is None or (root_path / d).resolve() != skip_resolved))
-    return runs, journals
+    return find_runs(directory, skip=skip), find_studies(directory, skip=skip)
 
 
 def _event_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -122,7 +101,7 @@ def _event_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in accumulator.Tags().get("scalars", [])}
 
 
-def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/acc1") -> list[tuple[int, float]]:
+def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = VAL_ACC1) -> list[tuple[int, float]]:
     """(epoch starting at 1, value) per validation; the epoch comes from Lightning's ``epoch`` scalar."""
     epoch_at = {step: int(value) for step, value in scalars.get("epoch", [])}
     by_epoch: dict[int, float] = {}
@@ -134,22 +113,14 @@ def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = "val/a
 
 def _latest_figures(scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for tag in (*VAL_METRICS, "train/loss_epoch", *MODEL_METRICS):
+    for tag in (*VAL_METRICS, TRAIN_LOSS_EPOCH, *MODEL_METRICS):
         if scalars.get(tag):
             figures[tag] = scalars[tag][-1][1]
     curve = read_curve(scalars)
     if curve:
         figures["epochs"] = curve[-1][0]
-        figures.setdefault("val/acc1_best", max(v for _, v in curve))
+        figures.setdefault(VAL_ACC1_BEST, max(v for _, v in curve))
     return figures
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _fmt_setting(value: Any) -> Any:
@@ -174,22 +145,18 @@ def resolved_arch(arch: Any) -> dict[str, Any]:
 
 def read_run(path: Path, *, events: bool = True) -> Run:
     """One run directory; without a final metrics.json its latest figures come from the events."""
-    metrics: dict[str, Any] = {}
-    try:
-        metrics = json.loads((path / "metrics.json").read_text())
-    except (OSError, ValueError):
-        pass
-    config = _read_config(path)
+    metrics: dict[str, Any] = read_metrics(path) or {}
+    config = read_config(path) or {}
     scalars = _event_scalars(path) if events else {}
     if not metrics or metrics.get("status") in (None, RUNNING):
         metrics = {**_latest_figures(scalars), **{k: v for k, v in metrics.items() if v is not None},
                    "status": RUNNING}
-    seed_match = _SEED_DIR.match(path.name)
-    variant_dir = path.parent if seed_match else path
+    seed = seed_of(path)
+    variant_dir = variant_dir_of(path)
     metrics.setdefault("variant", config.get("variant") or variant_dir.name)
     metrics.setdefault("experiment", config.get("name") or variant_dir.parent.name)
     if metrics.get("seed") is None:
-        metrics["seed"] = int(seed_match.group(1)) if seed_match else config.get("seed_everything")
+        metrics["seed"] = seed if seed is not None else config.get("seed_everything")
     model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
     arch = resolved_arch((model.get("init_args") or model).get("arch"))
     try:
@@ -302,7 +269,7 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
             if study_dir is not None:
                 candidates.append(study_dir / Path(str(attrs["run_dir"])).name)
         if study_dir is not None:
-            candidates.append(study_dir / f"trial_{frozen.number:04d}")
+            candidates.append(study_dir / trial_dir_name(frozen.number))
         for candidate in candidates:
             run = runs_by_path.get(candidate.resolve())
             if run is not None:
@@ -311,7 +278,7 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
         if frozen.values is not None:
             for name, value in zip(names, frozen.values):
                 metrics.setdefault(name, value)
-        for attr, name in TRIAL_ATTRS.items():
+        for name, attr in TRIAL_ATTRS.items():
             if attrs.get(attr) is not None:
                 metrics[name] = attrs[attr]
         state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",

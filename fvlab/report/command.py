@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
-from fvlab.metrics import MODEL_EXTRA_METRICS, TEST_METRICS
+from fvlab.metrics import (GFLOPS, MODEL_EXTRA_METRICS, TEST_METRICS, THROUGHPUT, THROUGHPUT_HI,
+                           THROUGHPUT_LO, VAL_ACC1, VAL_ACC1_BEST, VAL_LOSS, is_model_metric)
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
+from fvlab.runs import CONFIG_FILE, confirm_seeds, is_confirm_run, variant_dir_of
 from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING,
                                 TEST_PRIMARY_METRIC, VariantStats, aggregate, difference_cell, explanation,
                                 holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
@@ -93,17 +95,15 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
         data = collect.read_study(study, source, runs, study_dir)
         used |= {t.run.path.resolve() for t in data.trials if t.run is not None}
         if study_dir is not None:
-            confirm = (Path(study_dir) / "confirm").resolve()
             # The front re-trained over seeds: its own table (below), not an experiment's variants.
-            used |= {r for r in runs if confirm in r.parents}
+            used |= {r for r in runs if is_confirm_run(r, study_dir)}
             data.study_dir = Path(study_dir)
         report.studies.append(data)
     for resolved, run in runs.items():
         if resolved not in used:
             report.experiments.setdefault(run.experiment, []).append(run)
     for name, members in report.experiments.items():
-        experiment_dirs = {(r.path.parent.parent if r.path.name.startswith("seed_") else r.path.parent)
-                           for r in members}
+        experiment_dirs = {variant_dir_of(r.path).parent for r in members}
         order, reference = [], None
         for experiment_dir in sorted(experiment_dirs):
             report.profiles.setdefault(name, []).extend(collect.read_profile(experiment_dir))
@@ -121,7 +121,7 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
 
 def _started(run: Run) -> float:
     try:
-        return (run.path / "config.yaml").stat().st_mtime
+        return (run.path / CONFIG_FILE).stat().st_mtime
     except OSError:
         return float("inf")
 
@@ -161,7 +161,7 @@ def variant_pareto(report: Report) -> list[bool]:
 
     points = []
     for _, v in report.variant_rows():
-        acc, speed = v.mean.get(PRIMARY_METRIC), v.model.get("model/throughput")
+        acc, speed = v.mean.get(PRIMARY_METRIC), v.model.get(THROUGHPUT)
         points.append((speed, acc) if v.n and v.status == "complete" and acc is not None
                       and speed is not None else None)
     return pareto_optimal(points, ("maximize", "maximize"))
@@ -210,11 +210,11 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                          "n_complete": v.n, "n_failed": len(v.failed), "n_running": len(v.running),
                          "n_missing": len(v.missing_seeds),
                          **{f"arch.{c}": settings.get(c) for c in columns},
-                         **{k: v.mean.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
+                         **{k: v.mean.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS,
                                                        *TEST_METRICS)},
-                         **{f"{k}_std": v.std.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss",
+                         **{f"{k}_std": v.std.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS,
                                                                *TEST_METRICS)},
-                         "delta/val/acc1_best": d.mean if d else None, "delta_ci_low": d.low if d else None,
+                         f"delta/{PRIMARY_METRIC}": d.mean if d else None, "delta_ci_low": d.low if d else None,
                          "delta_ci_high": d.high if d else None, "delta_n_pairs": d.n if d else None,
                          "delta_p_value": d.p_value if d else None,
                          "delta_significant": mark if d is not None and d.p_value is not None else None,
@@ -224,7 +224,7 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
             csv_rows.append({"kind": "run", "source": v.experiment, "variant": v.variant,
                              "seed": run.get("seed"), "status": run.get("status"),
                              **{f"arch.{c}": settings.get(c) for c in columns},
-                             **{k: run.get(k) for k in ("val/acc1_best", "val/acc1", "val/loss", *TEST_METRICS,
+                             **{k: run.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS, *TEST_METRICS,
                                                           *MODEL_METRICS, *MODEL_EXTRA_METRICS, "epochs",
                                                           "wall_s", "precision",
                                                           "test_note")},
@@ -252,8 +252,8 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
     extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *MODEL_COLUMNS)
              and any(t.metrics.get(n) is not None for t in trials)]
     pareto = pareto_optimal([
-        (finite(t.metrics.get("model/throughput")), finite(t.metrics.get(PRIMARY_METRIC)))
-        if t.state == "complete" and t.duplicate_of is None and finite(t.metrics.get("model/throughput")) is not None
+        (finite(t.metrics.get(THROUGHPUT)), finite(t.metrics.get(PRIMARY_METRIC)))
+        if t.state == "complete" and t.duplicate_of is None and finite(t.metrics.get(THROUGHPUT)) is not None
         and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
     together = _together(data)
     together_pareto = pareto_optimal([
@@ -272,7 +272,7 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
         table.append([f"#{t.number}", t.state, *(_value(t.params.get(c)) for c in columns),
                       "-" if acc is None else f"{acc:.4f}", _value(finite(t.metrics.get(TEST_PRIMARY_METRIC))),
                       *(_value(t.metrics.get(n)) for n in extra),
-                      *_model_cells({k: finite(v) for k, v in t.metrics.items() if k.startswith("model/")}),
+                      *_model_cells({k: finite(v) for k, v in t.metrics.items() if is_model_metric(k)}),
                       _value(t.metrics.get("epochs")), _value(finite(t.metrics.get("wall_s"))),
                       "yes" if optimal else "", *together_cells, t.reason[:80]])
         csv_rows.append({"kind": "trial", "source": data.name, "trial": t.number, "status": t.state,
@@ -315,9 +315,9 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
     for label, v in report.variant_rows():
         if v.mean.get(PRIMARY_METRIC) is not None:
             points.append(Point(label, v.experiment, v.mean[PRIMARY_METRIC], v.std.get(PRIMARY_METRIC),
-                                v.model.get("model/throughput"), v.model.get("model/gflops"),
-                                throughput_lo=v.model.get("model/throughput_lo"),
-                                throughput_hi=v.model.get("model/throughput_hi")))
+                                v.model.get(THROUGHPUT), v.model.get(GFLOPS),
+                                throughput_lo=v.model.get(THROUGHPUT_LO),
+                                throughput_hi=v.model.get(THROUGHPUT_HI)))
         runs = [r for r in report.experiments.get(v.experiment, []) if r.variant == v.variant
                 and r.metrics.get("status") in ("complete", RUNNING)]
         series.append(Series(label, v.experiment, [r.curve for r in runs if r.curve]))
@@ -325,8 +325,8 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
         for t in data.trials:
             acc = finite(t.metrics.get(PRIMARY_METRIC))
             if t.state in ("complete", "infeasible") and acc is not None:
-                points.append(Point(f"#{t.number}", data.name, acc, None, finite(t.metrics.get("model/throughput")),
-                                    finite(t.metrics.get("model/gflops")), feasible=t.state == "complete"))
+                points.append(Point(f"#{t.number}", data.name, acc, None, finite(t.metrics.get(THROUGHPUT)),
+                                    finite(t.metrics.get(GFLOPS)), feasible=t.state == "complete"))
             if t.run is not None and t.run.curve:
                 series.append(Series(f"#{t.number}", data.name, [t.run.curve]))
     made: list[tuple[Path, str]] = []
@@ -367,12 +367,11 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
 
 def _confirmed(data: StudyData) -> str:
     """The confirm table of a study trained with ``confirm: {seeds}`` (empty without confirm runs)."""
-    from fvlab.sweep.confirm import confirm_seeds_on_disk, confirmed_table
+    from fvlab.sweep.confirm import confirmed_table
 
     study_dir = getattr(data, "study_dir", None)
-    if study_dir is None or not (study_dir / "confirm").is_dir():
-        return ""
-    return confirmed_table(data.study, list(data.objective_names), confirm_seeds_on_disk(study_dir), study_dir)
+    seeds = confirm_seeds(study_dir) if study_dir is not None else []
+    return confirmed_table(data.study, list(data.objective_names), seeds, study_dir) if seeds else ""
 
 
 def write_report(report: Report, out: Path) -> str:

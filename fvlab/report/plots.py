@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, VAL_ACC1,
+                           VAL_ACC1_BEST, VAL_LOSS)
 from fvlab.pareto import pareto_optimal  # noqa: E402
 
 __all__ = ["FIGSIZE", "DPI", "Point", "Series", "plot_accuracy_against",
@@ -20,9 +22,9 @@ __all__ = ["FIGSIZE", "DPI", "Point", "Series", "plot_accuracy_against",
 
 FIGSIZE = (8.0, 5.0)  # inches; at DPI 110: 880 x 550 px, legible at 100% zoom
 DPI = 110
-ACCURACY_LABEL = "val/acc1_best: best top-1 validation accuracy (0-1)"
-AXES = {"throughput": ("model/throughput: inference throughput (images/s, higher is better)", True),
-        "gflops": ("model/gflops: GFLOPs per image (lower is better)", False)}
+ACCURACY_LABEL = f"{VAL_ACC1_BEST}: best top-1 validation accuracy (0-1)"
+AXES = {"throughput": (f"{THROUGHPUT}: inference throughput (images/s, higher is better)", True),
+        "gflops": (f"{GFLOPS}: GFLOPs per image (lower is better)", False)}
 
 
 @dataclass
@@ -181,7 +183,7 @@ def plot_curves(series: Sequence[Series], path: Path, title: str = "") -> Path |
                         color=colour, va="center",
                         arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.6, alpha=0.6))
         ax.set_xlabel("epoch", fontsize=11)
-        ax.set_ylabel("val/acc1: top-1 validation accuracy (0-1)", fontsize=11)
+        ax.set_ylabel(f"{VAL_ACC1}: top-1 validation accuracy (0-1)", fontsize=11)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if banded:
             title = (title + "\n" if title else "") + "line: mean over seeds; band: ± std"
@@ -191,9 +193,9 @@ def plot_curves(series: Sequence[Series], path: Path, title: str = "") -> Path |
         return _save(fig, path)
 
 
-UNITS = {"val/acc1_best": "val/acc1_best (0-1)", "val/acc1": "val/acc1 (0-1)", "val/loss": "val/loss",
-         "model/throughput": "model/throughput (images/s)", "model/gflops": "model/gflops (GFLOPs)",
-         "model/params_m": "model/params_m (millions)", "model/latency_ms": "model/latency_ms (ms)"}
+UNITS = {VAL_ACC1_BEST: f"{VAL_ACC1_BEST} (0-1)", VAL_ACC1: f"{VAL_ACC1} (0-1)", VAL_LOSS: VAL_LOSS,
+         THROUGHPUT: f"{THROUGHPUT} (images/s)", GFLOPS: f"{GFLOPS} (GFLOPs)",
+         PARAMS_M: f"{PARAMS_M} (millions)", LATENCY_MS: f"{LATENCY_MS} (ms)"}
 
 
 def with_unit(name: str) -> str:
@@ -286,7 +288,7 @@ def plot_batch_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "
     """Throughput against batch size per variant (log x), with 95% intervals: ``fvlab profile --batch-sizes``."""
     by_curve: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        if row.get("model/throughput") is not None and row.get("batch_size"):
+        if row.get(THROUGHPUT) is not None and row.get("batch_size"):
             by_curve.setdefault((str(row["name"]), str(row.get("backend", "eager"))), []).append(row)
     curves = {key: sorted(points, key=lambda r: r["batch_size"]) for key, points in by_curve.items()
               if len({r["batch_size"] for r in points}) > 1}
@@ -298,10 +300,10 @@ def plot_batch_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "
         colours = _colours([name for name, _ in curves])
         for (name, backend), points in curves.items():
             xs = [r["batch_size"] for r in points]
-            ys = [r["model/throughput"] for r in points]
-            lo = [r.get("model/throughput_lo") if r.get("model/throughput_lo") is not None else y
+            ys = [r[THROUGHPUT] for r in points]
+            lo = [r.get(THROUGHPUT_LO) if r.get(THROUGHPUT_LO) is not None else y
                   for r, y in zip(points, ys)]
-            hi = [r.get("model/throughput_hi") if r.get("model/throughput_hi") is not None else y
+            hi = [r.get(THROUGHPUT_HI) if r.get(THROUGHPUT_HI) is not None else y
                   for r, y in zip(points, ys)]
             ax.errorbar(xs, ys, yerr=[[max(y - a, 0.0) for y, a in zip(ys, lo)],
                                       [max(b - y, 0.0) for y, b in zip(ys, hi)]],
@@ -310,7 +312,7 @@ def plot_batch_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "
                         label=f"{name} ({backend})" if several_backends else name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (log scale)", fontsize=11)
-        ax.set_ylabel("model/throughput: images/s (median, 95% interval)", fontsize=11)
+        ax.set_ylabel(f"{THROUGHPUT}: images/s (median, 95% interval)", fontsize=11)
         ax.set_title(title or "Throughput against batch size, measured side by side", fontsize=12)
         ax.legend(fontsize=9, loc="best")
         return _save(fig, path)

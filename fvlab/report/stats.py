@@ -25,19 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS, TEST_PRIMARY_METRIC
+from fvlab.metrics import (GFLOPS, LATENCY_MS, MODEL_EXTRA_METRICS, MODEL_METRICS, PARAMS_M, PRIMARY_METRIC,
+                           SPEEDUP, TEST_METRICS, TEST_PRIMARY_METRIC, THROUGHPUT, VAL_ACC1, VAL_ACC5,
+                           VAL_LOSS)
 
 __all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
            "VariantStats", "paired_difference", "holm", "holm_marks", "aggregate", "format_summary", "summary_csv_rows",
            "write_summary", "markdown_table", "seed_label", "test_notes", "MODEL_COLUMNS", "model_cell"]
 
 # Per-seed figures: mean ± std over the completed seeds.
-SEED_METRICS = (PRIMARY_METRIC, "val/acc1", "val/loss", *TEST_METRICS)
+SEED_METRICS = (PRIMARY_METRIC, VAL_ACC1, VAL_LOSS, *TEST_METRICS)
 # The architecture's columns of every table; throughput carries its 95% interval in its cell.
-MODEL_COLUMNS = (*MODEL_METRICS, "model/speedup")
-MODEL_TITLES = {"model/params_m": ("params (M)", "{:.3f}"), "model/gflops": ("GFLOPs", "{:.4f}"),
-                "model/throughput": ("throughput (img/s) [95%]", "{:.0f}"),
-                "model/latency_ms": ("latency (ms)", "{:.2f}"), "model/speedup": ("speedup", "{:.3f}")}
+MODEL_COLUMNS = (*MODEL_METRICS, SPEEDUP)
+MODEL_TITLES = {PARAMS_M: ("params (M)", "{:.3f}"), GFLOPS: ("GFLOPs", "{:.4f}"),
+                THROUGHPUT: ("throughput (img/s) [95%]", "{:.0f}"),
+                LATENCY_MS: ("latency (ms)", "{:.2f}"), SPEEDUP: ("speedup", "{:.3f}")}
 CONFIDENCE = 0.95
 SIGNIFICANT_MARK = "*"  # Holm's step-down over the table's comparisons rejects at 1 - CONFIDENCE
 # Statuses of a run that has not produced final figures yet, or never will.
@@ -360,7 +362,7 @@ def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix
 
 def _summary_header(reference: str) -> list[str]:
     return ["variant", "seeds", f"{PRIMARY_METRIC}", f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
-            "val/acc1", "val/loss", *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "precision"]
+            VAL_ACC1, VAL_LOSS, *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "precision"]
 
 
 def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> str:
@@ -370,7 +372,7 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     ref = next((v for v in variants if v.is_reference), None)
     rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v, mark, ref),
-             mean_std_cell(v, TEST_PRIMARY_METRIC), mean_std_cell(v, "val/acc1"), mean_std_cell(v, "val/loss"),
+             mean_std_cell(v, TEST_PRIMARY_METRIC), mean_std_cell(v, VAL_ACC1), mean_std_cell(v, VAL_LOSS),
              *(model_cell(v.model, k) for k in MODEL_COLUMNS), v.precision or "-"]
             for v, mark in zip(variants, holm_marks(variants))]
     return markdown_table(_summary_header(reference), rows) + "\n\n" + note_sep.join(summary_notes(variants))
@@ -379,8 +381,8 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
 # ---- summary.csv -----------------------------------------------------------------------
 
 CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
-              *(f for k in SEED_METRICS for f in (k, f"{k}_std")), "val/acc5", "test_note",
-              "reference", "delta/val/acc1_best", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
+              *(f for k in SEED_METRICS for f in (k, f"{k}_std")), VAL_ACC5, "test_note",
+              "reference", f"delta/{PRIMARY_METRIC}", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
               "delta_excludes_zero", "delta_p_value", "delta_significant", *MODEL_METRICS, *MODEL_EXTRA_METRICS,
               "precision", "epochs", "wall_s", "error"]
 
@@ -404,7 +406,7 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
         for key in SEED_METRICS:
             row[key], row[f"{key}_std"] = v.mean.get(key), v.std.get(key)
         if d is not None:
-            row.update({"delta/val/acc1_best": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
+            row.update({f"delta/{PRIMARY_METRIC}": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
                         "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None,
                         "delta_p_value": d.p_value, "delta_significant": mark if d.p_value is not None else None})
         rows.append(row)

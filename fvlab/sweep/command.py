@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
+from fvlab.runs import STUDY_FILE, has_trial_dirs, without_display_keys
 from fvlab.runtime import quiet_lightning as _quiet_lightning
 
 __all__ = ["sweep_command", "prepare_sweep", "parse_sets"]
@@ -59,8 +60,9 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     import copy
     import gc
 
-    from fvlab.experiment import ExperimentError, get_dotted, load_experiment
-    from fvlab.lit.runner import BadConfig, build_run, without_display_keys
+    from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
+    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.runs import without_display_keys
     from fvlab.lit.measure import device_kind
     from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep, reference_params
 
@@ -139,7 +141,7 @@ def _open_study(args: argparse.Namespace, sweep: Any, kind: str, journal: Path) 
 
     study_dir = journal.parent
     if args.storage is None and not journal.exists() and study_dir.is_dir() \
-            and any(study_dir.glob("trial_*")):
+            and has_trial_dirs(study_dir):
         raise SweepError(f"{study_dir} holds trials but no study.journal; move it away or choose "
                          f"another --study-name")
     # Threads set the speed of a CPU; on a GPU they do not enter the throughput figures.
@@ -300,7 +302,7 @@ def sweep_command(argv: Sequence[str]) -> int:
     try:
         sweep, base, kind = prepare_sweep(args)
         study_dir = Path(args.runs_dir) / sweep.study
-        journal = study_dir / "study.journal"
+        journal = study_dir / STUDY_FILE
         if args.confirm and args.storage is None and not journal.is_file():
             raise SweepError(f"--confirm: no study at {journal}; run the search first (fvlab sweep {args.sweep})")
         storage, study = _open_study(args, sweep, kind, journal)

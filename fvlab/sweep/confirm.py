@@ -21,45 +21,36 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import optuna
-import yaml
 from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
+from fvlab.metrics import MODEL_TRIAL_ATTRS, VAL_ACC1_BEST, is_model_metric, trial_attr
+from fvlab.runs import config_hash, confirm_dir, read_metrics, trained_config, trial_dir_name
 from fvlab.sweep.space import SweepSpec
 
-__all__ = ["trial_config", "confirm_dir", "confirm_members", "confirm_front", "confirm_seeds_on_disk",
-           "confirmed_rows", "format_confirmed", "confirmed_table", "is_supernet_study", "rank_agreement",
-           "supernet_agreement", "CONFIRM_LEGEND", "MIN_RANKED"]
+__all__ = ["trial_config", "confirm_members", "confirm_front", "confirmed_rows", "format_confirmed",
+           "confirmed_table", "is_supernet_study", "rank_agreement", "supernet_agreement", "CONFIRM_LEGEND",
+           "MIN_RANKED"]
 
 # Fewer confirmed trials than this rank too few pairs for Kendall's tau to say anything
 # (with 3 the only values are -1, -1/3, 1/3 and 1, and every bootstrap interval spans most of them).
 MIN_RANKED = 4
-RANK_METRIC = "val/acc1_best"
+RANK_METRIC = VAL_ACC1_BEST
 
 
 def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
                  study_dir: Path) -> dict[str, Any]:
     """The config a trial trained with: its run's config.yaml, else the base with its parameters."""
-    run_name = trial.user_attrs.get("run_name") or f"trial_{trial.number:04d}"
-    resolved = Path(study_dir) / run_name / "config.yaml"
-    if resolved.is_file():
-        config = yaml.safe_load(resolved.read_text())
-        for key in ("name", "variant"):  # the run's labels; the confirm runs get their own
-            config.pop(key, None)
+    run_name = trial.user_attrs.get("run_name") or trial_dir_name(trial.number)
+    config = trained_config(Path(study_dir) / run_name)  # without the run's labels: confirm runs get their own
+    if config is not None:
         return config
     return apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
 
 
-def confirm_dir(study_dir: Path, trial: FrozenTrial, seed: int) -> Path:
-    """``runs/<study>/confirm/trial_NNNN/seed_<s>``."""
-    return Path(study_dir) / "confirm" / f"trial_{trial.number:04d}" / f"seed_{seed}"
-
-
 def _model_figures(trial: FrozenTrial) -> dict[str, Any]:
     """The architecture's figures as the search measured them (a re-training does not change them)."""
-    from fvlab.sweep.objective import USER_ATTRS
-
-    return {metric: trial.user_attrs[attr] for metric, attr in USER_ATTRS.items()
+    return {metric: trial.user_attrs[attr] for metric, attr in MODEL_TRIAL_ATTRS.items()
             if trial.user_attrs.get(attr) is not None}
 
 
@@ -78,17 +69,17 @@ def confirm_front(study: optuna.Study, sweep: SweepSpec, base_config: Mapping[st
                   log: Callable[..., None] = print) -> bool:
     """Train every front member and the reference with every confirm seed (complete runs skipped);
     True when one failed."""
-    from fvlab.lit.runner import BadConfig, RunRefused, build_run, config_hash, fit_run, plan_run, release_memory
+    from fvlab.lit.runner import BadConfig, RunRefused, build_run, fit_run, plan_run, release_memory
 
     failed = False
     for trial in confirm_members(study):
         config = trial_config(trial, sweep, base_config, study_dir)
         for seed in sweep.confirm_seeds or []:
-            run_dir = confirm_dir(study_dir, trial, seed)
+            run_dir = confirm_dir(study_dir, trial.number, seed)
             label = f"[{sweep.study}] confirm trial {trial.number} seed {seed}"
             try:
                 spec = build_run(config, run_dir, experiment=f"{sweep.study}_confirm",
-                                 variant=f"trial_{trial.number:04d}", seed=seed)
+                                 variant=trial_dir_name(trial.number), seed=seed)
                 plan = plan_run(run_dir, config_hash(spec.config), config=spec.config)
             except (BadConfig, RunRefused) as err:
                 log(f"{label}: {err}", flush=True)
@@ -109,26 +100,16 @@ def confirm_front(study: optuna.Study, sweep: SweepSpec, base_config: Mapping[st
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
-    from fvlab.lit.runner import read_metrics
-
     metrics = read_metrics(run_dir)
     return metrics if metrics and metrics.get("status") == "complete" else None
 
 
-def confirm_seeds_on_disk(study_dir: Path) -> list[int]:
-    """The seeds of the confirm runs under ``runs/<study>/confirm`` (``fvlab report``, without the sweep file)."""
-    found = {int(p.name[len("seed_"):]) for p in (Path(study_dir) / "confirm").glob("trial_*/seed_*")
-             if p.name[len("seed_"):].isdigit()}
-    return sorted(found)
-
-
 def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
     """A ``model/*`` figure as measured (a seed does not change it); throughput with its interval."""
-    attr = metric.removeprefix("model/")
-    value = trial.user_attrs.get(attr)
+    value = trial.user_attrs.get(trial_attr(metric))
     if value is None:
         return "-"
-    lo, hi = trial.user_attrs.get(f"{attr}_lo"), trial.user_attrs.get(f"{attr}_hi")
+    lo, hi = trial.user_attrs.get(trial_attr(f"{metric}_lo")), trial.user_attrs.get(trial_attr(f"{metric}_hi"))
     return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{value:.4g}"
 
 
@@ -140,7 +121,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
     from fvlab.pareto import pareto_optimal
     from fvlab.report.stats import SIGNIFICANT_MARK, holm, paired_difference
 
-    trained = [m for m in objectives if not m.startswith("model/")]
+    trained = [m for m in objectives if not is_model_metric(m)]
     # In a one-shot study the trial's own value is its subnet's, evaluated on the supernet.
     own_label = "supernet" if is_supernet_study(study) else "selecting run"
     reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
@@ -148,7 +129,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
     for trial in confirm_members(study):
         by_seed: dict[str, dict[int, float]] = {m: {} for m in trained}
         for seed in seeds:
-            metrics = _read_metrics(confirm_dir(study_dir, trial, seed))
+            metrics = _read_metrics(confirm_dir(study_dir, trial.number, seed))
             for metric in trained if metrics is not None else ():
                 value = metrics.get(metric)
                 if value is not None and math.isfinite(float(value)):
@@ -168,7 +149,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
     means = []
     for trial, by_seed in members:
         means.append([statistics.fmean(by_seed[m].values()) if by_seed.get(m) else
-                      (own[trial.number][m] if m.startswith("model/") else math.nan) for m in objectives])
+                      (own[trial.number][m] if is_model_metric(m) else math.nan) for m in objectives])
     stays = pareto_optimal([None if any(math.isnan(v) for v in mean) else mean for mean in means],
                            study.directions)
     rows = []
@@ -177,7 +158,7 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
         row: dict[str, Any] = {"trial": f"{trial.number}" + (" (reference)" if is_reference else "")}
         row["confirm seeds"] = " ".join(str(s) for s in seeds if any(s in by_seed[m] for m in trained)) or "-"
         for metric in objectives:
-            if metric.startswith("model/"):
+            if is_model_metric(metric):
                 row[metric] = _architecture_cell(trial, metric)
                 continue
             values = list(by_seed[metric].values())
@@ -251,8 +232,8 @@ def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, m
         return ""
     supernet, standalone = [], []
     for trial in confirm_members(study):
-        own = trial.user_attrs.get(metric.replace("/", "_"))
-        values = [m[metric] for m in (_read_metrics(confirm_dir(study_dir, trial, s)) for s in seeds)
+        own = trial.user_attrs.get(trial_attr(metric))
+        values = [m[metric] for m in (_read_metrics(confirm_dir(study_dir, trial.number, s)) for s in seeds)
                   if m is not None and m.get(metric) is not None]
         if own is not None and values:
             supernet.append(float(own))

@@ -28,7 +28,11 @@ from optuna.trial import TrialState
 from fvlab.experiment import apply_overrides
 from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
-from fvlab.metrics import MODEL_EXTRA_METRICS, MODEL_METRICS, MOMENT_METRICS
+from fvlab.metrics import (LATENCY_MS, LATENCY_MS_MEASURED, MODEL_TRIAL_ATTRS, SIZE_METRICS, SPEEDUP,
+                           TEST_ACC1, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, THROUGHPUT_MEASURED,
+                           THROUGHPUT_MEASURED_HI, THROUGHPUT_MEASURED_LO, TRAIN_LOSS_EPOCH, TRIAL_ATTRS,
+                           VAL_ACC1_BEST)
+from fvlab.runs import stable_hash, trial_dir_name, without_display_keys
 from fvlab.sweep.canonical import canonical_arch, network_identity
 from fvlab.sweep.pareto import SCALE_ATTR
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
@@ -39,9 +43,6 @@ __all__ = ["canonical_key", "TrialFailed", "PruningCallback", "ArchitectureProfi
 log = logging.getLogger(__name__)
 
 ARCH_ATTR = "fvlab_arch:"
-# user_attrs names of the model metrics: the metric name without its "model/" prefix.
-USER_ATTRS = {metric: metric.removeprefix("model/")
-              for metric in (*MODEL_METRICS, *MODEL_EXTRA_METRICS, *MOMENT_METRICS)}
 
 
 CANONICAL_ATTR = "canonical"  # trial user_attr: hash of what the trial trains (canonical_key)
@@ -55,11 +56,6 @@ def canonical_key(spec: RunSpec) -> str:
 
     At the image size: settings the network ignores there count for nothing, e.g. ``ct_size`` and
     ``do_propagation`` of a HAT stage whose feature map is one window (no carrier tokens)."""
-    import hashlib
-    import json
-
-    from fvlab.lit.runner import without_display_keys
-
     config = without_display_keys(spec.config)
     for key in ("name", "variant"):
         config.pop(key, None)
@@ -68,8 +64,7 @@ def canonical_key(spec: RunSpec) -> str:
         form = canonical_arch(spec.model.model, getattr(spec.datamodule, "image_size", None))
         model["arch"] = {"checkpoint_path": model["arch"].get("checkpoint_path"),
                          **(form if form is not None else model["arch"])}
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return stable_hash(config)
 
 
 class TrialFailed(RuntimeError):
@@ -208,8 +203,7 @@ class ArchitectureProfiler:
         alone = reference is None or not self.throughput or network_identity(spec) == network_identity(reference)
         specs = {"candidate": spec} if alone else {"reference": reference, "candidate": spec}
         measured = measure_specs(specs, reference=next(iter(specs)), throughput=self.throughput)
-        figures: dict[str, Any] = {k: v for k, v in measured["candidate"].items()
-                                   if k in ("model/params_m", "model/params_built_m", "model/gflops")}
+        figures: dict[str, Any] = {k: v for k, v in measured["candidate"].items() if k in SIZE_METRICS}
         detail = measured["candidate"].get("throughput") or {}
         if detail:
             figures.update({"throughput": detail["images_per_s"], "throughput_lo": detail["images_per_s_lo"],
@@ -249,8 +243,7 @@ class ArchitectureProfiler:
     def on_scale(self, figures: Mapping[str, Any]) -> dict[str, float | None]:
         """The ``model/*`` metrics of cached figures: throughput and latency on the study's scale,
         the moment's own readings under ``*_measured``."""
-        metrics: dict[str, float | None] = {k: figures.get(k) for k in
-                                            ("model/params_m", "model/params_built_m", "model/gflops")}
+        metrics: dict[str, float | None] = {k: figures.get(k) for k in SIZE_METRICS}
         if not self.throughput:
             return metrics
         scale = self.scale() or {}
@@ -260,15 +253,15 @@ class ArchitectureProfiler:
             return None if ratio is None or base is None else float(ratio) * float(base)
 
         metrics.update({
-            "model/throughput": times(figures.get("speedup"), tp),
-            "model/throughput_lo": times(figures.get("speedup_lo"), tp),
-            "model/throughput_hi": times(figures.get("speedup_hi"), tp),
-            "model/latency_ms": times(figures.get("latency_ratio"), latency),
-            "model/speedup": figures.get("speedup"),
-            "model/throughput_measured": figures.get("throughput"),
-            "model/throughput_measured_lo": figures.get("throughput_lo"),
-            "model/throughput_measured_hi": figures.get("throughput_hi"),
-            "model/latency_ms_measured": figures.get("latency_ms")})
+            THROUGHPUT: times(figures.get("speedup"), tp),
+            THROUGHPUT_LO: times(figures.get("speedup_lo"), tp),
+            THROUGHPUT_HI: times(figures.get("speedup_hi"), tp),
+            LATENCY_MS: times(figures.get("latency_ratio"), latency),
+            SPEEDUP: figures.get("speedup"),
+            THROUGHPUT_MEASURED: figures.get("throughput"),
+            THROUGHPUT_MEASURED_LO: figures.get("throughput_lo"),
+            THROUGHPUT_MEASURED_HI: figures.get("throughput_hi"),
+            LATENCY_MS_MEASURED: figures.get("latency_ms")})
         return metrics
 
 
@@ -340,7 +333,7 @@ class SweepObjective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
-        run_name = f"trial_{trial.number:04d}"  # every attempt its own: a retry has its own number
+        run_name = trial_dir_name(trial.number)  # every attempt its own: a retry has its own number
         run_dir = self.study_dir / run_name
         trial.set_user_attr("run_name", run_name)
         trial.set_user_attr("run_dir", str(run_dir))
@@ -398,7 +391,7 @@ class SweepObjective:
 
         The reference trial too: its own settings break the user's bound, and a full training of a
         model the user ruled out is not spent (pareto.md says so). Pruners never stop it."""
-        for metric, attr in USER_ATTRS.items():
+        for metric, attr in MODEL_TRIAL_ATTRS.items():
             if metrics.get(metric) is not None:
                 trial.set_user_attr(attr, metrics[metric])
         already = trial.constraints
@@ -417,10 +410,10 @@ class SweepObjective:
 
     def _values(self, trial: optuna.Trial, result: Mapping[str, Any],
                 metrics: Mapping[str, float | None]) -> list[float]:
-        if result.get("val/acc1_best") is not None:
-            trial.set_user_attr("val_acc1_best", result["val/acc1_best"])
-        if result.get("test/acc1") is not None:  # shown in the tables, never an objective
-            trial.set_user_attr("test_acc1", result["test/acc1"])
+        if result.get(VAL_ACC1_BEST) is not None:
+            trial.set_user_attr(TRIAL_ATTRS[VAL_ACC1_BEST], result[VAL_ACC1_BEST])
+        if result.get(TEST_ACC1) is not None:  # shown in the tables, never an objective
+            trial.set_user_attr(TRIAL_ATTRS[TEST_ACC1], result[TEST_ACC1])
         status = result.get("status")
         if status == "pruned":
             self._prune(trial, result.get("error") or "pruned")
@@ -438,8 +431,8 @@ class SweepObjective:
                 trial.set_user_attr("fail_reason", reason)
                 raise TrialFailed(reason)
             values.append(float(value))
-        loss = result.get("train/loss_epoch")
+        loss = result.get(TRAIN_LOSS_EPOCH)
         if loss is not None and not math.isfinite(float(loss)):
-            trial.set_user_attr("fail_reason", f"train/loss_epoch is {loss}")
-            raise TrialFailed(f"train/loss_epoch is {loss}")
+            trial.set_user_attr("fail_reason", f"{TRAIN_LOSS_EPOCH} is {loss}")
+            raise TrialFailed(f"{TRAIN_LOSS_EPOCH} is {loss}")
         return values

@@ -21,9 +21,10 @@ import torch
 
 from fvlab.experiment import apply_overrides
 from fvlab.lit.runner import (BadConfig, RunRefused, RunSpec, build_run, changed_run_keys, fit_run,
-                              plan_run, profile_run, read_metrics, release_memory)
+                              plan_run, profile_run, release_memory)
 from fvlab.lit.supernet import SupernetClassifier
 from fvlab.models.supernet import recalibrate_batchnorm
+from fvlab.runs import CONFIG_FILE, read_metrics, trial_dir_name
 from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective
 from fvlab.sweep.space import SweepError, SweepSpec
 
@@ -80,7 +81,7 @@ def train_supernet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: Path,
             # A sweep rerun resumes what it started, the supernet included.
             plan = plan_run(run_dir, spec.config_hash, resume=True, config=spec.config)
         except RunRefused as err:
-            keys = changed_run_keys(run_dir, spec.config) if (run_dir / "config.yaml").is_file() else []
+            keys = changed_run_keys(run_dir, spec.config) if (run_dir / CONFIG_FILE).is_file() else []
             if not keys:
                 raise SweepError(f"supernet: {err}") from None
             shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
@@ -164,7 +165,7 @@ class OneShotObjective(SweepObjective):
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
         run_dir = self.study_dir / SUPERNET_DIR
         # A name (best/<name>.yaml, confirm/<name>/) but no directory: nothing is trained here.
-        trial.set_user_attr("run_name", f"trial_{trial.number:04d}")
+        trial.set_user_attr("run_name", trial_dir_name(trial.number))
         trial.set_user_attr("evaluated_on", str(run_dir))
         config = apply_overrides(self.base_config, {**self.sweep.overrides, **params})
         try:

@@ -17,7 +17,10 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.experiment import apply_overrides
+from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, TEST_ACC1, THROUGHPUT, THROUGHPUT_HI,
+                           THROUGHPUT_LO, TRIAL_ATTRS)
 from fvlab.pareto import pareto_optimal
+from fvlab.runs import best_config_path, best_dir, read_config, stale_best_configs, trial_dir_name
 from fvlab.sweep.space import SweepSpec, encode_choice
 
 __all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "write_front", "export_configs",
@@ -27,7 +30,7 @@ __all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "wri
 SCALE_ATTR = "fvlab_throughput_scale"
 # ... and the front's architectures and the reference measured side by side after the search.
 TOGETHER_ATTR = "fvlab_front_together"
-SPEED_OBJECTIVES = {"model/throughput": "throughput", "model/latency_ms": "latency_ms", "model/speedup": "speedup"}
+SPEED_OBJECTIVES = {THROUGHPUT: "throughput", LATENCY_MS: "latency_ms", SPEEDUP: "speedup"}
 SCALE_NOTE = ("model/throughput is on the study's one scale: the trial's side-by-side speedup to the reference "
               "times the reference's throughput stored in the study when it was first measured (the trial's own "
               "moment read model/throughput_measured). 'together' columns: the front and the reference measured "
@@ -68,16 +71,16 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
         if trial.user_attrs.get("reference"):
             row["run"] = f"{row['run']} (reference)"  # the base experiment's own settings
         row.update(zip(sweep.objectives, trial.values))
-        row["test/acc1"] = trial.user_attrs.get("test_acc1")  # measured once, never selected on
+        row[TEST_ACC1] = trial.user_attrs.get(TRIAL_ATTRS[TEST_ACC1])  # measured once, never selected on
         row.update({key: sweep.space[key].decode(value) if key in sweep.space else value
                     for key, value in trial.params.items()})
-        for attr in ("params_m", "gflops", "throughput", "speedup"):
-            metric = f"model/{attr}"
+        for metric in (PARAMS_M, GFLOPS, THROUGHPUT, SPEEDUP):
+            attr = TRIAL_ATTRS[metric]
             if metric not in sweep.objectives and trial.user_attrs.get(attr) is not None:
                 row[metric] = trial.user_attrs[attr]
-        lo, hi = trial.user_attrs.get("throughput_lo"), trial.user_attrs.get("throughput_hi")
+        lo, hi = trial.user_attrs.get(TRIAL_ATTRS[THROUGHPUT_LO]), trial.user_attrs.get(TRIAL_ATTRS[THROUGHPUT_HI])
         if lo is not None and hi is not None:  # the side-by-side measurement's 95% interval
-            row["model/throughput [95%]"] = f"[{lo:.0f}, {hi:.0f}]"
+            row[f"{THROUGHPUT} [95%]"] = f"[{lo:.0f}, {hi:.0f}]"
         rows.append(row)
     return rows
 
@@ -120,28 +123,24 @@ def write_front(study_dir: Path, rows: list[dict[str, Any]], title: str, notes: 
 def export_configs(study_dir: Path, trials: list[FrozenTrial], sweep: SweepSpec,
                    base_config: Mapping[str, Any]) -> list[Path]:
     """``best/trial_NNNN.yaml`` per front trial: the trial's resolved config, runnable with ``fvlab fit``."""
-    best = study_dir / "best"
-    best.mkdir(parents=True, exist_ok=True)
+    best_dir(study_dir).mkdir(parents=True, exist_ok=True)
     wanted = set()
     paths = []
     for trial in trials:
-        run_name = trial.user_attrs.get("run_name") or f"trial_{trial.number:04d}"
-        resolved = study_dir / run_name / "config.yaml"
-        if resolved.is_file():
-            config = yaml.safe_load(resolved.read_text())
-        else:  # trained on another machine: rebuild it from the base and the trial's parameters
+        run_name = trial.user_attrs.get("run_name") or trial_dir_name(trial.number)
+        config = read_config(study_dir / run_name)
+        if config is None:  # trained on another machine: rebuild it from the base and the trial's parameters
             config = apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
         config = {**config, "name": f"{sweep.study}_best", "variant": run_name}
         scores = ", ".join(f"{m}={v:.4g}" for m, v in zip(sweep.objectives, trial.values))
-        path = best / f"{run_name}.yaml"
+        path = best_config_path(study_dir, run_name)
         path.write_text(f"# fvlab sweep {sweep.study}, trial {trial.number}: {scores}\n"
                         f"# Train it: fvlab fit {path} (e.g. --trainer.max_epochs 300)\n"
                         + yaml.safe_dump(config, sort_keys=False))
         wanted.add(path.name)
         paths.append(path)
-    for old in best.glob("trial_*.yaml"):
-        if old.name not in wanted:  # left the front since the last export
-            old.unlink()
+    for old in stale_best_configs(study_dir, keep=wanted):  # left the front since the last export
+        old.unlink()
     return paths
 
 
@@ -175,9 +174,9 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
             spec = build_run(trial_config(trial, sweep, base_config, study_dir), None, {"trainer.logger": False})
             key = identity_key(network_identity(spec))
             if key not in name_of_identity:
-                name_of_identity[key] = f"trial_{trial.number:04d}"
+                name_of_identity[key] = trial_dir_name(trial.number)
                 targets[name_of_identity[key]] = Target.of(spec)
-                counts[name_of_identity[key]] = {"model/gflops": trial.user_attrs.get("gflops")}
+                counts[name_of_identity[key]] = {GFLOPS: trial.user_attrs.get(TRIAL_ATTRS[GFLOPS])}
             name_of[trial.number] = name_of_identity[key]
             del spec
         measured = measure_specs(targets, reference="reference", counts=counts)
@@ -206,9 +205,9 @@ def together_columns(rows: list[dict[str, Any]], trials: list[FrozenTrial], toge
         if figures is None:
             points.append(None)
             continue
-        row["model/throughput (together)"] = figures["throughput"]
+        row[f"{THROUGHPUT} (together)"] = figures["throughput"]
         row["together [95%]"] = f"[{figures['throughput_lo']:.0f}, {figures['throughput_hi']:.0f}]"
-        row["model/speedup (together)"] = figures["speedup"]
+        row[f"{SPEEDUP} (together)"] = figures["speedup"]
         points.append([figures[SPEED_OBJECTIVES[m]] if m in SPEED_OBJECTIVES else v
                        for m, v in zip(sweep.objectives, trial.values)])
     for row, optimal in zip(rows, pareto_optimal(points, sweep.directions)):

@@ -58,6 +58,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.lit.callbacks import ModelProfileCallback
+from fvlab.metrics import is_model_metric
 from fvlab.sweep.front import PROMOTIONS, losses, promotion_order
 from fvlab.sweep.space import rung_epochs
 
@@ -198,7 +199,7 @@ class RungsCallback(pl.Callback):
         profiled = next((c.metrics for c in trainer.callbacks if isinstance(c, ModelProfileCallback)), {})
         values = {}
         for metric in self.objectives:
-            if metric.startswith("model/"):
+            if is_model_metric(metric):
                 value = self.known.get(metric, profiled.get(metric))
             else:
                 value = trainer.callback_metrics.get(metric)

@@ -9,7 +9,6 @@ list when the trial's config is built.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -24,7 +23,9 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 
 from fvlab.experiment import changed_keys
-from fvlab.metrics import SELECTION_METRICS, VAL_METRICS
+from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SELECTION_METRICS, SPEEDUP, THROUGHPUT, VAL_METRICS,
+                           is_model_metric)
+from fvlab.runs import stable_hash
 from fvlab.sweep.front import PROMOTIONS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
@@ -37,9 +38,9 @@ METRICS = SELECTION_METRICS
 # Reported at every validation, so a pruner can follow them.
 TRAINING_METRICS = VAL_METRICS
 # constraint name -> (metric, bound kind)
-CONSTRAINTS = {"max_gflops": ("model/gflops", "max"), "max_params_m": ("model/params_m", "max"),
-               "min_throughput": ("model/throughput", "min"),
-               "max_latency_ms": ("model/latency_ms", "max")}
+CONSTRAINTS = {"max_gflops": (GFLOPS, "max"), "max_params_m": (PARAMS_M, "max"),
+               "min_throughput": (THROUGHPUT, "min"),
+               "max_latency_ms": (LATENCY_MS, "max")}
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 PRUNERS = ("median", "hyperband", "asha", "rungs")
 _TOP_KEYS = ("study", "experiment", "space", "objectives", "constraints", "sampler", "pruner",
@@ -266,8 +267,7 @@ class SweepSpec:
 
     def identity_hash(self) -> str:
         """Short hash of :meth:`identity`."""
-        text = json.dumps(self.identity(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return stable_hash(self.identity())
 
     def decode(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Optuna's parameter values of a trial -> config overrides (list choices decoded)."""
@@ -276,7 +276,7 @@ class SweepSpec:
 
     def uses_throughput(self) -> bool:
         """Whether objectives or constraints depend on measured speed."""
-        speed = ("model/throughput", "model/latency_ms", "model/speedup")
+        speed = (THROUGHPUT, LATENCY_MS, SPEEDUP)
         return (any(m in speed for m in self.objectives)
                 or any(k in ("min_throughput", "max_latency_ms") for k in self.constraints))
 
@@ -470,7 +470,7 @@ def _check_rungs(options: Mapping[str, Any], objectives: Mapping[str, str]) -> d
     if checked["reduction_factor"] < 2:
         raise SweepError(f"pruner.reduction_factor: must be at least 2 (keep the best 1/reduction_factor "
                          f"at each rung), got {checked['reduction_factor']}")
-    late = [m for m in objectives if m not in TRAINING_METRICS and not m.startswith("model/")]
+    late = [m for m in objectives if m not in TRAINING_METRICS and not is_model_metric(m)]
     if late:
         raise SweepError(f"pruner: rungs compares objectives at validation; {late[0]!r} is not known there; "
                          f"use {', '.join(TRAINING_METRICS)} or model/* objectives")
