@@ -177,7 +177,7 @@ def test_profile_bad_input_exits_2(argv: list[str], message: str, capsys) -> Non
 
 @pytest.mark.parametrize("body, message", [
     ("model: [1, 2", "not valid YAML"),
-    ("model:\n  arch: {name: fastervit_micro, foo: 3}\n", "'model.arch.foo'"),
+    ("model:\n  arch: {name: fastervit_micro, foo: 3}\n", "'arch.foo'"),
     ("model:\n  arch: {name: fastervit_micro, ct_size: 4, window_size: 2}\n", "ct_size[2]"),
     ("model:\n  arch: {name: fastervit_micro}\nablation:\n  v1: 3\n", "v1"),
 ])

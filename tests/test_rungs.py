@@ -224,7 +224,7 @@ from pathlib import Path
 import optuna
 from fvlab.sweep.rungs import RungsPruner
 from fvlab.sweep.storage import open_storage
-pruner, answers = RungsPruner(1, 3), []
+pruner, answers = RungsPruner(1, 3, "nsga2"), []
 for url, journal in json.loads(sys.argv[1]):
     study = optuna.load_study(study_name="rungs", storage=open_storage(url, Path(journal)))
     for values in json.loads(sys.argv[2]):
@@ -257,7 +257,7 @@ def test_two_processes_decide_alike(tmp_path: Path, request) -> None:
     assert code.returncode == 0, code.stderr[-2000:]
     theirs = json.loads(code.stdout.strip().splitlines()[-1])
     for study, answer in zip(studies, theirs, strict=True):
-        pruner = RungsPruner(1, 3)
+        pruner = RungsPruner(1, 3, "nsga2")  # crowding distance picks within the front
         mine = [[d.go_on, d.rank, d.trials] for n in range(6) for d in [pruner.decide(study, n, 1)]]
         assert answer == mine
         # One front of five trade-offs (trial 4 is dominated); of six, two go on: the front's

@@ -197,3 +197,37 @@ def test_config_hash_is_the_one_existing_run_directories_hold() -> None:
     assert runs.config_hash({**config, "trainer": {"max_epochs": 3}}) != runs.config_hash(config)
     assert runs.stable_hash({"arch": {"name": "fastervit_micro"}, "image_size": 32}) == "8b2df6720d9e9178"
     assert config["trainer"]["enable_progress_bar"] is False  # the caller's config is left as it was
+
+
+# ---- continuing a killed attempt's checkpoints -------------------------------------------------
+
+
+def test_continue_attempt_copies_the_newest_loadable_checkpoint(fitted: Path, tmp_path: Path) -> None:
+    # Real checkpoints that `fvlab fit` wrote stand in for two earlier attempts of one trial: the
+    # newer one was killed while writing last.ckpt (a truncated file), so the older one is taken.
+    import torch
+
+    from fvlab.sweep.objective import continue_attempt
+
+    older, newer = fitted / "a" / "seed_3", tmp_path / "trial_0004"  # the fit's own directory: its paths
+    (newer / "checkpoints").mkdir(parents=True)
+    (newer / "checkpoints" / "last.ckpt").write_bytes(
+        (older / "checkpoints" / "last.ckpt").read_bytes()[:100])
+    target = tmp_path / "trial_0007"
+    assert continue_attempt([str(tmp_path / "never_started"), str(newer), str(older)], target) == (
+        str(target / "checkpoints" / "last.ckpt"), torch.load(older / "checkpoints" / "last.ckpt",
+                                                              weights_only=False)["global_step"])
+    assert (target / "checkpoints" / "best.ckpt").is_file() == (older / "checkpoints" / "best.ckpt").is_file()
+    state = torch.load(target / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # ModelCheckpoint's remembered paths now point into the new attempt's directory.
+    paths = [value for key, callback in state["callbacks"].items() if key.startswith("ModelCheckpoint")
+             for value in callback.values() if isinstance(value, str) and value.endswith(".ckpt")]
+    assert paths and all(p.startswith(str((target / "checkpoints").resolve())) for p in paths)
+
+
+def test_continue_attempt_without_a_checkpoint_starts_afresh(tmp_path: Path) -> None:
+    from fvlab.sweep.objective import continue_attempt
+
+    (tmp_path / "trial_0002" / "checkpoints").mkdir(parents=True)
+    assert continue_attempt([str(tmp_path / "trial_0002"), str(tmp_path / "gone")], tmp_path / "trial_0005") is None
+    assert not (tmp_path / "trial_0005").exists()
