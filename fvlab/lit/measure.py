@@ -170,7 +170,9 @@ def measure_specs(specs: Mapping[str, RunSpec | Target], *, reference: str | Non
     names = list(targets)
     reference = reference if reference in targets else names[0]
     _check_comparable(targets, device, precision)
-    metrics = {name: _count_figures(name, target, counts) for name, target in targets.items()}
+    metrics: dict[str, dict[str, Any]] = {}
+    for name, target in targets.items():  # a loop, not a comprehension: the warnings' stacklevel counts frames
+        metrics[name] = _count_figures(name, target, counts)
     if not throughput:
         return metrics
     results = _time_side_by_side(targets, reference, batch_size, rounds, round_s, backend, device, precision)
