@@ -220,7 +220,7 @@ def main() -> None:
         hv = front_hv(picked, mean, speed, worst) / true_hv if true_hv else float("nan")
         cost = (supernet_s + eval_s) / sum(train_s.values())
 
-        print(f"\n| architecture | stand-alone acc (s0, s1, s2) | mean | supernet acc | speedup | train s |")
+        print("\n| architecture | stand-alone acc (s0, s1, s2) | mean | supernet acc | speedup | train s |")
         print("|---|---|---|---|---|---|")
         for a in sorted(archs, key=lambda a: -mean[a]):
             print(f"| {a} | {', '.join(f'{v:.4f}' for v in acc[a])} | {mean[a]:.4f} | {one[a]:.4f} | "

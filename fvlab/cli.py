@@ -112,8 +112,8 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(header, cells)
 
 
-def profile_command(argv: Sequence[str]) -> int:
-    """``fvlab profile``: params, GFLOPs, throughput and latency per model, measured side by side, without training."""
+def _profile_parser() -> ArgumentParser:
+    """The parser of ``fvlab profile``'s own options."""
     from fvlab.profile import BACKENDS
 
     parser = ArgumentParser(prog="fvlab profile", description=profile_command.__doc__)
@@ -139,8 +139,11 @@ def profile_command(argv: Sequence[str]) -> int:
                         "(default: runs)")
     parser.add_argument("--no-throughput", action="store_true", help="params and GFLOPs only")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    args = _parse_with_overrides(parser, argv, help_when_empty=False)
-    trust_checkpoints(args.trust_checkpoint)
+    return parser
+
+
+def _check_profile_args(parser: ArgumentParser, args: argparse.Namespace) -> list[int | None]:
+    """The batch sizes to measure; parser.error (exit 2) for options that clash or are out of range."""
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
     if args.arch is not None and args.overrides:
@@ -159,6 +162,26 @@ def profile_command(argv: Sequence[str]) -> int:
             import onnxruntime  # noqa: F401
         except ImportError:
             parser.error("--backend onnxruntime needs ONNX Runtime: pip install 'fvlab[export]'")
+    return batch_sizes
+
+
+def _profile_precision(args: argparse.Namespace, device: Any, specs: dict[str, Any]) -> str | None:
+    """The precision to measure at, or None for each run's own."""
+    if args.amp is not None:
+        return ("16-mixed" if device.type == "cuda" else "bf16-mixed") if args.amp else "32-true"
+    if args.experiment is None and device.type == "cuda":
+        return "16-mixed"
+    if any(getattr(spec, "device", device) != device for spec in specs.values()):
+        return "32-true"  # the run's precision belongs to its own device
+    return None
+
+
+def profile_command(argv: Sequence[str]) -> int:
+    """``fvlab profile``: params, GFLOPs, throughput and latency per model, measured side by side, without training."""
+    parser = _profile_parser()
+    args = _parse_with_overrides(parser, argv, help_when_empty=False)
+    trust_checkpoints(args.trust_checkpoint)
+    batch_sizes = _check_profile_args(parser, args)
 
     from fvlab.lit.measure import profile_rows, write_profile_json
     from fvlab.lit.runner import release_memory
@@ -171,13 +194,7 @@ def profile_command(argv: Sequence[str]) -> int:
         print(f"fvlab profile: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     reference = experiment.reference if experiment is not None else None
-    precision = None
-    if args.amp is not None:
-        precision = ("16-mixed" if device.type == "cuda" else "bf16-mixed") if args.amp else "32-true"
-    elif args.experiment is None and device.type == "cuda":
-        precision = "16-mixed"
-    elif any(getattr(spec, "device", device) != device for spec in specs.values()):
-        precision = "32-true"  # the run's precision belongs to its own device
+    precision = _profile_precision(args, device, specs)
     rows = profile_rows(specs, batch_sizes=batch_sizes, reference=reference, throughput=not args.no_throughput,
                         rounds=args.rounds, backend=args.backend, device=device, precision=precision)
     del specs
@@ -437,10 +454,9 @@ def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
     return model, out, image_size
 
 
-def export_command(argv: Sequence[str]) -> int:
-    """``fvlab export``: ONNX with dynamic batch and image size, checked in ONNX Runtime first."""
-    from fvlab.export import (DEFAULT_OPSET, EXPORTER, INSTALL_HINT, check_onnx, export_onnx, fixed_image_size,
-                              missing_export_packages, parity_sizes, remove_onnx)
+def _export_parser() -> ArgumentParser:
+    """The parser of ``fvlab export``'s own options."""
+    from fvlab.export import DEFAULT_OPSET
 
     parser = ArgumentParser(prog="fvlab export", description=export_command.__doc__)
     parser.add_argument("experiment", nargs="?", help="experiment YAML: export a trained variant")
@@ -459,7 +475,13 @@ def export_command(argv: Sequence[str]) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where run directories are (default: runs)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help=TRUST_HELP)
-    args = _parse_with_overrides(parser, argv, help_when_empty=False)
+    return parser
+
+
+def _check_export_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error (exit 2) for ``fvlab export`` options that clash or are out of range."""
+    from fvlab.export import DEFAULT_OPSET
+
     if (args.experiment is None) == (args.arch is None):
         parser.error("give an experiment file or --arch NAME (not both)")
     if args.arch is not None and (args.variant or args.seed is not None):
@@ -472,6 +494,54 @@ def export_command(argv: Sequence[str]) -> int:
         parser.error(f"--opset must be between 7 and 23 (default {DEFAULT_OPSET}), got {args.opset}")
     if not args.atol > 0:
         parser.error(f"--atol must be > 0, got {args.atol}")
+
+
+def _export_plan(args: argparse.Namespace) -> tuple[Any, Path, list[tuple[int, int]]]:
+    """(model with its weights, output path, the image sizes to check it at); BadInput otherwise."""
+    from fvlab.export import parity_sizes
+
+    model, out, image_size = _export_target(args)
+    try:
+        sizes = parity_sizes(model, image_size)
+    except ValueError as err:
+        raise BadInput(f"--image-size {image_size}: {err}") from None
+    return model, out, sizes
+
+
+def _export_and_check(model: Any, out: Path, opset: int,
+                      sizes: list[tuple[int, int]]) -> list[dict[str, Any]] | None:
+    """Write the ONNX file and compare it with PyTorch at ``sizes``: the rows, or None (reported) on failure."""
+    from fvlab.export import check_onnx, export_onnx, remove_onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        export_onnx(model, out, opset=opset)
+        return check_onnx(out, model, sizes)
+    except Exception as err:  # noqa: BLE001 - an export failure is a failure while running
+        remove_onnx(out)
+        print(f"fvlab export: failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return None
+
+
+def _print_parity(rows: list[dict[str, Any]], opset: int) -> float:
+    """Print the check's rows; the largest difference of logits among them."""
+    from fvlab.export import EXPORTER
+
+    print(f"ONNX Runtime vs PyTorch (fp32 logits), {EXPORTER}, opset {opset}:")
+    for row in rows:
+        print(f"  batch {row['batch']}  {row['height']}x{row['width']}  "
+              f"max |diff| {row['max_abs_diff']:.2e}")
+    return max(row["max_abs_diff"] for row in rows)
+
+
+def export_command(argv: Sequence[str]) -> int:
+    """``fvlab export``: ONNX with dynamic batch and image size, checked in ONNX Runtime first."""
+    from fvlab.export import INSTALL_HINT, fixed_image_size, missing_export_packages, remove_onnx
+
+    parser = _export_parser()
+    args = _parse_with_overrides(parser, argv, help_when_empty=False)
+    _check_export_args(parser, args)
     missing = missing_export_packages()
     if missing:
         print(f"fvlab export: error: ONNX export needs {', '.join(missing)}; {INSTALL_HINT}",
@@ -480,28 +550,14 @@ def export_command(argv: Sequence[str]) -> int:
 
     _quiet_lightning()
     try:
-        model, out, image_size = _export_target(args)
-        try:
-            sizes = parity_sizes(model, image_size)
-        except ValueError as err:
-            raise BadInput(f"--image-size {image_size}: {err}") from None
+        model, out, sizes = _export_plan(args)
     except BadInput as err:
         print(f"fvlab export: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        export_onnx(model, out, opset=args.opset)
-        rows = check_onnx(out, model, sizes)
-    except Exception as err:  # noqa: BLE001 - an export failure is a failure while running
-        remove_onnx(out)
-        print(f"fvlab export: failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}",
-              file=sys.stderr)
+    rows = _export_and_check(model, out, args.opset, sizes)
+    if rows is None:
         return EXIT_FAILURE
-    print(f"ONNX Runtime vs PyTorch (fp32 logits), {EXPORTER}, opset {args.opset}:")
-    for row in rows:
-        print(f"  batch {row['batch']}  {row['height']}x{row['width']}  "
-              f"max |diff| {row['max_abs_diff']:.2e}")
-    worst = max(row["max_abs_diff"] for row in rows)
+    worst = _print_parity(rows, args.opset)
     if not worst <= args.atol:
         remove_onnx(out)
         print(f"fvlab export: refused: max |diff| {worst:.2e} > {args.atol:g}; {out} removed",

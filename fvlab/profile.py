@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -431,6 +431,103 @@ def _rounds_of(runners: dict[str, Any], inputs: dict[str, torch.Tensor], device:
     return rates
 
 
+@dataclass(frozen=True)
+class _Timing:
+    """How measure_side_by_side times: its arguments, or the device's defaults where not given."""
+
+    device: torch.device
+    batch_size: int
+    channels_last: bool
+    warmup: int
+    rounds: int
+    round_s: float
+
+
+def _check_models(models: Mapping[str, nn.Module], reference: str | None, backend: str) -> str:
+    """The reference model's name (default: the first); ValueError for no models or unknown names."""
+    if not models:
+        raise ValueError("no models to measure")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    names = list(models)
+    reference = reference if reference is not None else names[0]
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not among the models ({', '.join(names)})")
+    return reference
+
+
+def _resolve_timing(models: Mapping[str, nn.Module], device: str | torch.device | None, batch_size: int | None,
+                    channels_last: bool | None, warmup: int | None, rounds: int | None,
+                    round_s: float | None) -> _Timing:
+    """The timing settings given, the rest from the device's defaults; ValueError if out of range."""
+    device = torch.device(device) if device is not None else _model_device(models[next(iter(models))])
+    defaults = default_benchmark_settings(device)
+    batch_size = batch_size or defaults["batch_size"]
+    channels_last = defaults["channels_last"] if channels_last is None else channels_last
+    warmup = defaults["warmup"] if warmup is None else warmup
+    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or 60)
+    round_s = round_s or float(os.environ.get("FVLAB_PROFILE_ROUND_S") or 0.2)
+    if batch_size < 1 or rounds < 1 or warmup < 0 or round_s <= 0:
+        raise ValueError(f"batch_size and rounds must be >= 1, warmup >= 0 and round_s > 0, got "
+                         f"{batch_size}, {rounds}, {warmup}, {round_s}")
+    return _Timing(device, batch_size, channels_last, warmup, rounds, round_s)
+
+
+def _autocast_dtype(precision: str | None, device: torch.device, backend: str) -> tuple[bool, torch.dtype | None, str]:
+    """(autocast on, its dtype, the results' dtype label) for ``precision`` on ``device`` and ``backend``."""
+    amp, amp_dtype = autocast_for_precision(precision)
+    if amp and amp_dtype is torch.float16 and device.type == "cpu":
+        amp_dtype = torch.bfloat16
+    if backend == "onnxruntime":
+        amp = False  # the exported graph is fp32 (what the export checks against PyTorch)
+    dtype = f"amp_{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
+    return amp, amp_dtype, dtype
+
+
+def _input_shape(models: Mapping[str, nn.Module], image_size: int | Sequence[int] | Mapping[str, Any],
+                 in_chans: int | Mapping[str, int] | None, name: str, n: int) -> tuple[int, ...]:
+    """(n, channels, height, width) of model ``name``'s input; sizes and channels may be per model."""
+    size = image_size[name] if isinstance(image_size, Mapping) else image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    chans = in_chans[name] if isinstance(in_chans, Mapping) else in_chans
+    return (n, chans or getattr(models[name], "in_chans", 3), h, w)
+
+
+def _build_runners(models: Mapping[str, nn.Module], batches: dict[str, torch.Tensor],
+                   shape: Callable[[str, int], tuple[int, ...]], timing: _Timing, backend: str, fuse: bool,
+                   autocast: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """Every model prepared for inference on ``backend``, and the seconds each one's compile took."""
+    runners: dict[str, Any] = {}
+    compile_s: dict[str, float | None] = dict.fromkeys(models)
+    for name in models:
+        prepared = _prepare_for_inference(models[name], timing.device, timing.channels_last, fuse)
+        if backend == "compile":
+            prepared, compile_s[name] = _compiled(prepared, batches[name], autocast())
+        elif backend == "onnxruntime":
+            from fvlab.export import onnxruntime_runner
+
+            prepared = onnxruntime_runner(prepared, shape(name, timing.batch_size), device=timing.device)
+        runners[name] = prepared
+    return runners, compile_s
+
+
+def _summarize(name: str, reference: str, rates: dict[str, list[float]],
+               lat_rates: dict[str, list[float]] | None, **fields: Any) -> SideBySide:
+    """One model's medians and intervals over the rounds: throughput, speedup, latency, latency ratio."""
+    tp = median_interval(rates[name])
+    ratios = [a / b for a, b in zip(rates[name], rates[reference])]
+    sp = median_interval(ratios)
+    # Batch-1 latency: per-call seconds, so the interval's ends swap relative to the rates.
+    lat = median_interval([1000.0 / r for r in lat_rates[name]]) if lat_rates else (None, None, None)
+    lat_ratio = (median_interval([b / a for a, b in zip(lat_rates[name], lat_rates[reference])])
+                 if lat_rates else (None, None, None))
+    return SideBySide(
+        name=name, images_per_s=tp[0], images_per_s_lo=tp[1], images_per_s_hi=tp[2],
+        latency_ms=lat[0], latency_ms_lo=lat[1], latency_ms_hi=lat[2],
+        speedup=sp[0], speedup_lo=sp[1], speedup_hi=sp[2], reference=reference,
+        latency_ratio=lat_ratio[0], latency_ratio_lo=lat_ratio[1], latency_ratio_hi=lat_ratio[2], **fields)
+
+
 def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequence[int] | Mapping[str, Any] = 224,
                          *, reference: str | None = None, batch_size: int | None = None,
                          device: str | torch.device | None = None, precision: str | None = None,
@@ -447,76 +544,33 @@ def measure_side_by_side(models: Mapping[str, nn.Module], image_size: int | Sequ
     its compile time reported as ``compile_s``), ``onnxruntime`` (the exported graph, CPU or
     the CUDA provider; see fvlab.export).
     """
-    if not models:
-        raise ValueError("no models to measure")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    reference = _check_models(models, reference, backend)
     names = list(models)
-    reference = reference if reference is not None else names[0]
-    if reference not in models:
-        raise ValueError(f"reference {reference!r} is not among the models ({', '.join(names)})")
-    device = torch.device(device) if device is not None else _model_device(models[names[0]])
-    defaults = default_benchmark_settings(device)
-    batch_size = batch_size or defaults["batch_size"]
-    channels_last = defaults["channels_last"] if channels_last is None else channels_last
-    warmup = defaults["warmup"] if warmup is None else warmup
-    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or 60)
-    round_s = round_s or float(os.environ.get("FVLAB_PROFILE_ROUND_S") or 0.2)
-    if batch_size < 1 or rounds < 1 or warmup < 0 or round_s <= 0:
-        raise ValueError(f"batch_size and rounds must be >= 1, warmup >= 0 and round_s > 0, got "
-                         f"{batch_size}, {rounds}, {warmup}, {round_s}")
-    amp, amp_dtype = autocast_for_precision(precision)
-    if amp and amp_dtype is torch.float16 and device.type == "cpu":
-        amp_dtype = torch.bfloat16
-    if backend == "onnxruntime":
-        amp = False  # the exported graph is fp32 (what the export checks against PyTorch)
-    dtype = f"amp_{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    timing = _resolve_timing(models, device, batch_size, channels_last, warmup, rounds, round_s)
+    device = timing.device
+    amp, amp_dtype, dtype = _autocast_dtype(precision, device, backend)
+    memory_format = torch.channels_last if timing.channels_last else torch.contiguous_format
 
     def shape(name: str, n: int) -> tuple[int, ...]:
-        size = image_size[name] if isinstance(image_size, Mapping) else image_size
-        h, w = (size, size) if isinstance(size, int) else size
-        chans = in_chans[name] if isinstance(in_chans, Mapping) else in_chans
-        return (n, chans or getattr(models[name], "in_chans", 3), h, w)
+        return _input_shape(models, image_size, in_chans, name, n)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp)
 
-    runners: dict[str, Any] = {}
-    compile_s: dict[str, float | None] = dict.fromkeys(names)
-    batches = {name: _random_input(shape(name, batch_size), device).contiguous(memory_format=memory_format)
+    batches = {name: _random_input(shape(name, timing.batch_size), device).contiguous(memory_format=memory_format)
                for name in names}
     singles = {name: _random_input(shape(name, 1), device).contiguous(memory_format=memory_format)
                for name in names}
-    for name in names:
-        prepared = _prepare_for_inference(models[name], device, channels_last, fuse)
-        if backend == "compile":
-            prepared, compile_s[name] = _compiled(prepared, batches[name], autocast())
-        elif backend == "onnxruntime":
-            from fvlab.export import onnxruntime_runner
-
-            prepared = onnxruntime_runner(prepared, shape(name, batch_size), device=device)
-        runners[name] = prepared
-    rates = _rounds_of(runners, batches, device, autocast(), rounds, round_s, warmup)
-    lat_rates = (_rounds_of(runners, singles, device, autocast(), rounds, round_s / 2, warmup)
+    runners, compile_s = _build_runners(models, batches, shape, timing, backend, fuse, autocast)
+    rates = _rounds_of(runners, batches, device, autocast(), timing.rounds, timing.round_s, timing.warmup)
+    lat_rates = (_rounds_of(runners, singles, device, autocast(), timing.rounds, timing.round_s / 2, timing.warmup)
                  if latency else None)
     threads = torch.get_num_threads()
-    results = {}
-    for name in names:
-        tp = median_interval(rates[name])
-        ratios = [a / b for a, b in zip(rates[name], rates[reference])]
-        sp = median_interval(ratios)
-        # Batch-1 latency: per-call seconds, so the interval's ends swap relative to the rates.
-        lat = median_interval([1000.0 / r for r in lat_rates[name]]) if lat_rates else (None, None, None)
-        lat_ratio = (median_interval([b / a for a, b in zip(lat_rates[name], lat_rates[reference])])
-                     if lat_rates else (None, None, None))
-        results[name] = SideBySide(
-            name=name, images_per_s=tp[0], images_per_s_lo=tp[1], images_per_s_hi=tp[2],
-            latency_ms=lat[0], latency_ms_lo=lat[1], latency_ms_hi=lat[2],
-            speedup=sp[0], speedup_lo=sp[1], speedup_hi=sp[2], reference=reference,
-            batch_size=batch_size, rounds=rounds, device=str(device), dtype=dtype,
-            channels_last=channels_last, backend=backend, threads=threads, compile_s=compile_s[name],
-            latency_ratio=lat_ratio[0], latency_ratio_lo=lat_ratio[1], latency_ratio_hi=lat_ratio[2])
+    results = {name: _summarize(name, reference, rates, lat_rates, batch_size=timing.batch_size,
+                                rounds=timing.rounds, device=str(device), dtype=dtype,
+                                channels_last=timing.channels_last, backend=backend, threads=threads,
+                                compile_s=compile_s[name])
+               for name in names}
     del runners
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -90,6 +90,61 @@ def _targets(models: Mapping[str, RunSpec | Target]) -> dict[str, Target]:
     return {name: m if isinstance(m, Target) else Target.of(m) for name, m in models.items()}
 
 
+def _check_comparable(targets: Mapping[str, Target], device: torch.device | None, precision: str | None) -> None:
+    """ValueError unless the targets share a device and a precision (or ``device``/``precision`` replace theirs)."""
+    devices = {str(t.device) for t in targets.values()}
+    precisions = {t.precision for t in targets.values()}
+    if device is None and len(devices) > 1 or precision is None and len(precisions) > 1:
+        raise ValueError(f"runs measured side by side must share device and precision, got "
+                         f"{sorted(devices)} and {sorted(precisions)}")
+
+
+def _count_figures(name: str, target: Target, counts: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """One target's params and GFLOPs (those in ``counts`` if given), its timed figures None."""
+    figures: dict[str, Any] = {PARAMS_M: count_params(target.network, target.image_size) / 1e6,
+                               PARAMS_BUILT_M: count_params(target.network) / 1e6,
+                               GFLOPS: None, **dict.fromkeys(THROUGHPUT_METRICS)}
+    if counts and name in counts:
+        figures[GFLOPS] = counts[name].get(GFLOPS)
+    else:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                figures[GFLOPS] = count_flops(target.network, target.image_size,
+                                                      in_chans=target.in_chans)
+        except Exception as err:  # a measurement never fails a run
+            # stacklevel 3: the warning names measure_specs' caller.
+            warnings.warn(f"{name}: FLOP count failed, recorded as null: {type(err).__name__}: {err}",
+                          stacklevel=3)
+    return figures
+
+
+def _time_side_by_side(targets: Mapping[str, Target], reference: str, batch_size: int | None, rounds: int | None,
+                       round_s: float | None, backend: str, device: torch.device | None,
+                       precision: str | None) -> dict[str, Any] | None:
+    """measure_side_by_side of the targets' networks, every generator left as it was; None (warned) on failure."""
+    first = next(iter(targets.values()))
+    device = device or first.device
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        # Measuring must leave every generator as it was: a run trains the same whether or not
+        # its architecture was measured first.
+        with torch.random.fork_rng(devices=cuda):
+            return measure_side_by_side(
+                {name: t.network for name, t in targets.items()},
+                {name: t.image_size for name, t in targets.items()},
+                in_chans={name: t.in_chans for name, t in targets.items()},
+                reference=reference, batch_size=batch_size, device=device,
+                precision=precision or first.precision, rounds=rounds, round_s=round_s, backend=backend)
+    except Exception as err:  # out of memory, an unsupported dtype on this device ...
+        # stacklevel 3: the warning names measure_specs' caller.
+        warnings.warn(f"throughput measurement failed, recorded as null: {type(err).__name__}: {err}",
+                      stacklevel=3)
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def measure_specs(specs: Mapping[str, RunSpec | Target], *, reference: str | None = None,
                   throughput: bool = True, batch_size: int | None = None, rounds: int | None = None,
                   round_s: float | None = None, backend: str = "eager", device: torch.device | None = None,
@@ -105,50 +160,14 @@ def measure_specs(specs: Mapping[str, RunSpec | Target], *, reference: str | Non
     targets = _targets(specs)
     names = list(targets)
     reference = reference if reference in targets else names[0]
-    devices = {str(t.device) for t in targets.values()}
-    precisions = {t.precision for t in targets.values()}
-    if device is None and len(devices) > 1 or precision is None and len(precisions) > 1:
-        raise ValueError(f"runs measured side by side must share device and precision, got "
-                         f"{sorted(devices)} and {sorted(precisions)}")
+    _check_comparable(targets, device, precision)
     metrics: dict[str, dict[str, Any]] = {}
-    for name, target in targets.items():
-        figures: dict[str, Any] = {PARAMS_M: count_params(target.network, target.image_size) / 1e6,
-                                   PARAMS_BUILT_M: count_params(target.network) / 1e6,
-                                   GFLOPS: None, **dict.fromkeys(THROUGHPUT_METRICS)}
-        if counts and name in counts:
-            figures[GFLOPS] = counts[name].get(GFLOPS)
-        else:
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    figures[GFLOPS] = count_flops(target.network, target.image_size,
-                                                          in_chans=target.in_chans)
-            except Exception as err:  # a measurement never fails a run
-                warnings.warn(f"{name}: FLOP count failed, recorded as null: {type(err).__name__}: {err}",
-                              stacklevel=2)
-        metrics[name] = figures
+    for name, target in targets.items():  # a loop, not a comprehension: the warnings' stacklevel counts frames
+        metrics[name] = _count_figures(name, target, counts)
     if not throughput:
         return metrics
-    first = targets[names[0]]
-    device = device or first.device
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    try:
-        # Measuring must leave every generator as it was: a run trains the same whether or not
-        # its architecture was measured first.
-        with torch.random.fork_rng(devices=cuda):
-            results = measure_side_by_side(
-                {name: t.network for name, t in targets.items()},
-                {name: t.image_size for name, t in targets.items()},
-                in_chans={name: t.in_chans for name, t in targets.items()},
-                reference=reference, batch_size=batch_size, device=device,
-                precision=precision or first.precision, rounds=rounds, round_s=round_s, backend=backend)
-    except Exception as err:  # out of memory, an unsupported dtype on this device ...
-        warnings.warn(f"throughput measurement failed, recorded as null: {type(err).__name__}: {err}",
-                      stacklevel=2)
-        return metrics
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    for name, result in results.items():
+    results = _time_side_by_side(targets, reference, batch_size, rounds, round_s, backend, device, precision)
+    for name, result in (results or {}).items():
         metrics[name].update(result.metrics())
         metrics[name]["throughput"] = result.to_dict()
     return metrics

@@ -17,7 +17,6 @@ The library calls, used alike by ``fvlab fit`` and ``fvlab sweep``:
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import gc
 import logging
@@ -29,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -511,30 +510,30 @@ def write_test_json(run_dir: Path, checkpoint: str, metrics: Mapping[str, Any],
     return path
 
 
-def fit_run(spec: RunSpec, ckpt_path: str | None = None,
-            model_metrics: Mapping[str, float | None] | None = None) -> dict[str, Any]:
-    """Fit one run; always leaves a metrics.json saying complete, failed or pruned (with the reason)."""
-    run_dir = spec.run_dir
-    trainer, model = spec.trainer, spec.model
-    writer = trainer.is_global_zero
-    profile = next(c for c in trainer.callbacks if isinstance(c, ModelProfileCallback))
-    if model_metrics:
-        profile.metrics.update(model_metrics)
-    if writer and run_dir is not None:
-        if ckpt_path is None and run_dir.exists():
-            shutil.rmtree(run_dir)  # a fresh start: plan_run checked that nothing is lost
-        run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: SaveRunConfig, when the fit starts
+def _fresh_run_dir(run_dir: Path, resuming: bool) -> None:
+    """Create the run directory, emptied first unless the fit resumes from a checkpoint."""
+    if not resuming and run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh start: plan_run checked that nothing is lost
+    run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: SaveRunConfig, when the fit starts
+
+
+def _run_identity(spec: RunSpec) -> dict[str, Any]:
+    """The first keys of a run's metrics.json: which run this is, and where and how it ran."""
     image_size = getattr(spec.datamodule, "image_size", None)
-    result: dict[str, Any] = {"experiment": spec.experiment, "variant": spec.variant, "seed": spec.seed,
-                              "image_size": image_size, "device": str(spec.device),
-                              "precision": spec.precision, "config_hash": spec.config_hash}
-    if writer and not all(name in profile.metrics for name in MODEL_METRICS):
-        profile.metrics.update(profile_run(spec, throughput=profile.throughput))
+    return {"experiment": spec.experiment, "variant": spec.variant, "seed": spec.seed,
+            "image_size": image_size, "device": str(spec.device),
+            "precision": spec.precision, "config_hash": spec.config_hash}
+
+
+def _timed_fit(spec: RunSpec, ckpt_path: str | None, result: dict[str, Any]) -> bool:
+    """Trainer.fit, its status and wall time into ``result``; whether it was interrupted."""
+    trainer = spec.trainer
     start = time.perf_counter()
     interrupted = False
     try:
         # Explicit: torch's default can be flipped by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
-        trainer.fit(model, datamodule=spec.datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
+        trainer.fit(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt_path,
+                    weights_only=not checkpoints_trusted())
         interrupted = trainer.interrupted
         result["status"] = "complete"
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C and SIGTERM into sys.exit(1)
@@ -544,32 +543,65 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
         where = f" (rank {trainer.global_rank} of {trainer.world_size})" if trainer.world_size > 1 else ""
         result.update(status="failed", error=f"{type(err).__name__}: {err}{where}")
     result["wall_s"] = round(time.perf_counter() - start, 2)
+    return interrupted
+
+
+def _record_fit_metrics(result: dict[str, Any], trainer: pl.Trainer, model_figures: Mapping[str, Any]) -> None:
+    """Epochs, final and ``model/*`` metrics into ``result``, and a stopping callback's status."""
     result["epochs"] = trainer.current_epoch
     result.update(dict.fromkeys(FINAL_METRICS))  # every metric name is a key, null when never reached
     result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
-    result.update({k: profile.metrics.get(k) for k in MODEL_METRICS})
-    result.update({k: v for k, v in profile.metrics.items() if is_model_metric(k)})  # e.g. speedup
+    result.update({k: model_figures.get(k) for k in MODEL_METRICS})
+    result.update({k: v for k, v in model_figures.items() if is_model_metric(k)})  # e.g. speedup
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
     if stopper is not None and result["status"] == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
+
+
+def _record_test_figures(spec: RunSpec, result: dict[str, Any]) -> bool:
+    """The best checkpoint's test figures (or why they are missing) into ``result``; whether interrupted."""
+    try:
+        result.update(measure_test_split(spec))
+    except (KeyboardInterrupt, SystemExit):
+        return True
+    except Exception as err:  # the trained run stands; its test figures are missing, with the reason
+        warnings.warn(f"testing the best checkpoint failed: {type(err).__name__}: {err}")
+        result["test_note"] = f"test failed: {type(err).__name__}: {err}"
+    return False
+
+
+def _close_run(trainer: pl.Trainer, failed: bool) -> None:
+    """Close the run's loggers; after a failure, tear the process group down so no peer waits on this rank."""
+    for logger in trainer.loggers:
+        if isinstance(logger, RunLogger):
+            logger.close()
+    if failed:
+        _end_process_group(trainer)
+
+
+def fit_run(spec: RunSpec, ckpt_path: str | None = None,
+            model_metrics: Mapping[str, float | None] | None = None) -> dict[str, Any]:
+    """Fit one run; always leaves a metrics.json saying complete, failed or pruned (with the reason)."""
+    run_dir = spec.run_dir
+    trainer = spec.trainer
+    writer = trainer.is_global_zero
+    profile = next(c for c in trainer.callbacks if isinstance(c, ModelProfileCallback))
+    if model_metrics:
+        profile.metrics.update(model_metrics)
+    if writer and run_dir is not None:
+        _fresh_run_dir(run_dir, resuming=ckpt_path is not None)
+    result = _run_identity(spec)
+    if writer and not all(name in profile.metrics for name in MODEL_METRICS):
+        profile.metrics.update(profile_run(spec, throughput=profile.throughput))
+    interrupted = _timed_fit(spec, ckpt_path, result)
+    _record_fit_metrics(result, trainer, profile.metrics)
     if result.get("status") == "complete" and not interrupted:  # failed or pruned runs have no test figures
-        try:
-            result.update(measure_test_split(spec))
-        except (KeyboardInterrupt, SystemExit):
-            interrupted = True
-        except Exception as err:  # the trained run stands; its test figures are missing, with the reason
-            warnings.warn(f"testing the best checkpoint failed: {type(err).__name__}: {err}")
-            result["test_note"] = f"test failed: {type(err).__name__}: {err}"
-        interrupted = interrupted or trainer.interrupted
+        interrupted = _record_test_figures(spec, result) or trainer.interrupted
     if interrupted:
         result.update(status="failed", error="interrupted; resume with --ckpt_path last")
     if writer and run_dir is not None:
         write_json(run_dir / METRICS_FILE, result)
-    for logger in trainer.loggers:
-        if isinstance(logger, RunLogger):
-            logger.close()
-    if result["status"] == "failed":
-        _end_process_group(trainer)
+    _close_run(trainer, failed=result["status"] == "failed")
     if interrupted:
         raise KeyboardInterrupt
     return result

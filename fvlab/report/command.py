@@ -55,11 +55,8 @@ class Report:
 # ---- reading ---------------------------------------------------------------------------
 
 
-def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name: str | None = None,
-                 skip: Path | None = None) -> Report:
-    """Read every run and study in ``dirs`` (and ``storage``); ReportInputError when there is nothing."""
-    from fvlab.runtime import hide_password
-
+def _discover_all(dirs: Sequence[Path], skip: Path | None) -> tuple[dict[Path, Path], list[Path]]:
+    """(resolved path -> run directory, study journals) found in ``dirs``; ReportInputError for a bad DIR."""
     run_paths: dict[Path, Path] = {}
     journals: list[Path] = []
     for directory in dirs:
@@ -72,7 +69,12 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
             raise ReportInputError(f"{directory} holds no run or study: expected {EXPECTED}")
         run_paths.update((p.resolve(), p) for p in found_runs)
         journals += [j for j in found_journals if j.resolve() not in {k.resolve() for k in journals}]
-    runs = {resolved: collect.read_run(path) for resolved, path in run_paths.items()}
+    return run_paths, journals
+
+
+def _load_studies(journals: list[Path], storage: str | None,
+                  study_name: str | None) -> list[tuple[Any, str, Path | None]]:
+    """(study, source, study directory or None) of each study to report; ReportInputError if none is named so."""
     studies: list[tuple[Any, str, Path | None]] = []
     for journal in journals:
         for study, source in collect.load_journal_studies(journal):
@@ -89,7 +91,11 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
         if (Path(storage).resolve(), study.study_name) not in {(Path(src).resolve(), s.study_name)
                                                                for s, src, _ in studies}:
             studies.append((study, source, None))
-    report = Report([str(d) for d in dirs] + ([hide_password(storage)] if storage else []))
+    return studies
+
+
+def _add_studies(report: Report, studies: list[tuple[Any, str, Path | None]], runs: dict[Path, Run]) -> set[Path]:
+    """Read each study into ``report``; the runs that belong to a study (its trials and confirm runs)."""
     used: set[Path] = set()
     for study, source, study_dir in studies:
         data = collect.read_study(study, source, runs, study_dir)
@@ -99,23 +105,41 @@ def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name
             used |= {r for r in runs if is_confirm_run(r, study_dir)}
             data.study_dir = Path(study_dir)
         report.studies.append(data)
+    return used
+
+
+def _add_variants(report: Report, name: str, members: list[Run]) -> None:
+    """Experiment ``name``'s profiles and variant statistics into ``report``, in the experiment's order."""
+    experiment_dirs = {variant_dir_of(r.path).parent for r in members}
+    order, reference = [], None
+    for experiment_dir in sorted(experiment_dirs):
+        report.profiles.setdefault(name, []).extend(collect.read_profile(experiment_dir))
+        hint, hint_reference = collect.variant_order_hint(experiment_dir)
+        order += hint
+        reference = reference or hint_reference
+    present = {r.variant for r in members}
+    # Without fit's summary.csv: training order (the first run's config.yaml was written first).
+    rest = sorted(present - set(order), key=lambda v: min(_started(r) for r in members if r.variant == v))
+    order = [v for v in dict.fromkeys(order) if v in present] + rest
+    report.variants[name] = aggregate([r.metrics for r in members], reference=reference,
+                                      variant_order=order, experiment=name)
+
+
+def build_report(dirs: Sequence[Path], *, storage: str | None = None, study_name: str | None = None,
+                 skip: Path | None = None) -> Report:
+    """Read every run and study in ``dirs`` (and ``storage``); ReportInputError when there is nothing."""
+    from fvlab.runtime import hide_password
+
+    run_paths, journals = _discover_all(dirs, skip)
+    runs = {resolved: collect.read_run(path) for resolved, path in run_paths.items()}
+    studies = _load_studies(journals, storage, study_name)
+    report = Report([str(d) for d in dirs] + ([hide_password(storage)] if storage else []))
+    used = _add_studies(report, studies, runs)
     for resolved, run in runs.items():
         if resolved not in used:
             report.experiments.setdefault(run.experiment, []).append(run)
     for name, members in report.experiments.items():
-        experiment_dirs = {variant_dir_of(r.path).parent for r in members}
-        order, reference = [], None
-        for experiment_dir in sorted(experiment_dirs):
-            report.profiles.setdefault(name, []).extend(collect.read_profile(experiment_dir))
-            hint, hint_reference = collect.variant_order_hint(experiment_dir)
-            order += hint
-            reference = reference or hint_reference
-        present = {r.variant for r in members}
-        # Without fit's summary.csv: training order (the first run's config.yaml was written first).
-        rest = sorted(present - set(order), key=lambda v: min(_started(r) for r in members if r.variant == v))
-        order = [v for v in dict.fromkeys(order) if v in present] + rest
-        report.variants[name] = aggregate([r.metrics for r in members], reference=reference,
-                                          variant_order=order, experiment=name)
+        _add_variants(report, name, members)
     return report
 
 

@@ -82,6 +82,73 @@ def _colours(groups: Sequence[str]) -> dict[str, Any]:
     return {g: cycle[i % len(cycle)] for i, g in enumerate(dict.fromkeys(groups))}
 
 
+def _plot_infeasible(ax: Any, infeasible: Sequence[Point], axis: str) -> None:
+    """Grey crosses, labelled, for the points that break a constraint."""
+    ax.scatter([getattr(p, axis) for p in infeasible], [p.accuracy for p in infeasible], marker="x",
+               color="grey", s=50, label="infeasible (breaks a constraint)", zorder=3)
+    for p in infeasible:
+        ax.annotate(p.label, (getattr(p, axis), p.accuracy), textcoords="offset points",
+                    xytext=(7, 5), fontsize=10, color="grey")
+
+
+def _plot_groups(ax: Any, usable: Sequence[Point], axis: str) -> None:
+    """One colour per group: std over seeds as vertical bars, the throughput interval as horizontal ones."""
+    colours = _colours([p.group for p in usable])
+    several = len(colours) > 1
+    for group, colour in colours.items():
+        members = [p for p in usable if p.group == group]
+        xerr = None
+        if axis == "throughput" and any(p.throughput_lo is not None for p in members):
+            xerr = [[max(p.throughput - p.throughput_lo, 0.0) if p.throughput_lo is not None else 0.0
+                     for p in members],
+                    [max(p.throughput_hi - p.throughput, 0.0) if p.throughput_hi is not None else 0.0
+                     for p in members]]
+        ax.errorbar([getattr(p, axis) for p in members], [p.accuracy for p in members],
+                    yerr=[p.accuracy_std or 0.0 for p in members], xerr=xerr, fmt="o", color=colour,
+                    ecolor=colour, elinewidth=1.2, capsize=4, markersize=7,
+                    label=group if several else None, zorder=3)
+
+
+def _label_points(ax: Any, usable: Sequence[Point], axis: str) -> None:
+    """Label every point; points at (nearly) the same place get their labels stacked instead of overprinted."""
+    xs = [getattr(p, axis) for p in usable]
+    x_span = (max(xs) - min(xs)) or 1.0
+    taken: list[tuple[float, float]] = []
+    for p, x in zip(usable, xs):
+        clashes = sum(abs(x - tx) < 0.08 * x_span and abs(p.accuracy - ty) < 1e-9 + 0.03 *
+                      (max(q.accuracy for q in usable) - min(q.accuracy for q in usable) or 1.0)
+                      for tx, ty in taken)
+        taken.append((x, p.accuracy))
+        ax.annotate(p.label, (x, p.accuracy), textcoords="offset points",
+                    xytext=(7, 5 - 13 * clashes), fontsize=10)
+
+
+def _plot_front(ax: Any, usable: Sequence[Point], axis: str, maximize_x: bool) -> None:
+    """The Pareto front of accuracy and ``axis``: a dashed staircase, or a ring round a single point."""
+    flags = pareto_optimal([(getattr(p, axis), p.accuracy) for p in usable],
+                           ("maximize" if maximize_x else "minimize", "maximize"))
+    front = sorted((getattr(p, axis), p.accuracy) for p, f in zip(usable, flags) if f)
+    if len(front) > 1:
+        xs, ys = zip(*front)
+        ax.step(xs, ys, where="post" if not maximize_x else "pre", color="grey", linestyle="--",
+                linewidth=1.2, zorder=2, label="Pareto front")
+    elif front:
+        ax.plot(*front[0], marker="o", markersize=14, markerfacecolor="none", color="grey",
+                linestyle="none", label="Pareto front")
+
+
+def _error_bar_title(title: str, usable: Sequence[Point], axis: str) -> str:
+    """``title`` with a line saying what the chart's error bars are, if it has any."""
+    bars = []
+    if any(p.accuracy_std for p in usable):
+        bars.append("± std over seeds (vertical)")
+    if axis == "throughput" and any(p.throughput_lo is not None for p in usable):
+        bars.append("95% interval of throughput (horizontal)")
+    if bars:
+        title = (title + "\n" if title else "") + "error bars: " + "; ".join(bars)
+    return title
+
+
 def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title: str = "") -> Path | None:
     """Accuracy against throughput or GFLOPs: error bars over seeds, labels, the Pareto front."""
     x_label, maximize_x = AXES[axis]
@@ -92,57 +159,14 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
     with plt.style.context("default"):
         fig, ax = _new_figure()
         if infeasible:
-            ax.scatter([getattr(p, axis) for p in infeasible], [p.accuracy for p in infeasible], marker="x",
-                       color="grey", s=50, label="infeasible (breaks a constraint)", zorder=3)
-            for p in infeasible:
-                ax.annotate(p.label, (getattr(p, axis), p.accuracy), textcoords="offset points",
-                            xytext=(7, 5), fontsize=10, color="grey")
-        colours = _colours([p.group for p in usable])
-        several = len(colours) > 1
-        for group, colour in colours.items():
-            members = [p for p in usable if p.group == group]
-            xerr = None
-            if axis == "throughput" and any(p.throughput_lo is not None for p in members):
-                xerr = [[max(p.throughput - p.throughput_lo, 0.0) if p.throughput_lo is not None else 0.0
-                         for p in members],
-                        [max(p.throughput_hi - p.throughput, 0.0) if p.throughput_hi is not None else 0.0
-                         for p in members]]
-            ax.errorbar([getattr(p, axis) for p in members], [p.accuracy for p in members],
-                        yerr=[p.accuracy_std or 0.0 for p in members], xerr=xerr, fmt="o", color=colour,
-                        ecolor=colour, elinewidth=1.2, capsize=4, markersize=7,
-                        label=group if several else None, zorder=3)
-        # Points at (nearly) the same place get their labels stacked instead of overprinted.
-        xs = [getattr(p, axis) for p in usable]
-        x_span = (max(xs) - min(xs)) or 1.0
-        taken: list[tuple[float, float]] = []
-        for p, x in zip(usable, xs):
-            clashes = sum(abs(x - tx) < 0.08 * x_span and abs(p.accuracy - ty) < 1e-9 + 0.03 *
-                          (max(q.accuracy for q in usable) - min(q.accuracy for q in usable) or 1.0)
-                          for tx, ty in taken)
-            taken.append((x, p.accuracy))
-            ax.annotate(p.label, (x, p.accuracy), textcoords="offset points",
-                        xytext=(7, 5 - 13 * clashes), fontsize=10)
-        flags = pareto_optimal([(getattr(p, axis), p.accuracy) for p in usable],
-                               ("maximize" if maximize_x else "minimize", "maximize"))
-        front = sorted((getattr(p, axis), p.accuracy) for p, f in zip(usable, flags) if f)
-        if len(front) > 1:
-            xs, ys = zip(*front)
-            ax.step(xs, ys, where="post" if not maximize_x else "pre", color="grey", linestyle="--",
-                    linewidth=1.2, zorder=2, label="Pareto front")
-        elif front:
-            ax.plot(*front[0], marker="o", markersize=14, markerfacecolor="none", color="grey",
-                    linestyle="none", label="Pareto front")
+            _plot_infeasible(ax, infeasible, axis)
+        _plot_groups(ax, usable, axis)
+        _label_points(ax, usable, axis)
+        _plot_front(ax, usable, axis, maximize_x)
         ax.margins(y=0.1)  # room for the labels of the top points
         ax.set_xlabel(x_label, fontsize=11)
         ax.set_ylabel(ACCURACY_LABEL, fontsize=11)
-        bars = []
-        if any(p.accuracy_std for p in usable):
-            bars.append("± std over seeds (vertical)")
-        if axis == "throughput" and any(p.throughput_lo is not None for p in usable):
-            bars.append("95% interval of throughput (horizontal)")
-        if bars:
-            title = (title + "\n" if title else "") + "error bars: " + "; ".join(bars)
-        ax.set_title(title, fontsize=12)
+        ax.set_title(_error_bar_title(title, usable, axis), fontsize=12)
         # Room for the labels right of the rightmost point.
         left, right = ax.get_xlim()
         ax.set_xlim(left, right + 0.12 * (right - left))

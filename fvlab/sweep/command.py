@@ -55,16 +55,9 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     return sets
 
 
-def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
-    """Load and check the sweep and its base experiment; nothing written. Returns (sweep, base, device kind)."""
-    import copy
-    import gc
-
-    from fvlab.experiment import ExperimentError, apply_overrides, get_dotted, load_experiment
-    from fvlab.lit.runner import BadConfig, build_run
-    from fvlab.runs import without_display_keys
-    from fvlab.lit.measure import device_kind
-    from fvlab.sweep.space import SweepError, check_rungs_epochs, load_sweep, reference_params
+def _check_sweep_args(args: argparse.Namespace) -> None:
+    """SweepError for --n-trials, --timeout or --workers out of range."""
+    from fvlab.sweep.space import SweepError
 
     if args.n_trials is not None and args.n_trials < 1:
         raise SweepError(f"--n-trials must be >= 1, got {args.n_trials}")
@@ -72,10 +65,25 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         raise SweepError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.workers < 1:
         raise SweepError(f"--workers must be >= 1, got {args.workers}")
+
+
+def _load_checked_sweep(args: argparse.Namespace) -> Any:
+    """The sweep file with the command line's name, trials and --set overrides; SweepError without a budget."""
+    from fvlab.sweep.space import SweepError, load_sweep
+
     sweep = load_sweep(args.sweep, study_name=args.study_name, n_trials=args.n_trials,
                        overrides=parse_sets(getattr(args, "set", None) or []))
     if sweep.n_trials is None and args.timeout is None and sweep.sampler != "grid":
         raise SweepError(f"{args.sweep}: n_trials: missing; give n_trials in the file, --n-trials N or --timeout S")
+    return sweep
+
+
+def _build_base(args: argparse.Namespace, sweep: Any) -> tuple[dict[str, Any], Any]:
+    """(base experiment config, the run built from it with the sweep's overrides); SweepError if it cannot be."""
+    from fvlab.experiment import ExperimentError, load_experiment
+    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.sweep.space import SweepError
+
     try:
         experiment = load_experiment(sweep.experiment)
         base = experiment.base_config()
@@ -85,37 +93,79 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
         spec = build_run([base, sweep.overrides], None, {"trainer.logger": False})
     except BadConfig as err:
         raise SweepError(f"{args.sweep}: the base experiment with overrides cannot be built: {err}") from None
-    check_rungs_epochs(sweep, get_dotted(spec.config, "trainer.max_epochs", None),
-                       get_dotted(spec.config, "trainer.check_val_every_n_epoch", 1),
-                       get_dotted(spec.config, "trainer.limit_val_batches", None))
+    return base, spec
+
+
+def _check_space_keys(sweep: Any, config: dict[str, Any]) -> None:
+    """SweepError unless the rungs fit the trainer's epochs and every space key is a key of ``config``."""
+    from fvlab.experiment import get_dotted
+    from fvlab.sweep.space import SweepError, check_rungs_epochs
+
+    check_rungs_epochs(sweep, get_dotted(config, "trainer.max_epochs", None),
+                       get_dotted(config, "trainer.check_val_every_n_epoch", 1),
+                       get_dotted(config, "trainer.limit_val_batches", None))
     missing = object()
     for key in sweep.space:
-        if get_dotted(spec.config, key, missing) is missing:
+        if get_dotted(config, key, missing) is missing:
             raise SweepError(f"space.{key}: not a key of the resolved config of {sweep.experiment}; "
                              f"use dotted keys such as model.arch.window_size or model.lr")
-    effective = copy.deepcopy(spec.config)
+
+
+def _base_params(sweep: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The space's values in ``config``, with the architecture's unset fields as the model is built."""
+    import copy
+
+    from fvlab.sweep.space import reference_params
+
+    effective = copy.deepcopy(config)
     model = effective.get("model")
     if isinstance(model, dict) and isinstance(model.get("arch"), dict):
         from fvlab.models.factory import effective_arch
 
         model["arch"] = effective_arch(model["arch"])  # unset fields: the values the model is built with
-    sweep.reference = reference_params(sweep.space, effective)
+    return reference_params(sweep.space, effective)
+
+
+def _check_confirm_seeds(args: argparse.Namespace, sweep: Any, config: dict[str, Any]) -> None:
+    """SweepError for --confirm without confirm seeds, or a confirm seed that every trial already trains with."""
+    from fvlab.experiment import get_dotted
+    from fvlab.sweep.space import SweepError
+
     if getattr(args, "confirm", False) and not sweep.confirm_seeds:
         raise SweepError(f"--confirm: {args.sweep} has no confirm seeds; add e.g. confirm: {{seeds: [1, 2]}}")
-    own_seed = get_dotted(spec.config, "seed_everything", None)
+    own_seed = get_dotted(config, "seed_everything", None)
     if sweep.confirm_seeds and own_seed in sweep.confirm_seeds:
         raise SweepError(f"confirm.seeds: {own_seed} is the seed every trial trains with (seed_everything of "
                          f"{sweep.experiment}), so it would train the same run again; use other seeds")
-    kind = device_kind(spec.device)
-    resolved = without_display_keys(spec.config)
-    for key in sweep.space:  # searched keys: their base value never reaches a trial
+
+
+def _drop_searched_keys(resolved: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    """``resolved`` without the searched keys: their base value never reaches a trial."""
+    for key in space:
         *parents, last = key.split(".")
         section = resolved
         for part in parents:
             section = section.get(part) if isinstance(section, dict) else None
         if isinstance(section, dict):
             section.pop(last, None)
-    sweep.base = resolved
+    return resolved
+
+
+def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    """Load and check the sweep and its base experiment; nothing written. Returns (sweep, base, device kind)."""
+    import gc
+
+    from fvlab.lit.measure import device_kind
+    from fvlab.sweep.space import SweepError
+
+    _check_sweep_args(args)
+    sweep = _load_checked_sweep(args)
+    base, spec = _build_base(args, sweep)
+    _check_space_keys(sweep, spec.config)
+    sweep.reference = _base_params(sweep, spec.config)
+    _check_confirm_seeds(args, sweep, spec.config)
+    kind = device_kind(spec.device)
+    sweep.base = _drop_searched_keys(without_display_keys(spec.config), sweep.space)
     del spec
     gc.collect()
     if sweep.supernet is not None:

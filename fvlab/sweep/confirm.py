@@ -113,21 +113,15 @@ def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
     return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{value:.4g}"
 
 
-def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
-                   study_dir: Path) -> list[dict[str, Any]]:
-    """Per front member (and the reference): each objective's mean ± std over the fresh confirm
-    seeds beside the selecting run's value, the paired difference to the reference, and whether
-    it stays on the front recomputed on the means. Empty before any confirm run is complete."""
-    from fvlab.pareto import pareto_optimal
-    from fvlab.report.stats import SIGNIFICANT_MARK, holm, paired_difference
+_Samples = dict[str, dict[int, float]]  # objective -> confirm seed -> value
 
-    trained = [m for m in objectives if not is_model_metric(m)]
-    # In a one-shot study the trial's own value is its subnet's, evaluated on the supernet.
-    own_label = "supernet" if is_supernet_study(study) else "selecting run"
-    reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
+
+def _confirm_samples(study: optuna.Study, trained: list[str], seeds: list[int],
+                     study_dir: Path) -> list[tuple[FrozenTrial, _Samples]]:
+    """Each front member (and the reference) with its finite trained objectives per completed confirm seed."""
     members = []
     for trial in confirm_members(study):
-        by_seed: dict[str, dict[int, float]] = {m: {} for m in trained}
+        by_seed: _Samples = {m: {} for m in trained}
         for seed in seeds:
             metrics = _read_metrics(confirm_dir(study_dir, trial.number, seed))
             for metric in trained if metrics is not None else ():
@@ -135,9 +129,14 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
                 if value is not None and math.isfinite(float(value)):
                     by_seed[metric][seed] = float(value)
         members.append((trial, by_seed))
-    if not any(samples for _, by_seed in members for samples in by_seed.values()):
-        return []
-    own = {trial.number: dict(zip(objectives, trial.values)) for trial, _ in members}
+    return members
+
+
+def _paired_differences(members: list[tuple[FrozenTrial, _Samples]], reference: FrozenTrial | None,
+                        trained: list[str]) -> dict[int, dict[str, Any]]:
+    """Per member but the reference: each trained objective's paired difference to the reference's."""
+    from fvlab.report.stats import paired_difference
+
     reference_seeds = next((by_seed for t, by_seed in members
                             if reference is not None and t.number == reference.number), None)
     differences = {}
@@ -145,39 +144,83 @@ def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
         if reference_seeds is not None and trial.number != reference.number:
             differences[trial.number] = {m: paired_difference(by_seed[m], reference_seeds[m], "reference")
                                          for m in trained}
-    marks = {m: dict(zip(differences, holm([d[m].p_value for d in differences.values()]))) for m in trained}
+    return differences
+
+
+def _front_of_means(study: optuna.Study, members: list[tuple[FrozenTrial, _Samples]], objectives: list[str],
+                    own: dict[int, dict[str, float]]) -> list[bool]:
+    """Whether each member is on the front recomputed on the confirm means (architecture figures as measured)."""
+    from fvlab.pareto import pareto_optimal
+
     means = []
     for trial, by_seed in members:
         means.append([statistics.fmean(by_seed[m].values()) if by_seed.get(m) else
                       (own[trial.number][m] if is_model_metric(m) else math.nan) for m in objectives])
-    stays = pareto_optimal([None if any(math.isnan(v) for v in mean) else mean for mean in means],
-                           study.directions)
+    return pareto_optimal([None if any(math.isnan(v) for v in mean) else mean for mean in means],
+                          study.directions)
+
+
+def _difference_cell(d: Any, is_reference: bool, significant: bool) -> str:
+    """``+0.0123 [-0.0010, +0.0256] * (n=3)``: a paired difference, ``reference``, or ``-``."""
+    from fvlab.report.stats import SIGNIFICANT_MARK
+
+    if is_reference:
+        return "reference"
+    if d is None or d.mean is None:
+        return "-"
+    ci = f"[{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else "[n/a]"
+    mark = f" {SIGNIFICANT_MARK}" if significant else ""
+    return f"{d.mean:+.4f} {ci}{mark} (n={d.n})"
+
+
+def _confirm_row(trial: FrozenTrial, by_seed: _Samples, objectives: list[str], seeds: list[int],
+                 own_label: str, own_values: dict[str, float], is_reference: bool,
+                 deltas: dict[str, str] | None) -> dict[str, Any]:
+    """One member's row: confirm seeds, each objective's mean ± std beside its own value, and its Δ."""
+    trained = [m for m in objectives if not is_model_metric(m)]
+    row: dict[str, Any] = {"trial": f"{trial.number}" + (" (reference)" if is_reference else "")}
+    row["confirm seeds"] = " ".join(str(s) for s in seeds if any(s in by_seed[m] for m in trained)) or "-"
+    for metric in objectives:
+        if is_model_metric(metric):
+            row[metric] = _architecture_cell(trial, metric)
+            continue
+        values = list(by_seed[metric].values())
+        if not values:
+            row[metric] = "-"
+        else:
+            spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
+            row[metric] = f"{statistics.fmean(values):.4g} ± {spread}"
+        row[f"{metric} ({own_label})"] = f"{own_values[metric]:.4g}"
+        if deltas is not None:
+            row[f"Δ {metric}"] = deltas[metric]
+    return row
+
+
+def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
+                   study_dir: Path) -> list[dict[str, Any]]:
+    """Per front member (and the reference): each objective's mean ± std over the fresh confirm
+    seeds beside the selecting run's value, the paired difference to the reference, and whether
+    it stays on the front recomputed on the means. Empty before any confirm run is complete."""
+    from fvlab.report.stats import holm
+
+    trained = [m for m in objectives if not is_model_metric(m)]
+    # In a one-shot study the trial's own value is its subnet's, evaluated on the supernet.
+    own_label = "supernet" if is_supernet_study(study) else "selecting run"
+    reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
+    members = _confirm_samples(study, trained, seeds, study_dir)
+    if not any(samples for _, by_seed in members for samples in by_seed.values()):
+        return []
+    own = {trial.number: dict(zip(objectives, trial.values)) for trial, _ in members}
+    differences = _paired_differences(members, reference, trained)
+    marks = {m: dict(zip(differences, holm([d[m].p_value for d in differences.values()]))) for m in trained}
+    stays = _front_of_means(study, members, objectives, own)
     rows = []
     for (trial, by_seed), on_front in zip(members, stays):
         is_reference = reference is not None and trial.number == reference.number
-        row: dict[str, Any] = {"trial": f"{trial.number}" + (" (reference)" if is_reference else "")}
-        row["confirm seeds"] = " ".join(str(s) for s in seeds if any(s in by_seed[m] for m in trained)) or "-"
-        for metric in objectives:
-            if is_model_metric(metric):
-                row[metric] = _architecture_cell(trial, metric)
-                continue
-            values = list(by_seed[metric].values())
-            if not values:
-                row[metric] = "-"
-            else:
-                spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
-                row[metric] = f"{statistics.fmean(values):.4g} ± {spread}"
-            row[f"{metric} ({own_label})"] = f"{own[trial.number][metric]:.4g}"
-            if differences:
-                d = differences.get(trial.number, {}).get(metric)
-                if is_reference:
-                    row[f"Δ {metric}"] = "reference"
-                elif d is None or d.mean is None:
-                    row[f"Δ {metric}"] = "-"
-                else:
-                    ci = f"[{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else "[n/a]"
-                    mark = f" {SIGNIFICANT_MARK}" if marks[metric].get(trial.number) else ""
-                    row[f"Δ {metric}"] = f"{d.mean:+.4f} {ci}{mark} (n={d.n})"
+        deltas = ({m: _difference_cell(differences.get(trial.number, {}).get(m), is_reference,
+                                       bool(marks[m].get(trial.number))) for m in trained}
+                  if differences else None)
+        row = _confirm_row(trial, by_seed, objectives, seeds, own_label, own[trial.number], is_reference, deltas)
         row["on the front of the means"] = "yes" if on_front else "no"
         rows.append(row)
     return rows

@@ -296,11 +296,8 @@ def _resolve_experiment(value: Any, sweep_path: Path) -> Path:
     return candidate
 
 
-def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | None = None,
-               overrides: Mapping[str, Any] | None = None) -> SweepSpec:
-    """Read and check a sweep file (the base experiment's keys are checked by the caller);
-    ``overrides`` (``fvlab sweep --set``) replace or join the file's, and so the study's identity."""
-    path = Path(path)
+def _read_sweep_file(path: Path) -> dict[str, Any]:
+    """The sweep file's top-level mapping; SweepError if missing, not YAML, or with an unknown key."""
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
     try:
@@ -312,18 +309,20 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
     unknown = [k for k in raw if k not in _TOP_KEYS]
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; a sweep file has {', '.join(_TOP_KEYS)}")
+    return raw
 
-    study = study_name or raw.get("study") or path.stem
-    if not isinstance(study, str) or not _STUDY_NAME.match(study):
-        raise SweepError(f"{path}: study {study!r} must be a plain directory name (letters, digits, '_', '-', '.')")
-    experiment = _resolve_experiment(raw.get("experiment"), path)
 
+def _parse_space(raw: Mapping[str, Any], path: Path) -> dict[str, SearchParam]:
+    """``space:``: dotted config key -> search parameter."""
     space_raw = raw.get("space")
     if not isinstance(space_raw, dict) or not space_raw:
         raise SweepError(f"{path}: space must map dotted config keys to distributions, "
                          f"e.g. model.arch.ct_size: {{choices: [1, 2]}}")
-    space = {str(k): parse_param(str(k), v) for k, v in space_raw.items()}
+    return {str(k): parse_param(str(k), v) for k, v in space_raw.items()}
 
+
+def _parse_objectives(raw: Mapping[str, Any], path: Path) -> dict[str, str]:
+    """``objectives:``: metric -> maximize or minimize."""
     objectives_raw = raw.get("objectives")
     if not isinstance(objectives_raw, dict) or not objectives_raw:
         raise SweepError(f"{path}: objectives must map metric names to maximize or minimize, "
@@ -335,7 +334,11 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
         if direction not in ("maximize", "minimize"):
             raise SweepError(f"objectives.{metric}: {direction!r} must be maximize or minimize")
         objectives[metric] = direction
+    return objectives
 
+
+def _parse_constraints(raw: Mapping[str, Any], path: Path) -> dict[str, float]:
+    """``constraints:``: constraint name -> positive bound."""
     constraints_raw = raw.get("constraints") or {}
     if not isinstance(constraints_raw, dict):
         raise SweepError(f"{path}: constraints must map {', '.join(CONSTRAINTS)} to numbers")
@@ -346,7 +349,11 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
         if not _is_number(bound) or bound <= 0:
             raise SweepError(f"constraints.{name}: must be a positive number, got {bound!r}")
         constraints[name] = float(bound)
+    return constraints
 
+
+def _parse_sampler(raw: Mapping[str, Any], space: Mapping[str, SearchParam]) -> tuple[str, dict[str, Any], int]:
+    """``sampler:``: (name, options, seed), checked against the sampler's class and, for grid, the space."""
     sampler, sampler_options = _named(raw.get("sampler") or "tpe", "sampler", SAMPLERS)
     seed = sampler_options.pop("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -357,7 +364,11 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
             if param.discrete_values is None:
                 raise SweepError(f"space.{key}: the grid sampler needs discrete values (choices, int "
                                  f"ranges or float ranges with step); {param.spec} is a continuous range")
+    return sampler, sampler_options, seed
 
+
+def _parse_pruner(raw: Mapping[str, Any], objectives: Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
+    """``pruner:``: (name or None, options); Optuna's pruners need one objective reported during training."""
     pruner: str | None = None
     pruner_options: dict[str, Any] = {}
     if raw.get("pruner") is not None:
@@ -373,12 +384,12 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
         if first not in TRAINING_METRICS:
             raise SweepError(f"pruner: the pruner follows {first!r}, which is not reported during "
                              f"training; use one of {', '.join(TRAINING_METRICS)} as the objective")
+    return pruner, pruner_options
 
-    if n_trials is None:
-        n_trials = raw.get("n_trials")
-    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
-        raise SweepError(f"n_trials: must be a positive integer, got {n_trials!r}")
 
+def _merge_overrides(raw: Mapping[str, Any], path: Path, overrides: Mapping[str, Any] | None,
+                     space: Mapping[str, SearchParam]) -> dict[str, Any]:
+    """The file's ``overrides:`` joined by ``overrides`` (--set); SweepError for a key that is also searched."""
     fixed = raw.get("overrides") or {}
     if not isinstance(fixed, dict):
         raise SweepError(f"{path}: overrides must map dotted config keys to values, e.g. "
@@ -388,7 +399,29 @@ def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | 
     if overlap:
         where = f"--set {overlap[0]}" if overlap[0] in (overrides or {}) else f"overrides.{overlap[0]}"
         raise SweepError(f"{where}: also in space; a key is either searched or fixed")
+    return fixed
 
+
+def load_sweep(path: str | Path, study_name: str | None = None, n_trials: int | None = None,
+               overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and check a sweep file (the base experiment's keys are checked by the caller);
+    ``overrides`` (``fvlab sweep --set``) replace or join the file's, and so the study's identity."""
+    path = Path(path)
+    raw = _read_sweep_file(path)
+    study = study_name or raw.get("study") or path.stem
+    if not isinstance(study, str) or not _STUDY_NAME.match(study):
+        raise SweepError(f"{path}: study {study!r} must be a plain directory name (letters, digits, '_', '-', '.')")
+    experiment = _resolve_experiment(raw.get("experiment"), path)
+    space = _parse_space(raw, path)
+    objectives = _parse_objectives(raw, path)
+    constraints = _parse_constraints(raw, path)
+    sampler, sampler_options, seed = _parse_sampler(raw, space)
+    pruner, pruner_options = _parse_pruner(raw, objectives)
+    if n_trials is None:
+        n_trials = raw.get("n_trials")
+    if n_trials is not None and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
+        raise SweepError(f"n_trials: must be a positive integer, got {n_trials!r}")
+    fixed = _merge_overrides(raw, path, overrides, space)
     supernet = _check_supernet(raw["supernet"], space, pruner) if raw.get("supernet") is not None else None
 
     return SweepSpec(path=path, study=study, experiment=experiment, space=space, objectives=objectives,
