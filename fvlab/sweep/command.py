@@ -101,9 +101,11 @@ def _check_space_keys(sweep: Any, config: dict[str, Any]) -> None:
     from fvlab.experiment import get_dotted
     from fvlab.sweep.space import SweepError, check_rungs_epochs
 
-    check_rungs_epochs(sweep, get_dotted(config, "trainer.max_epochs", None),
-                       get_dotted(config, "trainer.check_val_every_n_epoch", 1),
-                       get_dotted(config, "trainer.limit_val_batches", None))
+    note = check_rungs_epochs(sweep, get_dotted(config, "trainer.max_epochs", None),
+                              get_dotted(config, "trainer.check_val_every_n_epoch", 1),
+                              get_dotted(config, "trainer.limit_val_batches", None))
+    if note:
+        print(f"[{sweep.study}] note: {note}", file=sys.stderr, flush=True)
     missing = object()
     for key in sweep.space:
         if get_dotted(config, key, missing) is missing:

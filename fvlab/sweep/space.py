@@ -525,21 +525,23 @@ def rung_epochs(min_epochs: int, reduction_factor: int, max_epochs: int | None) 
 
 
 def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any, check_val_every_n_epoch: Any = 1,
-                       limit_val_batches: Any = None) -> None:
-    """``pruner: rungs`` needs a rung below the resolved ``trainer.max_epochs``, and a validation at every rung."""
+                       limit_val_batches: Any = None) -> str | None:
+    """``pruner: rungs`` needs a validation at every rung (SweepError otherwise); a note when no rung lies
+    below the resolved ``trainer.max_epochs`` (e.g. ``--set trainer.max_epochs=1`` for a quick look):
+    the trials then run to the end, which is no reason to refuse the sweep."""
     if sweep.pruner != "rungs":
-        return
+        return None
     min_epochs = sweep.pruner_options["min_epochs"]
     if isinstance(max_epochs, int) and max_epochs >= 0 and min_epochs >= max_epochs:
-        raise SweepError(f"pruner.min_epochs: {min_epochs} is not below trainer.max_epochs {max_epochs}, so no "
-                         f"rung would ever stop a trial; lower min_epochs or raise trainer.max_epochs")
+        return (f"pruner.min_epochs {min_epochs} is not below trainer.max_epochs {max_epochs}: no rung, so no "
+                f"trial is stopped early (lower min_epochs or raise max_epochs to prune)")
     if limit_val_batches in (0, 0.0):
         raise SweepError("trainer.limit_val_batches: 0 turns validation off, and pruner: rungs compares trials "
                          "at validation; remove the override or use pruner: null")
     # A rung that falls between validations would be skipped without a word: nothing is pruned there.
     every = check_val_every_n_epoch
     if not isinstance(every, int) or isinstance(every, bool) or every <= 1:
-        return
+        return None
     rungs = rung_epochs(min_epochs, sweep.pruner_options["reduction_factor"],
                         max_epochs if isinstance(max_epochs, int) else None)
     missed = [r for r in rungs if r % every]
@@ -548,6 +550,7 @@ def check_rungs_epochs(sweep: SweepSpec, max_epochs: Any, check_val_every_n_epoc
                          f"are not validation epochs with trainer.check_val_every_n_epoch {every}, so no trial "
                          f"would be compared there; make min_epochs a multiple of {every} or set "
                          f"trainer.check_val_every_n_epoch: 1")
+    return None
 
 
 def _same_setting(base: Any, choice: Any) -> bool:
