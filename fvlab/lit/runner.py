@@ -554,7 +554,7 @@ def _record_fit_metrics(result: dict[str, Any], trainer: pl.Trainer, model_figur
     result.update({k: model_figures.get(k) for k in MODEL_METRICS})
     result.update({k: v for k, v in model_figures.items() if is_model_metric(k)})  # e.g. speedup
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)
-    if stopper is not None and result["status"] == "complete":
+    if stopper is not None and result.get("status") == "complete":
         result.update(status=stopper.stopped_status, error=getattr(stopper, "stopped_reason", None))
 
 
