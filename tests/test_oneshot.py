@@ -150,7 +150,7 @@ def test_interrupted_supernet_training_resumes_from_last_ckpt(tmp_path: Path, ca
 def test_supernet_killed_by_sigkill_resumes_on_rerun_and_its_trials_run(tmp_path: Path, capsys) -> None:
     # A real `fvlab sweep` process killed with SIGKILL while it trains the supernet; the rerun
     # resumes from the last.ckpt the kill left (no epoch trained twice) and evaluates the grid.
-    epochs = 8
+    epochs = 5
     sweep = write_sweep(tmp_path, supernet={**SWEEP["supernet"], "epochs": epochs},
                         space={"model.arch.depths": SPACE["model.arch.depths"]})
     code = "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))"
