@@ -306,6 +306,20 @@ def same_stops(records: Sequence[TrialRecord], live: Mapping[int, int | None],
     return all(n in live and live[n] == replayed.get(n) for n in trained)
 
 
+def quiet_setup(profile_rounds: int) -> str:
+    """A benchmark process's set-up: side-by-side rounds, quiet logs, the allocator tuned; the CPU's name."""
+    os.environ["FVLAB_PROFILE_ROUNDS"] = str(profile_rounds)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from fvlab.runtime import quiet_lightning, tune_allocator
+
+    quiet_lightning()
+    tune_allocator()
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")), platform.processor())
+
+
 def _fmt(interval: tuple[float, float, float]) -> str:
     mean, lo, hi = interval
     return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -334,23 +348,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 2:
         parser.error("--repeats: at least 2 (an interval needs two repetitions)")
-    os.environ["FVLAB_PROFILE_ROUNDS"] = str(args.profile_rounds)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from fvlab.runtime import quiet_lightning, tune_allocator
+    cpu = quiet_setup(args.profile_rounds)
     from fvlab.sweep.front import hypervolume
     from fvlab.sweep.objective import ARCH_ATTR
     from fvlab.sweep.pareto import SCALE_ATTR
     from fvlab.sweep.space import rung_epochs
 
-    quiet_lightning()
-    tune_allocator()
     import torch
 
     rungs = rung_epochs(MIN_EPOCHS, REDUCTION_FACTOR, args.epochs)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
     print(f"# {args.repeats} repetitions x {args.trials} trials, max_epochs {args.epochs} (rungs at {rungs}), "
           f"digits at {args.image_size} px, batch {args.batch_size} x {args.train_batches or 'all'} per epoch, fastervit_tiny; {cpu}, {torch.get_num_threads()} threads")
     rules = list(PROMOTIONS)
