@@ -614,23 +614,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fvlab: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    import gc
+    from fvlab.runtime import frozen_heap
 
     if command in ("fit", "validate", "test", "profile", "sweep"):
         import lightning.pytorch  # noqa: F401  (imported now so that the freeze below covers it)
-    # What is loaded by now lives as long as the process: frozen, the full collections that free
-    # models and trainers between runs skip it instead of walking every imported module each time.
-    gc.freeze()
-    try:
-        # Its own context: what a command sets (--trust-checkpoint) ends with it.
-        return contextvars.copy_context().run(COMMANDS[command], rest)
-    except KeyboardInterrupt:
-        return 130
-    except SystemExit as exc:  # argparse's --help and errors
-        return int(exc.code or 0)
-    finally:
-        gc.unfreeze()
-
+    # What is loaded by now lives as long as the process: frozen, it is not walked by every
+    # collection that frees a run's models and trainers.
+    with frozen_heap():
+        try:
+            # Its own context: what a command sets (--trust-checkpoint) ends with it.
+            return contextvars.copy_context().run(COMMANDS[command], rest)
+        except KeyboardInterrupt:
+            return 130
+        except SystemExit as exc:  # argparse's --help and errors
+            return int(exc.code or 0)
 
 if __name__ == "__main__":
     sys.exit(main())

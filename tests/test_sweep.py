@@ -560,7 +560,7 @@ def test_retry_gets_its_own_tag_and_a_trial_killed_4_times_is_given_up(tmp_path:
     assert count_budget(study) == (1, 0)  # the given-up trial counts once
 
 
-def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None) -> None:
+def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None, capsys) -> None:
     sweep = write_sweep(tmp_path, study="parallel", n_trials=4, space=LR_ONLY,
                         objectives={"val/acc1_best": "maximize"})
     extra = ["--storage", storage] if storage else []
@@ -568,8 +568,11 @@ def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None
     trials = assert_budget_spent(load_study(tmp_path, "parallel", storage), 4)
     assert len(trials) == 4
     assert len({t.user_attrs["fvlab_process"]["pid"] for t in trials}) == 2  # both workers trained
-    # A rerun with its budget met starts nothing.
+    capsys.readouterr()
+    # A rerun with its budget met starts nothing: not even a worker process.
     assert run_sweep(tmp_path, sweep, "--workers", "2", *extra) == 0
+    out = capsys.readouterr().out
+    assert "[parallel] all 4 trial(s) have run" in out and "worker(s)" not in out
     assert len(load_study(tmp_path, "parallel", storage).get_trials()) == 4
 
 
@@ -621,7 +624,7 @@ def test_a_worker_beats_while_its_trial_runs_and_a_silent_one_is_retried(tmp_pat
     for name, value in (("HEARTBEAT_INTERVAL", 1), ("GRACE_PERIOD", 2)):
         monkeypatch.setattr(storages, name, value)
     sweep = write_sweep(tmp_path, study="beats", n_trials=2, space=LR_ONLY, objectives={"val/acc1_best": "maximize"},
-                        overrides={"trainer.max_epochs": 50, "trainer.limit_train_batches": 2})
+                        overrides={"trainer.max_epochs": 1000, "trainer.limit_train_batches": 2})  # killed long before
     code = ("import sys; from fvlab.sweep import storage; storage.HEARTBEAT_INTERVAL, storage.GRACE_PERIOD = 1, 2; "
             "from fvlab.cli import main; sys.exit(main(sys.argv[1:]))")
     process = subprocess.Popen([sys.executable, "-c", code, "sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"),
@@ -651,7 +654,7 @@ def test_a_worker_beats_while_its_trial_runs_and_a_silent_one_is_retried(tmp_pat
 def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> None:
     sweep = write_sweep(tmp_path, study="stopped", n_trials=2, space=LR_ONLY,
                         objectives={"val/acc1_best": "maximize"},
-                        overrides={"trainer.max_epochs": 50, "trainer.limit_train_batches": 2})
+                        overrides={"trainer.max_epochs": 1000, "trainer.limit_train_batches": 2})  # killed long before
     process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"))
     checkpoint = tmp_path / "runs" / "stopped" / "trial_0000" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240

@@ -345,7 +345,7 @@ def sweep_command(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     from fvlab.sweep.space import SweepError
     from fvlab.sweep.storage import storage_label
-    from fvlab.sweep.workers import WorkerSettings, run_workers
+    from fvlab.sweep.workers import WorkerSettings, budget_spent, run_workers
 
     import optuna
 
@@ -374,7 +374,10 @@ def sweep_command(argv: Sequence[str]) -> int:
         code = _supernet(args, sweep, base, storage, journal, study_dir)
         if code == EXIT_BAD_INPUT:
             return code
-    if code == 0 and not args.confirm:
+    if code == 0 and not args.confirm and budget_spent(study, n_trials):
+        # No worker process to start (each would import torch only to find the budget spent).
+        print(f"[{sweep.study}] all {n_trials} trial(s) have run; raise n_trials to search further", flush=True)
+    elif code == 0 and not args.confirm:
         print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
               f"{args.workers} worker(s), storage {label}", flush=True)
         code = run_workers(settings)

@@ -73,6 +73,18 @@ def count_budget(study: optuna.Study) -> tuple[int, int]:
     return counted, waiting
 
 
+def budget_spent(study: optuna.Study, n_trials: int | None) -> bool:
+    """Whether workers would find nothing to do: the budget counted, no trial waiting or running.
+
+    A running trial may be a dead worker's, which only a worker recovers (and queues again).
+    """
+    if n_trials is None:
+        return False
+    counted, waiting = count_budget(study)
+    running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    return counted >= n_trials and not waiting and not running
+
+
 def worker_seed(base: int, index: int) -> int:
     """The sampler seed of the study's ``index``-th worker (in start order, over reruns and machines)."""
     return int(np.random.SeedSequence([base, index]).generate_state(1)[0])
@@ -359,7 +371,13 @@ def run_worker(settings: WorkerSettings) -> int:
 
 
 def _spawned_worker(settings: WorkerSettings) -> None:
-    sys.exit(run_worker(settings))
+    import lightning.pytorch  # noqa: F401  (before the freeze, as `fvlab` does)
+
+    from fvlab.runtime import frozen_heap
+
+    with frozen_heap():
+        code = run_worker(settings)
+    sys.exit(code)
 
 
 def _cuda_devices() -> list[str]:
