@@ -16,7 +16,7 @@ from fvlab.cli import main
 from fvlab.export import check_onnx, ort_session, parity_sizes
 from fvlab.models import create_model, load_checkpoint
 
-from test_fit import FAST_TRAINER, SYNTHETIC, write_experiment
+from helpers import FAST_TRAINER, SYNTHETIC, write_experiment
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

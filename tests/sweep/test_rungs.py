@@ -19,7 +19,7 @@ from fvlab.sweep.rungs import PRUNED_RUNG_ATTR, RungsCallback, RungsPruner, rung
 from fvlab.sweep.space import load_sweep
 from fvlab.sweep.storage import open_storage
 from fvlab.sweep.workers import make_pruner
-from test_sweep import BASE, ROOT, run_sweep, write_sweep  # the sweep tests' tiny base experiment
+from helpers import BASE, ROOT, run_sweep, write_sweep  # the sweep tests' tiny base experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 MAX2 = ["maximize", "maximize"]

@@ -14,7 +14,8 @@ import pytest
 from fvlab.sweep.front import epsilon_net_order, rank_order
 from fvlab.sweep.space import load_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 _spec = importlib.util.spec_from_file_location("search_cost", ROOT / "benchmarks" / "search_cost.py")
 sc = importlib.util.module_from_spec(_spec)
 sys.modules["search_cost"] = sc  # dataclasses look their module up while the class is built

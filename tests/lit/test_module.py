@@ -21,7 +21,7 @@ from fvlab.data import SyntheticDataModule
 from fvlab.data.base import InMemoryImages
 from fvlab.lit.module import SCHEDULERS, ImageClassifier
 from fvlab.models import ArchConfig
-from test_fit import FAST_TRAINER, MICRO, write_experiment  # the fit tests' tiny experiment
+from helpers import FAST_TRAINER, MICRO, subprocess_env, write_experiment  # the fit tests' tiny experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -232,8 +232,7 @@ def run_ddp_nan(tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
     nan = {"class_path": "test_module.NaNInputOnRank", "init_args": {"rank": 1, "batch": 1}}
     experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3},
                                   ablation={"bad": {"trainer.callbacks": [nan]}, "good": {}})
-    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = subprocess_env(__file__)
     command = [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir",
                str(tmp_path / "runs"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
                "--trainer.accelerator", "cpu"]

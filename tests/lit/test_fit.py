@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,34 +21,9 @@ from fvlab.metrics import MODEL_METRICS, TEST_METRICS
 from fvlab.lit.module import ImageClassifier
 from fvlab.models import ArchConfig
 
+from helpers import FAST_TRAINER, ROOT, MICRO, SYNTHETIC, run_fit, subprocess_env, write_experiment
+
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-MICRO = {"name": "fastervit_micro"}
-SYNTHETIC = {"class_path": "fvlab.data.SyntheticDataModule",
-             "init_args": {"image_size": 32, "num_classes": 4, "in_chans": 3, "num_samples": 64,
-                           "val_samples": 32, "batch_size": 16}}
-FAST_TRAINER = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
-                "num_sanity_val_steps": 0}
-
-
-def write_experiment(path: Path, **sections) -> Path:
-    config = {"name": "exp", "seed_everything": 0, "model": {"arch": dict(MICRO), "lr": 1e-3},
-              "data": SYNTHETIC, "trainer": FAST_TRAINER}
-    config.update(sections)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def run_fit(tmp_path: Path, experiment: Path, *extra: str) -> int:
-    return main(["fit", str(experiment), "--runs-dir", str(tmp_path / "runs"), *extra])
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for `fvlab` in a subprocess: these tests' callbacks importable, and the
-    PYTHONPATH kept, so the subprocess runs the fvlab under test, not another installed one."""
-    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-
 
 # ---- ImageClassifier -------------------------------------------------------------------
 
@@ -346,7 +320,7 @@ def test_validate_and_test_from_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "none")]) == 2
 
 
-SHIPPED = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
 SMALL = {"ablate_carrier", "ablate_window", "ablate_propagation", "baseline"}
 
 
@@ -388,7 +362,7 @@ def test_cpu_ddp_with_two_processes_and_ema(tmp_path: Path) -> None:
     # that required grad, and DDP stopped at once ("parameters that were not used").
     experiment = write_experiment(tmp_path / "exp.yaml", ablation={
         "v1": {}, "v2": {"model.arch.ct_size": 0, "model.ema": True, "model.ema_decay": 0.5}})
-    env = subprocess_env()
+    env = subprocess_env(__file__)
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
@@ -623,7 +597,7 @@ def test_torchrun_on_two_nodes_writes_from_global_rank_zero_only(tmp_path: Path)
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": "0",
+        env = {**subprocess_env(__file__), "RANK": str(rank), "LOCAL_RANK": "0",
                "GROUP_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "fvlab-test"}
         env.pop("NODE_RANK", None)
@@ -658,7 +632,7 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     experiment = write_experiment(tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "limit_train_batches": 3,
                                                                    "callbacks": callbacks},
                                   ablation={"v1": {}, "v2": {}})
-    env = subprocess_env()
+    env = subprocess_env(__file__)
     done = subprocess.run(
         [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],

@@ -12,7 +12,8 @@ import pytest
 from fvlab.data import DataError, SameDifferentDataModule
 from fvlab.data.same_different import generate_same_different, glyph_vocabulary
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SIZES = (600, 200, 200)
 
 

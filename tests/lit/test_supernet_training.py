@@ -1,4 +1,4 @@
-"""Training a supernet (issue 24, item 2): the sandwich rule, in-place distillation, BN recalibration."""
+"""Training a supernet: the sandwich rule, in-place distillation, BN recalibration."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def _fx_graph(model: torch.nn.Module) -> torch.fx.Graph:
     return tracer.trace(model)
 
 
-# FasterViT's variants; the hat_swin_* ones are timm's Swin, checked against timm in test_hat_swin.py.
+# FasterViT's variants; the hat_swin_* ones are timm's Swin, checked against timm in test_swin.py.
 FASTERVIT = [name for name in list_variants() if name.startswith("fastervit_")]
 
 

@@ -1,4 +1,4 @@
-"""One-shot search in `fvlab sweep` (issue 24, items 2-4): the supernet trained once into
+"""One-shot search in `fvlab sweep`: the supernet trained once into
 runs/<study>/supernet/, trials that evaluate its subnets, the confirm table's Kendall tau."""
 
 from __future__ import annotations

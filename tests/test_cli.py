@@ -14,8 +14,8 @@ from fvlab.experiment import ExperimentError, apply_overrides
 from fvlab.lit.runner import BadConfig, build_run, merge_config
 from fvlab.sweep.command import parse_sets
 from fvlab.sweep.space import SweepError
-from test_fit import FAST_TRAINER, run_fit, write_experiment
-from test_sweep import BASE, SWEEP, run_sweep, write_sweep
+from helpers import FAST_TRAINER, run_fit, write_experiment
+from helpers import BASE, SWEEP, run_sweep, write_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

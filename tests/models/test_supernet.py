@@ -1,4 +1,4 @@
-"""Weight-sharing supernet (issue 24, item 1): every subnet equals its stand-alone FasterViT."""
+"""Weight-sharing supernet: every subnet equals its stand-alone FasterViT."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from fvlab.models import FasterViT, create_model, variant_config
 from fvlab.models.supernet import FasterViTSupernet, extract_subnet
-from fvlab.profile import count_params, count_flops
+from fvlab.profile import count_params
 from fvlab.sweep.canonical import canonical_arch
 
 IMAGE = 64  # fastervit_micro: stage maps 16, 8, 4, 2 (stage 2: four 2x2 windows, or one 4x4)
