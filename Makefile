@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/sweep_overhead.py
+	$(PY) benchmarks/sweep_scale.py --burst
 	$(PY) benchmarks/throughput_stability.py
 	$(PY) benchmarks/gpu.py
 

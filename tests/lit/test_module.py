@@ -21,7 +21,7 @@ from fvlab.data import SyntheticDataModule
 from fvlab.data.base import InMemoryImages
 from fvlab.lit.module import SCHEDULERS, ImageClassifier
 from fvlab.models import ArchConfig
-from helpers import FAST_TRAINER, MICRO, subprocess_env, write_experiment  # the fit tests' tiny experiment
+from helpers import FAST_TRAINER, MICRO, subprocess_env, write_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -1,4 +1,5 @@
-"""The sweep file (fvlab.sweep.space): distributions, choices, and bad files that exit 2 writing nothing."""
+"""The sweep file (fvlab.sweep.space): distributions, choices, and bad files that exit 2
+writing nothing."""
 
 from __future__ import annotations
 

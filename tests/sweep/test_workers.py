@@ -1,4 +1,5 @@
-"""Sweep workers and storages (fvlab.sweep.workers, .storage): faults, kills, retries, budgets, heartbeats, on the journal file and on PostgreSQL."""
+"""Sweep workers and storages (fvlab.sweep.workers, .storage): faults, kills, retries, budgets
+and heartbeats, on the journal file and on PostgreSQL."""
 
 from __future__ import annotations
 
