@@ -143,18 +143,19 @@ def main() -> int:
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"# fastervit_micro at 64 px, 4 grid trials, {args.rounds} rounds x {args.round_s} s, "
           f"{args.profiles} profiles; {cpu_name()}, {os.cpu_count()} cores, 1 thread")
-    tmp = Path(tempfile.mkdtemp(prefix="fvlab-scale-"))
-    (tmp / "base.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
-    quiet = measure("quiet", tmp, args, env)
-    if args.burst:
-        stop = mp.Event()
-        burner = mp.Process(target=burn, args=(stop, 0), daemon=True)
-        burner.start()
-        try:
-            measure("burst", tmp, args, env)
-        finally:
-            stop.set()
-            burner.join()
+    with tempfile.TemporaryDirectory(prefix="fvlab-scale-") as folder:
+        tmp = Path(folder)
+        (tmp / "base.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
+        quiet = measure("quiet", tmp, args, env)
+        if args.burst:
+            stop = mp.Event()
+            burner = mp.Process(target=burn, args=(stop, 0), daemon=True)
+            burner.start()
+            try:
+                measure("burst", tmp, args, env)
+            finally:
+                stop.set()
+                burner.join()
     print(f"\nquiet: every pair within 10%: {'met' if quiet <= 0.10 else 'NOT met'}")
     return 0 if quiet <= 0.10 else 1
 

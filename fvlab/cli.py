@@ -620,14 +620,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import lightning.pytorch  # noqa: F401  (imported now so that the freeze below covers it)
     # What is loaded by now lives as long as the process: frozen, it is not walked by every
     # collection that frees a run's models and trainers.
-    with frozen_heap():
-        try:
+    try:
+        with frozen_heap():
             # Its own context: what a command sets (--trust-checkpoint) ends with it.
             return contextvars.copy_context().run(COMMANDS[command], rest)
-        except KeyboardInterrupt:
-            return 130
-        except SystemExit as exc:  # argparse's --help and errors
-            return int(exc.code or 0)
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as exc:  # argparse's --help and errors
+        return int(exc.code or 0)
+
 
 if __name__ == "__main__":
     sys.exit(main())

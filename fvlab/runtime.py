@@ -222,17 +222,24 @@ def frozen_heap() -> Iterator[None]:
     """Hide what is alive now (imported modules, mostly) from the cyclic collector for the block.
 
     The full collections that free models and trainers between runs and trials otherwise walk
-    every object torch, Lightning and timm created at import: about 0.3 s each. Nested blocks
-    leave the unfreezing to the outermost one.
+    every object torch, Lightning and timm created at import: about 0.3 s each. A block inside
+    another does nothing: a second freeze would keep whatever the outer block's code holds at
+    that moment, and later drops into a reference cycle, until the outer block ends.
     """
-    outer = gc.get_freeze_count() > 0
-    gc.collect()  # garbage frozen now would never be freed
-    gc.freeze()
+    global _freeze_depth
+    if _freeze_depth == 0:
+        gc.collect()  # garbage frozen now would never be freed
+        gc.freeze()
+    _freeze_depth += 1
     try:
         yield
     finally:
-        if not outer:
+        _freeze_depth -= 1
+        if _freeze_depth == 0:
             gc.unfreeze()
+
+
+_freeze_depth = 0
 
 
 # Lightning's per-run start-up chatter and warnings that say nothing about fvlab's runs.

@@ -40,18 +40,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # in case a plugin imported torch before this file
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Freeze what collection loaded, as the ``fvlab`` command freezes its imports.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
+    """Run the tests with what collection loaded frozen, as the ``fvlab`` command freezes its imports.
 
     Every run and trial ends with a full collection; over the test modules and their imports
-    each one took about 0.3 s, hundreds of times in a suite.
+    each one took about 0.3 s, hundreds of times in a suite. In-process ``main()`` calls nest.
     """
-    import gc
+    import lightning.pytorch  # noqa: F401  (frozen with the rest)
 
-    import lightning.pytorch  # noqa: F401
+    from fvlab.runtime import frozen_heap
 
-    gc.collect()
-    gc.freeze()
+    with frozen_heap():
+        yield
 
 
 def _postgres_bin() -> Path | None:

@@ -199,3 +199,24 @@ def test_tune_allocator_stops_large_tensors_page_faulting() -> None:
     assert default["faults"] > pages // 2, default  # glibc unmapped the freed block
     # Freed memory stays in the heap: the new tensor reuses it without faulting.
     assert tuned["faults"] < pages // 20, tuned
+
+
+def test_a_frozen_heap_inside_another_keeps_collecting_what_the_outer_block_drops() -> None:
+    import gc
+    import weakref
+
+    from fvlab.runtime import frozen_heap
+
+    class Node:
+        pass
+
+    with frozen_heap():
+        node = Node()
+        node.self = node  # a reference cycle: only the cyclic collector frees it
+        alive = weakref.ref(node)
+        with frozen_heap():  # e.g. `fvlab` main() called from a script that froze already
+            pass
+        del node
+        gc.collect()
+        assert alive() is None  # a second freeze would have kept it until the outer block ended
+

@@ -376,7 +376,8 @@ def sweep_command(argv: Sequence[str]) -> int:
             return code
     if code == 0 and not args.confirm and budget_spent(study, n_trials):
         # No worker process to start (each would import torch only to find the budget spent).
-        print(f"[{sweep.study}] all {n_trials} trial(s) have run; raise n_trials to search further", flush=True)
+        more = "every grid point has run" if n_trials == sweep.grid_size else "raise n_trials to search further"
+        print(f"[{sweep.study}] all {n_trials} trial(s) have run; {more}", flush=True)
     elif code == 0 and not args.confirm:
         print(f"[{sweep.study}] {n_trials if n_trials else 'unlimited'} trial(s) in total, "
               f"{args.workers} worker(s), storage {label}", flush=True)

@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.sweep.space import PRUNER_CLASSES, SAMPLER_CLASSES, SweepSpec
 
-__all__ = ["WorkerSettings", "GridSampler", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
+__all__ = ["WorkerSettings", "GridSampler", "budget_spent", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
            "worker_seed", "worker_threads", "claim_worker_index", "EXIT_INTERRUPTED", "WORKERS_ATTR"]
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from fvlab.sweep import sweep_command
+
+from helpers import journal_study, run_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -45,14 +46,6 @@ def write_sweep(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**SWEEP, **changes}, sort_keys=False))
     return path
-
-
-def run_sweep(tmp_path: Path, sweep: Path, *extra: str) -> int:
-    return sweep_command([str(sweep), "--runs-dir", str(tmp_path / "runs"), *extra])
-
-
-def journal_study(path: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
 
 
 def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_path: Path, capsys) -> None:

@@ -253,7 +253,7 @@ def test_grid_sampler_order_is_seeded_and_workers_share_the_grid(tmp_path: Path)
         workers[0].ask().suggest_int("b", 1, 2)
 
 
-def test_a_grid_is_visited_once_over_reruns(tmp_path: Path) -> None:
+def test_a_grid_is_visited_once_over_reruns(tmp_path: Path, capsys) -> None:
     # Six points, each pruned before training. Every rerun's worker draws another seed (its index in
     # the study), and so another order: it must still take only points that no trial holds.
     space = {"model.arch.ct_size": {"choices": [1, 2]}, "model.lr": {"choices": [1.0e-3, 3.0e-3, 1.0e-2]}}
@@ -267,6 +267,10 @@ def test_a_grid_is_visited_once_over_reruns(tmp_path: Path) -> None:
     assert trials[0].user_attrs["reference"] and trials[0].params["model.lr"] == 3.0e-3
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
     assert study.user_attrs["fvlab_workers_started"] == 3
+    capsys.readouterr()
+    assert run_sweep(tmp_path, sweep, "--n-trials", "8") == 0  # capped at the grid's 6: nothing to run
+    assert "[grid] all 6 trial(s) have run; every grid point has run" in capsys.readouterr().out
+    assert len(study.get_trials()) == 6 and study.user_attrs["fvlab_workers_started"] == 3
 
 
 def test_pruning_stops_a_bad_trial_early(tmp_path: Path) -> None:

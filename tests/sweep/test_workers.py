@@ -238,14 +238,18 @@ def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> Non
                         objectives={"val/acc1_best": "maximize"},
                         overrides={"trainer.max_epochs": 1000, "trainer.limit_train_batches": 2})  # killed long before
     process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"))
-    checkpoint = tmp_path / "runs" / "stopped" / "trial_0000" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert process.poll() is None, process.stderr.read()
-    process.send_signal(signal.SIGTERM)  # Lightning turns it into SystemExit inside fit
-    assert process.wait(timeout=120) == 1
-    assert "interrupted" in process.stderr.read()
+    try:
+        checkpoint = tmp_path / "runs" / "stopped" / "trial_0000" / "checkpoints" / "last.ckpt"
+        deadline = time.time() + 240
+        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGTERM)  # Lightning turns it into SystemExit inside fit
+        assert process.wait(timeout=120) == 1
+        assert "interrupted" in process.stderr.read()
+    finally:
+        process.kill()  # a no-op once it ended; a hang must not train on for 1000 epochs
+        process.communicate()
     trials = load_study(tmp_path, "stopped", None).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[0].user_attrs["fail_reason"] == "interrupted"
