@@ -222,14 +222,13 @@ def frozen_heap() -> Iterator[None]:
     """Hide what is alive now (imported modules, mostly) from the cyclic collector for the block.
 
     The full collections that free models and trainers between runs and trials otherwise walk
-    every object torch, Lightning and timm created at import: about 0.3 s each. Garbage frozen
-    with them is freed after the block (right after the imports there were 115 such objects,
-    not worth a 0.23 s collection first). A block inside another does nothing: a second freeze
-    would keep whatever the outer block's code holds at that moment, and later drops into a
-    reference cycle, until the outer block ends.
+    every object torch, Lightning and timm created at import: about 0.3 s each. A block inside
+    another does nothing: a second freeze would keep whatever the outer block's code holds at
+    that moment, and later drops into a reference cycle, until the outer block ends.
     """
     global _freeze_depth
     if _freeze_depth == 0:
+        gc.collect()  # garbage frozen now would never be freed
         gc.freeze()
     _freeze_depth += 1
     try:
