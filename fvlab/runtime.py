@@ -228,10 +228,7 @@ def frozen_heap() -> Iterator[None]:
     """
     global _freeze_depth
     if _freeze_depth == 0:
-        # Garbage frozen now would be kept until the block ends. Without this collection the
-        # test suite also took 10-25% more CPU time (measured), most likely because a full pass
-        # resets the count of long-lived objects that spaces out the automatic full passes.
-        gc.collect()
+        gc.collect()  # garbage frozen now would be kept until the block ends
         gc.freeze()
     _freeze_depth += 1
     try:
