@@ -198,6 +198,16 @@ def test_a_single_fixed_seed_worker_reproduces_its_search(tmp_path: Path) -> Non
     assert searches[0] == searches[1] and len({str(p) for p in searches[0]}) == 2
 
 
+def wait_for_first_checkpoint(process: subprocess.Popen, study_dir: Path) -> Path:
+    """Wait (up to 240 s) until trial 0 wrote last.ckpt, its sweep still running; the checkpoint."""
+    checkpoint = study_dir / "trial_0000" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read()
+    return checkpoint
+
+
 def test_a_worker_beats_while_its_trial_runs_and_a_silent_one_is_retried(tmp_path: Path, postgres_url: str,
                                                                       monkeypatch) -> None:
     # Another machine's view: only the heartbeat (1 s, 2 s grace here) tells a live trial from a dead one.
@@ -213,11 +223,7 @@ def test_a_worker_beats_while_its_trial_runs_and_a_silent_one_is_retried(tmp_pat
                                 "--storage", postgres_url], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     try:
-        checkpoint = tmp_path / "runs" / "beats" / "trial_0000" / "checkpoints" / "last.ckpt"
-        deadline = time.time() + 240
-        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert process.poll() is None, process.stderr.read()
+        wait_for_first_checkpoint(process, tmp_path / "runs" / "beats")
         study = optuna.load_study(study_name="beats", storage=storages.open_storage(postgres_url, tmp_path / "x"))
         time.sleep(3)  # longer than the grace period: only its heartbeat keeps the trial alive
         optuna.storages.fail_stale_trials(study)
@@ -239,11 +245,7 @@ def test_sigterm_records_the_running_trial_as_interrupted(tmp_path: Path) -> Non
                         overrides={"trainer.max_epochs": 1000, "trainer.limit_train_batches": 2})  # killed long before
     process = fvlab_process("sweep", str(sweep), "--runs-dir", str(tmp_path / "runs"))
     try:
-        checkpoint = tmp_path / "runs" / "stopped" / "trial_0000" / "checkpoints" / "last.ckpt"
-        deadline = time.time() + 240
-        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert process.poll() is None, process.stderr.read()
+        checkpoint = wait_for_first_checkpoint(process, tmp_path / "runs" / "stopped")
         process.send_signal(signal.SIGTERM)  # Lightning turns it into SystemExit inside fit
         assert process.wait(timeout=120) == 1
         assert "interrupted" in process.stderr.read()
