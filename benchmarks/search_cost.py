@@ -352,6 +352,7 @@ def main() -> None:
     from fvlab.sweep.front import hypervolume
     from fvlab.sweep.objective import ARCH_ATTR
     from fvlab.sweep.pareto import SCALE_ATTR
+    from fvlab.sweep.attrs import reference_trial
     from fvlab.sweep.space import rung_epochs
 
     import torch
@@ -375,8 +376,8 @@ def main() -> None:
                                        train_batches=args.train_batches), runs, shared,
                        record_only=True)
             shared.update({k: v for k, v in full.user_attrs.items() if k.startswith(ARCH_ATTR) or k == SCALE_ATTR})
-            itself = next((t.user_attrs.get("speedup") for t in full.get_trials(deepcopy=False)
-                           if t.user_attrs.get("reference")), None)
+            reference = reference_trial(full)
+            itself = reference.user_attrs.get("speedup") if reference is not None else None
             records = records_of(full, rungs)
             rep = {"seeds": (sampler_seed, training_seed), "records": records, "seconds": time.perf_counter() - begun,
                    "itself": itself,

@@ -15,7 +15,8 @@ __all__ = ["TRAIN_LOSS", "TRAIN_LOSS_EPOCH", "TRAIN_LR", "TRAIN_LOSS_LARGEST", "
            "THROUGHPUT_MEASURED_LO", "THROUGHPUT_MEASURED_HI", "LATENCY_MS_MEASURED", "MODEL_PREFIX",
            "TRAIN_METRICS", "VAL_METRICS", "TEST_METRICS", "MODEL_METRICS", "MODEL_EXTRA_METRICS",
            "MOMENT_METRICS", "FINAL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "SELECTION_METRICS",
-           "SIZE_METRICS", "is_model_metric", "trial_attr", "TRIAL_ATTRS", "MODEL_TRIAL_ATTRS"]
+           "SIZE_METRICS", "HELD_OUT", "held_out", "is_model_metric", "trial_attr", "TRIAL_ATTRS",
+           "MODEL_TRIAL_ATTRS"]
 
 # Logged while training (train/loss per step, train/loss_epoch per epoch, the learning rate per step).
 TRAIN_LOSS = "train/loss"
@@ -73,6 +74,14 @@ PRIMARY_METRIC = VAL_ACC1_BEST
 TEST_PRIMARY_METRIC = TEST_ACC1
 # What a sweep may optimise or prune on: everything but the test split (train/lr is a setting).
 SELECTION_METRICS = (*VAL_METRICS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, *MODEL_METRICS, SPEEDUP)
+
+# Where a selection metric's figure is cited once the selection is made: its test-split counterpart.
+HELD_OUT = {VAL_ACC1_BEST: TEST_ACC1, VAL_ACC1: TEST_ACC1, VAL_ACC5: TEST_ACC5, VAL_LOSS: TEST_LOSS}
+
+
+def held_out(metric: str) -> str | None:
+    """The test-split metric that stands for ``metric`` in a table of selected runs, or None."""
+    return HELD_OUT.get(metric)
 
 
 def is_model_metric(name: str) -> bool:

@@ -24,7 +24,7 @@ from fvlab.report.collect import ReportInputError, Run, StudyData, finite
 from fvlab.runs import CONFIG_FILE, confirm_seeds, is_confirm_run, variant_dir_of
 from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING,
                                 TEST_PRIMARY_METRIC, VariantStats, aggregate, difference_cell, explanation,
-                                holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
+                                family_size, holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
                                 write_csv)
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
@@ -241,7 +241,7 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                          f"delta/{PRIMARY_METRIC}": d.mean if d else None, "delta_ci_low": d.low if d else None,
                          "delta_ci_high": d.high if d else None, "delta_n_pairs": d.n if d else None,
                          "delta_p_value": d.p_value if d else None,
-                         "delta_significant": mark if d is not None and d.p_value is not None else None,
+                         "delta_significant": mark if d is not None and d.can_mark else None,
                          "reference": ref.variant if ref is not None else "",
                          **v.model, "epochs": v.epochs, "wall_s": v.wall_s, "pareto": optimal})
         for run in v.runs:
@@ -253,7 +253,8 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                                                           "wall_s", "precision",
                                                           "test_note")},
                              "reason": run.get("error")})
-    notes = [explanation(None if several else reference)]
+    family = family_size(None if v.is_reference else v.difference for _, v in rows)
+    notes = [explanation(None if several else reference, family=family)]
     for name, variants in report.variants.items():
         notes += summary_notes(variants, explain=False, prefix=f"{name}/" if several else "")
     notes += tested_notes(report)

@@ -7,9 +7,12 @@ Pure functions over metrics.json contents (dicts), so they are tested without a 
 - ``paired_difference`` is the difference of a variant to the reference variant, paired by seed
   (same seed, same initialisation and data order), with a paired-t confidence interval and
   p-value;
-- ``holm`` decides which differences of a table are significant: Holm's step-down over the
-  table's paired-t p-values, so the chance of any false ``*`` in the table stays at 5%. The
-  interval printed is the unadjusted one, so an interval can exclude zero without a ``*``;
+- ``holm`` decides which differences of a table are significant: Holm's step-down over every
+  comparison of the table that can carry a ``*`` (all rows, all marked columns), so the chance of
+  any false ``*`` in the table stays at 5%. The interval printed is the unadjusted one, so an
+  interval can exclude zero without a ``*``. A comparison can carry a mark with at least
+  ``MIN_MARKED_PAIRS`` pairs whose differences vary: differences equal up to rounding have no
+  p-value (``n/a``), since their zero spread is an artefact of few, coarse samples, not evidence;
 - Δ pairs only the seeds both variants completed; when that is fewer seeds than a mean it is
   compared with, its cell says ``(n=2 pairs)``. One sample prints ``n/a`` for its spread;
 - ``format_summary`` / ``write_summary`` make the comparison table of ``fvlab fit``
@@ -30,7 +33,7 @@ from fvlab.metrics import (GFLOPS, LATENCY_MS, MODEL_EXTRA_METRICS, MODEL_METRIC
                            VAL_LOSS)
 
 __all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
-           "VariantStats", "paired_difference", "holm", "holm_marks", "aggregate", "format_summary", "summary_csv_rows",
+           "VariantStats", "paired_difference", "holm", "holm_marks", "family_size", "MIN_MARKED_PAIRS", "marks_rule", "aggregate", "format_summary", "summary_csv_rows",
            "write_summary", "markdown_table", "seed_label", "test_notes", "MODEL_COLUMNS", "model_cell"]
 
 # Per-seed figures: mean ± std over the completed seeds.
@@ -42,6 +45,11 @@ MODEL_TITLES = {PARAMS_M: ("params (M)", "{:.3f}"), GFLOPS: ("GFLOPs", "{:.4f}")
                 LATENCY_MS: ("latency (ms)", "{:.2f}"), SPEEDUP: ("speedup", "{:.3f}")}
 CONFIDENCE = 0.95
 SIGNIFICANT_MARK = "*"  # Holm's step-down over the table's comparisons rejects at 1 - CONFIDENCE
+# Two pairs give a t-test with one degree of freedom: on a few hundred images, where accuracies
+# move in steps of 1/n, equal differences come up often and a single coincidence decides.
+MIN_MARKED_PAIRS = 3
+# Differences whose spread is below this (relative to their size) are equal up to rounding.
+EQUAL_TOLERANCE = 1e-9
 # Statuses of a run that has not produced final figures yet, or never will.
 RUNNING, NOT_RUN = "running", "not run"
 
@@ -56,12 +64,18 @@ class PairedDifference:
     low: float | None = None
     high: float | None = None
     confidence: float = CONFIDENCE
-    p_value: float | None = None  # two-sided paired-t; None with fewer than two pairs
+    p_value: float | None = None  # two-sided paired-t; None with fewer than two pairs or no spread
+    equal: bool = False  # every paired difference the same up to rounding: no interval, no p-value
 
     @property
     def n(self) -> int:
         """Number of seeds present, complete, in both variants."""
         return len(self.seeds)
+
+    @property
+    def can_mark(self) -> bool:
+        """Whether this comparison belongs to its table's Holm family: a p-value from enough pairs."""
+        return self.p_value is not None and self.n >= MIN_MARKED_PAIRS
 
     @property
     def excludes_zero(self) -> bool:
@@ -73,7 +87,7 @@ def paired_difference(values: Mapping[Any, float], reference_values: Mapping[Any
                       reference: str = "", confidence: float = CONFIDENCE) -> PairedDifference:
     """Difference to the reference over the seeds both have, with a paired-t interval and p-value (n >= 2).
 
-    With no spread in the differences the p-value is 0.0 for a nonzero difference and 1.0 for zero.
+    Differences equal up to rounding (``EQUAL_TOLERANCE``) have neither: ``equal`` is set.
     """
     from scipy import stats
 
@@ -86,13 +100,13 @@ def paired_difference(values: Mapping[Any, float], reference_values: Mapping[Any
     mean = sum(diffs) / n
     if n < 2:
         return PairedDifference(reference, seeds, mean, confidence=confidence)
+    if max(diffs) - min(diffs) <= EQUAL_TOLERANCE * max(1.0, max(abs(d) for d in diffs)):
+        # 251/270 - 250/270 and 247/270 - 246/270 differ in the last bit: a t statistic of 1e13.
+        return PairedDifference(reference, seeds, mean, confidence=confidence, equal=True)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    if sd > 0:
-        p_value: float | None = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
-    else:
-        p_value = 0.0 if mean != 0 else 1.0
-    if p_value is not None and not math.isfinite(p_value):
+    p_value: float | None = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    if not math.isfinite(p_value):
         p_value = None
     return PairedDifference(reference, seeds, mean, mean - half, mean + half, confidence, p_value)
 
@@ -114,10 +128,25 @@ def holm(p_values: Sequence[float | None], alpha: float = 0.05) -> list[bool]:
 
 
 def holm_marks(variants: Sequence["VariantStats"]) -> list[bool]:
-    """Per row of a table: whether its Δ gets the mark (Holm over the non-reference rows' p-values)."""
+    """Per row of a table: whether its Δ gets the mark (Holm over the rows that can carry one)."""
     differences = [None if v.is_reference else v.difference for v in variants]
     alpha = 1 - next((d.confidence for d in differences if d is not None), CONFIDENCE)
-    return holm([d.p_value if d is not None else None for d in differences], alpha)
+    return holm([d.p_value if d is not None and d.can_mark else None for d in differences], alpha)
+
+
+def family_size(differences: Iterable[PairedDifference | None]) -> int:
+    """How many comparisons of a table can carry a mark: Holm's family."""
+    return sum(1 for d in differences if d is not None and d.can_mark)
+
+
+def marks_rule(family: int, confidence: float = CONFIDENCE, where: str = "this table") -> str:
+    """The legend's sentence on the mark: Holm's family (its size) and what may carry a mark."""
+    return (f"{SIGNIFICANT_MARK} marks a difference that Holm's step-down over the {family} comparison"
+            f"{'' if family == 1 else 's'} of {where} that can carry a mark (paired-t p-values; every row, "
+            f"every marked column) finds significant at {1 - confidence:.2g}, so the chance of any false "
+            f"{SIGNIFICANT_MARK} in the table is at most {1 - confidence:.0%}; an interval can exclude zero "
+            f"without it. A mark needs at least {MIN_MARKED_PAIRS} pairs; differences equal up to rounding "
+            f"have no p-value and no interval (n/a), never p = 0.")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -310,16 +339,14 @@ def difference_cell(stats: VariantStats, significant: bool = False, reference: V
     return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}{pairs}"
 
 
-def explanation(reference: str | None = None, confidence: float = CONFIDENCE) -> str:
-    """The line saying what ±, Δ, its interval, the pair count and the mark mean."""
+def explanation(reference: str | None = None, confidence: float = CONFIDENCE, family: int = 0) -> str:
+    """The line saying what ±, Δ, its interval, the pair count and the mark (Holm over ``family``) mean."""
     to = f"the reference variant {reference!r}" if reference else "its experiment's reference variant"
     return (f"± is the sample standard deviation (n-1) over the completed seeds (n/a with one seed). "
             f"Δ is the mean per-seed difference of {PRIMARY_METRIC} to {to}, paired by seed, with its "
             f"unadjusted {confidence:.0%} paired-t confidence interval; (n=2 pairs): Δ pairs only the "
             f"seeds both completed, fewer than the variant's or the reference's mean uses. "
-            f"{SIGNIFICANT_MARK} marks a difference that Holm's step-down over this table's comparisons (paired-t p-values) finds "
-            f"significant at {1 - confidence:.2g}, so the chance of any false {SIGNIFICANT_MARK} in the "
-            f"table is at most {1 - confidence:.0%}; an interval can exclude zero without it. "
+            f"{marks_rule(family, confidence)} "
             f"{TEST_PRIMARY_METRIC} is the best checkpoint measured once on the held-out test split, "
             f"which selects nothing.")
 
@@ -335,18 +362,36 @@ def test_notes(variants: Sequence[VariantStats], prefix: str = "") -> list[str]:
     return notes
 
 
+def difference_notes(variants: Sequence[VariantStats], prefix: str = "") -> list[str]:
+    """Why a Δ has no interval (too few pairs, no spread) or no mark (fewer than three pairs)."""
+    def names(rule: Any) -> list[str]:
+        return [prefix + v.variant for v in variants
+                if not v.is_reference and v.difference is not None and v.difference.mean is not None
+                and rule(v.difference)]
+
+    notes = []
+    if lone := names(lambda d: d.n < 2):
+        notes.append(f"n/a: fewer than two seeds completed in both {', '.join(lone)} and the "
+                     f"reference, so no interval; list several seeds (seeds: [0, 1, 2]) for one.")
+    if equal := names(lambda d: d.equal):
+        notes.append(f"n/a: every per-seed difference of {', '.join(equal)} to the reference is the same, "
+                     f"so there is no spread to test: no interval, no p-value, no mark.")
+    if few := names(lambda d: d.n == 2 and not d.equal):
+        notes.append(f"no mark possible: {', '.join(few)} pair{'s' if len(few) == 1 else ''} 2 seeds with the "
+                     f"reference; a mark needs at least {MIN_MARKED_PAIRS}.")
+    return notes
+
+
 def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix: str = "") -> list[str]:
     """The lines under the table: what ± and the mark mean, test figures, seeds failed or missing."""
     if not variants:
         return []
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     confidence = next((v.difference.confidence for v in variants if v.difference), CONFIDENCE)
-    notes = [explanation(reference, confidence)] if explain else []
+    family = family_size(None if v.is_reference else v.difference for v in variants)
+    notes = [explanation(reference, confidence, family)] if explain else []
     notes += test_notes(variants, prefix)
-    lone = [prefix + v.variant for v in variants if v.difference is not None and v.difference.n < 2]
-    if lone:
-        notes.append(f"n/a: fewer than two seeds completed in both {', '.join(lone)} and the "
-                     f"reference, so no interval; list several seeds (seeds: [0, 1, 2]) for one.")
+    notes += difference_notes(variants, prefix)
     for v in variants:
         for run in v.failed:
             notes.append(f"{run.get('status')}: {prefix}{v.variant} "
@@ -408,7 +453,7 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
         if d is not None:
             row.update({f"delta/{PRIMARY_METRIC}": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
                         "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None,
-                        "delta_p_value": d.p_value, "delta_significant": mark if d.p_value is not None else None})
+                        "delta_p_value": d.p_value, "delta_significant": mark if d.can_mark else None})
         rows.append(row)
     return rows
 

@@ -285,7 +285,9 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
         together_columns(rows, members, together, sweep)
         notes = SCALE_NOTE
     if reference is None:
-        base_trial = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
+        from fvlab.sweep.attrs import reference_attempts
+
+        base_trial = next(iter(reference_attempts(study)[-1:]), None)  # its latest attempt
         if base_trial is not None and base_trial.state.is_finished():
             why = base_trial.user_attrs.get("pruned_reason") or base_trial.user_attrs.get("fail_reason") or ""
             notes = (f"The reference trial {base_trial.number} (the base experiment's settings) is "

@@ -8,15 +8,18 @@ trial are trained again with every listed seed, in ``runs/<study>/confirm/trial_
 through the same fit runs as ``fvlab fit`` (a complete run is skipped, a changed one refused, so
 a rerun resumes). The table's means, std and front use those fresh seeds only; the selecting
 run's value is shown beside them, never averaged in. Each member's accuracy is compared with the
-reference's, paired by confirm seed (95% paired-t interval, ``*`` by Holm's step-down over the
-members). Architecture figures (throughput, GFLOPs) do not change with a seed: they are shown
-as measured, throughput with its interval.
+reference's, paired by confirm seed (95% paired-t interval). Fresh seeds remove the seed's luck,
+not the architecture's luck on the validation images that selected it, so when the confirm runs
+measured a test split the table shows its figures (``test/acc1``) and puts the ``*`` there: Holm's
+step-down over every member and marked column of the table. Architecture figures (throughput,
+GFLOPs) do not change with a seed: they are shown as measured, throughput with its interval.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,11 +27,13 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
-from fvlab.metrics import MODEL_TRIAL_ATTRS, VAL_ACC1_BEST, is_model_metric, trial_attr
+from fvlab.metrics import MODEL_TRIAL_ATTRS, VAL_ACC1_BEST, held_out, is_model_metric, trial_attr
 from fvlab.runs import config_hash, confirm_dir, read_metrics, trained_config, trial_dir_name
+from fvlab.sweep.attrs import reference_trial
 from fvlab.sweep.space import SweepSpec
 
-__all__ = ["trial_config", "confirm_members", "confirm_front", "confirmed_rows", "format_confirmed",
+__all__ = ["trial_config", "confirm_members", "confirm_front", "confirm_table", "ConfirmTable", "confirmed_rows",
+           "format_confirmed", "confirm_legend",
            "confirmed_table", "is_supernet_study", "rank_agreement", "supernet_agreement", "CONFIRM_LEGEND",
            "MIN_RANKED"]
 
@@ -56,7 +61,7 @@ def _model_figures(trial: FrozenTrial) -> dict[str, Any]:
 
 def confirm_members(study: optuna.Study) -> list[FrozenTrial]:
     """What ``confirm`` trains: the front, then the reference trial when it is not on it."""
-    from fvlab.sweep.pareto import front_trials, reference_trial
+    from fvlab.sweep.pareto import front_trials
 
     members = front_trials(study)
     reference = reference_trial(study)
@@ -113,19 +118,19 @@ def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
     return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{value:.4g}"
 
 
-_Samples = dict[str, dict[int, float]]  # objective -> confirm seed -> value
+_Samples = dict[str, dict[int, float]]  # metric -> confirm seed -> value
 
 
-def _confirm_samples(study: optuna.Study, trained: list[str], seeds: list[int],
+def _confirm_samples(study: optuna.Study, metrics: list[str], seeds: list[int],
                      study_dir: Path) -> list[tuple[FrozenTrial, _Samples]]:
-    """Each front member (and the reference) with its finite trained objectives per completed confirm seed."""
+    """Each front member (and the reference) with its finite ``metrics`` per completed confirm seed."""
     members = []
     for trial in confirm_members(study):
-        by_seed: _Samples = {m: {} for m in trained}
+        by_seed: _Samples = {m: {} for m in metrics}
         for seed in seeds:
-            metrics = _read_metrics(confirm_dir(study_dir, trial.number, seed))
-            for metric in trained if metrics is not None else ():
-                value = metrics.get(metric)
+            figures = _read_metrics(confirm_dir(study_dir, trial.number, seed))
+            for metric in metrics if figures is not None else ():
+                value = figures.get(metric)
                 if value is not None and math.isfinite(float(value)):
                     by_seed[metric][seed] = float(value)
         members.append((trial, by_seed))
@@ -133,8 +138,8 @@ def _confirm_samples(study: optuna.Study, trained: list[str], seeds: list[int],
 
 
 def _paired_differences(members: list[tuple[FrozenTrial, _Samples]], reference: FrozenTrial | None,
-                        trained: list[str]) -> dict[int, dict[str, Any]]:
-    """Per member but the reference: each trained objective's paired difference to the reference's."""
+                        metrics: list[str]) -> dict[int, dict[str, Any]]:
+    """Per member but the reference: each metric's paired difference to the reference's."""
     from fvlab.report.stats import paired_difference
 
     reference_seeds = next((by_seed for t, by_seed in members
@@ -143,18 +148,19 @@ def _paired_differences(members: list[tuple[FrozenTrial, _Samples]], reference: 
     for trial, by_seed in members:
         if reference_seeds is not None and trial.number != reference.number:
             differences[trial.number] = {m: paired_difference(by_seed[m], reference_seeds[m], "reference")
-                                         for m in trained}
+                                         for m in metrics}
     return differences
 
 
 def _front_of_means(study: optuna.Study, members: list[tuple[FrozenTrial, _Samples]], objectives: list[str],
-                    own: dict[int, dict[str, float]]) -> list[bool]:
-    """Whether each member is on the front recomputed on the confirm means (architecture figures as measured)."""
+                    own: dict[int, dict[str, float]], figure: Mapping[str, str]) -> list[bool]:
+    """Whether each member is on the front recomputed on the confirm means of ``figure[objective]``
+    (architecture figures as measured)."""
     from fvlab.pareto import pareto_optimal
 
     means = []
     for trial, by_seed in members:
-        means.append([statistics.fmean(by_seed[m].values()) if by_seed.get(m) else
+        means.append([statistics.fmean(by_seed[figure[m]].values()) if by_seed.get(figure.get(m, m)) else
                       (own[trial.number][m] if is_model_metric(m) else math.nan) for m in objectives])
     return pareto_optimal([None if any(math.isnan(v) for v in mean) else mean for mean in means],
                           study.directions)
@@ -173,71 +179,151 @@ def _difference_cell(d: Any, is_reference: bool, significant: bool) -> str:
     return f"{d.mean:+.4f} {ci}{mark} (n={d.n})"
 
 
-def _confirm_row(trial: FrozenTrial, by_seed: _Samples, objectives: list[str], seeds: list[int],
-                 own_label: str, own_values: dict[str, float], is_reference: bool,
-                 deltas: dict[str, str] | None) -> dict[str, Any]:
-    """One member's row: confirm seeds, each objective's mean ± std beside its own value, and its Δ."""
-    trained = [m for m in objectives if not is_model_metric(m)]
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
+    return f"{statistics.fmean(values):.4g} ± {spread}"
+
+
+@dataclass
+class _Columns:
+    """What the confirm table shows: the trained objectives, their held-out counterparts (when the
+    confirm runs measured a test split) and which of the two carries Holm's marks."""
+
+    objectives: list[str]
+    trained: list[str]
+    held_out: list[str]  # test-split metrics, in the order of the trained objectives they stand for
+
+    @property
+    def marked(self) -> list[str]:
+        """The columns whose Δ may carry a mark: the held-out ones when there are any."""
+        return self.held_out or self.trained
+
+    @classmethod
+    def of(cls, objectives: list[str], has: Callable[[str], bool]) -> "_Columns":
+        """The columns for ``objectives``; ``has(metric)``: whether any confirm run measured it."""
+        trained = [m for m in objectives if not is_model_metric(m)]
+        tests = [held_out(m) for m in trained]
+        return cls(objectives, trained, list(dict.fromkeys(t for t in tests if t is not None and has(t))))
+
+
+def _confirm_row(trial: FrozenTrial, by_seed: _Samples, columns: _Columns, seeds: list[int],
+                 own_label: str, own_values: dict[str, float], deltas: dict[str, str] | None,
+                 is_reference: bool) -> dict[str, Any]:
+    """One member's row: confirm seeds, each objective's mean ± std beside its own value and its Δ,
+    then the held-out figures and their Δ."""
     row: dict[str, Any] = {"trial": f"{trial.number}" + (" (reference)" if is_reference else "")}
-    row["confirm seeds"] = " ".join(str(s) for s in seeds if any(s in by_seed[m] for m in trained)) or "-"
-    for metric in objectives:
+    row["confirm seeds"] = " ".join(str(s) for s in seeds
+                                    if any(s in by_seed[m] for m in columns.trained)) or "-"
+    for metric in columns.objectives:
         if is_model_metric(metric):
             row[metric] = _architecture_cell(trial, metric)
             continue
-        values = list(by_seed[metric].values())
-        if not values:
-            row[metric] = "-"
-        else:
-            spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
-            row[metric] = f"{statistics.fmean(values):.4g} ± {spread}"
+        row[metric] = _mean_std(list(by_seed[metric].values()))
         row[f"{metric} ({own_label})"] = f"{own_values[metric]:.4g}"
+        if deltas is not None:
+            row[f"Δ {metric}"] = deltas[metric]
+    for metric in columns.held_out:
+        row[metric] = _mean_std(list(by_seed[metric].values()))
         if deltas is not None:
             row[f"Δ {metric}"] = deltas[metric]
     return row
 
 
-def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
-                   study_dir: Path) -> list[dict[str, Any]]:
-    """Per front member (and the reference): each objective's mean ± std over the fresh confirm
-    seeds beside the selecting run's value, the paired difference to the reference, and whether
-    it stays on the front recomputed on the means. Empty before any confirm run is complete."""
+def _holm_over_table(differences: dict[int, dict[str, Any]], marked: list[str]) -> tuple[set[tuple[int, str]], int]:
+    """Holm's step-down over every (member, marked column) comparison that can carry a mark: the
+    marked ones and the family's size."""
     from fvlab.report.stats import holm
 
-    trained = [m for m in objectives if not is_model_metric(m)]
+    cells = [(number, m) for number, by_metric in differences.items() for m in marked
+             if by_metric[m].can_mark]
+    rejected = holm([differences[number][m].p_value for number, m in cells])
+    return {cell for cell, mark in zip(cells, rejected) if mark}, len(cells)
+
+
+@dataclass
+class ConfirmTable:
+    """The confirm table's rows and what its legend must say about them."""
+
+    rows: list[dict[str, Any]]
+    columns: _Columns | None = None
+    family: int = 0
+
+
+def confirm_table(study: optuna.Study, objectives: list[str], seeds: list[int], study_dir: Path) -> ConfirmTable:
+    """Per front member (and the reference): each objective's mean ± std over the fresh confirm
+    seeds beside the selecting run's value, the paired difference to the reference, the held-out
+    (test) figures and their difference when the data has a test split, and whether the member
+    stays on the front recomputed on the means. No rows before any confirm run is complete."""
     # In a one-shot study the trial's own value is its subnet's, evaluated on the supernet.
     own_label = "supernet" if is_supernet_study(study) else "selecting run"
-    reference = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reference")), None)
-    members = _confirm_samples(study, trained, seeds, study_dir)
-    if not any(samples for _, by_seed in members for samples in by_seed.values()):
-        return []
+    reference = reference_trial(study)  # the complete attempt, never a failed one a retry replaced
+    trained = [m for m in objectives if not is_model_metric(m)]
+    candidates = list(dict.fromkeys([*trained, *(t for m in trained if (t := held_out(m)) is not None)]))
+    members = _confirm_samples(study, candidates, seeds, study_dir)
+    if not any(by_seed[m] for _, by_seed in members for m in trained):
+        return ConfirmTable([])
+    columns = _Columns.of(objectives, lambda metric: any(by_seed[metric] for _, by_seed in members))
     own = {trial.number: dict(zip(objectives, trial.values)) for trial, _ in members}
-    differences = _paired_differences(members, reference, trained)
-    marks = {m: dict(zip(differences, holm([d[m].p_value for d in differences.values()]))) for m in trained}
-    stays = _front_of_means(study, members, objectives, own)
+    differences = _paired_differences(members, reference, [*columns.trained, *columns.held_out])
+    marked, family = _holm_over_table(differences, columns.marked)
+    on_val = _front_of_means(study, members, objectives, own, {m: m for m in trained})
+    on_test = (_front_of_means(study, members, objectives, own,
+                               {m: held_out(m) for m in trained if held_out(m) in columns.held_out})
+               if columns.held_out and all(held_out(m) in columns.held_out for m in trained) else None)
     rows = []
-    for (trial, by_seed), on_front in zip(members, stays):
+    for index, (trial, by_seed) in enumerate(members):
         is_reference = reference is not None and trial.number == reference.number
         deltas = ({m: _difference_cell(differences.get(trial.number, {}).get(m), is_reference,
-                                       bool(marks[m].get(trial.number))) for m in trained}
-                  if differences else None)
-        row = _confirm_row(trial, by_seed, objectives, seeds, own_label, own[trial.number], is_reference, deltas)
-        row["on the front of the means"] = "yes" if on_front else "no"
+                                       (trial.number, m) in marked)
+                   for m in (*columns.trained, *columns.held_out)} if differences else None)
+        row = _confirm_row(trial, by_seed, columns, seeds, own_label, own[trial.number], deltas, is_reference)
+        row["on the front of the means"] = "yes" if on_val[index] else "no"
+        if on_test is not None:
+            row["on the front of the test means"] = "yes" if on_test[index] else "no"
         rows.append(row)
-    return rows
+    return ConfirmTable(rows, columns, family)
+
+
+def confirmed_rows(study: optuna.Study, objectives: list[str], seeds: list[int],
+                   study_dir: Path) -> list[dict[str, Any]]:
+    """The rows of :func:`confirm_table` (empty before any confirm run is complete)."""
+    return confirm_table(study, objectives, seeds, study_dir).rows
 
 
 CONFIRM_LEGEND = ("Means ± sample std over the fresh confirm seeds only (n/a with one seed); the selecting "
                   "run, whose value put the trial on the front, is shown beside them and not averaged in. "
                   "Δ: mean per-seed difference to the reference trial over the confirm seeds both have (n), "
-                  "with its unadjusted 95% paired-t interval; * where Holm's step-down over the members "
-                  "rejects at 0.05. Throughput is on the study's one scale, with its 95% interval.")
+                  "with its unadjusted 95% paired-t interval. Throughput is on the study's one scale, with its "
+                  "95% interval.")
 
 
-def format_confirmed(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of :func:`confirmed_rows` (empty without rows)."""
+def confirm_legend(table: ConfirmTable) -> str:
+    """What the table's figures mean, which split to cite, and the rule and family of its marks."""
+    from fvlab.report.stats import marks_rule
+
+    columns = table.columns
+    if columns is not None and columns.held_out:
+        shown = ", ".join(columns.held_out)
+        split = (f"Cite the held-out columns ({shown}, their Δ and marks): the validation split chose these "
+                 f"trials, so their val figures carry the selection's luck even on fresh seeds, while the "
+                 f"test split selected nothing. The val figures and their Δ (unmarked) stay beside them.")
+        where = "this table (the test-split Δ)"
+    else:
+        split = ("The data has no test split, so Δ and its marks are on the selection split, the one these "
+                 "trials were chosen on: they carry the selection's luck (give the data a test split to "
+                 "cite held-out figures).")
+        where = "this table"
+    return f"{CONFIRM_LEGEND} {split} {marks_rule(table.family, where=where)}"
+
+
+def format_confirmed(rows: list[dict[str, Any]] | ConfirmTable) -> str:
+    """A Markdown table of :func:`confirm_table` with its legend (empty without rows)."""
     from fvlab.sweep.pareto import format_front
 
-    return f"{format_front(rows)}\n\n{CONFIRM_LEGEND}" if rows else ""
+    table = rows if isinstance(rows, ConfirmTable) else ConfirmTable(list(rows))
+    return f"{format_front(table.rows)}\n\n{confirm_legend(table)}" if table.rows else ""
 
 
 def is_supernet_study(study: optuna.Study) -> bool:
@@ -269,19 +355,29 @@ def rank_agreement(x: list[float], y: list[float], resamples: int = 2000,
 
 def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, metric: str = RANK_METRIC) -> str:
     """How well the supernet ranks the confirmed trials: Kendall's tau between each trial's supernet
-    ``metric`` and its stand-alone mean over the confirm seeds, with its bootstrap interval, or why
-    it cannot be judged. Empty for a study without a supernet."""
+    ``metric`` and its stand-alone mean over the confirm seeds, on the split the front was not chosen
+    on when the confirm runs measured one (``metric``'s test counterpart), with its bootstrap
+    interval, or why it cannot be judged. Empty for a study without a supernet."""
     if not is_supernet_study(study):
         return ""
+    members = confirm_members(study)
+    runs = {t.number: [m for m in (_read_metrics(confirm_dir(study_dir, t.number, s)) for s in seeds) if m]
+            for t in members}
+    test = held_out(metric)
+    target = test if test and any(r.get(test) is not None for rs in runs.values() for r in rs) else metric
     supernet, standalone = [], []
-    for trial in confirm_members(study):
+    for trial in members:
         own = trial.user_attrs.get(trial_attr(metric))
-        values = [m[metric] for m in (_read_metrics(confirm_dir(study_dir, trial.number, s)) for s in seeds)
-                  if m is not None and m.get(metric) is not None]
+        values = [r[target] for r in runs[trial.number] if r.get(target) is not None]
         if own is not None and values:
             supernet.append(float(own))
             standalone.append(statistics.fmean(float(v) for v in values))
-    what = f"Kendall τ between supernet and stand-alone {metric} (mean over the confirm seeds)"
+    if target == metric:
+        what = (f"Kendall τ between supernet and stand-alone {metric} (mean over the confirm seeds; no test "
+                f"split, so on the split the front was chosen on)")
+    else:
+        what = (f"Kendall τ between the supernet's {metric} and the stand-alone {target} (mean over the "
+                f"confirm seeds; the test split, which chose nothing)")
     if len(supernet) < MIN_RANKED:
         return (f"{what}: cannot be judged from {len(supernet)} confirmed trial(s); it needs at least "
                 f"{MIN_RANKED} (confirm more trials: a larger front, or a sweep with more objectives).")
@@ -295,6 +391,6 @@ def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, m
 def confirmed_table(study: optuna.Study, objectives: list[str], seeds: list[int], study_dir: Path) -> str:
     """The confirm table with, in a one-shot study, the supernet's rank agreement under it (empty
     before any confirm run is complete)."""
-    text = format_confirmed(confirmed_rows(study, objectives, seeds, study_dir))
+    text = format_confirmed(confirm_table(study, objectives, seeds, study_dir))
     agreement = supernet_agreement(study, seeds, study_dir)
     return f"{text}\n\n{agreement}" if text and agreement else text

@@ -20,6 +20,7 @@ from fvlab.experiment import apply_overrides
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, TEST_ACC1, THROUGHPUT, THROUGHPUT_HI,
                            THROUGHPUT_LO, TRIAL_ATTRS)
 from fvlab.pareto import pareto_optimal
+from fvlab.sweep.attrs import REFERENCE, reference_trial
 from fvlab.runs import best_config_path, best_dir, read_config, stale_best_configs, trial_dir_name
 from fvlab.sweep.space import SweepSpec, encode_choice
 
@@ -35,12 +36,6 @@ SCALE_NOTE = ("model/throughput is on the study's one scale: the trial's side-by
               "times the reference's throughput stored in the study when it was first measured (the trial's own "
               "moment read model/throughput_measured). 'together' columns: the front and the reference measured "
               "again side by side in one measurement after the search, and the front recomputed on them.")
-
-
-def reference_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The study's reference trial (the base experiment's own settings) once complete, else None."""
-    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                 if t.user_attrs.get("reference")), None)
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -68,7 +63,7 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
     rows = []
     for trial in trials:
         row: dict[str, Any] = {"trial": trial.number, "run": trial.user_attrs.get("run_name", "")}
-        if trial.user_attrs.get("reference"):
+        if trial.user_attrs.get(REFERENCE):
             row["run"] = f"{row['run']} (reference)"  # the base experiment's own settings
         row.update(zip(sweep.objectives, trial.values))
         row[TEST_ACC1] = trial.user_attrs.get(TRIAL_ATTRS[TEST_ACC1])  # measured once, never selected on

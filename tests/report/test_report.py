@@ -87,9 +87,12 @@ def test_write_summary_table_notes_and_csv(tmp_path: Path) -> None:
     b_row = next(line for line in lines if line.startswith("| b "))
     assert "+0.0400 [" in b_row and "] *" not in b_row
     assert "reference" in next(line for line in lines if line.startswith("| ref "))
+    # Holm's family: b and c (d pairs 2 seeds, too few for a mark); the legend names its size.
     assert any(line.startswith("± is the sample standard deviation") and "* marks a difference that "
-               "Holm's step-down over this table's comparisons" in line and "unadjusted 95%" in line
-               for line in lines)
+               "Holm's step-down over the 2 comparisons of this table that can carry a mark" in line
+               and "A mark needs at least 3 pairs" in line and "unadjusted 95%" in line for line in lines)
+    d_row = next(line for line in lines if line.startswith("| d "))
+    assert "] *" not in d_row and "no mark possible: d pairs 2 seeds with the reference" in text
     assert "failed: c seed 3: FloatingPointError: loss is nan (left out of the statistics)" in lines
     assert "missing: d seed 2 (not run yet)" in lines and "missing: d seed 3 (not run yet)" in lines
     assert (tmp_path / "summary.md").read_text().startswith("# ablate\n\n| variant")
@@ -120,10 +123,16 @@ def test_paired_t_p_values_by_hand() -> None:
     # df 1: p = 1 - (2 / pi) atan|t|; diffs .10 .11 -> t = .105 / (sqrt(.00005) / sqrt 2) = 21
     assert paired_difference({0: 0.9, 1: 0.95}, {0: 0.8, 1: 0.84}).p_value == \
         pytest.approx(1 - 2 / math.pi * math.atan(21), rel=1e-6)
-    # The same Δ on every seed (exact in binary): no spread, p 0 for a nonzero Δ and 1 for none.
-    assert paired_difference({0: 0.75, 1: 0.5}, {0: 0.5, 1: 0.25}).p_value == 0.0
-    assert paired_difference({0: 0.75, 1: 0.5}, {0: 0.75, 1: 0.5}).p_value == 1.0
+    # The same Δ on every seed: no spread to test, so no p-value and no interval (never p = 0) ...
+    for same in (paired_difference({0: 0.75, 1: 0.5}, {0: 0.5, 1: 0.25}),
+                 paired_difference({0: 0.75, 1: 0.5}, {0: 0.75, 1: 0.5}),
+                 # ... also when they differ in the last bit: 1/270 twice, p was 1e-14.
+                 paired_difference({1: 251 / 270, 2: 247 / 270}, {1: 250 / 270, 2: 246 / 270}),
+                 paired_difference({1: 251 / 270, 2: 247 / 270, 3: 200 / 270}, {1: 250 / 270, 2: 246 / 270, 3: 199 / 270})):
+        assert same.equal and same.p_value is None and same.low is None and not same.can_mark
     assert paired_difference({0: 0.9}, {0: 0.8}).p_value is None
+    # Two pairs have a p-value but never carry a mark.
+    assert not paired_difference({0: 0.9, 1: 0.95}, {0: 0.8, 1: 0.84}).can_mark and diff.can_mark
     # Holm at 0.05 over 3: sorted .01 < .05/3 rejects, .03 > .05/2 stops (unadjusted, all three would).
     assert holm([0.01, 0.04, 0.03]) == [True, False, False]
     # None is no comparison: over 2, .02 < .05/2 and .04 < .05 both reject (over 3 neither would).
@@ -228,10 +237,11 @@ def test_report_of_hand_built_runs(tmp_path: Path, capsys) -> None:
     assert cell("ct4", "val/acc1_best") == f"0.9250 ± {math.sqrt(0.00125):.4f}"
     assert cell("ct4", "seeds") == "2/3 (1 failed)"
     # ct4 - ref over seeds 0, 1: .10 and .11 -> mean .105, sd sqrt(.00005), t(1); ref's mean has 3 seeds.
-    # Holm over ct4 (p .030) and slow (p .013): .013 < .05/2, then .030 < .05: both marked.
+    # Two pairs carry no mark, so Holm's family is slow alone (p .013 < .05): marked.
     half = T975[1] * math.sqrt(0.00005) / math.sqrt(2)
-    assert cell("ct4", "Δ vs ref [95% CI]") == \
-        f"+0.1050 [{0.105 - half:+.4f}, {0.105 + half:+.4f}] * (n=2 pairs)"
+    assert cell("ct4", "Δ vs ref [95% CI]") == f"+0.1050 [{0.105 - half:+.4f}, {0.105 + half:+.4f}] (n=2 pairs)"
+    assert cell("slow", "Δ vs ref [95% CI]").endswith("] *")
+    assert "Holm's step-down over the 1 comparison of this table" in md
     # Pareto (accuracy against throughput): ref is fastest, ct4 most accurate, slow loses on both.
     assert (cell("ref", "Pareto"), cell("ct4", "Pareto"), cell("slow", "Pareto")) == ("yes", "yes", "")
     assert cell("running (running)", "val/acc1_best") == "0.6500 ± n/a"
