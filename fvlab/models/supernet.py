@@ -262,14 +262,20 @@ class FasterViTSupernet(FasterViT):
 
 
 def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None = None,
-                   path: str | Path | None = None) -> dict[str, torch.Tensor]:
+                   path: str | Path | None = None, batches: Iterable[Any] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a subnet (default: the active one) as a stand-alone ``FasterViT``.
 
     It loads (strictly) into ``FasterViT(**supernet.subnet_arch(config))``. With ``path``, also
     writes ``{"state_dict": ..., "arch": ...}`` there, a checkpoint that ``checkpoint_path`` of
-    an arch (``fvlab fit``, ``create_model``) reads like any other.
+    an arch (``fvlab fit``, ``create_model``) reads like any other. With ``batches``, BatchNorm
+    is first recalibrated for the subnet on them (:func:`recalibrate_batchnorm`): without, the
+    running statistics are whatever the supernet holds, a mix over every subnet it trained unless
+    this subnet was just recalibrated (``fvlab.sweep.oneshot.extract_trial_subnet`` recalibrates
+    on the batches its evaluation used).
     """
     with supernet.subnet(config) if config is not None else nullcontext():
+        if batches is not None:
+            recalibrate_batchnorm(supernet, batches)
         keys = supernet._resolve(supernet.active_subnet).state_keys
         arch = supernet.subnet_arch()
         state = supernet.state_dict()

@@ -26,13 +26,14 @@ import torch
 from optuna.trial import TrialState
 
 from fvlab.experiment import apply_overrides
-from fvlab.lit.measure import MeasurementCache, arch_identity, measure_specs
+from fvlab.lit.measure import MeasurementCache, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.metrics import (LATENCY_MS, LATENCY_MS_MEASURED, MODEL_TRIAL_ATTRS, SIZE_METRICS, SPEEDUP,
                            TEST_ACC1, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, THROUGHPUT_MEASURED,
                            THROUGHPUT_MEASURED_HI, THROUGHPUT_MEASURED_LO, TRAIN_LOSS_EPOCH, TRIAL_ATTRS,
                            VAL_ACC1_BEST)
 from fvlab.runs import stable_hash, trial_dir_name, without_display_keys
+from fvlab.sweep.attrs import MEASUREMENT
 from fvlab.sweep.canonical import canonical_arch, network_identity
 from fvlab.sweep.pareto import SCALE_ATTR
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
@@ -146,9 +147,12 @@ class ArchitectureProfiler:
     are its ratios to the reference times those stored figures, so trials measured at different
     moments, by different workers under each other's load, compare as if side by side. What the
     trial's own moment read stays under ``model/throughput_measured`` and
-    ``model/latency_ms_measured``. Figures are keyed by the architecture's identity and the
-    reference's (device, precision, threads, backend included), so a study never mixes figures
-    of different identities.
+    ``model/latency_ms_measured``. Figures are keyed by the network's canonical identity (the form
+    that decides duplicates: ``ct_size`` with ``hat: false`` is one network) and the reference's
+    (device, precision, threads, backend included), so every trial of one network carries the
+    same figures and a study never mixes figures of different identities. A network is measured
+    once per study: under the study's lock, so a second worker that starts the same network waits
+    for the first's figures instead of measuring again (and measurements never overlap).
     """
 
     def __init__(self, study: optuna.Study, reference_config: Mapping[str, Any] | None = None,
@@ -162,7 +166,7 @@ class ArchitectureProfiler:
 
     def cached(self, key: str) -> dict[str, Any] | None:
         """Figures already measured for ``key`` (in this process or by another one)."""
-        if key not in self.cache:
+        if key not in self.cache or not self._timed(self.cache[key]):
             shared = self.study.user_attrs.get(ARCH_ATTR + key)
             if shared:
                 self.cache[key] = dict(shared)
@@ -173,14 +177,15 @@ class ArchitectureProfiler:
             self._reference = build_run(self.reference_config, None, {"trainer.logger": False})
         return self._reference
 
-    def _key(self, spec: RunSpec) -> str:
+    def key(self, spec: RunSpec) -> str:
+        """The measurement a run's network gets: its canonical identity's and the reference's."""
         reference = self._reference_spec()
-        return MeasurementCache.key(arch_identity(spec),
-                                    arch_identity(reference) if reference is not None else None)
+        return MeasurementCache.key(network_identity(spec),
+                                    network_identity(reference) if reference is not None else None)
 
     def cheap(self, spec: RunSpec) -> dict[str, float | None]:
         """Params and GFLOPs (no timing), from the cache when known."""
-        known = self.cached(self._key(spec))
+        known = self.cached(self.key(spec))
         if known is not None:
             return self.on_scale(known)
         return profile_run(spec, throughput=False)
@@ -189,12 +194,15 @@ class ArchitectureProfiler:
         return figures is not None and (not self.throughput or figures.get("speedup") is not None)
 
     def measure(self, spec: RunSpec) -> dict[str, float | None]:
-        """All model metrics of the run's architecture on the study's scale, measured next to the
-        reference the first time."""
-        key = self._key(spec)
+        """All model metrics of the run's network on the study's scale, measured next to the
+        reference the first time the study sees the network."""
+        key = self.key(spec)
         known = self.cached(key)
         if not self._timed(known):
-            known = self._measure(spec, key)
+            with self.locked():  # another worker may be measuring it: its figures, once it is done
+                known = self.cached(key)
+                if not self._timed(known):
+                    known = self._measure(spec, key)
         return self.on_scale(known)
 
     def _measure(self, spec: RunSpec, key: str) -> dict[str, Any]:
@@ -219,22 +227,21 @@ class ArchitectureProfiler:
                 own = measured["reference"].get("throughput") or {}
             if reference is not None and own:
                 self._store_scale(own)
+        figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.cache[key] = figures
         self.study.set_user_attr(ARCH_ATTR + key, figures)
         return figures
 
     def _store_scale(self, reference: Mapping[str, Any]) -> None:
-        """The reference's figures become the study's scale, unless a measurement before this one set it."""
-        if SCALE_ATTR in self.study.user_attrs:
-            return
-        with self.locked():
-            if SCALE_ATTR not in self.study.user_attrs:
-                self.study.set_user_attr(SCALE_ATTR, {
-                    "throughput": reference["images_per_s"], "throughput_lo": reference["images_per_s_lo"],
-                    "throughput_hi": reference["images_per_s_hi"], "latency_ms": reference["latency_ms"],
-                    "batch_size": reference.get("batch_size"), "device": reference.get("device"),
-                    "dtype": reference.get("dtype"), "threads": reference.get("threads"),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        """The reference's figures become the study's scale, unless a measurement before this one set
+        it (called under the study's lock)."""
+        if SCALE_ATTR not in self.study.user_attrs:
+            self.study.set_user_attr(SCALE_ATTR, {
+                "throughput": reference["images_per_s"], "throughput_lo": reference["images_per_s_lo"],
+                "throughput_hi": reference["images_per_s_hi"], "latency_ms": reference["latency_ms"],
+                "batch_size": reference.get("batch_size"), "device": reference.get("device"),
+                "dtype": reference.get("dtype"), "threads": reference.get("threads"),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def scale(self) -> dict[str, Any] | None:
         """The study's stored reference figures, or None before the first measurement."""
@@ -363,8 +370,7 @@ class SweepObjective:
             if any(name in self.sweep.constraints for name in ("max_gflops", "max_params_m")):
                 # Over a size budget: pruned without timing it (about a second).
                 self._check(trial, self.profiler.cheap(spec))
-            metrics = self.profiler.measure(spec)
-            self._check(trial, metrics)
+            metrics = self.measure(trial, spec)
             ckpt_path = None
             if trial.user_attrs.get("resume_from"):  # a retry: continue where the attempt stopped
                 if run_dir.exists():
@@ -381,6 +387,14 @@ class SweepObjective:
             spec = None  # noqa: F841  (the trainer, model and data go before the next trial)
             release_memory()
         return self._values(trial, result, metrics)
+
+    def measure(self, trial: optuna.Trial, spec: RunSpec) -> dict[str, float | None]:
+        """The network's figures (measured once per study), recorded on the trial with the key of
+        the measurement they come from; the constraints checked on them (an infeasible trial is pruned)."""
+        metrics = self.profiler.measure(spec)
+        trial.set_user_attr(MEASUREMENT, self.profiler.key(spec))
+        self._check(trial, metrics)
+        return metrics
 
     def _prune(self, trial: optuna.Trial, reason: str) -> None:
         trial.set_user_attr("pruned_reason", reason)

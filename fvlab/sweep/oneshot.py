@@ -14,10 +14,11 @@ its space, then each trial evaluates a subnet of it instead of training a model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
 from fvlab.lit.runner import (BadConfig, RunRefused, RunSpec, build_run, changed_run_keys, fit_run,
@@ -29,7 +30,8 @@ from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective
 from fvlab.sweep.space import SweepError, SweepSpec
 
 __all__ = ["SUPERNET_DIR", "supernet_space", "supernet_config", "check_supernet_config", "train_supernet",
-           "load_supernet", "evaluate_subnet", "OneShotObjective", "objective_for"]
+           "load_supernet", "calibration_batches", "evaluate_subnet", "trial_subnet", "extract_trial_subnet",
+           "OneShotObjective", "objective_for"]
 
 SUPERNET_DIR = "supernet"  # runs/<study>/supernet/
 _ARCH = "model.arch."
@@ -122,19 +124,24 @@ def load_supernet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: Path) ->
     return spec
 
 
-def evaluate_subnet(spec: RunSpec, subnet: Mapping[str, Any], bn_batches: int, seed: int) -> dict[str, float]:
-    """``val/*`` of one subnet of a trained supernet: BatchNorm recalibrated on ``bn_batches``
-    training batches (the same for every subnet: the data streams restart from ``seed``), then
-    Lightning's validation loop on the val split."""
-    module: SupernetClassifier = spec.model
+def calibration_batches(spec: RunSpec, bn_batches: int, seed: int) -> Iterator[Any]:
+    """The ``bn_batches`` training batches every subnet's BatchNorm is recalibrated on: the data
+    streams restart from ``seed``, so every evaluation (and extraction) sees the same ones."""
     datamodule = spec.datamodule
     datamodule.setup("fit")
-    module.to(spec.device)
-    module.model.set_subnet(dict(subnet))
     if hasattr(datamodule, "seed_data"):
         datamodule.seed_data(seed)
-    loader = datamodule.train_dataloader()
-    used = recalibrate_batchnorm(module.model, (batch for _, batch in zip(range(bn_batches), loader)))
+    return (batch for _, batch in zip(range(bn_batches), datamodule.train_dataloader()))
+
+
+def evaluate_subnet(spec: RunSpec, subnet: Mapping[str, Any], bn_batches: int, seed: int) -> dict[str, float]:
+    """``val/*`` of one subnet of a trained supernet: BatchNorm recalibrated on ``bn_batches``
+    training batches (:func:`calibration_batches`), then Lightning's validation loop on the val split."""
+    module: SupernetClassifier = spec.model
+    datamodule = spec.datamodule
+    module.to(spec.device)
+    module.model.set_subnet(dict(subnet))
+    used = recalibrate_batchnorm(module.model, calibration_batches(spec, bn_batches, seed))
     module.evaluated_subnet = dict(subnet)
     module.val_acc1_best.reset()  # the best of this validation, not of the previous subnet's
     try:
@@ -144,6 +151,30 @@ def evaluate_subnet(spec: RunSpec, subnet: Mapping[str, Any], bn_batches: int, s
     values = {k: float(v) for k, v in (measured[0] if measured else {}).items()}
     values["bn_batches"] = used
     return values
+
+
+def trial_subnet(trial: FrozenTrial, sweep: SweepSpec) -> dict[str, Any]:
+    """The subnet a one-shot trial evaluated: its parameters as ``FasterViTSupernet`` reads them."""
+    return {key.removeprefix(_ARCH): value for key, value in sweep.decode(trial.params).items()}
+
+
+def extract_trial_subnet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: Path, trial: FrozenTrial,
+                         path: str | Path) -> Path:
+    """Write the subnet a one-shot trial evaluated as a stand-alone checkpoint at ``path``: the
+    supernet's weights, BatchNorm recalibrated on the batches of the trial's evaluation, so that
+    the checkpoint validates as the trial did. ``model.arch.checkpoint_path`` (``fvlab fit``,
+    ``create_model``, ``fvlab export``) reads it."""
+    from fvlab.models.supernet import extract_subnet
+
+    spec = load_supernet(sweep, base, study_dir)
+    try:
+        spec.model.to(spec.device)
+        batches = calibration_batches(spec, int(sweep.supernet["bn_batches"]), spec.seed)
+        extract_subnet(spec.model.model, trial_subnet(trial, sweep), path=path, batches=batches)
+    finally:
+        del spec
+        release_memory()
+    return Path(path)
 
 
 class OneShotObjective(SweepObjective):
@@ -179,8 +210,7 @@ class OneShotObjective(SweepObjective):
                 return copied
             if any(name in self.sweep.constraints for name in ("max_gflops", "max_params_m")):
                 self._check(trial, self.profiler.cheap(standalone))
-            metrics = self.profiler.measure(standalone)
-            self._check(trial, metrics)
+            metrics = self.measure(trial, standalone)
             subnet = {key.removeprefix(_ARCH): value for key, value in params.items()}
         finally:
             standalone = None  # noqa: F841

@@ -48,6 +48,26 @@ def write_sweep(tmp_path: Path, **changes) -> Path:
     return path
 
 
+def assert_extracted_subnets_validate_as_their_trials(tmp_path: Path, sweep_path: Path, trials: list) -> None:
+    """Each trial's extracted checkpoint, loaded stand-alone, validates within one image of the trial."""
+    from fvlab.experiment import apply_overrides, load_experiment
+    from fvlab.lit.runner import build_run
+    from fvlab.sweep.oneshot import extract_trial_subnet
+    from fvlab.sweep.space import load_sweep
+
+    sweep = load_sweep(sweep_path)
+    base = load_experiment(sweep.experiment).base_config()
+    study_dir = tmp_path / "runs" / "oneshot"
+    images = BASE["data"]["init_args"]["val_samples"]
+    for trial in trials:
+        path = extract_trial_subnet(sweep, base, study_dir, trial, tmp_path / "extracted" / f"{trial.number}.pt")
+        config = apply_overrides(base, {**sweep.overrides, **sweep.decode(trial.params),
+                                        "model.arch.checkpoint_path": str(path)})
+        spec = build_run(config, None, {"trainer.logger": False})
+        measured = spec.trainer.validate(spec.model, datamodule=spec.datamodule, verbose=False)[0]
+        assert abs(measured["val/acc1"] - trial.user_attrs["val_acc1_best"]) <= 1 / images + 1e-6, trial.number
+
+
 def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_path: Path, capsys) -> None:
     sweep = write_sweep(tmp_path, confirm={"seeds": [1]})
     assert run_sweep(tmp_path, sweep) == 0
@@ -89,6 +109,7 @@ def test_one_shot_sweep_trains_the_supernet_once_and_evaluates_every_subnet(tmp_
     pareto = (study_dir / "pareto.md").read_text()
     assert "val/acc1_best (supernet)" in pareto
     assert f"cannot be judged from {len(confirmed)} confirmed trial(s); it needs at least 4" in pareto
+    assert_extracted_subnets_validate_as_their_trials(tmp_path, sweep, trials)
 
     # A rerun finds the complete supernet and does not train it again.
     last = supernet / "checkpoints" / "last.ckpt"

@@ -525,3 +525,77 @@ def test_hat_swin_space_trains_each_distinct_model_once(tmp_path: Path) -> None:
     live = by_params[(encode_choice([True, True]), 1)].user_attrs
     assert live["params_m"] < live["params_built_m"]  # stage 2's carrier weights idle at 16 px
     assert by_params[(encode_choice([True, True]), 2)].user_attrs["gflops"] > live["gflops"]
+
+
+# ---- one measurement per network -------------------------------------------------------------
+
+
+def count_measurements(monkeypatch) -> list[list[str]]:
+    """Record each side-by-side measurement a sweep's profiler makes (the names it measured)."""
+    from fvlab.sweep import objective
+
+    calls: list[list[str]] = []
+    real = objective.measure_specs
+
+    def counted(specs, *args, **kwargs):
+        calls.append(sorted(specs))
+        time.sleep(0.3)  # a measurement takes a while: two workers that race really overlap
+        return real(specs, *args, **kwargs)
+
+    monkeypatch.setattr(objective, "measure_specs", counted)
+    return calls
+
+
+def test_trials_of_one_network_carry_one_measurement(tmp_path: Path, monkeypatch) -> None:
+    # HAT off: ct_size 1 and 2 (and the base's own ct_size) build one network; other learning rates
+    # make them other configurations, each its own trial. An impossible min_throughput prunes each
+    # trial right after its measurement, so nothing trains.
+    calls = count_measurements(monkeypatch)
+    sweep = write_sweep(tmp_path, study="once", n_trials=4, sampler={"name": "random", "seed": 0},
+                        space={"model.arch.ct_size": {"choices": [1, 2]},
+                               "model.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}},
+                        overrides={"model.arch.hat": False}, constraints={"min_throughput": 1.0e12})
+    assert run_sweep(tmp_path, sweep) == 0
+    trials = journal_study(tmp_path / "runs" / "once" / "study.journal", "once").get_trials()
+    assert len(trials) == 4 and not any(t.user_attrs.get("duplicate_of") is not None for t in trials)
+    assert {t.params["model.arch.ct_size"] for t in trials} == {1, 2}
+    assert all("infeasible, not trained" in t.user_attrs["pruned_reason"] for t in trials)
+    assert len(calls) == 1  # one network, one measurement
+    assert len({t.user_attrs["measurement"] for t in trials}) == 1
+    for name in ("throughput", "throughput_lo", "throughput_hi", "latency_ms", "throughput_measured"):
+        assert len({t.user_attrs[name] for t in trials}) == 1, name
+
+
+def test_two_workers_starting_one_new_network_measure_it_once(tmp_path: Path, monkeypatch) -> None:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from fvlab.experiment import apply_overrides, load_experiment
+    from fvlab.lit.runner import build_run
+    from fvlab.sweep.objective import ArchitectureProfiler
+    from fvlab.sweep.storage import budget_lock
+
+    calls = count_measurements(monkeypatch)
+    write_sweep(tmp_path)
+    base = load_experiment(tmp_path / "base.yaml").base_config()
+    journal = tmp_path / "study.journal"
+    optuna.create_study(study_name="race", storage=JournalStorage(JournalFileBackend(str(journal))))
+    results: dict[int, dict] = {}
+    start = threading.Barrier(2)
+
+    def worker(index: int) -> None:
+        # Each "worker" its own storage connection, profiler and lock handle, as two processes have.
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        study = optuna.load_study(study_name="race", storage=storage)
+        profiler = ArchitectureProfiler(study, base, locked=lambda: budget_lock(storage, None, journal, "race"))
+        spec = build_run(apply_overrides(base, {"model.arch.depths": [1, 1, 2, 1]}), None, {"trainer.logger": False})
+        start.wait()
+        results[index] = profiler.measure(spec)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 2 and results[0] == results[1]
+    assert calls == [["candidate", "reference"]]  # measured once, beside the reference
