@@ -35,7 +35,11 @@ __all__ = ["Throughput", "SideBySide", "BACKENDS", "count_params", "count_flops"
 def count_params(model: nn.Module, image_size: int | Sequence[int] | None = None) -> int:
     """Number of parameters (shared ones counted once); with ``image_size``, only those an input of that
     size uses (a model's ``idle_parameters(image_size)``, e.g. FasterViT's carrier-token weights of a
-    stage that is one window there, are left out)."""
+    stage that is one window there, are left out; a supernet's ``used_parameter_count``, whose narrow
+    subnets use parts of tensors)."""
+    used = getattr(model, "used_parameter_count", None)
+    if image_size is not None and callable(used):
+        return int(used(image_size))
     idle = getattr(model, "idle_parameters", None)
     unused = {id(p) for p in idle(image_size)} if image_size is not None and callable(idle) else set()
     return sum(p.numel() for p in model.parameters() if id(p) not in unused)

@@ -7,14 +7,20 @@ for many sub-architectures is Once-for-All's, arXiv 1908.09791):
   coordinates and carrier tokens are pooled from the stage input;
 - ``hat`` off (or ``ct_size`` 0) in a stage leaves its carrier-token weights unused, a strict subset;
 - a stage of d blocks is the first d blocks of a deeper one; the last of those d does what a
-  stage's last block does (propagation, with ``do_propagation``).
+  stage's last block does (propagation, with ``do_propagation``);
+- a narrower layer (``dim``: stage-1 channels, doubled per stage; ``mlp_ratio``; ``num_heads``)
+  is the first k channels, hidden units or heads of the widest (AutoFormer's weight entanglement,
+  arXiv 2107.00651; Once-for-All's elastic width), q, k and v each narrowed in packed qkv layers.
 
-So the supernet is a :class:`~fvlab.models.fastervit.FasterViT` with the largest depths of the
-space and HAT weights in every transformer stage where some subnet of the space turns HAT on. A
-subnet is set at run time (:meth:`FasterViTSupernet.set_subnet`, :meth:`FasterViTSupernet.subnet`)
-by setting each stage's and block's geometry attributes, so the forward pass is FasterViT's own:
-with a subnet set, the supernet computes what a stand-alone ``FasterViT`` built with the subnet's
-arguments computes when it holds the subnet's weights (:func:`extract_subnet`).
+So the supernet is a :class:`~fvlab.models.fastervit.FasterViT` with the largest depths and widths
+of the space and HAT weights in every transformer stage where some subnet of the space turns HAT
+on. A subnet is set at run time (:meth:`FasterViTSupernet.set_subnet`,
+:meth:`FasterViTSupernet.subnet`) by setting each stage's and block's geometry attributes, so the
+forward pass is FasterViT's own; a narrower subnet runs its stand-alone structure (built on the
+meta device) on leading blocks of the supernet's tensors (``torch.func.functional_call``, so
+gradients and BatchNorm statistics land in the supernet's). Either way, with a subnet set, the
+supernet computes what a stand-alone ``FasterViT`` built with the subnet's arguments computes
+when it holds the subnet's weights (:func:`extract_subnet`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +41,43 @@ from fvlab.models.factory import arch_defaults
 from fvlab.models.fastervit import NUM_CONV_STAGES, FasterViT, _per_stage
 from fvlab.models.hat import propagation_index, tie_zero_gradients
 
-__all__ = ["SUBNET_KEYS", "FasterViTSupernet", "extract_subnet", "recalibrate_batchnorm"]
+__all__ = ["SUBNET_KEYS", "SHAPE_KEYS", "WIDTH_KEYS", "FasterViTSupernet", "extract_subnet",
+           "recalibrate_batchnorm"]
 
-# FasterViT arguments that a subnet may set: none of them changes a parameter's shape.
-SUBNET_KEYS = ("depths", "window_size", "ct_size", "hat", "do_propagation")
+# FasterViT arguments that a subnet may set without changing a parameter's shape ...
+SHAPE_KEYS = ("depths", "window_size", "ct_size", "hat", "do_propagation")
+# ... and the widths: a narrower subnet uses the first k channels, hidden units or heads of each
+# layer (weight entanglement, as in AutoFormer and Once-for-All).
+WIDTH_KEYS = ("dim", "mlp_ratio", "num_heads")
+SUBNET_KEYS = (*SHAPE_KEYS, *WIDTH_KEYS)
+_STRUCTURES = 32  # narrow subnets whose meta-device structure is kept (built again in ~10 ms)
 
 
 def _size(key: str, value: Any, n: int) -> float:
     """How large a choice of ``key`` is, to order choices: the sum over stages (True counts 1)."""
     if key == "do_propagation":
         return float(bool(value))
+    if key in ("dim", "mlp_ratio"):
+        return float(value)
     kind = bool if key == "hat" else int
     return float(sum(_per_stage(key, value, n, kind)))
+
+
+def _first(tensor: torch.Tensor, shape: Sequence[int], packed: bool = False) -> torch.Tensor:
+    """The leading ``shape`` block of ``tensor`` (the first k of every dimension); ``packed``: dim 0
+    holds q, k and v one after the other, each narrowed to its first third of ``shape[0]``."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    if packed:
+        rows = shape[0] // 3
+        parts = tensor.view(3, tensor.shape[0] // 3, *tensor.shape[1:])
+        return parts[(slice(None), slice(0, rows), *(slice(0, n) for n in shape[1:]))].reshape(shape)
+    return tensor[tuple(slice(0, n) for n in shape)]
+
+
+def _packed(name: str) -> bool:
+    """Whether a parameter packs q, k and v along its first dimension (attention's ``qkv`` linears)."""
+    return name.endswith(("qkv.weight", "qkv.bias"))
 
 
 @dataclass(frozen=True)
@@ -61,6 +93,8 @@ class _Subnet:
     model_args: dict[str, Any]
     parameter_names: frozenset[str]
     state_keys: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]  # of the stand-alone model's state, persistent buffers included
+    narrow: bool  # some weight is a leading block of the supernet's (a width below the largest)
 
 
 class FasterViTSupernet(FasterViT):
@@ -85,7 +119,7 @@ class FasterViTSupernet(FasterViT):
         unknown = sorted(set(space) - set(SUBNET_KEYS))
         if unknown:
             raise ValueError(
-                f"supernet space key(s) {', '.join(map(repr, unknown))} would change parameter shapes; "
+                f"supernet space key(s) {', '.join(map(repr, unknown))} cannot share weights; "
                 f"a supernet shares weights over {', '.join(SUBNET_KEYS)} only")
         for key, values in space.items():
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
@@ -109,21 +143,33 @@ class FasterViTSupernet(FasterViT):
         # Built with ct_size 1 wherever HAT weights exist: valid with any window, and the weights'
         # shapes do not depend on it. The active subnet's settings follow from set_subnet.
         super().__init__(**{**base, "depths": max_depths, "hat": hat_weights,
-                            "ct_size": [1 if h else 0 for h in hat_weights], "do_propagation": False})
+                            "ct_size": [1 if h else 0 for h in hat_weights], "do_propagation": False,
+                            **self._widest(choices, n)})
         self.space = choices
+        # The keys a subnet sets: the shape keys, and the widths the space searches (a width the
+        # space leaves alone stays out of every subnet, as before widths could be searched).
+        self.subnet_keys = [*SHAPE_KEYS, *(k for k in WIDTH_KEYS if k in space)]
         self.base_arch = base
         self.max_depths = max_depths
         self.hat_weights = hat_weights
         self._resolved: dict[str, _Subnet] = {}
+        self._structures: OrderedDict[str, nn.Module] = OrderedDict()  # plain dict: not submodules
         self._active: dict[str, Any] = {}
         self._inactive: list[nn.Parameter] = []
         self.set_subnet(self.largest_subnet())
+
+    @staticmethod
+    def _widest(choices: Mapping[str, list[Any]], n: int) -> dict[str, Any]:
+        """The largest width of each width key: every narrower choice is a leading block of it."""
+        heads = [_per_stage("num_heads", h, n, int) for h in choices["num_heads"]]
+        return {"dim": max(choices["dim"]), "mlp_ratio": max(choices["mlp_ratio"]),
+                "num_heads": [max(h[i] for h in heads) for i in range(n)]}
 
     # ---- which subnet ---------------------------------------------------------------
 
     @property
     def active_subnet(self) -> dict[str, Any]:
-        """The active subnet's settings (a value per key of ``SUBNET_KEYS``)."""
+        """The active subnet's settings (a value per key of ``subnet_keys``)."""
         return dict(self._active)
 
     def largest_subnet(self, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
@@ -138,7 +184,7 @@ class FasterViTSupernet(FasterViT):
 
     def _extreme(self, pick: Any, image_size: int | Sequence[int] | None) -> dict[str, Any]:
         n = len(self.max_depths)
-        config = {k: pick(v, key=lambda c, k=k: _size(k, c, n)) for k, v in self.space.items()}
+        config = {k: pick(self.space[k], key=lambda c, k=k: _size(k, c, n)) for k in self.subnet_keys}
         if image_size is None or len(self.space.get("window_size", ())) < 2:
             return config
         # A larger window is not a larger network: where a stage's map becomes one window its
@@ -163,7 +209,7 @@ class FasterViTSupernet(FasterViT):
     def sample_subnet(self, rng: random.Random, attempts: int = 100) -> dict[str, Any]:
         """A random valid subnet of the space (each key uniform over its values)."""
         for _ in range(attempts):
-            config = {k: rng.choice(v) for k, v in self.space.items()}
+            config = {k: rng.choice(self.space[k]) for k in self.subnet_keys}
             try:
                 self._resolve(config)
             except ValueError:
@@ -198,7 +244,7 @@ class FasterViTSupernet(FasterViT):
         self.depths, self.window_size, self.ct_size = list(sub.depths), list(sub.window_size), list(sub.ct_size)
         self.model_args = dict(sub.model_args)
         self._inactive = [p for name, p in self.named_parameters() if name not in sub.parameter_names]
-        self._active = {k: sub.arch[k] for k in SUBNET_KEYS}
+        self._active = {k: sub.arch[k] for k in self.subnet_keys}
 
     @contextmanager
     def subnet(self, config: Mapping[str, Any]) -> Iterator["FasterViTSupernet"]:
@@ -234,13 +280,22 @@ class FasterViTSupernet(FasterViT):
                 raise ValueError(
                     f"subnet turns HAT on in stage {i} (hat, ct_size={ct}), where no subnet of the "
                     f"supernet's space does, so it has no carrier-token weights there")
+        state = model.state_dict()
+        full = dict(self.state_dict(keep_vars=True))
+        for name, value in state.items():
+            if name not in full or any(a > b for a, b in zip(value.shape, full[name].shape)):
+                raise ValueError(f"subnet {name} {tuple(value.shape)} is wider than the supernet's "
+                                 f"{tuple(full[name].shape) if name in full else '(absent)'}: a subnet's widths "
+                                 f"(dim, mlp_ratio, num_heads) must be at most the space's largest")
         sub = _Subnet(
             arch={**arch, "depths": list(depths)}, depths=list(model.depths),
             window_size=list(model.window_size), ct_size=list(model.ct_size),
             propagate=model.model_args["do_propagation"] and any(model.ct_size),
             model_args=dict(model.model_args),
             parameter_names=frozenset(name for name, _ in model.named_parameters()),
-            state_keys=tuple(model.state_dict().keys()))
+            state_keys=tuple(state.keys()),
+            shapes={name: tuple(value.shape) for name, value in state.items()},
+            narrow=any(tuple(value.shape) != tuple(full[name].shape) for name, value in state.items()))
         if len(self._resolved) >= 4096:  # bounded: random subnets of a large space
             self._resolved.clear()
         self._resolved[key] = sub
@@ -252,13 +307,85 @@ class FasterViTSupernet(FasterViT):
         """FasterViT's forward on the active subnet; the weights it leaves unused get zero gradients."""
         if torch.is_grad_enabled() and self._inactive:
             x = tie_zero_gradients(x, self._inactive)
+        if self._narrow():
+            return self._call_narrow("forward_features", x)
         return super().forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """FasterViT's head on the active subnet's features (its first channels of the norm and head)."""
+        if self._narrow():
+            return self._call_narrow("forward_head", x, pre_logits)
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    # ---- narrow subnets: the stand-alone structure run on leading blocks of the weights ----
+
+    def _narrow(self) -> bool:
+        return bool(self._active) and self._resolve(self._active).narrow
+
+    def _structure(self) -> nn.Module:
+        """The active subnet's stand-alone FasterViT on the meta device (its geometry, no weights)."""
+        key = repr(sorted(self._active.items()))
+        if key in self._structures:
+            self._structures.move_to_end(key)
+            return self._structures[key]
+        with torch.device("meta"):
+            model = FasterViT(**self._resolve(self._active).arch)
+        self._structures[key] = model
+        while len(self._structures) > _STRUCTURES:
+            self._structures.popitem(last=False)
+        return model
+
+    def subnet_tensors(self, config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The subnet's weights and persistent buffers as views of the supernet's: the leading block
+        of each (q, k and v each narrowed in packed qkv layers). Gradients and BatchNorm updates reach
+        the supernet's tensors."""
+        sub = self._resolve(self._active if config is None else config)
+        full = dict(self.state_dict(keep_vars=True))
+        return {name: _first(full[name], shape, _packed(name)) for name, shape in sub.shapes.items()}
+
+    def _call_narrow(self, method: str, *args: Any) -> torch.Tensor:
+        """``method`` of the active subnet's stand-alone structure, run on :meth:`subnet_tensors`."""
+        structure = self._structure()
+        own = dict(self.named_modules())
+        tensors = self.subnet_tensors()
+        for name, module in structure.named_modules():
+            source = own.get(name)
+            if source is not None:  # the supernet's mode decides: train/eval, recalibration, checkpointing
+                module.training = source.training
+                for attr in ("momentum", "grad_checkpointing"):
+                    if hasattr(source, attr):
+                        setattr(module, attr, getattr(source, attr))
+            if getattr(module, "propagate", False):
+                index = propagation_index(module.window_size, module.ct_size)
+                tensors[f"{name}.propagation_index"] = index.to(args[0].device)
+        return torch.func.functional_call(_Method(structure, method), {f"module.{k}": v for k, v in tensors.items()},
+                                          args, strict=True)
+
+    def used_parameter_count(self, image_size: int | Sequence[int]) -> int:
+        """Parameters the active subnet uses at ``image_size``, as its stand-alone model counts them
+        (a narrow subnet uses leading blocks of tensors, which ``idle_parameters`` cannot say)."""
+        structure = self._structure()
+        idle = {id(p) for p in structure.idle_parameters(image_size)}
+        return sum(p.numel() for p in structure.parameters() if id(p) not in idle)
 
     def idle_parameters(self, image_size: int | Sequence[int]) -> list[nn.Parameter]:
         """Weights the active subnet does not use at ``image_size``: those outside it, and its own
         carrier-token weights of stages whose map is one window there."""
         seen = {id(p) for p in self._inactive}
         return [*self._inactive, *(p for p in super().idle_parameters(image_size) if id(p) not in seen)]
+
+
+class _Method(nn.Module):
+    """Calls one method of a module, so that ``functional_call`` can run more than ``forward``."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any) -> Any:
+        """``module.<method>(*args)``."""
+        return getattr(self.module, self.method)(*args)
 
 
 def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None = None,
@@ -276,10 +403,8 @@ def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None
     with supernet.subnet(config) if config is not None else nullcontext():
         if batches is not None:
             recalibrate_batchnorm(supernet, batches)
-        keys = supernet._resolve(supernet.active_subnet).state_keys
         arch = supernet.subnet_arch()
-        state = supernet.state_dict()
-        weights = {k: state[k].detach().clone() for k in keys}
+        weights = {k: v.detach().clone() for k, v in supernet.subnet_tensors().items()}
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -203,7 +203,7 @@ RUNGS_OPTIONS = {"min_epochs": 1, "reduction_factor": 3, "promotion": "first_fro
 SUPERNET_OPTIONS = {"epochs": None, "sandwich": 2, "distill": True, "bn_batches": 20}
 # The settings a subnet of fvlab.models.supernet may vary (SUBNET_KEYS there), as space keys.
 SUPERNET_SPACE_KEYS = tuple(f"model.arch.{k}" for k in ("depths", "window_size", "ct_size", "hat",
-                                                         "do_propagation"))
+                                                         "do_propagation", "dim", "mlp_ratio", "num_heads"))
 
 
 @dataclass

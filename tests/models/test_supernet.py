@@ -168,6 +168,7 @@ def test_largest_and_smallest_and_random_subnets(net: FasterViTSupernet) -> None
     assert largest["depths"] == [2, 1, 3, 2] and largest["hat"] == HAT23 and largest["do_propagation"]
     # At 64 px a 4x4 window makes stage 2 one window: fewer weights used, so not the largest.
     assert largest["window_size"] != [2, 2, 4, 2]
+    # A width the space does not search stays out of every subnet.
     assert net.smallest_subnet() == {"depths": [1, 1, 1, 1], "window_size": [2, 2, 2, 1], "ct_size": 1,
                                      "hat": False, "do_propagation": False}
     rng = random.Random(0)
@@ -179,7 +180,8 @@ def test_largest_and_smallest_and_random_subnets(net: FasterViTSupernet) -> None
 
 @pytest.mark.parametrize("config, words", [
     ({"depths": [1, 1, 4, 1]}, ["depths[2]=4", "3 block"]),
-    ({"mlp_ratio": 4.0}, ["'mlp_ratio'", "depths, window_size"]),
+    ({"mlp_ratio": 4.0}, ["wider than the supernet's", "mlp_ratio"]),
+    ({"in_dim": 4}, ["'in_dim'", "depths, window_size"]),
     ({"ct_size": 2, "window_size": 1, "hat": HAT2}, ["ct_size[2]=2", "window_size[2]=1"]),
 ])
 def test_bad_subnets_raise_naming_the_setting(net: FasterViTSupernet, config: dict, words: list[str]) -> None:
@@ -198,6 +200,89 @@ def test_hat_where_no_subnet_of_the_space_has_it_is_refused() -> None:
     net.set_subnet({"hat": True, "ct_size": 1, "window_size": [2, 2, 2, 1]} | {"hat": HAT2})
 
 
-def test_space_keys_that_change_shapes_are_refused() -> None:
-    with pytest.raises(ValueError, match="'dim'"):
-        FasterViTSupernet({"dim": [8, 16]}, **variant_config("fastervit_micro"))
+def test_space_keys_that_cannot_share_weights_are_refused() -> None:
+    with pytest.raises(ValueError, match="'in_dim'"):
+        FasterViTSupernet({"in_dim": [8, 16]}, **variant_config("fastervit_micro"))
+
+
+# ---- width: the first k channels, hidden units and heads ------------------------------------
+
+WIDTH_SPACE = {**SPACE, "dim": [8, 16], "mlp_ratio": [1.0, 2.0], "num_heads": [[1, 1, 1, 2], [1, 1, 2, 4]]}
+WIDTH_CASES = {
+    "dim_depth_hat_ct2": dict(CASES["hat_on_ct2"], dim=8),
+    "dim_hat_off": dict(CASES["hat_off"], dim=8),
+    "dim_prefix_propagation": dict(CASES["depth_prefix_propagation"], dim=8, num_heads=[1, 1, 1, 2]),
+    "mlp_ratio_ct1": dict(CASES["hat_on_ct1"], mlp_ratio=1.0),
+    "mlp_ratio_hat_off": dict(CASES["smallest"], mlp_ratio=1.0),
+    "heads_ct2_propagation": dict(CASES["largest_ct2_propagation"], num_heads=[1, 1, 1, 2]),
+    "heads_one_window": dict(CASES["one_window_stage"], num_heads=[1, 1, 1, 2]),
+    "all_three_narrow": dict(CASES["depth_prefix_no_propagation"], dim=8, mlp_ratio=1.0, num_heads=[1, 1, 1, 2]),
+    "widest": dict(CASES["largest_ct2_propagation"], dim=16, mlp_ratio=2.0, num_heads=[1, 1, 2, 4]),
+}
+
+
+@pytest.fixture(scope="module")
+def wide() -> FasterViTSupernet:
+    torch.manual_seed(0)
+    net = FasterViTSupernet(WIDTH_SPACE, **variant_config("fastervit_micro", num_classes=7))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in net.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.1, generator=g)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5, generator=g)
+    return net.eval()
+
+
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_a_narrow_subnet_equals_its_standalone_model(case: str, wide: FasterViTSupernet, x: torch.Tensor) -> None:
+    wide.set_subnet(WIDTH_CASES[case])
+    model = standalone(wide)
+    with torch.no_grad():
+        assert (wide(x) - model(x)).abs().max().item() <= 1e-6
+    arch = wide.subnet_arch()
+    assert model.num_features == arch["dim"] * 8 and canonical_arch(wide, IMAGE) == canonical_arch(model, IMAGE)
+    assert count_params(wide, IMAGE) == count_params(model, IMAGE)
+
+
+def test_widths_change_the_output_and_narrow_weights_are_leading_blocks(wide: FasterViTSupernet,
+                                                                          x: torch.Tensor) -> None:
+    def logits(**change) -> torch.Tensor:
+        with wide.subnet({**WIDTH_CASES["widest"], **change}), torch.no_grad():
+            return wide(x)
+
+    widest = logits()
+    for change in ({"dim": 8, "num_heads": [1, 1, 1, 2]}, {"mlp_ratio": 1.0}, {"num_heads": [1, 1, 1, 2]}):
+        assert (logits(**change) - widest).abs().max().item() > 1e-3, change
+    weights = extract_subnet(wide, WIDTH_CASES["all_three_narrow"])
+    full = wide.state_dict()
+    # dim 8: stage 3 has 64 channels of 128; q, k and v are each their first 64 rows.
+    qkv = full["levels.3.blocks.0.attn.qkv.weight"].view(3, 128, 128)[:, :64, :64].reshape(192, 64)
+    assert torch.equal(weights["levels.3.blocks.0.attn.qkv.weight"], qkv)
+    assert torch.equal(weights["levels.0.blocks.0.conv1.weight"], full["levels.0.blocks.0.conv1.weight"][:8, :8])
+    hidden = weights["levels.2.blocks.0.mlp.fc1.weight"]  # mlp_ratio 1: 32 hidden units of 64
+    assert hidden.shape == (32, 32) and torch.equal(hidden, full["levels.2.blocks.0.mlp.fc1.weight"][:32, :32])
+
+
+def test_a_narrow_subnet_trains_the_leading_blocks_and_recalibrates_its_statistics() -> None:
+    from fvlab.models.supernet import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = FasterViTSupernet(WIDTH_SPACE, **variant_config("fastervit_micro", num_classes=7)).train()
+    net.set_subnet(WIDTH_CASES["all_three_narrow"])
+    net(torch.randn(2, 3, IMAGE, IMAGE)).sum().backward()
+    head = net.head.weight.grad  # 7 x 128: the subnet's 64 features get gradients, the rest zero
+    assert head[:, :64].abs().sum() > 0 and head[:, 64:].abs().sum() == 0
+    assert all(p.grad is not None for p in net.parameters())  # unused weights: zero, not None (DDP)
+    batches = [torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    recalibrate_batchnorm(net, batches)
+    model = FasterViT(**net.subnet_arch()).train()
+    model.load_state_dict(extract_subnet(net), strict=True)
+    recalibrate_batchnorm(model, batches)
+    ours, theirs = extract_subnet(net), model.state_dict()
+    for name in ("norm.running_var", "levels.0.blocks.0.norm1.running_mean", "patch_embed.conv_down.4.running_var"):
+        assert torch.allclose(ours[name], theirs[name], atol=1e-6), name
+    assert net.norm.running_var[64:].eq(1).all()  # the channels beyond the subnet were reset, not touched
