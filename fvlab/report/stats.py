@@ -141,12 +141,15 @@ def family_size(differences: Iterable[PairedDifference | None]) -> int:
 
 def marks_rule(family: int, confidence: float = CONFIDENCE, where: str = "this table") -> str:
     """The legend's sentence on the mark: Holm's family (its size) and what may carry a mark."""
+    rule = (f"A mark needs at least {MIN_MARKED_PAIRS} pairs; differences equal up to rounding have no "
+            f"p-value and no interval (n/a), never p = 0.")
+    if family == 0:
+        return f"No comparison of {where} can carry a {SIGNIFICANT_MARK}. {rule}"
     return (f"{SIGNIFICANT_MARK} marks a difference that Holm's step-down over the {family} comparison"
             f"{'' if family == 1 else 's'} of {where} that can carry a mark (paired-t p-values; every row, "
             f"every marked column) finds significant at {1 - confidence:.2g}, so the chance of any false "
             f"{SIGNIFICANT_MARK} in the table is at most {1 - confidence:.0%}; an interval can exclude zero "
-            f"without it. A mark needs at least {MIN_MARKED_PAIRS} pairs; differences equal up to rounding "
-            f"have no p-value and no interval (n/a), never p = 0.")
+            f"without it. {rule}")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:

@@ -115,3 +115,48 @@ def test_settings_a_supernet_cannot_train_with_are_refused() -> None:
         module(arch={"name": "hat_swin_tiny_patch4_window7_224"})
     with pytest.raises(ValueError, match="sandwich"):
         module(sandwich=-1)
+
+
+WIDTH_SPACE = {**SPACE, "dim": [8, 16], "mlp_ratio": [1.0, 2.0], "num_heads": [[1, 1, 1, 2], [1, 1, 2, 4]]}
+
+
+def test_a_width_supernet_trains_and_its_narrow_subnet_is_an_ordinary_checkpoint(tmp_path) -> None:
+    import dataclasses
+
+    import yaml
+
+    from fvlab.models import ArchConfig, create_model, extract_subnet
+    from helpers import FAST_TRAINER, SYNTHETIC, run_fit
+
+    torch.manual_seed(0)
+    lit = Recording(space=WIDTH_SPACE, sandwich=1, distill=True, arch={"name": "fastervit_micro"},
+                    num_classes=4, image_size=32, lr=3e-3, scheduler="none")
+    before = copy.deepcopy(lit.model.state_dict())
+    data = SyntheticDataModule(image_size=32, num_classes=4, num_samples=32, val_samples=16, batch_size=16)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(lit, datamodule=data)
+    largest, smallest = lit.extreme_subnets()
+    assert (largest["dim"], largest["mlp_ratio"], smallest["dim"], smallest["mlp_ratio"]) == (16, 2.0, 8, 1.0)
+    assert smallest["num_heads"] == [1, 1, 1, 2]
+    after = lit.model.state_dict()
+    assert not torch.equal(before["levels.3.blocks.0.mlp.fc1.weight"], after["levels.3.blocks.0.mlp.fc1.weight"])
+
+    path = tmp_path / "narrow.pt"
+    net = lit.model.eval()
+    extract_subnet(net, smallest, path=path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["arch"]["dim"] == 8 and saved["arch"]["mlp_ratio"] == 1.0
+    model = create_model(None, checkpoint_path=str(path), **saved["arch"]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), net.subnet(smallest):
+        assert (model(x) - net(x)).abs().max().item() <= 1e-6
+    # fvlab fit starts from it like from any checkpoint (model.arch.checkpoint_path).
+    fields = {f.name for f in dataclasses.fields(ArchConfig)}
+    arch = {"name": None, **{k: v for k, v in saved["arch"].items() if k in fields}}
+    experiment = tmp_path / "narrow.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "narrow", "seed_everything": 0, "data": SYNTHETIC, "trainer": FAST_TRAINER,
+        "model": {"arch": {**arch, "checkpoint_path": str(path)}, "lr": 1e-3}}))
+    assert run_fit(tmp_path, experiment) == 0
