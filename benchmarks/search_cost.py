@@ -1,51 +1,32 @@
 """What multi-objective successive halving (`pruner: rungs`) saves and keeps of the front, over repetitions.
 
-The search: 10 trials (trial 0 the reference) of fastervit_tiny on the embedded digits at 32 px, width (`dim` 8, 16, 32
-or 64) and stage depths (1-1-1-1, 1-1-2-1, 2-2-2-1 or 1-1-4-1) in the space (16 distinct
-models; the learning rate fixed at the base experiment's), objectives val/acc1_best and
-model/throughput (both maximised), `trainer.max_epochs` 9 without warm-up, rungs at epochs 1
-and 3 (`min_epochs: 1, reduction_factor: 3`).
+The task and space are benchmarks/supernet_rank.py's: fastervit_micro on cluttered digits at
+32 px (experiments/cluttered.yaml, a task on which architectures differ), stage-1 width ``dim``
+x stage depths x HAT in stage 3 on/off (40 networks), 4 epochs, rungs at epoch 1 and 3
+(``min_epochs: 1, reduction_factor: 3``), objectives val/acc1_best and model/throughput.
 
-Why this setting (chosen for an early rung that carries signal): width and depth change what a
-model can learn, so a narrow or shallow model is expected to be behind at epoch 1 and still at
-epoch 9, while the learning rate (left out: with it in the space, epoch 1 ranked the rate) and
-the carrier-token count (left out) mostly move how fast the first epoch goes or a few of 270
-validation images. Warm-up is off because a one-epoch warm-up makes the
-first rung measure the warm-up, and batches of 16 keep BatchNorm statistics current (with
-batches of 64 a model at 3e-3 still validated at chance after epoch 1; seen in a small run). An
-epoch is 32 batches (``--train-batches``), to fit the time: with the whole split (80) one
-repetition took about 10 minutes. Each repetition prints the Spearman correlation between the
-accuracy at the first rung and the final accuracy over its trained trials: the check that the
-first rung ranks like the end.
+The ground truth: every architecture of the grid trained with K = 3 seeds by real grid sweeps
+(fvlab's workers, one worker) that record each trial's objectives at the rung epochs and never
+stop one (``--from-runs DIR`` reuses the grid sweeps of a supernet_rank run instead). Each
+repetition r draws ``--trials`` architectures (the base experiment's first: it is trial 0 of
+every study) in a random order (seed ``seed + r``), and for each seed s replays every promotion
+rule of `pruner: rungs` (`nsga2`, `epsilon_net`, `first_front`: the default) on seed s's
+records with fvlab's own rung decision, trial by trial as one worker decides. A trial stopped
+at epoch k would have trained exactly the first k epochs of its full run (same seed, same
+schedule), so the replay is the arm without training it again.
 
-Each repetition r (sampler seed ``seed + r``, training seed ``seed + 100 + r``, all different):
+Scored like with like (fvlab.sweep.rank_quality): the front an arm keeps is chosen on seed s's
+accuracies and scored on the held-out target of seed s (the mean of the other seeds) with the
+side-by-side speedups, as a share of the true front's hypervolume on that target. Each rule
+has its own random control: as many stops per rung as that rule made, at random (never the
+reference), ``--draws`` draws averaged. Shares are averaged over seeds per repetition; means
+over repetitions carry 95% t intervals, and a rule minus its control is the paired difference
+per repetition. ``rung1_tau`` is the Kendall tau of the rung-1 accuracy of seed s against the
+target without seed s over the whole grid, averaged over s (with its bootstrap interval): how
+much an early rung knows.
 
-- `full`: a real sweep (fvlab's workers, one worker) that trains every trial to the end and
-  records each trial's objectives at the rung epochs (a pruner that records and never stops);
-- every promotion rule of `pruner: rungs` (`nsga2`; `epsilon_net`; `first_front`, the default),
-  replayed on those records with fvlab's own rung decision (`fvlab.sweep.rungs.decide`), trial
-  by trial in number order as one worker decides: a trial stopped at epoch k would have
-  trained exactly the first k epochs of its full run (same seed, same schedule over
-  `max_epochs`), so the replay is the arm without training it again and without the run-to-run
-  noise that made one-shot arms disagree;
-- `random`: a control that stops as many trials at each rung as the headline rule
-  (`--promotion`) did in that repetition, chosen at random (never the reference, trial 0, which
-  no pruner stops); its hypervolume share is the mean over ``--draws`` random choices;
-- `--live N` (default 1): in the first N repetitions the headline rule also runs as a real
-  sweep with the real pruner, and the benchmark prints whether it stopped the same trials at the
-  same rungs as the replay (the replay's premise, checked each time).
-
-Hypervolume on one scale: throughput is measured once per architecture, side by side with the
-reference, and the first measurement's reference throughput is stored and copied into every
-later study (`fvlab_throughput_scale`, with the architectures' figures), so every trial of every
-arm and repetition has `model/throughput` = its speedup x that one stored figure. The reference
-point is fixed globally: the worst value of each objective over every repetition's full arm
-(every arm's complete trials are among them). A share is an arm's hypervolume over its
-repetition's full hypervolume; means over repetitions carry 95% t intervals, and rungs minus
-random is the paired difference of the shares per repetition with its 95% paired t interval.
-
-    python benchmarks/search_cost.py                          # 5 repetitions (~17 min on 2 quiet cores)
-    python benchmarks/search_cost.py --repeats 2 --trials 6   # a quick look
+    python benchmarks/search_cost.py                          # ~25 minutes on 2 quiet cores
+    python benchmarks/search_cost.py --from-runs /tmp/srank   # replay a supernet_rank run's grid (seconds)
 """
 
 from __future__ import annotations
@@ -70,9 +51,12 @@ import yaml
 from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parent.parent
-# Architecture only (the base experiment's 32 x 1-1-2-1 among the choices: it is trial 0).
-SPACE = {"model.arch.dim": {"choices": [8, 16, 32, 64]},
-         "model.arch.depths": {"choices": [[1, 1, 1, 1], [1, 1, 2, 1], [2, 2, 2, 1], [1, 1, 4, 1]]}}
+BASE = ROOT / "experiments" / "cluttered.yaml"
+DIMS = [8, 16, 24, 32]
+DEPTHS = [[1, 1, 1, 1], [1, 1, 2, 1], [2, 2, 1, 1], [1, 1, 3, 1], [2, 2, 2, 1]]
+HAT = [[False, False, True, False], False]
+SPACE = {"model.arch.dim": {"choices": DIMS}, "model.arch.depths": {"choices": DEPTHS},
+         "model.arch.hat": {"choices": HAT}}
 OBJECTIVES = {"val/acc1_best": "maximize", "model/throughput": "maximize"}
 DIRECTIONS = list(OBJECTIVES.values())
 MIN_EPOCHS, REDUCTION_FACTOR = 1, 3
@@ -88,11 +72,6 @@ class TrialRecord:
     epochs: int = 0  # epochs its run trained (0: a duplicate, told its original's values)
     reference: bool = False  # trial 0, the base experiment's settings: never stopped
     duplicate_of: int | None = None
-
-
-def repetition_seeds(repetition: int, seed: int = 0) -> tuple[int, int]:
-    """(sampler seed, training seed) of repetition ``repetition`` (0-based): all different."""
-    return seed + repetition, seed + 100 + repetition
 
 
 def t_interval(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -112,15 +91,6 @@ def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 
     if len(a) != len(b):
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
     return t_interval([x - y for x, y in zip(a, b)], confidence)
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get mean ranks; NaN when either side is constant)."""
-    from scipy import stats
-
-    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
-        return math.nan
-    return float(stats.spearmanr(x, y).statistic)
 
 
 def replay(records: Sequence[TrialRecord], rungs: Sequence[int], promotion: str = "nsga2",
@@ -198,43 +168,62 @@ def arm_epochs(records: Sequence[TrialRecord], outcome: Mapping[int, int | None]
     return total
 
 
-def arm_points(records: Sequence[TrialRecord], outcome: Mapping[int, int | None]) -> list[list[float]]:
-    """Final objectives of the trials the arm completes (the front is taken by the hypervolume)."""
-    return [list(r.values) for r in records if r.values is not None and r.number in outcome
-            and outcome[r.number] is None]
-
-
-def worst_point(points: Sequence[Sequence[float]], directions: Sequence[str] = DIRECTIONS) -> list[float]:
-    """The worst value of each objective over ``points``: the hypervolume's reference point."""
-    return [(min if d == "maximize" else max)(p[i] for p in points) for i, d in enumerate(directions)]
-
-
-def first_rung_spearman(records: Sequence[TrialRecord], rung: int) -> float:
-    """Spearman correlation of the first objective at ``rung`` and at the end, over trained trials."""
-    pairs = [(r.rungs[rung][0], r.values[0]) for r in records
-             if r.duplicate_of is None and r.values is not None and rung in r.rungs]
-    return spearman([a for a, _ in pairs], [b for _, b in pairs])
-
-
 # ---- running the real sweeps --------------------------------------------------------------------
 
 
-def write_sweep(folder: Path, study: str, trials: int, epochs: int, image_size: int, sampler_seed: int,
-                training_seed: int, promotion: str = "nsga2", batch_size: int = 16,
-                train_batches: int | None = None) -> Path:
-    """A repetition's sweep file (every arm runs with `pruner: rungs`; the full arm's never stops)."""
-    sweep = {"study": study, "experiment": str(ROOT / "experiments" / "baseline.yaml"), "space": SPACE,
-             "objectives": OBJECTIVES, "sampler": {"name": "random", "seed": sampler_seed}, "n_trials": trials,
-             "pruner": {"name": "rungs", "min_epochs": MIN_EPOCHS, "reduction_factor": REDUCTION_FACTOR,
-                        "promotion": promotion},
-             "overrides": {"trainer.max_epochs": epochs, "data.init_args.image_size": image_size,
-                           "data.init_args.batch_size": batch_size, "model.warmup_epochs": 0,
-                           "seed_everything": training_seed}}
+def write_sweep(folder: Path, study: str, seed: int, epochs: int = 4, train_batches: int = 0,
+                dims: Sequence[int] = DIMS, depths: int = len(DEPTHS), promotion: str = "first_front",
+                supernet: Mapping[str, Any] | None = None) -> Path:
+    """A grid sweep over the space with training seed ``seed``: stand-alone with `pruner: rungs`
+    (the record-only arm never stops a trial) or one-shot (``supernet``)."""
+    space = {**SPACE, "model.arch.dim": {"choices": list(dims)}, "model.arch.depths": {"choices": DEPTHS[:depths]}}
+    overrides: dict[str, Any] = {"trainer.max_epochs": epochs, "seed_everything": seed,
+                                 "trainer.enable_progress_bar": False}
     if train_batches:
-        sweep["overrides"]["trainer.limit_train_batches"] = train_batches
-    path = folder / f"{study}.yaml"
+        overrides["trainer.limit_train_batches"] = train_batches
+    n = len(dims) * depths * len(HAT)
+    sweep: dict[str, Any] = {"study": study, "experiment": str(BASE), "space": space, "objectives": OBJECTIVES,
+                             "sampler": {"name": "grid", "seed": 0}, "n_trials": n, "overrides": overrides}
+    if supernet is None:
+        sweep["pruner"] = {"name": "rungs", "min_epochs": MIN_EPOCHS, "reduction_factor": REDUCTION_FACTOR,
+                           "promotion": promotion}
+    else:
+        sweep["supernet"] = dict(supernet)
+    path = Path(folder) / f"{study}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
+
+
+def train_grid(runs: Path, seeds: int, **grid: Any) -> tuple[list[optuna.Study], dict[str, Any]]:
+    """The grid trained stand-alone once per seed (rung values recorded, nothing stopped); the
+    studies and their shared measurements (one scale, one measurement per network)."""
+    from fvlab.sweep.objective import ARCH_ATTR
+    from fvlab.sweep.pareto import SCALE_ATTR
+
+    folder = runs / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    started, shared, studies = time.perf_counter(), {}, []
+    for seed in range(seeds):
+        studies.append(run_arm(write_sweep(folder, f"standalone_s{seed}", seed, **grid), runs, shared,
+                               record_only=True))
+        shared.update({k: v for k, v in studies[-1].user_attrs.items() if k.startswith(ARCH_ATTR) or k == SCALE_ATTR})
+        print(f"stand-alone seed {seed}: {time.perf_counter() - started:.0f} s so far", flush=True)
+    return studies, shared
+
+
+def grid_studies(runs: Path, seeds: int) -> list[optuna.Study]:
+    """The grid sweeps a supernet_rank or search_cost run kept in ``runs`` (``--runs-dir``)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    studies = []
+    for seed in range(seeds):
+        journal = Path(runs) / f"standalone_s{seed}" / "study.journal"
+        if not journal.is_file():
+            raise SystemExit(f"--from-runs: no {journal}; run supernet_rank.py or search_cost.py with --runs-dir first")
+        studies.append(optuna.load_study(study_name=f"standalone_s{seed}",
+                                         storage=JournalStorage(JournalFileBackend(str(journal)))))
+    return studies
 
 
 def run_arm(path: Path, runs: Path, shared: Mapping[str, Any], record_only: bool) -> optuna.Study:
@@ -289,23 +278,6 @@ def records_of(study: optuna.Study, rungs: Sequence[int]) -> list[TrialRecord]:
     return records
 
 
-def live_outcome(study: optuna.Study) -> dict[int, int | None]:
-    """Trial number -> the rung where the real pruner stopped it (None: complete)."""
-    from fvlab.sweep.rungs import PRUNED_RUNG_ATTR
-
-    return {t.number: (int(t.user_attrs[PRUNED_RUNG_ATTR]) if t.state == TrialState.PRUNED
-                       and t.user_attrs.get(PRUNED_RUNG_ATTR) is not None else None)
-            for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
-
-
-def same_stops(records: Sequence[TrialRecord], live: Mapping[int, int | None],
-               replayed: Mapping[int, int | None]) -> bool:
-    """Whether a live arm stopped the same trained trials at the same rungs as the replay (duplicates,
-    told their original's values, left out)."""
-    trained = [r.number for r in records if r.duplicate_of is None and r.values is not None]
-    return all(n in live and live[n] == replayed.get(n) for n in trained)
-
-
 def quiet_setup(profile_rounds: int) -> str:
     """A benchmark process's set-up: side-by-side rounds, quiet logs, the allocator tuned; the CPU's name."""
     os.environ["FVLAB_PROFILE_ROUNDS"] = str(profile_rounds)
@@ -325,125 +297,146 @@ def _fmt(interval: tuple[float, float, float]) -> str:
     return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+@dataclass
+class Grid:
+    """The grid's records per seed, by architecture (the base's first), and the held-out targets."""
+
+    archs: list[str]
+    records: list[dict[str, TrialRecord]]  # per seed: architecture -> its trial's record
+    targets: np.ndarray  # (archs, K): each architecture's mean final accuracy over the other seeds
+
+
+def grid_of(studies: Sequence[optuna.Study], rungs: Sequence[int]) -> Grid:
+    """The grid sweeps as records by architecture, complete in every seed."""
+    from fvlab.sweep.rank_quality import held_out_targets
+
+    per_seed = []
+    for study in studies:
+        records = {r.number: r for r in records_of(study, rungs)}
+        per_seed.append({json.dumps(t.params, sort_keys=True): records[t.number]
+                         for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE})
+    common = [a for a in per_seed[0] if all(a in p for p in per_seed)]
+    base = next(a for a in common if per_seed[0][a].reference)
+    archs = [base, *sorted(a for a in common if a != base)]
+    acc = np.array([[p[a].values[0] for p in per_seed] for a in archs])
+    return Grid(archs, per_seed, held_out_targets(acc))
+
+
+def seed_records(grid: Grid, picks: Sequence[int], seed: int) -> list[TrialRecord]:
+    """Seed ``seed``'s records of the picked architectures, numbered in the repetition's order
+    (trial 0 the base: the reference, which no pruner stops)."""
+    return [TrialRecord(i, grid.records[seed][grid.archs[a]].values, grid.records[seed][grid.archs[a]].rungs,
+                        grid.records[seed][grid.archs[a]].epochs, reference=i == 0) for i, a in enumerate(picks)]
+
+
+def front_share(records: Sequence[TrialRecord], outcome: Mapping[int, int | None], targets: np.ndarray) -> float:
+    """The hypervolume of the front an arm keeps (chosen on its own run's accuracies), scored on the
+    held-out ``targets`` with the measured speeds, as a share of the true front's on them."""
+    from fvlab.sweep.rank_quality import front_hypervolume, front_of
+
+    speed = np.array([r.values[1] for r in records])
+    kept = np.array([outcome.get(r.number) is None for r in records])
+    index = np.flatnonzero(kept)
+    picked = np.zeros(len(records), dtype=bool)
+    picked[index[np.array(front_of([records[i].values[0] for i in index], speed[index]), dtype=bool)]] = True
+    true = front_hypervolume(front_of(targets, speed), targets, speed)
+    return front_hypervolume(picked, targets, speed) / true if true else math.nan
+
+
+def repetition_scores(grid: Grid, picks: Sequence[int], rules: Sequence[str], rungs: Sequence[int],
+                      draws: int, rng: random.Random) -> dict[str, dict[str, float]]:
+    """Per rule: epochs share, hypervolume share and its own random control's, averaged over seeds."""
+    scores = {rule: {"epochs": [], "hv": [], "random_hv": []} for rule in rules}
+    for s in range(grid.targets.shape[1]):
+        records, targets = seed_records(grid, picks, s), grid.targets[list(picks), s]
+        full = arm_epochs(records, {})
+        for rule in rules:
+            outcome = replay(records, rungs, rule)
+            stopped = stopped_per_rung(records, outcome)
+            randoms = [front_share(records, replay(records, rungs, plan=random_plan(records, stopped, rng)), targets)
+                       for _ in range(draws)]
+            scores[rule]["epochs"].append(arm_epochs(records, outcome) / full)
+            scores[rule]["hv"].append(front_share(records, outcome, targets))
+            scores[rule]["random_hv"].append(float(np.mean(randoms)))
+    return {rule: {k: float(np.mean(v)) for k, v in figures.items()} for rule, figures in scores.items()}
+
+
+def rung1_quality(grid: Grid, rungs: Sequence[int]) -> Any:
+    """Kendall tau of each seed's rung-1 accuracy against the target without that seed, over the grid."""
+    from fvlab.sweep.rank_quality import per_seed_rank_quality
+
+    first = np.array([[p[a].rungs[rungs[0]][0] for p in grid.records] for a in grid.archs])
+    acc = np.array([[p[a].values[0] for p in grid.records] for a in grid.archs])
+    return per_seed_rank_quality(first, acc, seed=1)
+
+
+def print_summary(reps: Sequence[Mapping[str, Mapping[str, float]]], rules: Sequence[str], headline: str,
+                  rung1: Any, seconds: float) -> None:
+    """The per-rule table, the goal and the last line."""
+    print("| rule | epochs share, mean [95%] | hypervolume share [95%] | its random control [95%] | "
+          "minus its control (paired) |")
+    print("|---|---|---|---|---|")
+    for rule in rules:
+        series = {k: [rep[rule][k] for rep in reps] for k in ("epochs", "hv", "random_hv")}
+        print(f"| {rule} | {_fmt(t_interval(series['epochs']))} | {_fmt(t_interval(series['hv']))} | "
+              f"{_fmt(t_interval(series['random_hv']))} | {_fmt(paired_interval(series['hv'], series['random_hv']))} |")
+    head = {k: [rep[headline][k] for rep in reps] for k in ("epochs", "hv", "random_hv")}
+    epochs, hv = t_interval(head["epochs"]), t_interval(head["hv"])
+    random_hv, diff = t_interval(head["random_hv"]), paired_interval(head["hv"], head["random_hv"])
+    met = epochs[0] <= 0.5 and hv[0] >= 0.9 and diff[1] > 0
+    print(f"rung-1 accuracy against the held-out target over the grid: {rung1.line()}")
+    print(f"goal ({headline}: mean epochs share <= 50%, mean hypervolume share >= 90%, paired interval over its "
+          f"random control above zero): {'met' if met else 'NOT met'}; {seconds:.0f} s")
+    print(f"search_cost: epochs={_fmt(epochs)} hv={_fmt(hv)} random_hv={_fmt(random_hv)} diff={_fmt(diff)} "
+          f"repeats={len(reps)} rung1_tau={rung1.tau:.2f} [{rung1.tau_ci[0]:.2f}, {rung1.tau_ci[1]:.2f}]")
+
+
 def main() -> None:
-    """Run the repetitions and print per-repetition figures, per-arm intervals and the one-line summary."""
+    """Train (or read) the grid, replay the repetitions, print per-repetition figures and the summary."""
     from fvlab.sweep.front import PROMOTIONS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=9)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-batches", type=int, default=32,
-                        help="training batches per epoch (trainer.limit_train_batches; 0: the whole split, 80)")
-    parser.add_argument("--seed", type=int, default=0, help="repetition r: sampler seed+r, training seed seed+100+r")
-    parser.add_argument("--promotion", choices=PROMOTIONS, default="first_front",
-                        help="the rule of the summary line and of the random control's stop counts")
-    parser.add_argument("--draws", type=int, default=200, help="random choices averaged per repetition")
-    parser.add_argument("--live", type=int, default=1, help="repetitions whose headline rule also runs for real")
-    parser.add_argument("--profile-rounds", type=int, default=20,
+    parser.add_argument("--trials", type=int, default=12, help="architectures per repetition (the base first)")
+    parser.add_argument("--seeds", type=int, default=3, help="stand-alone seeds per architecture (K >= 3)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-batches", type=int, default=0, help="trainer.limit_train_batches (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="repetition r draws its trials with seed + r")
+    parser.add_argument("--promotion", choices=PROMOTIONS, default="first_front", help="the rule of the last line")
+    parser.add_argument("--draws", type=int, default=100, help="random controls averaged per repetition and seed")
+    parser.add_argument("--profile-rounds", type=int, default=10,
                         help="side-by-side rounds per architecture (FVLAB_PROFILE_ROUNDS)")
+    parser.add_argument("--from-runs", help="replay the grid sweeps kept in this directory instead of training")
     parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
-    if args.repeats < 2:
-        parser.error("--repeats: at least 2 (an interval needs two repetitions)")
+    if args.repeats < 2 or args.seeds < 3:
+        parser.error("--repeats: at least 2 (an interval needs two); --seeds: at least 3 (held-out targets)")
     cpu = quiet_setup(args.profile_rounds)
-    from fvlab.sweep.front import hypervolume
-    from fvlab.sweep.objective import ARCH_ATTR
-    from fvlab.sweep.pareto import SCALE_ATTR
-    from fvlab.sweep.attrs import reference_trial
     from fvlab.sweep.space import rung_epochs
 
     import torch
 
     rungs = rung_epochs(MIN_EPOCHS, REDUCTION_FACTOR, args.epochs)
-    print(f"# {args.repeats} repetitions x {args.trials} trials, max_epochs {args.epochs} (rungs at {rungs}), "
-          f"digits at {args.image_size} px, batch {args.batch_size} x {args.train_batches or 'all'} per epoch, fastervit_tiny; {cpu}, {torch.get_num_threads()} threads")
-    rules = list(PROMOTIONS)
+    print(f"# {args.repeats} repetitions x {args.trials} trials of the {len(DIMS) * len(DEPTHS) * len(HAT)}-network "
+          f"grid, {args.seeds} seeds, max_epochs {args.epochs} (rungs at {rungs}), cluttered digits at 32 px, "
+          f"fastervit_micro; {cpu}, {torch.get_num_threads()} threads", flush=True)
     started = time.perf_counter()
-    reps: list[dict[str, Any]] = []
-    shared: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = Path(args.runs_dir or tmp)
-        folder = runs / "sweeps"
-        folder.mkdir(parents=True, exist_ok=True)
-        for r in range(args.repeats):
-            sampler_seed, training_seed = repetition_seeds(r, args.seed)
-            begun = time.perf_counter()
-            full = run_arm(write_sweep(folder, f"full_r{r}", args.trials, args.epochs, args.image_size,
-                                       sampler_seed, training_seed, batch_size=args.batch_size,
-                                       train_batches=args.train_batches), runs, shared,
-                       record_only=True)
-            shared.update({k: v for k, v in full.user_attrs.items() if k.startswith(ARCH_ATTR) or k == SCALE_ATTR})
-            reference = reference_trial(full)
-            itself = reference.user_attrs.get("speedup") if reference is not None else None
-            records = records_of(full, rungs)
-            rep = {"seeds": (sampler_seed, training_seed), "records": records, "seconds": time.perf_counter() - begun,
-                   "itself": itself,
-                   "outcomes": {rule: replay(records, rungs, rule) for rule in rules}}
-            rep["stopped"] = stopped_per_rung(records, rep["outcomes"][args.promotion])
-            rng = random.Random(sampler_seed)
-            rep["plans"] = [random_plan(records, rep["stopped"], rng) for _ in range(args.draws)]
-            if r < args.live:
-                live = run_arm(write_sweep(folder, f"live_r{r}", args.trials, args.epochs, args.image_size,
-                                           sampler_seed, training_seed, args.promotion, args.batch_size,
-                                           args.train_batches),
-                               runs, shared, record_only=False)
-                rep["live"] = same_stops(records, live_outcome(live), rep["outcomes"][args.promotion])
-            reps.append(rep)
-        every = [list(rec.values) for rep in reps for rec in rep["records"] if rec.values is not None]
-        reference = worst_point(every)
-        print(f"one throughput scale: the reference's {shared.get(SCALE_ATTR, {}).get('throughput', math.nan):.1f} "
-              f"img/s stored once; reference point (worst over every full arm): val/acc1_best {reference[0]:.4f}, "
-              f"model/throughput {reference[1]:.1f}")
-        # Trial 0 builds the reference's network: a speedup far from 1 means a disturbed measurement.
-        print(f"trial 0's speedup to the reference (the same network; 1 expected): "
-              f"{reps[0]['itself'] if reps[0]['itself'] is None else round(reps[0]['itself'], 3)}")
-        shares: dict[str, dict[str, list[float]]] = {arm: {"epochs": [], "hv": []} for arm in [*rules, "random"]}
-        for r, rep in enumerate(reps):
-            records = rep["records"]
-            full_outcome = {rec.number: None for rec in records}
-            full_epochs = arm_epochs(records, full_outcome)
-            full_hv = hypervolume(arm_points(records, full_outcome), reference, DIRECTIONS)
-            line = []
-            for rule in rules:
-                outcome = rep["outcomes"][rule]
-                shares[rule]["epochs"].append(arm_epochs(records, outcome) / full_epochs)
-                shares[rule]["hv"].append(hypervolume(arm_points(records, outcome), reference, DIRECTIONS) / full_hv)
-                line.append(f"{rule} {shares[rule]['epochs'][-1]:.0%}/{shares[rule]['hv'][-1]:.1%}")
-            randoms = [hypervolume(arm_points(records, replay(records, rungs, plan=plan)), reference, DIRECTIONS)
-                       / full_hv for plan in rep["plans"]]
-            random_epochs = [arm_epochs(records, replay(records, rungs, plan=plan)) / full_epochs
-                             for plan in rep["plans"][:1]]
-            shares["random"]["epochs"].append(random_epochs[0])
-            shares["random"]["hv"].append(float(np.mean(randoms)))
-            trained = sum(1 for rec in records if rec.duplicate_of is None and rec.values is not None)
-            live = "" if "live" not in rep else f"; live {args.promotion} arm stops the same trials at the same " \
-                                                 f"rungs as the replay: {'yes' if rep['live'] else 'NO'}"
-            print(f"repetition {r + 1} (sampler seed {rep['seeds'][0]}, training seed {rep['seeds'][1]}): "
-                  f"{trained} trained of {len(records)} trials, {rep['seconds']:.0f} s; Spearman(acc at rung "
-                  f"{rungs[0]}, final acc) = {first_rung_spearman(records, rungs[0]):.2f}; {args.promotion} stops "
-                  f"{rep['stopped']} per rung; epochs/hv share: {', '.join(line)}, random "
-                  f"{shares['random']['epochs'][-1]:.0%}/{shares['random']['hv'][-1]:.1%}{live}")
-        print("| arm | epochs share, mean [95%] | hypervolume share, mean [95%] | minus random (paired) |")
-        print("|---|---|---|---|")
-        for arm in [*rules, "random"]:
-            paired = _fmt(paired_interval(shares[arm]["hv"], shares["random"]["hv"])) if arm != "random" else ""
-            print(f"| {arm} | {_fmt(t_interval(shares[arm]['epochs']))} | {_fmt(t_interval(shares[arm]['hv']))} "
-                  f"| {paired} |")
-        for rule in rules:
-            if rule != args.promotion:
-                print(f"{rule} minus {args.promotion}, hypervolume share (paired): "
-                      f"{_fmt(paired_interval(shares[rule]['hv'], shares[args.promotion]['hv']))}")
-        head = shares[args.promotion]
-        epochs, hv = t_interval(head["epochs"]), t_interval(head["hv"])
-        random_hv, diff = t_interval(shares["random"]["hv"]), paired_interval(head["hv"], shares["random"]["hv"])
-        met = epochs[0] <= 0.5 and hv[0] >= 0.9 and diff[1] > 0
-        print(f"goal ({args.promotion}: mean epochs share <= 50%, mean hypervolume share >= 90%, paired interval "
-              f"over random above zero): {'met' if met else 'NOT met'}; {time.perf_counter() - started:.0f} s")
-        print(f"search_cost: epochs={_fmt(epochs)} hv={_fmt(hv)} random_hv={_fmt(random_hv)} diff={_fmt(diff)} "
-              f"repeats={args.repeats}")
+        if args.from_runs:
+            studies = grid_studies(Path(args.from_runs), args.seeds)
+        else:
+            studies = train_grid(Path(args.runs_dir or tmp), args.seeds, epochs=args.epochs,
+                                 train_batches=args.train_batches)[0]
+        grid = grid_of(studies, rungs)
+    rules, reps = list(PROMOTIONS), []
+    for r in range(args.repeats):
+        rng = random.Random(args.seed + r)
+        picks = [0, *rng.sample(range(1, len(grid.archs)), min(args.trials, len(grid.archs)) - 1)]
+        reps.append(repetition_scores(grid, picks, rules, rungs, args.draws, rng))
+        print(f"repetition {r + 1}: " + ", ".join(
+            f"{rule} {reps[-1][rule]['epochs']:.0%} epochs / hv {reps[-1][rule]['hv']:.1%} (random "
+            f"{reps[-1][rule]['random_hv']:.1%})" for rule in rules), flush=True)
+    print_summary(reps, rules, args.promotion, rung1_quality(grid, rungs), time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-__all__ = ["DataError", "DataRandom", "ImageDataModule", "InMemoryImages", "SeededTransform", "collate_batch",
+__all__ = ["DataError", "DataRandom", "ImageDataModule", "InMemoryImages", "NormaliseGrey", "SeededTransform", "collate_batch",
            "check_positive", "check_image_size", "check_fraction", "check_channels", "stratified_split",
            "MIN_IMAGE_SIZE"]
 
@@ -181,6 +181,19 @@ class InMemoryImages(Dataset):
 def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate for InMemoryImages: its ``__getitems__`` already returns a stacked batch."""
     return batch
+
+
+class NormaliseGrey:
+    """Normalise a batch of single-channel images and repeat the channel to ``in_chans``."""
+
+    def __init__(self, mean: float, std: float, in_chans: int):
+        self.mean, self.std, self.in_chans = mean, std, in_chans
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The model-ready (B, in_chans, H, W) batch."""
+        images = (images - self.mean) / self.std
+        # Replicating per batch keeps the stored set single-channel (a third of the memory).
+        return images.expand(-1, self.in_chans, -1, -1).contiguous()
 
 
 class ImageDataModule(pl.LightningDataModule):

@@ -62,7 +62,7 @@ import functools
 import numpy as np
 import torch
 
-from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, check_channels, check_image_size,
+from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, NormaliseGrey, check_channels, check_image_size,
                              check_positive)
 
 __all__ = ["SameDifferentDataModule", "LAYOUTS", "distinct_images", "distinct_same_images", "glyph_vocabulary",
@@ -259,18 +259,6 @@ def generate_same_different(image_size: int, sizes: tuple[int, ...], layout: str
     return tuple((images[lo:hi], labels[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
-class _Normalise:
-    """Normalise a batch and repeat its single channel to ``in_chans``."""
-
-    def __init__(self, mean: float, std: float, in_chans: int):
-        self.mean, self.std, self.in_chans = mean, std, in_chans
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The model-ready (B, in_chans, H, W) batch."""
-        images = (images - self.mean) / self.std
-        return images.expand(-1, self.in_chans, -1, -1).contiguous()
-
-
 class SameDifferentDataModule(ImageDataModule):
     """Glyph tasks: the pointer task (``pointer``, ``pointer_local``) or same/different (``apart``, ``together``).
 
@@ -353,5 +341,5 @@ class SameDifferentDataModule(ImageDataModule):
                                          self.jitter, self.noise, self.split_seed)
         tensors = [(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.copy())) for x, y in splits]
         train_images = tensors[0][0]
-        transform = _Normalise(train_images.mean().item(), train_images.std().item(), self.in_chans)
+        transform = NormaliseGrey(train_images.mean().item(), train_images.std().item(), self.in_chans)
         self.train_set, self.val_set, self.test_set = (InMemoryImages(x, y, transform) for x, y in tensors)

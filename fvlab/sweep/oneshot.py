@@ -24,6 +24,7 @@ from fvlab.experiment import apply_overrides
 from fvlab.lit.runner import (BadConfig, RunRefused, RunSpec, build_run, changed_run_keys, fit_run,
                               plan_run, profile_run, release_memory)
 from fvlab.lit.supernet import SupernetClassifier
+from fvlab.metrics import VAL_LOSS, trial_attr
 from fvlab.models.supernet import recalibrate_batchnorm
 from fvlab.runs import CONFIG_FILE, read_metrics, trial_dir_name
 from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective
@@ -228,6 +229,8 @@ class OneShotObjective(SweepObjective):
         except Exception as err:  # one subnet that cannot run fails its trial, not the search
             result = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
         trial.set_user_attr("bn_batches", result.get("bn_batches"))
+        if result.get(VAL_LOSS) is not None:  # a score to rank subnets by besides their accuracy
+            trial.set_user_attr(trial_attr(VAL_LOSS), result[VAL_LOSS])
         return self._values(trial, result, metrics)
 
 

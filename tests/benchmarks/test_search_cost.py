@@ -44,18 +44,15 @@ def test_intervals_by_hand() -> None:
     assert math.isnan(sc.t_interval([0.5])[1])
     with pytest.raises(ValueError, match="equal lengths"):
         sc.paired_interval([1.0], [1.0, 2.0])
-    assert sc.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
-    assert math.isnan(sc.spearman([1, 1], [1, 2]))
 
 
-def test_every_repetition_has_its_own_seeds_in_its_sweep_file(tmp_path: Path) -> None:
-    seeds = [sc.repetition_seeds(r) for r in range(5)]
-    flat = [s for pair in seeds for s in pair]
-    assert len(set(flat)) == len(flat)
-    sweeps = [load_sweep(sc.write_sweep(tmp_path, f"full_r{r}", 12, 9, 32, *seeds[r])) for r in range(2)]
-    assert [s.seed for s in sweeps] == [seeds[0][0], seeds[1][0]]
-    assert [s.overrides["seed_everything"] for s in sweeps] == [seeds[0][1], seeds[1][1]]
-    assert sweeps[0].pruner_options == {"min_epochs": 1, "reduction_factor": 3, "promotion": "nsga2"}
+def test_the_grid_sweep_files_load_as_fvlab_reads_them(tmp_path: Path) -> None:
+    sweep = load_sweep(sc.write_sweep(tmp_path, "standalone_s1", 1))
+    assert sweep.overrides["seed_everything"] == 1 and sweep.sampler == "grid" and sweep.n_trials == 40
+    assert sweep.pruner_options == {"min_epochs": 1, "reduction_factor": 3, "promotion": "first_front"}
+    small = load_sweep(sc.write_sweep(tmp_path, "oneshot", 0, dims=[8, 16], depths=2,
+                                      supernet={"epochs": 1, "sandwich": 1, "distill": True, "bn_batches": 2}))
+    assert small.n_trials == 8 and small.supernet["epochs"] == 1 and small.pruner is None
 
 
 def test_replayed_rungs_decide_like_one_worker() -> None:
@@ -68,12 +65,8 @@ def test_replayed_rungs_decide_like_one_worker() -> None:
     assert outcome == {0: None, 1: None, 2: 1, 3: None, 4: 1, 5: 1, 6: 3}
     assert sc.stopped_per_rung(records, outcome) == {1: 2, 3: 1}
     assert sc.arm_epochs(records, outcome) == 9 + 9 + 1 + 9 + 1 + 3  # the duplicate trains nothing
-    assert sorted(sc.arm_points(records, outcome)) == [[0.9, 100], [0.95, 50], [0.99, 300]]
     # No pruner stops the reference (trial 0), so a plan that names it is ignored.
     assert sc.replay(records, [1, 3], plan={0: 1})[0] is None
-    # Rung 1 ranks like the end but for trials 2 and 5, swapped: 1 - 6 * 2 / (6 * 35).
-    assert sc.first_rung_spearman(records, 1) == pytest.approx(1 - 12 / 210)
-    assert sc.worst_point([[0.9, 100], [0.5, 300]]) == [0.5, 100]
 
 
 def test_the_random_control_stops_as_many_per_rung() -> None:
@@ -123,10 +116,34 @@ def test_promotion_rules_by_hand() -> None:
         decide(trials, 0, 1, mins, 2, "hypervolume")
 
 
-def test_a_live_arm_is_compared_on_trained_trials_only() -> None:
-    records = _records()
-    replayed = sc.replay(records, [1, 3], "nsga2")
-    live = {**replayed, 4: None}  # a told duplicate carries no pruned_rung of its own
-    assert sc.same_stops(records, live, replayed)
-    assert not sc.same_stops(records, {**replayed, 6: None}, replayed)
-    assert not sc.same_stops(records, {n: v for n, v in replayed.items() if n != 3}, replayed)
+def test_an_arms_front_is_chosen_on_its_run_and_scored_on_the_held_out_target() -> None:
+    # Three trials (accuracy of this run, speed); the held-out target reverses trials 1 and 2.
+    records = [R(0, (0.5, 3.0), reference=True), R(1, (0.9, 1.0)), R(2, (0.8, 2.0))]
+    targets = np.array([0.5, 0.7, 0.9])
+    # Every trial kept: the run's front is all three; scored on the target, trial 1 (0.7, 1) is
+    # dominated by trial 2 (0.9, 2), so the arm's front holds the true front: share 1.
+    assert sc.front_share(records, {0: None, 1: None, 2: None}, targets) == pytest.approx(1.0)
+    # Trial 2 stopped: the kept front is trials 0 and 1. Reference point (0.5, 1): the true front
+    # (0 and 2) covers (0.9 - 0.5) x (2 - 1) = 0.4; trials 0 and 1 cover nothing beyond it: 0.
+    assert sc.front_share(records, {0: None, 1: None, 2: 1}, targets) == pytest.approx(0.0)
+
+
+def test_a_repetition_scores_every_rule_against_its_own_random_control() -> None:
+    rng = np.random.default_rng(0)
+    base = _records()
+    archs = [f"a{i}" for i in range(len(base))]
+    seeds = [{a: R(i, (min(1.0, r.values[0] + rng.normal(0, 0.01)), r.values[1]), r.rungs, r.epochs,
+                   reference=i == 0) for i, (a, r) in enumerate(zip(archs, base)) if r.duplicate_of is None}
+             for _ in range(3)]
+    archs = [a for a in archs if a in seeds[0]]
+    acc = np.array([[s[a].values[0] for s in seeds] for a in archs])
+    from fvlab.sweep.rank_quality import held_out_targets
+
+    grid = sc.Grid(archs, seeds, held_out_targets(acc))
+    scores = sc.repetition_scores(grid, list(range(len(archs))), ["nsga2", "first_front"], [1, 3], 5,
+                                  random.Random(0))
+    for rule in ("nsga2", "first_front"):
+        assert 0 < scores[rule]["epochs"] <= 1 and 0 <= scores[rule]["hv"] <= 1 + 1e-9
+        assert 0 <= scores[rule]["random_hv"] <= 1 + 1e-9
+    # first_front keeps every rung's front, so it stops no more than nsga2.
+    assert scores["first_front"]["epochs"] >= scores["nsga2"]["epochs"]
