@@ -38,16 +38,22 @@ class Recording(SupernetClassifier):
         return chosen
 
 
+def fit_briefly(lit: SupernetClassifier, tmp_path, steps: int) -> pl.Trainer:
+    """A real Trainer fit of ``steps`` steps on 32 synthetic images, one validation batch."""
+    data = SyntheticDataModule(image_size=32, num_classes=4, num_samples=32, val_samples=16, batch_size=16)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(lit, datamodule=data)
+    return trainer
+
+
 def test_sandwich_training_with_a_real_trainer(tmp_path) -> None:
     torch.manual_seed(0)
     lit = Recording(space=SPACE, sandwich=2, distill=True, arch={"name": "fastervit_micro"}, num_classes=4,
                     image_size=32, lr=3e-3, scheduler="none")
     before = copy.deepcopy(lit.model.state_dict())
-    data = SyntheticDataModule(image_size=32, num_classes=4, num_samples=32, val_samples=16, batch_size=16)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=1, default_root_dir=tmp_path)
-    trainer.fit(lit, datamodule=data)
+    trainer = fit_briefly(lit, tmp_path, steps=2)
 
     largest, smallest = lit.extreme_subnets()
     assert largest == {"depths": [1, 1, 2, 1], "window_size": [2, 2, 1, 1], "ct_size": 1, "hat": HAT2,
@@ -132,11 +138,7 @@ def test_a_width_supernet_trains_and_its_narrow_subnet_is_an_ordinary_checkpoint
     lit = Recording(space=WIDTH_SPACE, sandwich=1, distill=True, arch={"name": "fastervit_micro"},
                     num_classes=4, image_size=32, lr=3e-3, scheduler="none")
     before = copy.deepcopy(lit.model.state_dict())
-    data = SyntheticDataModule(image_size=32, num_classes=4, num_samples=32, val_samples=16, batch_size=16)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=1, default_root_dir=tmp_path)
-    trainer.fit(lit, datamodule=data)
+    fit_briefly(lit, tmp_path, steps=1)
     largest, smallest = lit.extreme_subnets()
     assert (largest["dim"], largest["mlp_ratio"], smallest["dim"], smallest["mlp_ratio"]) == (16, 2.0, 8, 1.0)
     assert smallest["num_heads"] == [1, 1, 1, 2]

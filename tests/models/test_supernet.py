@@ -22,14 +22,15 @@ SPACE = {
 }
 
 
-def perturbed_supernet(seed: int = 0) -> FasterViTSupernet:
-    """A supernet whose weights and BN statistics are far from initial values, in eval mode.
+def perturbed_supernet(seed: int = 0, space: dict | None = None) -> FasterViTSupernet:
+    """A supernet (over ``space``, default SPACE) whose weights and BN statistics are far from
+    initial values, in eval mode.
 
     At initialisation the position MLPs are near zero, which could let a carrier-token path
     differ by less than the tolerance unnoticed.
     """
     torch.manual_seed(seed)
-    net = FasterViTSupernet(SPACE, **variant_config("fastervit_micro", num_classes=7))
+    net = FasterViTSupernet(space or SPACE, **variant_config("fastervit_micro", num_classes=7))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in net.parameters():
@@ -223,18 +224,7 @@ WIDTH_CASES = {
 
 @pytest.fixture(scope="module")
 def wide() -> FasterViTSupernet:
-    torch.manual_seed(0)
-    net = FasterViTSupernet(WIDTH_SPACE, **variant_config("fastervit_micro", num_classes=7))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-        for name, b in net.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.1, generator=g)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5, generator=g)
-    return net.eval()
+    return perturbed_supernet(space=WIDTH_SPACE)
 
 
 @pytest.mark.parametrize("case", list(WIDTH_CASES))
