@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from fvlab.experiment import apply_overrides
-from fvlab.metrics import MODEL_TRIAL_ATTRS, VAL_ACC1_BEST, held_out, is_model_metric, trial_attr
+from fvlab.metrics import MODEL_TRIAL_ATTRS, THROUGHPUT, VAL_ACC1_BEST, held_out, is_model_metric, trial_attr
 from fvlab.runs import config_hash, confirm_dir, read_metrics, trained_config, trial_dir_name
 from fvlab.sweep.attrs import reference_trial
 from fvlab.sweep.space import SweepSpec
@@ -115,7 +115,9 @@ def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
     if value is None:
         return "-"
     lo, hi = trial.user_attrs.get(trial_attr(f"{metric}_lo")), trial.user_attrs.get(trial_attr(f"{metric}_hi"))
-    return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if lo is not None and hi is not None else f"{value:.4g}"
+    fmt = "{:.0f}" if metric == THROUGHPUT else "{:.4g}"  # images/s: 10290, not 1.029e+04
+    shown = fmt.format(value)
+    return f"{shown} [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else shown
 
 
 _Samples = dict[str, dict[int, float]]  # metric -> confirm seed -> value
