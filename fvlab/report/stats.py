@@ -144,7 +144,8 @@ def marks_rule(family: int, confidence: float = CONFIDENCE, where: str = "this t
     rule = (f"A mark needs at least {MIN_MARKED_PAIRS} pairs; differences equal up to rounding have no "
             f"p-value and no interval (n/a), never p = 0.")
     if family == 0:
-        return f"No comparison of {where} can carry a {SIGNIFICANT_MARK}. {rule}"
+        return (f"No comparison of {where} can carry a {SIGNIFICANT_MARK} (marked where Holm's step-down over "
+                f"the table's comparisons rejects at {1 - confidence:.2g}). {rule}")
     return (f"{SIGNIFICANT_MARK} marks a difference that Holm's step-down over the {family} comparison"
             f"{'' if family == 1 else 's'} of {where} that can carry a mark (paired-t p-values; every row, "
             f"every marked column) finds significant at {1 - confidence:.2g}, so the chance of any false "
