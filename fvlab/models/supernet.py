@@ -8,9 +8,11 @@ for many sub-architectures is Once-for-All's, arXiv 1908.09791):
 - ``hat`` off (or ``ct_size`` 0) in a stage leaves its carrier-token weights unused, a strict subset;
 - a stage of d blocks is the first d blocks of a deeper one; the last of those d does what a
   stage's last block does (propagation, with ``do_propagation``);
-- a narrower layer (``dim``: stage-1 channels, doubled per stage; ``mlp_ratio``; ``num_heads``)
-  is the first k channels, hidden units or heads of the widest (AutoFormer's weight entanglement,
-  arXiv 2107.00651; Once-for-All's elastic width), q, k and v each narrowed in packed qkv layers.
+- a narrower layer (``dim``: stage-1 channels, doubled per stage; ``mlp_ratio``) is the first k
+  channels or hidden units of the widest (AutoFormer's weight entanglement, arXiv 2107.00651;
+  Once-for-All's elastic width), q, k and v each narrowed in packed qkv layers; fewer
+  ``num_heads`` split the same channels into fewer, wider heads and take the first k outputs of
+  the relative position bias.
 
 So the supernet is a :class:`~fvlab.models.fastervit.FasterViT` with the largest depths and widths
 of the space and HAT weights in every transformer stage where some subnet of the space turns HAT
@@ -36,6 +38,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fvlab.models.factory import arch_defaults
 from fvlab.models.fastervit import NUM_CONV_STAGES, FasterViT, _per_stage
@@ -308,6 +311,10 @@ class FasterViTSupernet(FasterViT):
         if torch.is_grad_enabled() and self._inactive:
             x = tie_zero_gradients(x, self._inactive)
         if self._narrow():
+            if torch.is_grad_enabled() and any(stage.grad_checkpointing for stage in self.levels):
+                # A checkpointed block recomputes in backward, after functional_call has put the
+                # structure's meta weights back: recompute the whole call, which swaps them in again.
+                return checkpoint(self._call_narrow, "forward_features", x, use_reentrant=False)
             return self._call_narrow("forward_features", x)
         return super().forward_features(x)
 
@@ -316,6 +323,12 @@ class FasterViTSupernet(FasterViT):
         if self._narrow():
             return self._call_narrow("forward_head", x, pre_logits)
         return super().forward_head(x, pre_logits=pre_logits)
+
+    def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> Any:
+        """FasterViT's per-stage feature maps of the active subnet (its own widths when narrow)."""
+        if self._narrow():
+            return self._call_narrow("forward_intermediates", x, **kwargs)
+        return super().forward_intermediates(x, **kwargs)
 
     # ---- narrow subnets: the stand-alone structure run on leading blocks of the weights ----
 
@@ -343,23 +356,24 @@ class FasterViTSupernet(FasterViT):
         full = dict(self.state_dict(keep_vars=True))
         return {name: _first(full[name], shape, _packed(name)) for name, shape in sub.shapes.items()}
 
-    def _call_narrow(self, method: str, *args: Any) -> torch.Tensor:
+    def _call_narrow(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``method`` of the active subnet's stand-alone structure, run on :meth:`subnet_tensors`."""
         structure = self._structure()
         own = dict(self.named_modules())
         tensors = self.subnet_tensors()
         for name, module in structure.named_modules():
             source = own.get(name)
-            if source is not None:  # the supernet's mode decides: train/eval, recalibration, checkpointing
+            if source is not None:  # the supernet's state decides: train/eval, recalibration, drop path
                 module.training = source.training
-                for attr in ("momentum", "grad_checkpointing"):
-                    if hasattr(source, attr):
+                # drop_prob: the supernet's schedule over its largest depths, as a full-width subnet runs.
+                for attr in ("momentum", "drop_prob"):
+                    if hasattr(source, attr) and hasattr(module, attr):
                         setattr(module, attr, getattr(source, attr))
             if getattr(module, "propagate", False):
                 index = propagation_index(module.window_size, module.ct_size)
                 tensors[f"{name}.propagation_index"] = index.to(args[0].device)
         return torch.func.functional_call(_Method(structure, method), {f"module.{k}": v for k, v in tensors.items()},
-                                          args, strict=True)
+                                          args, kwargs, strict=True)
 
     def used_parameter_count(self, image_size: int | Sequence[int]) -> int:
         """Parameters the active subnet uses at ``image_size``, as its stand-alone model counts them
@@ -383,9 +397,9 @@ class _Method(nn.Module):
         self.module = module
         self.method = method
 
-    def forward(self, *args: Any) -> Any:
-        """``module.<method>(*args)``."""
-        return getattr(self.module, self.method)(*args)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``module.<method>(*args, **kwargs)``."""
+        return getattr(self.module, self.method)(*args, **kwargs)
 
 
 def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None = None,
@@ -398,13 +412,19 @@ def extract_subnet(supernet: FasterViTSupernet, config: Mapping[str, Any] | None
     is first recalibrated for the subnet on them (:func:`recalibrate_batchnorm`): without, the
     running statistics are whatever the supernet holds, a mix over every subnet it trained unless
     this subnet was just recalibrated (``fvlab.sweep.oneshot.extract_trial_subnet`` recalibrates
-    on the batches its evaluation used).
+    on the batches its evaluation used). The supernet's own statistics are restored afterwards.
     """
     with supernet.subnet(config) if config is not None else nullcontext():
+        # The supernet keeps its own statistics: only the written subnet gets the recalibrated ones.
+        kept = {name: b.detach().clone() for name, b in supernet.named_buffers()} if batches is not None else {}
         if batches is not None:
             recalibrate_batchnorm(supernet, batches)
         arch = supernet.subnet_arch()
         weights = {k: v.detach().clone() for k, v in supernet.subnet_tensors().items()}
+        with torch.no_grad():
+            for name, buffer in supernet.named_buffers():
+                if name in kept:
+                    buffer.copy_(kept[name])
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -320,11 +320,10 @@ def confirm_legend(table: ConfirmTable) -> str:
     return f"{CONFIRM_LEGEND} {split} {marks_rule(table.family, where=where)}"
 
 
-def format_confirmed(rows: list[dict[str, Any]] | ConfirmTable) -> str:
+def format_confirmed(table: ConfirmTable) -> str:
     """A Markdown table of :func:`confirm_table` with its legend (empty without rows)."""
     from fvlab.sweep.pareto import format_front
 
-    table = rows if isinstance(rows, ConfirmTable) else ConfirmTable(list(rows))
     return f"{format_front(table.rows)}\n\n{confirm_legend(table)}" if table.rows else ""
 
 

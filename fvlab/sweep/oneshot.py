@@ -165,12 +165,21 @@ def extract_trial_subnet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: P
     supernet's weights, BatchNorm recalibrated on the batches of the trial's evaluation, so that
     the checkpoint validates as the trial did. ``model.arch.checkpoint_path`` (``fvlab fit``,
     ``create_model``, ``fvlab export``) reads it."""
+    from optuna.trial import TrialState
+
     from fvlab.models.supernet import extract_subnet
 
+    if sweep.supernet is None:
+        raise SweepError(f"{sweep.path}: not a one-shot sweep (no supernet: block), so its trials have no "
+                         f"subnet to extract; a trial of a stand-alone sweep has its own checkpoints")
+    if trial.state != TrialState.COMPLETE or trial.user_attrs.get("bn_batches") is None:
+        raise SweepError(f"trial {trial.number} is {trial.state.name.lower()}: only an evaluated (complete) "
+                         f"trial has the subnet and BatchNorm statistics to extract")
     spec = load_supernet(sweep, base, study_dir)
     try:
         spec.model.to(spec.device)
-        batches = calibration_batches(spec, int(sweep.supernet["bn_batches"]), spec.seed)
+        # The count the trial was evaluated with, whatever the sweep file says now.
+        batches = calibration_batches(spec, int(trial.user_attrs["bn_batches"]), spec.seed)
         extract_subnet(spec.model.model, trial_subnet(trial, sweep), path=path, batches=batches)
     finally:
         del spec

@@ -5,9 +5,7 @@ K-1 seeds (:func:`held_out_targets`). A predictor (the supernet's validation acc
 rung's accuracy) is scored by Kendall's tau-b against target s, averaged over s; stand-alone seed
 s itself is scored the same way against the same target, so the two taus differ only in what
 predicts. Their paired difference says whether the predictor ranks better (> 0) or worse (< 0)
-than training every architecture once more. The old "noise ceiling", tau(seed 0, mean of seeds
-1-2), scored one seed against a two-seed mean while the supernet was scored against a three-seed
-mean: unlike with unlike.
+than training every architecture once more.
 
 Intervals are percentile bootstrap 95% intervals over architectures: one draw of architectures
 (with replacement) per resample, shared by the three statistics, so the difference is paired.

@@ -276,3 +276,57 @@ def test_a_narrow_subnet_trains_the_leading_blocks_and_recalibrates_its_statisti
     for name in ("norm.running_var", "levels.0.blocks.0.norm1.running_mean", "patch_embed.conv_down.4.running_var"):
         assert torch.allclose(ours[name], theirs[name], atol=1e-6), name
     assert net.norm.running_var[64:].eq(1).all()  # the channels beyond the subnet were reset, not touched
+
+
+def test_every_narrow_weight_is_the_leading_block_of_the_widest(wide: FasterViTSupernet) -> None:
+    full = wide.state_dict()
+    weights = extract_subnet(wide, WIDTH_CASES["all_three_narrow"])
+    assert {k for k, v in weights.items() if v.shape != full[k].shape} >= {
+        "levels.2.blocks.0.attn.proj.weight", "levels.2.blocks.0.pos_embed.cpb_mlp.2.weight", "norm.running_var",
+        "head.weight", "levels.2.global_tokenizer.pos_embed.weight", "patch_embed.conv_down.3.weight",
+        "levels.2.blocks.0.attn.pos_emb_funct.cpb_mlp.2.weight", "levels.2.blocks.0.hat_attn.qkv.weight"}
+    for name, value in weights.items():
+        if name.endswith(("qkv.weight", "qkv.bias")):
+            rows = value.shape[0] // 3
+            parts = full[name].view(3, full[name].shape[0] // 3, *full[name].shape[1:])
+            expected = parts[(slice(None), slice(0, rows), *(slice(0, n) for n in value.shape[1:]))]
+            assert torch.equal(value, expected.reshape(value.shape)), name
+        else:
+            assert torch.equal(value, full[name][tuple(slice(0, n) for n in value.shape)]), name
+
+
+def test_a_narrow_subnet_trains_like_its_standalone_model_with_and_without_checkpointing(x: torch.Tensor) -> None:
+    net = perturbed_supernet(space=WIDTH_SPACE).train()
+    net.set_subnet(WIDTH_CASES["dim_prefix_propagation"])
+    model = standalone(net).train()
+    model(x).square().sum().backward()
+    grads = {}
+    for checkpointed in (False, True):
+        net.zero_grad()
+        net.set_grad_checkpointing(checkpointed)
+        net(x).square().sum().backward()
+        grads[checkpointed] = net.head.weight.grad.clone()
+    net.set_grad_checkpointing(False)
+    rows, cols = model.head.weight.shape
+    assert torch.allclose(grads[False][:rows, :cols], model.head.weight.grad, atol=1e-5)
+    assert torch.allclose(grads[True], grads[False], atol=1e-6)
+
+
+def test_a_narrow_subnet_gives_its_own_feature_maps(wide: FasterViTSupernet, x: torch.Tensor) -> None:
+    wide.set_subnet(WIDTH_CASES["dim_depth_hat_ct2"])
+    model = standalone(wide)
+    with torch.no_grad():
+        ours, theirs = wide.forward_intermediates(x, intermediates_only=True), \
+            model.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape[1] for f in ours] == [8, 16, 32, 64]
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(ours, theirs))
+
+
+def test_extracting_with_batches_leaves_the_supernets_statistics_alone() -> None:
+    net = perturbed_supernet(space=WIDTH_SPACE)
+    before = {k: v.clone() for k, v in net.named_buffers()}
+    batches = [torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plain = extract_subnet(net, WIDTH_CASES["mlp_ratio_ct1"])
+    recalibrated = extract_subnet(net, WIDTH_CASES["mlp_ratio_ct1"], batches=batches)
+    assert not torch.equal(plain["norm.running_mean"], recalibrated["norm.running_mean"])
+    assert all(torch.equal(v, before[k]) for k, v in net.named_buffers())

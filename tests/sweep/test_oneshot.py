@@ -223,3 +223,20 @@ def test_kendall_tau_of_supernet_against_stand_alone_with_a_bootstrap_interval(t
             (confirm_dir(tmp_path, number, seed) / "metrics.json").unlink()
     assert "cannot be judged from 3 confirmed trial(s)" in confirmed_table(
         study, ["val/acc1_best", "model/params_m"], [1, 2], tmp_path)
+
+
+def test_only_an_evaluated_one_shot_trial_can_be_extracted(tmp_path: Path) -> None:
+    from optuna.trial import create_trial
+
+    from fvlab.sweep.oneshot import extract_trial_subnet
+    from fvlab.sweep.space import SweepError, load_sweep
+
+    one_shot = load_sweep(write_sweep(tmp_path))
+    standalone = load_sweep(write_sweep(tmp_path, supernet=None))
+    failed = create_trial(state=TrialState.FAIL)
+    evaluated = create_trial(state=TrialState.COMPLETE, values=[0.5, 100.0], user_attrs={"bn_batches": 2})
+    with pytest.raises(SweepError, match="not a one-shot sweep"):
+        extract_trial_subnet(standalone, {}, tmp_path, evaluated, tmp_path / "x.pt")
+    with pytest.raises(SweepError, match="is fail: only an evaluated"):
+        extract_trial_subnet(one_shot, {}, tmp_path, failed, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
