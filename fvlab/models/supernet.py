@@ -157,6 +157,7 @@ class FasterViTSupernet(FasterViT):
         self.hat_weights = hat_weights
         self._resolved: dict[str, _Subnet] = {}
         self._structures: OrderedDict[str, nn.Module] = OrderedDict()  # plain dict: not submodules
+        self._own_modules: dict[str, nn.Module] | None = None
         self._active: dict[str, Any] = {}
         self._inactive: list[nn.Parameter] = []
         self.set_subnet(self.largest_subnet())
@@ -359,7 +360,9 @@ class FasterViTSupernet(FasterViT):
     def _call_narrow(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """``method`` of the active subnet's stand-alone structure, run on :meth:`subnet_tensors`."""
         structure = self._structure()
-        own = dict(self.named_modules())
+        if self._own_modules is None:  # the module tree is fixed once built: read it once
+            self._own_modules = dict(self.named_modules())
+        own = self._own_modules
         tensors = self.subnet_tensors()
         for name, module in structure.named_modules():
             source = own.get(name)

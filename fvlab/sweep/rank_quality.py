@@ -185,26 +185,27 @@ def _rank_quality(predictor: np.ndarray, standalone: np.ndarray, resamples: int,
                        archs=archs, seeds=seeds, resamples=int(kept.sum()), dropped=int((~kept).sum()))
 
 
+def _quality_of(values: ArrayLike, standalone: ArrayLike, ndim: int, name: str, resamples: int,
+                seed: int, higher_is_better: bool) -> RankQuality:
+    """Check a predictor of ``ndim`` dimensions against the stand-alone matrix and score it."""
+    matrix = _standalone_matrix(standalone)
+    array = np.asarray(values, dtype=float)
+    if array.ndim != ndim:
+        shape = "one value per architecture" if ndim == 1 else "(archs, seeds)"
+        raise ValueError(f"{name} must be {shape}, got shape {array.shape}")
+    return _rank_quality(_predictor_matrix(array, matrix.shape, name), matrix, resamples, seed, higher_is_better)
+
+
 def rank_quality(score: ArrayLike, standalone: ArrayLike, resamples: int = 2000,
                  seed: int = 0, higher_is_better: bool = True) -> RankQuality:
     """How well one score per architecture ranks the held-out stand-alone targets, next to one more seed."""
-    matrix = _standalone_matrix(standalone)
-    values = np.asarray(score, dtype=float)
-    if values.ndim != 1:
-        raise ValueError(f"score must be one value per architecture, got shape {values.shape}")
-    return _rank_quality(_predictor_matrix(values, matrix.shape, "score"), matrix,
-                         resamples, seed, higher_is_better)
+    return _quality_of(score, standalone, 1, "score", resamples, seed, higher_is_better)
 
 
 def per_seed_rank_quality(per_seed_score: ArrayLike, standalone: ArrayLike, resamples: int = 2000,
                           seed: int = 0, higher_is_better: bool = True) -> RankQuality:
     """The same frame for a score taken from seed s's own run (e.g. its rung-1 accuracy), column s."""
-    matrix = _standalone_matrix(standalone)
-    per_seed = np.asarray(per_seed_score, dtype=float)
-    if per_seed.ndim != 2:
-        raise ValueError(f"per_seed_score must be (archs, seeds), got shape {per_seed.shape}")
-    return _rank_quality(_predictor_matrix(per_seed, matrix.shape, "per_seed_score"), matrix,
-                         resamples, seed, higher_is_better)
+    return _quality_of(per_seed_score, standalone, 2, "per_seed_score", resamples, seed, higher_is_better)
 
 
 def front_of(score_acc: ArrayLike, speedup: ArrayLike) -> list[bool]:
