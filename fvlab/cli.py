@@ -367,7 +367,7 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     if stage == "test" and spec.trainer.is_global_zero and run_dir.is_dir():
         from fvlab.lit.runner import write_test_json
 
-        write_test_json(run_dir, ckpt, measured[0] if measured else {}, spec.datamodule)
+        write_test_json(run_dir, ckpt, measured[0] if measured else {}, spec.datamodule, spec.model.task)
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "apply_overrides"]
+__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "apply_overrides", "model_arguments"]
 
 DEFAULT_VARIANT = "default"
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -39,6 +39,15 @@ def get_dotted(config: Mapping, key: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+def model_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The LightningModule's arguments in a config: ``model``, or its ``init_args`` in the subclass form
+    (``model: {class_path: fvlab.lit.SemanticSegmenter, init_args: {...}}``); the mapping itself, not a copy."""
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return {}
+    return model["init_args"] if isinstance(model.get("init_args"), dict) else model
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,8 +80,8 @@ class Experiment:
     def base_config(self) -> dict[str, Any]:
         """The base config with the ablation block and seeds ignored (a fresh copy)."""
         config = copy.deepcopy(self.base)
-        model = config.get("model")
-        if isinstance(model, dict) and isinstance(model.get("arch"), str):
+        model = model_arguments(config)
+        if isinstance(model.get("arch"), str):
             model["arch"] = {"name": model["arch"]}  # `arch: fastervit_0` short form
         return config
 

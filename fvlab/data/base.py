@@ -149,7 +149,8 @@ class InMemoryImages(Dataset):
 
     Args:
         images: (N, C, H, W) float tensor.
-        labels: (N,) int64 tensor.
+        labels: (N,) class labels or (N, H, W) per-pixel classes, any integer dtype (a batch's are int64:
+            masks can be stored as uint8, an eighth of the memory).
         transform: maps a (B, C, H, W) batch to the model's input batch (augment, normalise).
     """
 
@@ -170,7 +171,7 @@ class InMemoryImages(Dataset):
         images = self.images[index]
         if self.transform is not None:
             images = self.transform(images)
-        return images, self.labels[index]
+        return images, self.labels[index].long()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One image and its label."""

@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fvlab.lit.tensorboard import register_hparams
-from fvlab.metrics import MODEL_METRICS, PRIMARY_METRIC, TEST_METRICS
+from fvlab.metrics import CLASSIFICATION, MODEL_METRICS, VAL_IMAGES
 from fvlab.profile import model_metrics
 
-__all__ = ["MODEL_METRICS", "ModelProfileCallback"]
+__all__ = ["MODEL_METRICS", "ModelProfileCallback", "PredictionGrid", "label_colours"]
 
 
 def _network(pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -28,7 +28,7 @@ class ModelProfileCallback(pl.Callback):
     at fit start and before the first step (or given, already measured, as ``metrics``), go to
     every logger as scalars, to ``self.metrics`` and, at fit end, to ``trainer.callback_metrics``.
     A failed measurement is a warning and a None, never a failed run. With ``log_hparams`` the
-    metric names (and ``hparams_metrics``: best validation accuracy, test metrics) are registered with
+    metric names (and ``hparams_metrics``, by default the module's task's best validation figure and the test metrics) are registered with
     TensorBoard's HParams plugin next to the module's hyperparameters and ``hparams``.
 
     Args:
@@ -47,7 +47,7 @@ class ModelProfileCallback(pl.Callback):
     def __init__(self, metrics: Mapping[str, float | None] | None = None, image_size: int | None = None,
                  throughput: bool = True, batch_size: int | None = None, repeats: int | None = None,
                  log_hparams: bool = True,
-                 hparams_metrics: tuple[str, ...] = (PRIMARY_METRIC, *TEST_METRICS),
+                 hparams_metrics: tuple[str, ...] | None = None,
                  hparams: Mapping[str, Any] | None = None):
         super().__init__()
         self.image_size = image_size
@@ -55,7 +55,7 @@ class ModelProfileCallback(pl.Callback):
         self.batch_size = batch_size
         self.repeats = repeats
         self.log_hparams = log_hparams
-        self.hparams_metrics = tuple(hparams_metrics)
+        self.hparams_metrics = None if hparams_metrics is None else tuple(hparams_metrics)
         self.hparams = dict(hparams or {})
         self.metrics: dict[str, float | None] = dict(metrics or {})
 
@@ -79,7 +79,9 @@ class ModelProfileCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(known, step=trainer.global_step)
         if self.log_hparams:
-            names = [*self.hparams_metrics, *MODEL_METRICS]
+            task = getattr(pl_module, "task", CLASSIFICATION)
+            own = (task.primary, *task.tests) if self.hparams_metrics is None else self.hparams_metrics
+            names = [*own, *MODEL_METRICS]
             params = (pl_module.hparams_for_logging() if hasattr(pl_module, "hparams_for_logging")
                       else dict(pl_module.hparams))
             params.update(self.hparams)
@@ -105,3 +107,65 @@ class ModelProfileCallback(pl.Callback):
         """Restore metrics measured before an interruption, unless given anew."""
         for name, value in state_dict.get("metrics", {}).items():
             self.metrics.setdefault(name, value)
+
+
+def label_colours(num_classes: int) -> torch.Tensor:
+    """(num_classes, 3) RGB colours in [0, 1]: black for class 0 (background), distinct hues after it."""
+    import colorsys
+
+    hues = [colorsys.hsv_to_rgb(i / max(num_classes - 1, 1), 0.85, 1.0) for i in range(num_classes - 1)]
+    return torch.tensor([(0.0, 0.0, 0.0), *hues])[:num_classes]
+
+
+class PredictionGrid(pl.Callback):
+    """Each epoch, a TensorBoard image ``val/images`` of the same ``count`` validation images:
+    one row each of the input, the target classes and the predicted classes (colour per class).
+
+    The images are the first ``count`` of the validation set, so the grid changes only as the
+    model does. Rank zero, TensorBoard loggers only; an error here is a warning, never a failed run.
+    """
+
+    def __init__(self, count: int = 4):
+        super().__init__()
+        self.count = count
+
+    def _images(self, trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, "val_set", None)
+        if dataset is None or not len(dataset):
+            return None
+        return dataset.__getitems__(list(range(min(self.count, len(dataset)))))
+
+    def grid(self, pl_module: pl.LightningModule, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The (3, H, W) grid of ``images`` with their ``target`` and the module's predictions."""
+        from torchvision.utils import make_grid
+
+        predicted = pl_module.predict_classes(images.to(pl_module.device)).cpu()
+        colours = label_colours(int(pl_module.hparams.num_classes))
+        grey = images[:, :1].float()
+        low, high = grey.amin(dim=(1, 2, 3), keepdim=True), grey.amax(dim=(1, 2, 3), keepdim=True)
+        grey = ((grey - low) / (high - low).clamp_min(1e-6)).expand(-1, 3, -1, -1)
+        rows = [grey, colours[target].permute(0, 3, 1, 2), colours[predicted.clamp(0, len(colours) - 1)].permute(0, 3, 1, 2)]
+        return make_grid(torch.cat(rows), nrow=len(images), padding=2, pad_value=1.0)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Add the grid to every TensorBoard logger (not during the sanity check)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if trainer.sanity_checking or not trainer.is_global_zero or not loggers:
+            return
+        try:
+            batch = self._images(trainer)
+            if batch is None:
+                return
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                grid = self.grid(pl_module, *batch)
+            finally:
+                pl_module.train(was_training)
+            for logger in loggers:
+                logger.experiment.add_image(VAL_IMAGES, grid, global_step=trainer.current_epoch)
+        except Exception as err:  # a picture never fails a run
+            rank_zero_warn(f"the validation image grid failed: {type(err).__name__}: {err}")

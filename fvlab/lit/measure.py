@@ -52,9 +52,13 @@ def device_kind(device: torch.device) -> str:
 
 def arch_identity(spec: RunSpec, backend: str = "eager", batch_size: int | None = None) -> dict[str, Any]:
     """What a throughput figure depends on: architecture, input geometry, device, precision, threads, backend."""
-    model = spec.config.get("model") or {}
+    from fvlab.experiment import model_arguments
+
+    model = model_arguments(spec.config)
     datamodule = spec.datamodule
-    return {"arch": model.get("arch"), "image_size": getattr(datamodule, "image_size", None),
+    # A segmenter's network is its encoder and its decoder.
+    head = {k: model[k] for k in ("decoder", "decoder_channels") if k in model}
+    return {"arch": model.get("arch"), **head, "image_size": getattr(datamodule, "image_size", None),
             "in_chans": getattr(datamodule, "in_chans", None),
             "num_classes": getattr(datamodule, "num_classes", None),
             "channels_last": model.get("channels_last"), "device": device_kind(spec.device),

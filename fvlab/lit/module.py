@@ -22,8 +22,8 @@ from timm.utils import ModelEmaV3
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from fvlab.metrics import (TEST_ACC1, TEST_ACC5, TEST_LOSS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_LR, VAL_ACC1,
-                           VAL_ACC1_BEST, VAL_ACC5, VAL_LOSS)
+from fvlab.metrics import (CLASSIFICATION, TEST_ACC1, TEST_ACC5, TEST_LOSS, TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_LR,
+                           VAL_ACC1, VAL_ACC1_BEST, VAL_ACC5, VAL_LOSS)
 from fvlab.models import ArchConfig
 from fvlab.models.swin import SWIN_VARIANTS
 
@@ -78,7 +78,7 @@ class ImageClassifier(pl.LightningModule):
         scheduler: timm scheduler name (one of ``SCHEDULERS``: ``cosine``, ``step``, ``plateau``
             ...; ``none``: constant lr). Schedules span ``trainer.max_steps`` when that ends
             training before ``trainer.max_epochs``. ``plateau`` decays the lr by ``decay_rate``
-            once ``val/acc1`` has not improved for more than ``patience_epochs`` epochs; it
+            once ``val/acc1`` (``val/miou`` when segmenting) has not improved for more than ``patience_epochs`` epochs; it
             steps once per epoch, whatever ``step_per_batch`` says.
         warmup_epochs: linear warm-up epochs.
         warmup_lr: learning rate at the start of warm-up.
@@ -101,6 +101,9 @@ class ImageClassifier(pl.LightningModule):
         channels_last: train in channels_last memory format (faster with AMP on GPUs).
         compile: wrap the network in ``torch.compile``.
     """
+
+    # What the run is selected and compared by (the best checkpoint, tables, sweeps).
+    task = CLASSIFICATION
 
     def __init__(self, arch: ArchConfig = ArchConfig(), num_classes: int = 10, in_chans: int = 3,
                  image_size: Optional[int] = None, optimizer: str = "adamw", lr: float = 1e-3,
@@ -187,11 +190,14 @@ class ImageClassifier(pl.LightningModule):
         else:
             loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
         self.check_finite(loss)
-        self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=x.shape[0])
-        self.log(TRAIN_LOSS_EPOCH, loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        self.log(TRAIN_LR, self.base_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_training_loss(loss, x.shape[0])
         return loss
+
+    def log_training_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Log the step's loss, the epoch's mean loss and the learning rate."""
+        self.log(TRAIN_LOSS, loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log(TRAIN_LOSS_EPOCH, loss, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log(TRAIN_LR, self.base_lr(), on_step=True, on_epoch=False, batch_size=batch_size)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Raise NonFiniteLossError on every process when the loss is NaN or infinite on any one."""
@@ -272,7 +278,7 @@ class ImageClassifier(pl.LightningModule):
                 min_lr=hp.min_lr, decay_rate=hp.decay_rate, patience_epochs=hp.patience_epochs,
                 plateau_mode="max")
             return {"optimizer": optimizer, "lr_scheduler": {
-                "scheduler": scheduler, "interval": "epoch", "monitor": VAL_ACC1,
+                "scheduler": scheduler, "interval": "epoch", "monitor": self.task.monitor,
                 "reduce_on_plateau": True, "strict": False}}
         updates_per_epoch, total_updates = self.schedule_length()
         # timm counts in epochs; a run cut short by max_steps ends after a fraction of one.

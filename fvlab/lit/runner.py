@@ -43,14 +43,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from fvlab.experiment import changed_keys
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
-from fvlab.metrics import (FINAL_METRICS, MODEL_METRICS, TEST_METRICS, TRAIN_LOSS_EPOCH, VAL_ACC1,
-                           VAL_ACC1_BEST, VAL_LOSS, is_model_metric)
+from fvlab.metrics import (CLASSIFICATION, FINAL_METRICS, MODEL_METRICS, TEST_METRICS, TRAIN_LOSS_EPOCH, VAL_LOSS,
+                           TaskMetrics, is_model_metric, run_metrics)
 from fvlab.models.checkpoint import checkpoints_trusted
 from fvlab.profile import model_metrics
 from fvlab.runs import (DISPLAY_KEYS, METRICS_FILE, TEST_FILE, config_hash, is_run_dir, layout_conflict,
                         read_metrics, trained_config, write_config, write_json)
 
 __all__ = ["BadConfig", "RunRefused", "RunPlan", "RunSpec", "Trainer", "build_run", "merge_config", "profile_run",
+           "split_model_class", "nest_model_class",
            "plan_run", "changed_run_keys", "fit_run", "measure_test_split", "write_test_json", "release_memory",
            "DEFAULT_DATA", "FINAL_METRICS"]
 
@@ -122,7 +123,7 @@ class FvlabCLI(LightningCLI):
         callbacks = [ModelProfileCallback(), RNGStateCallback(), *self.extra_callbacks]
         if self.run_dir is not None:
             callbacks.append(ModelCheckpoint(
-                dirpath=self.run_dir / "checkpoints", filename="best", monitor=VAL_ACC1,
+                dirpath=self.run_dir / "checkpoints", filename="best", monitor=self.model.task.monitor,
                 mode="max", save_last=True, save_top_k=1, auto_insert_metric_name=False))
         if trainer_config.get("enable_progress_bar", True) is not False:
             if sys.stdout.isatty():
@@ -139,15 +140,16 @@ class SaveRunConfig(SaveConfigCallback):
     how to re-run it; with ``name`` and ``variant`` (and ``seeds: [s]`` in a seed's directory),
     the file is an experiment file that trains that same run in place."""
 
-    def __init__(self, parser: Any, config: Any, run_dir: Path, **kwargs: Any):
+    def __init__(self, parser: Any, config: Any, run_dir: Path, class_path: str | None = None, **kwargs: Any):
         super().__init__(parser, config, save_to_log_dir=False, **kwargs)
         self.run_dir = Path(run_dir)
+        self.class_path = class_path
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Write config.yaml (global rank 0)."""
         if not trainer.is_global_zero:
             return
-        resolved = _dump(self.parser, self.config)
+        resolved = nest_model_class(_dump(self.parser, self.config), self.class_path)
         name, variant = resolved.pop("name", None), resolved.pop("variant", None)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.run_dir, resolved, experiment=name, variant=variant,
@@ -220,8 +222,9 @@ class EpochSummary(pl.Callback):
         if not trainer.is_global_zero:
             return
         m = trainer.callback_metrics
-        parts = [f"{k}={float(m[k]):.4f}" for k in (TRAIN_LOSS_EPOCH, VAL_LOSS, VAL_ACC1,
-                                                     VAL_ACC1_BEST) if k in m]
+        task = getattr(pl_module, "task", CLASSIFICATION)
+        parts = [f"{k}={float(m[k]):.4f}" for k in (TRAIN_LOSS_EPOCH, VAL_LOSS, task.monitor, task.primary)
+                 if k in m]
         print(f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
               f"{' '.join(parts)} ({time.perf_counter() - self.start:.1f}s)", flush=True)
 
@@ -328,13 +331,81 @@ def _parser(model_class: type[ImageClassifier]) -> Any:
 def merge_config(config: Mapping[str, Any], *fragments: Mapping[str, Any],
                  model_class: type[ImageClassifier] = ImageClassifier) -> dict[str, Any]:
     """``config`` with ``fragments`` merged over it as LightningCLI merges --config files (only the
-    keys they give, no defaults); BadConfig when a key or value is not accepted."""
+    keys they give, no defaults); BadConfig when a key or value is not accepted. A ``model.class_path``
+    in them picks the LightningModule (see :func:`split_model_class`)."""
+    model_class, class_path, (config, *fragments) = split_model_class([config, *fragments], model_class)
     parser = _parser(model_class)
     try:
         parsed = parser.parse_args(_args(config, *fragments), defaults=False)
     except Exception as err:  # jsonargparse's ArgumentError
         raise BadConfig(_error_line(err)) from None
-    return _dump(parser, parsed)
+    return nest_model_class(_dump(parser, parsed), class_path)
+
+
+def _lift_model_class(layer: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """A fragment's ``model.class_path`` (nested or dotted) and the fragment with it removed and
+    ``init_args`` lifted into ``model``."""
+    layer = dict(layer)
+    path = layer.pop("model.class_path", None)
+    for key in [k for k in layer if k.startswith("model.init_args.")]:
+        layer["model." + key.removeprefix("model.init_args.")] = layer.pop(key)
+    model = layer.get("model")
+    if isinstance(model, Mapping) and ("class_path" in model or "init_args" in model):
+        model = dict(model)
+        path = model.pop("class_path", path)
+        init_args = dict(model.pop("init_args", None) or {})
+        layer["model"] = {**model, **init_args}
+    return path, layer
+
+
+def _import_model_class(path: str) -> type[ImageClassifier]:
+    import importlib
+
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "fvlab.lit"), name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, ImageClassifier)):
+        raise BadConfig(f"model.class_path {path!r} is not an fvlab LightningModule; use "
+                        f"fvlab.lit.ImageClassifier, fvlab.lit.SemanticSegmenter or a subclass of them")
+    return cls
+
+
+def split_model_class(layers: Sequence[Any], model_class: type[ImageClassifier] = ImageClassifier
+                      ) -> tuple[type[ImageClassifier], str | None, list[Any]]:
+    """(LightningModule class, its class_path or None, the layers without it) for config ``layers``.
+
+    LightningCLI parses ``model`` for one class; the class an experiment file names in
+    ``model.class_path`` (LightningCLI's subclass form, ``init_args`` beside it, or the
+    arguments right beside ``class_path``) is read here first. A config without one keeps
+    ``model_class``; two layers naming different classes are refused.
+    """
+    paths, out = set(), []
+    for layer in layers:
+        if isinstance(layer, Mapping):
+            path, layer = _lift_model_class(layer)
+            if path:
+                paths.add(str(path))
+        out.append(layer)
+    if not paths:
+        return model_class, None, out
+    if len(paths) > 1:
+        raise BadConfig(f"model.class_path names {len(paths)} classes ({', '.join(sorted(paths))}); a run has "
+                        f"one LightningModule, so set it in the base config only")
+    cls = _import_model_class(paths.pop())
+    if model_class is not ImageClassifier and cls is not model_class:
+        raise BadConfig(f"model.class_path {cls.__name__}: this command trains a {model_class.__name__}")
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return cls, (None if cls is ImageClassifier else name), out
+
+
+def nest_model_class(config: dict[str, Any], class_path: str | None) -> dict[str, Any]:
+    """``config`` with its ``model`` in LightningCLI's subclass form when ``class_path`` names a class
+    other than the default (so a saved config.yaml trains the same module again)."""
+    if class_path and isinstance(config.get("model"), Mapping):
+        config["model"] = {"class_path": class_path, "init_args": dict(config["model"])}
+    return config
 
 
 def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
@@ -354,6 +425,9 @@ def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
     ``SupernetClassifier``). With a ``run_dir``, the fit writes the resolved config to its config.yaml.
     """
     first, *rest = [config] if isinstance(config, Mapping) else list(config) or [{}]
+    overrides = [overrides] if isinstance(overrides, Mapping) else list(overrides)
+    model_class, class_path, (first, *rest) = split_model_class([first, *rest, *overrides], model_class)
+    rest, overrides = rest[:len(rest) - len(overrides)], rest[len(rest) - len(overrides):]
     first = dict(first)
     first.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
     head = {"name": experiment or None, "variant": variant or None}
@@ -365,8 +439,8 @@ def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
         cli = _cli(_args(head, first, *rest, overrides, tail), model_class, run_dir=run_dir,
                    experiment=experiment, variant=variant, extra_callbacks=callbacks,
                    save_config_callback=SaveRunConfig if run_dir is not None else None,
-                   save_config_kwargs={"run_dir": run_dir, "overwrite": True})
-    resolved = _dump(cli.parser, cli.config)
+                   save_config_kwargs={"run_dir": run_dir, "overwrite": True, "class_path": class_path})
+    resolved = nest_model_class(_dump(cli.parser, cli.config), class_path)
     resolved.pop("name", None)
     resolved.pop("variant", None)
     precision = str(cli.trainer.precision)
@@ -485,7 +559,8 @@ def measure_test_split(spec: RunSpec, ckpt_path: str | None = "best") -> dict[st
     evaluation weights (the EMA copy when EMA ran) is measured. Without a test split the
     metrics are null and ``test_note`` says why; the validation figures never stand in.
     """
-    result: dict[str, Any] = dict.fromkeys(TEST_METRICS)
+    names = spec.model.task.tests
+    result: dict[str, Any] = dict.fromkeys(names)
     reason = getattr(spec.datamodule, "no_test_split", "")
     if reason:
         return {**result, "test_note": f"no test split: {reason}"}
@@ -493,17 +568,17 @@ def measure_test_split(spec: RunSpec, ckpt_path: str | None = "best") -> dict[st
     if ckpt_path == "best" and not getattr(trainer.checkpoint_callback, "best_model_path", ""):
         ckpt_path = None  # no checkpoint written (no run directory): the weights as trained
     measured = trainer.test(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt_path, verbose=False)
-    result.update({k: float(v) for k, v in (measured[0] if measured else {}).items() if k in TEST_METRICS})
+    result.update({k: float(v) for k, v in (measured[0] if measured else {}).items() if k in names})
     return result
 
 
 def write_test_json(run_dir: Path, checkpoint: str, metrics: Mapping[str, Any],
-                    datamodule: pl.LightningDataModule) -> Path:
-    """``test.json`` of ``fvlab test``: checkpoint, split and metrics (metrics.json stays as trained)."""
+                    datamodule: pl.LightningDataModule, task: TaskMetrics = CLASSIFICATION) -> Path:
+    """``test.json`` of ``fvlab test``: checkpoint, split and ``task``'s test metrics (metrics.json stays as trained)."""
     test_set = getattr(datamodule, "test_set", None)
     data = {"checkpoint": str(checkpoint), "split": "test", "data": type(datamodule).__name__,
             "images": len(test_set) if test_set is not None else None,
-            "metrics": {k: float(metrics[k]) if k in metrics else None for k in TEST_METRICS},
+            "metrics": {k: float(metrics[k]) if k in metrics else None for k in task.tests},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = Path(run_dir) / TEST_FILE
     write_json(path, data)
@@ -521,7 +596,7 @@ def _run_identity(spec: RunSpec) -> dict[str, Any]:
     """The first keys of a run's metrics.json: which run this is, and where and how it ran."""
     image_size = getattr(spec.datamodule, "image_size", None)
     return {"experiment": spec.experiment, "variant": spec.variant, "seed": spec.seed,
-            "image_size": image_size, "device": str(spec.device),
+            "task": spec.model.task.task, "image_size": image_size, "device": str(spec.device),
             "precision": spec.precision, "config_hash": spec.config_hash}
 
 
@@ -549,8 +624,9 @@ def _timed_fit(spec: RunSpec, ckpt_path: str | None, result: dict[str, Any]) -> 
 def _record_fit_metrics(result: dict[str, Any], trainer: pl.Trainer, model_figures: Mapping[str, Any]) -> None:
     """Epochs, final and ``model/*`` metrics into ``result``, and a stopping callback's status."""
     result["epochs"] = trainer.current_epoch
-    result.update(dict.fromkeys(FINAL_METRICS))  # every metric name is a key, null when never reached
-    result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in FINAL_METRICS})
+    names = run_metrics(getattr(trainer.lightning_module, "task", CLASSIFICATION))
+    result.update(dict.fromkeys(names))  # every metric name of the task is a key, null when never reached
+    result.update({k: float(v) for k, v in trainer.callback_metrics.items() if k in names})
     result.update({k: model_figures.get(k) for k in MODEL_METRICS})
     result.update({k: v for k, v in model_figures.items() if is_model_metric(k)})  # e.g. speedup
     stopper = next((c for c in trainer.callbacks if getattr(c, "stopped_status", None)), None)

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
 from fvlab.metrics import (GFLOPS, MODEL_EXTRA_METRICS, TEST_METRICS, THROUGHPUT, THROUGHPUT_HI,
-                           THROUGHPUT_LO, VAL_ACC1, VAL_ACC1_BEST, VAL_LOSS, is_model_metric)
+                           THROUGHPUT_LO, VAL_ACC1, VAL_ACC1_BEST, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC,
+                           is_model_metric)
+from fvlab.metrics import CLASSIFICATION, SEGMENTATION
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
 from fvlab.runs import CONFIG_FILE, confirm_seeds, is_confirm_run, variant_dir_of
@@ -185,7 +187,7 @@ def variant_pareto(report: Report) -> list[bool]:
 
     points = []
     for _, v in report.variant_rows():
-        acc, speed = v.mean.get(PRIMARY_METRIC), v.model.get(THROUGHPUT)
+        acc, speed = v.mean.get(v.task.primary), v.model.get(THROUGHPUT)
         points.append((speed, acc) if v.n and v.status == "complete" and acc is not None
                       and speed is not None else None)
     return pareto_optimal(points, ("maximize", "maximize"))
@@ -215,7 +217,10 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
     columns = _differing(arch)
     several = len(report.variants) > 1
     reference = "reference" if several else next((v.variant for _, v in rows if v.is_reference), "")
-    header = ["variant", *columns, "seeds", PRIMARY_METRIC, f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
+    tasks = list(dict.fromkeys(v.task for _, v in rows)) or [CLASSIFICATION]
+    # Experiments of both kinds in one report: each row shows its own task's figures.
+    primary, test = (" or ".join(dict.fromkeys(getattr(t, key) for t in tasks)) for key in ("primary", "test"))
+    header = ["variant", *columns, "seeds", primary, f"Δ vs {reference} [95% CI]", test,
               *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto"]
     pareto = variant_pareto(report)
     # One family for Holm: every comparison this table prints, whichever experiment it belongs to.
@@ -225,8 +230,8 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
         label = label + (" (running)" if v.status == RUNNING else "")
         ref = next((u for u in report.variants[v.experiment] if u.is_reference), None)
         table.append([label, *(_value(settings.get(c)) for c in columns), v.seeds_cell(),
-                      mean_std_cell(v, PRIMARY_METRIC), difference_cell(v, mark, ref),
-                      mean_std_cell(v, TEST_PRIMARY_METRIC), *_model_cells(v.model),
+                      mean_std_cell(v, v.task.primary), difference_cell(v, mark, ref),
+                      mean_std_cell(v, v.task.test), *_model_cells(v.model),
                       _value(None if v.epochs is None else round(v.epochs, 1)),
                       _value(None if v.wall_s is None else round(v.wall_s, 1)), "yes" if optimal else ""])
         d = v.difference
@@ -235,10 +240,10 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                          "n_missing": len(v.missing_seeds),
                          **{f"arch.{c}": settings.get(c) for c in columns},
                          **{k: v.mean.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS,
-                                                       *TEST_METRICS)},
+                                                       *TEST_METRICS, *SEGMENTATION.columns, VAL_MIOU_BEST)},
                          **{f"{k}_std": v.std.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS,
-                                                               *TEST_METRICS)},
-                         f"delta/{PRIMARY_METRIC}": d.mean if d else None, "delta_ci_low": d.low if d else None,
+                                                               *TEST_METRICS, *SEGMENTATION.columns, VAL_MIOU_BEST)},
+                         f"delta/{v.task.primary}": d.mean if d else None, "delta_ci_low": d.low if d else None,
                          "delta_ci_high": d.high if d else None, "delta_n_pairs": d.n if d else None,
                          "delta_p_value": d.p_value if d else None,
                          "delta_significant": mark if d is not None and d.can_mark else None,
@@ -249,12 +254,13 @@ def variant_table(report: Report) -> tuple[str, list[str], list[dict[str, Any]]]
                              "seed": run.get("seed"), "status": run.get("status"),
                              **{f"arch.{c}": settings.get(c) for c in columns},
                              **{k: run.get(k) for k in (VAL_ACC1_BEST, VAL_ACC1, VAL_LOSS, *TEST_METRICS,
+                                                          VAL_MIOU_BEST, VAL_MIOU, VAL_PIXEL_ACC,
                                                           *MODEL_METRICS, *MODEL_EXTRA_METRICS, "epochs",
                                                           "wall_s", "precision",
                                                           "test_note")},
                              "reason": run.get("error")})
     family = family_size(None if v.is_reference else v.difference for _, v in rows)
-    notes = [explanation(None if several else reference, family=family)]
+    notes = [explanation(None if several else reference, family=family, task=tasks[0])]
     for name, variants in report.variants.items():
         notes += summary_notes(variants, explain=False, prefix=f"{name}/" if several else "")
     notes += tested_notes(report)
@@ -338,8 +344,8 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
 
     points, series = [], []
     for label, v in report.variant_rows():
-        if v.mean.get(PRIMARY_METRIC) is not None:
-            points.append(Point(label, v.experiment, v.mean[PRIMARY_METRIC], v.std.get(PRIMARY_METRIC),
+        if v.mean.get(v.task.primary) is not None:  # val/miou_best for a segmentation experiment
+            points.append(Point(label, v.experiment, v.mean[v.task.primary], v.std.get(v.task.primary),
                                 v.model.get(THROUGHPUT), v.model.get(GFLOPS),
                                 throughput_lo=v.model.get(THROUGHPUT_LO),
                                 throughput_hi=v.model.get(THROUGHPUT_HI)))

@@ -28,16 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fvlab.metrics import (GFLOPS, LATENCY_MS, MODEL_EXTRA_METRICS, MODEL_METRICS, PARAMS_M, PRIMARY_METRIC,
-                           SPEEDUP, TEST_METRICS, TEST_PRIMARY_METRIC, THROUGHPUT, VAL_ACC1, VAL_ACC5,
-                           VAL_LOSS)
+from fvlab.metrics import (CLASSIFICATION, GFLOPS, LATENCY_MS, MODEL_EXTRA_METRICS, MODEL_METRICS, PARAMS_M,
+                           PRIMARY_METRIC, SEGMENTATION, SPEEDUP, TEST_METRICS, TEST_PRIMARY_METRIC, THROUGHPUT,
+                           VAL_ACC1, VAL_ACC5, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC, TaskMetrics,
+                           task_metrics)
 
 __all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
            "VariantStats", "paired_difference", "holm", "holm_marks", "family_size", "MIN_MARKED_PAIRS", "marks_rule", "aggregate", "format_summary", "summary_csv_rows",
            "write_summary", "markdown_table", "seed_label", "test_notes", "MODEL_COLUMNS", "model_cell"]
 
 # Per-seed figures: mean ± std over the completed seeds.
-SEED_METRICS = (PRIMARY_METRIC, VAL_ACC1, VAL_LOSS, *TEST_METRICS)
+SEED_METRICS = (PRIMARY_METRIC, VAL_ACC1, VAL_LOSS, *TEST_METRICS, VAL_MIOU_BEST, VAL_MIOU, VAL_PIXEL_ACC)
 # The architecture's columns of every table; throughput carries its 95% interval in its cell.
 MODEL_COLUMNS = (*MODEL_METRICS, SPEEDUP)
 MODEL_TITLES = {PARAMS_M: ("params (M)", "{:.3f}"), GFLOPS: ("GFLOPs", "{:.4f}"),
@@ -184,6 +185,7 @@ class VariantStats:
     wall_s: float | None = None
     difference: PairedDifference | None = None
     is_reference: bool = False
+    task: TaskMetrics = CLASSIFICATION  # what Δ is taken on and the columns shown
 
     @property
     def complete(self) -> list[dict[str, Any]]:
@@ -278,9 +280,11 @@ def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = N
     if not groups:
         return []
     reference = reference if reference in groups else next(iter(groups))
-    by_seed = {name: {r.get("seed"): _number(r.get(PRIMARY_METRIC)) for r in s.complete}
+    task = task_metrics(r for s in groups.values() for r in s.runs)
+    by_seed = {name: {r.get("seed"): _number(r.get(task.primary)) for r in s.complete}
                for name, s in groups.items()}
     for name, stats in groups.items():
+        stats.task = task
         stats.is_reference = name == reference
         if not stats.is_reference:
             stats.difference = paired_difference(by_seed[name], by_seed[reference], reference)
@@ -322,9 +326,9 @@ def pairs_note(stats: VariantStats, reference: VariantStats | None = None) -> st
     d = stats.difference
     if stats.is_reference or d is None or d.mean is None:
         return ""
-    behind = {stats.count.get(PRIMARY_METRIC, stats.n)}
+    behind = {stats.count.get(stats.task.primary, stats.n)}
     if reference is not None:
-        behind.add(reference.count.get(PRIMARY_METRIC, reference.n))
+        behind.add(reference.count.get(stats.task.primary, reference.n))
     return "" if behind == {d.n} else f" (n={d.n} pair{'s' if d.n != 1 else ''})"
 
 
@@ -343,15 +347,17 @@ def difference_cell(stats: VariantStats, significant: bool = False, reference: V
     return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{mark}{pairs}"
 
 
-def explanation(reference: str | None = None, confidence: float = CONFIDENCE, family: int = 0) -> str:
-    """The line saying what ±, Δ, its interval, the pair count and the mark (Holm over ``family``) mean."""
+def explanation(reference: str | None = None, confidence: float = CONFIDENCE, family: int = 0,
+                task: TaskMetrics = CLASSIFICATION) -> str:
+    """The line saying what ±, Δ (on ``task``'s primary metric), its interval, the pair count and the
+    mark (Holm over ``family``) mean."""
     to = f"the reference variant {reference!r}" if reference else "its experiment's reference variant"
     return (f"± is the sample standard deviation (n-1) over the completed seeds (n/a with one seed). "
-            f"Δ is the mean per-seed difference of {PRIMARY_METRIC} to {to}, paired by seed, with its "
+            f"Δ is the mean per-seed difference of {task.primary} to {to}, paired by seed, with its "
             f"unadjusted {confidence:.0%} paired-t confidence interval; (n=2 pairs): Δ pairs only the "
             f"seeds both completed, fewer than the variant's or the reference's mean uses. "
             f"{marks_rule(family, confidence)} "
-            f"{TEST_PRIMARY_METRIC} is the best checkpoint measured once on the held-out test split, "
+            f"{task.test} is the best checkpoint measured once on the held-out test split, "
             f"which selects nothing.")
 
 
@@ -361,7 +367,7 @@ def test_notes(variants: Sequence[VariantStats], prefix: str = "") -> list[str]:
     for v in variants:
         reasons = list(dict.fromkeys(str(r["test_note"]) for r in v.complete if r.get("test_note")))
         if reasons:
-            notes.append(f"{TEST_PRIMARY_METRIC} of {prefix}{v.variant}: {'; '.join(reasons)} (shown as -, "
+            notes.append(f"{v.task.test} of {prefix}{v.variant}: {'; '.join(reasons)} (shown as -, "
                          f"never replaced by the validation figure)")
     return notes
 
@@ -393,7 +399,7 @@ def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     confidence = next((v.difference.confidence for v in variants if v.difference), CONFIDENCE)
     family = family_size(None if v.is_reference else v.difference for v in variants)
-    notes = [explanation(reference, confidence, family)] if explain else []
+    notes = [explanation(reference, confidence, family, variants[0].task)] if explain else []
     notes += test_notes(variants, prefix)
     notes += difference_notes(variants, prefix)
     for v in variants:
@@ -409,9 +415,9 @@ def summary_notes(variants: Sequence[VariantStats], explain: bool = True, prefix
     return notes
 
 
-def _summary_header(reference: str) -> list[str]:
-    return ["variant", "seeds", f"{PRIMARY_METRIC}", f"Δ vs {reference} [95% CI]", TEST_PRIMARY_METRIC,
-            VAL_ACC1, VAL_LOSS, *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "precision"]
+def _summary_header(reference: str, task: TaskMetrics = CLASSIFICATION) -> list[str]:
+    return ["variant", "seeds", task.primary, f"Δ vs {reference} [95% CI]", task.test, *task.columns,
+            *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "precision"]
 
 
 def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> str:
@@ -420,18 +426,19 @@ def format_summary(variants: Sequence[VariantStats], note_sep: str = "\n") -> st
         return "(no runs)"
     reference = next((v.variant for v in variants if v.is_reference), variants[0].variant)
     ref = next((v for v in variants if v.is_reference), None)
-    rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, PRIMARY_METRIC), difference_cell(v, mark, ref),
-             mean_std_cell(v, TEST_PRIMARY_METRIC), mean_std_cell(v, VAL_ACC1), mean_std_cell(v, VAL_LOSS),
+    task = variants[0].task
+    rows = [[v.variant, v.seeds_cell(), mean_std_cell(v, task.primary), difference_cell(v, mark, ref),
+             mean_std_cell(v, task.test), *(mean_std_cell(v, k) for k in task.columns),
              *(model_cell(v.model, k) for k in MODEL_COLUMNS), v.precision or "-"]
             for v, mark in zip(variants, holm_marks(variants))]
-    return markdown_table(_summary_header(reference), rows) + "\n\n" + note_sep.join(summary_notes(variants))
+    return markdown_table(_summary_header(reference, task), rows) + "\n\n" + note_sep.join(summary_notes(variants))
 
 
 # ---- summary.csv -----------------------------------------------------------------------
 
 CSV_FIELDS = ["kind", "experiment", "variant", "seed", "status", "n_complete", "n_failed", "n_missing",
               *(f for k in SEED_METRICS for f in (k, f"{k}_std")), VAL_ACC5, "test_note",
-              "reference", f"delta/{PRIMARY_METRIC}", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
+              "reference", "delta_metric", f"delta/{PRIMARY_METRIC}", f"delta/{SEGMENTATION.primary}", "delta_ci_low", "delta_ci_high", "delta_n_pairs",
               "delta_excludes_zero", "delta_p_value", "delta_significant", *MODEL_METRICS, *MODEL_EXTRA_METRICS,
               "precision", "epochs", "wall_s", "error"]
 
@@ -455,7 +462,7 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
         for key in SEED_METRICS:
             row[key], row[f"{key}_std"] = v.mean.get(key), v.std.get(key)
         if d is not None:
-            row.update({f"delta/{PRIMARY_METRIC}": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
+            row.update({"delta_metric": v.task.primary, f"delta/{v.task.primary}": d.mean, "delta_ci_low": d.low, "delta_ci_high": d.high,
                         "delta_n_pairs": d.n, "delta_excludes_zero": d.excludes_zero if d.low is not None else None,
                         "delta_p_value": d.p_value, "delta_significant": mark if d.can_mark else None})
         rows.append(row)

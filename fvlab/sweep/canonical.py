@@ -26,7 +26,8 @@ ImageSize = int | Sequence[int] | None
 
 def canonical_arch(model: nn.Module, image_size: ImageSize = None) -> dict[str, Any] | None:
     """The architecture of ``model`` (a FasterViT, its supernet's active subnet, a ``hat_swin_*``) in
-    one normal form; None for a model without one.
+    one normal form; None for a model without one. A segmenter's is its encoder's (its decoder is
+    part of ``arch_identity``).
 
     Without ``image_size``, equal forms give the same outputs at every input size. With it, at that
     size only: a HAT stage whose (padded) feature map is one window there uses no carrier tokens,
@@ -34,6 +35,10 @@ def canonical_arch(model: nn.Module, image_size: ImageSize = None) -> dict[str, 
     ``do_propagation`` are normalised away; it keeps its HAT weights, which a stage without HAT
     (``hat`` off or ``ct_size`` 0) lacks, so those stay two forms (``carrier_weights``).
     """
+    from fvlab.models.segmenter import Segmenter
+
+    if isinstance(model, Segmenter):
+        model = model.encoder
     if isinstance(model, FasterViT):
         form = _fastervit_form(model)
     elif isinstance(model, HatSwinTransformer):

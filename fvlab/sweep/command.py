@@ -120,8 +120,10 @@ def _base_params(sweep: Any, config: dict[str, Any]) -> dict[str, Any]:
     from fvlab.sweep.space import reference_params
 
     effective = copy.deepcopy(config)
-    model = effective.get("model")
-    if isinstance(model, dict) and isinstance(model.get("arch"), dict):
+    from fvlab.experiment import model_arguments
+
+    model = model_arguments(effective)
+    if isinstance(model.get("arch"), dict):
         from fvlab.models.factory import effective_arch
 
         model["arch"] = effective_arch(model["arch"])  # unset fields: the values the model is built with

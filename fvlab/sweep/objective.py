@@ -25,13 +25,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from fvlab.experiment import apply_overrides
+from fvlab.experiment import apply_overrides, model_arguments
 from fvlab.lit.measure import MeasurementCache, measure_specs
 from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.metrics import (LATENCY_MS, LATENCY_MS_MEASURED, MODEL_TRIAL_ATTRS, SIZE_METRICS, SPEEDUP,
                            TEST_ACC1, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, THROUGHPUT_MEASURED,
                            THROUGHPUT_MEASURED_HI, THROUGHPUT_MEASURED_LO, TRAIN_LOSS_EPOCH, TRIAL_ATTRS,
-                           VAL_ACC1_BEST)
+                           VAL_ACC1_BEST, VAL_MIOU_BEST, TEST_MIOU)
 from fvlab.runs import stable_hash, trial_dir_name, without_display_keys
 from fvlab.sweep.attrs import MEASUREMENT
 from fvlab.sweep.canonical import canonical_arch, network_identity
@@ -60,8 +60,8 @@ def canonical_key(spec: RunSpec) -> str:
     config = without_display_keys(spec.config)
     for key in ("name", "variant"):
         config.pop(key, None)
-    model = config.get("model")
-    if isinstance(model, dict) and isinstance(model.get("arch"), dict):
+    model = model_arguments(config)
+    if isinstance(model.get("arch"), dict):
         form = canonical_arch(spec.model.model, getattr(spec.datamodule, "image_size", None))
         model["arch"] = {"checkpoint_path": model["arch"].get("checkpoint_path"),
                          **(form if form is not None else model["arch"])}
@@ -424,10 +424,10 @@ class SweepObjective:
 
     def _values(self, trial: optuna.Trial, result: Mapping[str, Any],
                 metrics: Mapping[str, float | None]) -> list[float]:
-        if result.get(VAL_ACC1_BEST) is not None:
-            trial.set_user_attr(TRIAL_ATTRS[VAL_ACC1_BEST], result[VAL_ACC1_BEST])
-        if result.get(TEST_ACC1) is not None:  # shown in the tables, never an objective
-            trial.set_user_attr(TRIAL_ATTRS[TEST_ACC1], result[TEST_ACC1])
+        # The best validation figure and, shown in the tables but never an objective, the test figure.
+        for metric in (VAL_ACC1_BEST, TEST_ACC1, VAL_MIOU_BEST, TEST_MIOU):
+            if result.get(metric) is not None:
+                trial.set_user_attr(TRIAL_ATTRS[metric], result[metric])
         status = result.get("status")
         if status == "pruned":
             self._prune(trial, result.get("error") or "pruned")

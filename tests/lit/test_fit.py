@@ -17,7 +17,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fvlab.cli import main
 from fvlab.data import SyntheticDataModule
-from fvlab.metrics import MODEL_METRICS, TEST_METRICS
+from fvlab.metrics import CLASSIFICATION, MODEL_METRICS
+
+TEST_METRICS = CLASSIFICATION.tests  # a classification run's test figures
 from fvlab.lit.module import ImageClassifier
 from fvlab.models import ArchConfig
 
