@@ -1,22 +1,21 @@
 """Dense pointer: a generated segmentation task whose labels lie outside every local receptive field. No download.
 
 Each ``image_size`` canvas has two side bands, ``band`` px wide. One band holds a column of
-``tiles`` blank grey squares (``digit_size`` px), the pixels to label; one digit of
-scikit-learn's set is drawn on the black background, and the tiles take its class (1 + digit).
-Every other pixel is background (class 0). Where the digit is, is the only difference:
+``tiles`` grey squares (``digit_size`` px), the pixels to label; they take the class of one
+glyph (1 + its class: a texture, or a digit of scikit-learn's set). Every other pixel is
+background (class 0). Where the glyph is drawn is the difference:
 
-- ``rule: far`` (the long-range task): the digit lies in the *other* band, at any height.
-  Nothing near a tile says its class.
-- ``rule: near`` (the local control): the digit lies in the tiles' column, in the middle of
-  their column. Same pictures up to the digit's place, same labels, but every label is
-  decidable from a tile's neighbourhood.
+- ``rule: far`` (the long-range task): the tiles are blank and the glyph lies on the black
+  background of the *other* band, at any height. Nothing near a tile says its class.
+- ``rule: near`` (the local control): the glyph is drawn on every tile. Same labels, same
+  layout, but every label is decidable from the pixel's own neighbourhood.
 
 Why it separates local from global mixing: with the all-MLP decoder, a FasterViT whose stage-3
-and stage-4 windows are 2x2 tokens has, at 192 px, a receptive field that ends 87 px from the
-left edge for pixels of the left 48 columns and starts 57 px from it for pixels right of column
-152 (measured by :func:`fvlab.models.segmenter.receptive_field`, docs/dense.md). The bands
-are 40 px, so a tile never sees the other band's digit through convolutions, downsamplers,
-windows or decoder: only carrier tokens (or global attention) can carry it across.
+and stage-4 windows are 2x2 tokens has, at 192 px, a receptive field that ends at column 87 for
+the pixels of the left 40 columns and starts at column 57 for those from column 152 on
+(measured by :func:`fvlab.models.segmenter.receptive_field`, docs/dense.md). The bands are
+40 px, so a tile never sees the other band's glyph through convolutions, downsamplers, windows
+or decoder: only carrier tokens (or global attention) can carry it across.
 
 The 1,797 digits are split three ways (stratified, ``split_seed``) before anything is drawn, so
 no test digit occurs in training; each split is rendered ``copies`` times. The whole dataset is
@@ -37,7 +36,7 @@ from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, Normali
                              check_fraction, check_image_size, check_positive)
 from fvlab.data.digits import MAX_PIXEL, NUM_CLASSES, split_indices
 
-__all__ = ["DensePointerDataModule", "render_pointer", "RULES", "BACKGROUND"]
+__all__ = ["DensePointerDataModule", "render_pointer", "render_patterns", "RULES", "GLYPHS", "BACKGROUND"]
 
 RULES = ("far", "near")
 BACKGROUND = 0
@@ -51,47 +50,76 @@ def _column(rng: np.random.Generator, image_size: int, size: int, count: int) ->
 
 def render_pointer(digits: np.ndarray, labels: np.ndarray, image_size: int, band: int, tiles: int, rule: str,
                    noise: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(images in [0, 1], masks) of one split: one image per digit of ``digits`` (N, D, D), drawn on the
-    black background in the band opposite the tiles (``far``) or between the tiles (``near``)."""
+    """(images in [0, 1], masks) of one split: one image per glyph of ``digits`` (N, D, D), drawn on the
+    black background in the band opposite the tiles (``far``) or on every tile (``near``)."""
     n, size = len(digits), digits.shape[-1]
     images = np.zeros((n, image_size, image_size), dtype=np.float32)
     masks = np.full((n, image_size, image_size), BACKGROUND, dtype=np.uint8)
     margin = (band - size) // 2
-    step = size + 2
     for index in range(n):
         tiles_left = bool(rng.integers(0, 2))
         tile_x = margin if tiles_left else image_size - band + margin
-        if rule == "near":  # the digit in the middle of the tiles' column
-            top = _column(rng, image_size, size, tiles + 1)
-            slots = [top + i * step for i in range(tiles + 1)]
-            digit_row, digit_x = slots.pop(len(slots) // 2), tile_x
-        else:  # the tiles' column in one band, the digit anywhere down the other
-            top = _column(rng, image_size, size, tiles)
-            slots = [top + i * step for i in range(tiles)]
-            digit_row = int(rng.integers(0, image_size - size + 1))
-            digit_x = image_size - band + margin if tiles_left else margin
-        images[index, digit_row:digit_row + size, digit_x:digit_x + size] = digits[index]
-        for row in slots:
-            images[index, row:row + size, tile_x:tile_x + size] = TILE_GREY
+        top = _column(rng, image_size, size, tiles)
+        for row in range(top, top + tiles * (size + 2), size + 2):
+            tile = images[index, row:row + size, tile_x:tile_x + size]
+            tile[...] = TILE_GREY
+            if rule == "near":
+                np.maximum(tile, digits[index], out=tile)
             masks[index, row:row + size, tile_x:tile_x + size] = 1 + labels[index]
+        if rule == "far":  # repeated down the whole other band, from a random offset
+            x = image_size - band + margin if tiles_left else margin
+            for row in range(int(rng.integers(0, size + 2)), image_size - size + 1, size + 2):
+                images[index, row:row + size, x:x + size] = digits[index]
     images += rng.normal(0.0, noise, images.shape).astype(np.float32)
     return images, masks
 
 
-@functools.lru_cache(maxsize=2)
-def _generate(image_size: int, digit_size: int, band: int, tiles: int, rule: str, noise: float, copies: int,
-              val_fraction: float, test_fraction: float,
-              split_seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """(uint8 images, uint8 masks) of train, val and test; cached per process and settings."""
-    data = load_digits()
+GLYPHS = ("patterns", "digits")
+# Ten textures, each decidable from a few pixels by a 3x3 conv: the task is to carry the class, not to read it.
+PATTERNS = 10
+
+
+def render_patterns(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One ``size`` px square texture per label in [0, PATTERNS), at a random phase and contrast."""
+    y, x = np.mgrid[0:size, 0:size]
+    out = np.empty((len(labels), size, size), dtype=np.float32)
+    for i, label in enumerate(labels):
+        p = int(rng.integers(0, 6))
+        y_, x_ = y + p, x + p
+        ring = np.maximum(abs(2 * y - size + 1), abs(2 * x - size + 1)) // 2
+        texture = [(y_ // 3) % 2, (x_ // 3) % 2, (y_ // 4 + x_ // 4) % 2, ((x + y_) // 3) % 2,
+                   ((x - y_) // 3) % 2, (ring // 3) % 2, ((y_ % 4) < 2) & ((x_ % 4) < 2),
+                   (abs(2 * y - size + 1) < 5) | (abs(2 * x - size + 1) < 5), (ring >= size // 2 - 3),
+                   np.ones_like(y)][int(label)]
+        out[i] = texture * rng.uniform(0.6, 1.0)
+    return out
+
+
+def _glyph_set(glyphs: str, classes: int, digit_size: int, split_seed: int, val_fraction: float,
+               test_fraction: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(glyph images, labels) of train, val and test: scikit-learn's digits split three ways, or as
+    many random textures per split."""
+    data = load_digits(n_class=NUM_CLASSES if glyphs == "patterns" else classes)
+    splits = split_indices(data.target, val_fraction, test_fraction, split_seed)
+    if glyphs == "patterns":  # as many as the digit splits hold, whatever the classes
+        rng = np.random.default_rng([split_seed, 1])
+        labels = [rng.integers(0, classes, len(indices)) for indices in splits]
+        return [(render_patterns(lab, digit_size, rng), lab) for lab in labels]
     small = torch.from_numpy(data.images).float().div_(MAX_PIXEL).unsqueeze(1)
     digits = F.interpolate(small, size=(digit_size, digit_size), mode="bilinear",
                            align_corners=False).squeeze(1).clamp_(0, 1).numpy()
+    return [(digits[indices], data.target[indices]) for indices in splits]
+
+
+@functools.lru_cache(maxsize=2)
+def _generate(image_size: int, digit_size: int, band: int, tiles: int, rule: str, glyphs: str, classes: int,
+              noise: float, copies: int, val_fraction: float, test_fraction: float,
+              split_seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """(uint8 images, uint8 masks) of train, val and test; cached per process and settings."""
     rng = np.random.default_rng(split_seed)
     splits = []
-    for indices in split_indices(data.target, val_fraction, test_fraction, split_seed):
-        rendered = [render_pointer(digits[indices], data.target[indices], image_size, band, tiles, rule, noise, rng)
-                    for _ in range(copies)]
+    for shapes, labels in _glyph_set(glyphs, classes, digit_size, split_seed, val_fraction, test_fraction):
+        rendered = [render_pointer(shapes, labels, image_size, band, tiles, rule, noise, rng) for _ in range(copies)]
         images = np.concatenate([r[0] for r in rendered])
         # uint8 on [-0.5, 1.5]: noise around the black background and the strokes survives.
         images = np.clip((images + 0.5) * 127.5, 0, 255).round().astype(np.uint8)
@@ -100,10 +128,11 @@ def _generate(image_size: int, digit_size: int, band: int, tiles: int, rule: str
 
 
 class DensePointerDataModule(ImageDataModule):
-    """Tiles to segment whose class is a digit in the far band (``far``) or beside the tiles (``near``).
+    """Tiles to segment whose class is a glyph in the far band (``far``) or on the tiles (``near``).
 
-    See the module docstring for the task and its receptive-field argument. 11 classes:
-    background and the ten digits. No augmentation: every copy is drawn afresh.
+    See the module docstring for the task and its receptive-field argument. ``1 + classes``
+    classes: background and the digits 0 to ``classes - 1``. No augmentation: every copy is
+    drawn afresh.
 
     Args:
         image_size: side of the square canvas.
@@ -111,7 +140,11 @@ class DensePointerDataModule(ImageDataModule):
         band: width of each side band that holds the tiles or the digit, at least ``digit_size``;
             the two bands are apart (2 x band < image_size).
         digit_size: side of a tile and of the upscaled 8x8 digit, at least 8.
-        tiles: tiles per image, 1 or more (with the digit, they must fit one above another).
+        tiles: tiles per image, 1 or more (they must fit one above another).
+        glyphs: what carries a tile's class: ``patterns`` (ten textures a 3x3 conv tells apart,
+            so the task is carrying the class, not reading it) or ``digits`` (scikit-learn's,
+            split three ways so no test digit is seen in training).
+        classes: how many glyph classes occur (0 to classes - 1), 2 to 10.
         noise: standard deviation of the Gaussian pixel noise on [0, 1] images.
         copies: renderings of each digit of a split, at least 1.
         batch_size: images per batch.
@@ -123,7 +156,7 @@ class DensePointerDataModule(ImageDataModule):
     """
 
     def __init__(self, image_size: int = 192, rule: str = "far", band: int = 40, digit_size: int = 24,
-                 tiles: int = 2, noise: float = 0.1, copies: int = 1, batch_size: int = 32, num_workers: int = 0,
+                 tiles: int = 2, glyphs: str = "patterns", classes: int = 4, noise: float = 0.1, copies: int = 1, batch_size: int = 32, num_workers: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0, in_chans: int = 1):
         super().__init__(batch_size, num_workers)
         check_image_size(image_size)
@@ -137,10 +170,13 @@ class DensePointerDataModule(ImageDataModule):
         if isinstance(band, bool) or not isinstance(band, int) or not digit_size <= band < image_size / 2:
             raise DataError(f"band must be an integer from digit_size ({digit_size}) to below half the "
                             f"image_size ({image_size}), got {band!r}; e.g. 40 at 192 px")
-        if (tiles + 1) * (digit_size + 2) > image_size:
-            raise DataError(f"{tiles} tiles and a digit of {digit_size} px do not fit one above another in "
-                            f"{image_size} px; "
+        if tiles * (digit_size + 2) > image_size + 2:
+            raise DataError(f"{tiles} tiles of {digit_size} px do not fit one above another in {image_size} px; "
                             f"use fewer tiles or a smaller digit_size")
+        if glyphs not in GLYPHS:
+            raise DataError(f"glyphs must be one of {', '.join(GLYPHS)}, got {glyphs!r}")
+        if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= NUM_CLASSES:
+            raise DataError(f"classes must be an integer from 2 to {NUM_CLASSES}, got {classes!r}")
         if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 <= noise < float("inf")):
             raise DataError(f"noise must be a number >= 0 (pixel noise std), got {noise!r}; e.g. 0.1")
         check_fraction("val_fraction", val_fraction)
@@ -149,10 +185,10 @@ class DensePointerDataModule(ImageDataModule):
         if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
             raise DataError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
         self.save_hyperparameters()
-        self.num_classes = 1 + NUM_CLASSES
+        self.num_classes = 1 + classes
         self.in_chans = in_chans
         self.image_size = image_size
-        self.settings = (image_size, digit_size, band, tiles, rule, float(noise), copies, float(val_fraction),
+        self.settings = (image_size, digit_size, band, tiles, rule, glyphs, classes, float(noise), copies, float(val_fraction),
                          float(test_fraction), split_seed)
 
     def setup(self, stage: str | None = None) -> None:

@@ -140,9 +140,11 @@ class PredictionGrid(pl.Callback):
         """The (3, H, W) grid of ``images`` with their ``target`` and the module's predictions."""
         from torchvision.utils import make_grid
 
-        predicted = pl_module.predict_classes(images.to(pl_module.device)).cpu()
+        dtype = next(pl_module.parameters()).dtype  # bf16-true or 16-true: the weights' dtype
+        predicted = pl_module.predict_classes(images.to(pl_module.device, dtype)).cpu()
         colours = label_colours(int(pl_module.hparams.num_classes))
-        grey = images[:, :1].float()
+        target = target.clamp(0, len(colours) - 1)  # an ignore_index (255) drawn as the last class
+        grey = images.float().mean(1, keepdim=True)  # the channels' mean: greyscale of RGB too
         low, high = grey.amin(dim=(1, 2, 3), keepdim=True), grey.amax(dim=(1, 2, 3), keepdim=True)
         grey = ((grey - low) / (high - low).clamp_min(1e-6)).expand(-1, 3, -1, -1)
         rows = [grey, colours[target].permute(0, 3, 1, 2), colours[predicted.clamp(0, len(colours) - 1)].permute(0, 3, 1, 2)]

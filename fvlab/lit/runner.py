@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from fvlab.experiment import changed_keys
 from fvlab.lit.callbacks import ModelProfileCallback
 from fvlab.lit.module import ImageClassifier
-from fvlab.metrics import (CLASSIFICATION, FINAL_METRICS, MODEL_METRICS, TEST_METRICS, TRAIN_LOSS_EPOCH, VAL_LOSS,
+from fvlab.metrics import (CLASSIFICATION, FINAL_METRICS, MODEL_METRICS, TRAIN_LOSS_EPOCH, VAL_LOSS,
                            TaskMetrics, is_model_metric, run_metrics)
 from fvlab.models.checkpoint import checkpoints_trusted
 from fvlab.profile import model_metrics
@@ -387,6 +387,11 @@ def split_model_class(layers: Sequence[Any], model_class: type[ImageClassifier] 
             path, layer = _lift_model_class(layer)
             if path:
                 paths.add(str(path))
+        elif isinstance(layer, str) and layer.startswith("--model.class_path"):
+            raise BadConfig("--model.class_path: the LightningModule is chosen in the experiment file "
+                            "(model: {class_path: ..., init_args: ...}), not on the command line")
+        elif isinstance(layer, str) and layer.startswith("--model.init_args."):
+            layer = "--model." + layer.removeprefix("--model.init_args.")  # the subclass form's spelling
         out.append(layer)
     if not paths:
         return model_class, None, out

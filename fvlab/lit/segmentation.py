@@ -23,7 +23,7 @@ from fvlab.lit.module import ImageClassifier
 from fvlab.metrics import (SEGMENTATION, TEST_LOSS, TEST_MIOU, TEST_PIXEL_ACC, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST,
                            VAL_PIXEL_ACC)
 from fvlab.models import ArchConfig
-from fvlab.models.segmenter import DECODERS, Segmenter
+from fvlab.models.segmenter import DECODERS, Segmenter, padded_size
 
 __all__ = ["SemanticSegmenter"]
 
@@ -75,6 +75,8 @@ class SemanticSegmenter(ImageClassifier):
     def build_network(self, arch: ArchConfig, **kwargs: Any) -> torch.nn.Module:
         """The segmenter: ``arch`` as a headless encoder, the chosen decoder and a 1x1 head."""
         num_classes = kwargs.pop("num_classes")
+        if "img_size" in kwargs:  # a fixed-size encoder (Swin) is built for the padded input it sees
+            kwargs["img_size"] = padded_size(kwargs["img_size"])
         hp = self.hparams  # saved by ImageClassifier.__init__ before it builds the network
         return Segmenter(arch.build(num_classes=0, **kwargs), num_classes, decoder=hp.decoder,
                          decoder_channels=hp.decoder_channels)

@@ -653,10 +653,13 @@ TOKENIZER_ALIAS = ".global_tokenizer.to_global_feature.pos."
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: FasterViT | None = None,
                          use_ema: bool = True) -> dict[str, torch.Tensor]:
     """A FasterViT state dict from an official, timm, Lightning or plain checkpoint (see
-    ``checkpoint.unwrap_state_dict`` for ``use_ema``): official keys renamed, derived buffers dropped."""
+    ``checkpoint.unwrap_state_dict`` for ``use_ema``): official keys renamed, derived buffers dropped,
+    and the classifier's weights dropped for a ``model`` built without one (``num_classes=0``: a backbone)."""
     out = {}
+    head = getattr(model, "head", None)  # a segmenter holding a FasterViT has none of its own
+    headless = isinstance(head, nn.Module) and not any(True for _ in head.parameters())
     for key, value in unwrap_state_dict(state_dict, use_ema=use_ema).items():
-        if key.endswith(DERIVED_SUFFIXES):
+        if key.endswith(DERIVED_SUFFIXES) or (headless and key.startswith("head.")):
             continue
         if TOKENIZER_ALIAS in key:
             key = key.replace(TOKENIZER_ALIAS, ".global_tokenizer.pos_embed.")

@@ -22,12 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Segmenter", "DECODERS", "receptive_field"]
+__all__ = ["Segmenter", "DECODERS", "padded_size", "receptive_field"]
 
 DECODERS = ("mlp", "fpn")
 # Every encoder stage is a stride-2 step from stride 4 to stride 32: a side divisible by 32
 # gives maps that the FPN's 2x upsampling lines up with, so other sides are padded to it.
 STRIDE = 32
+
+
+def padded_size(image_size: int | Sequence[int]) -> int | tuple[int, ...]:
+    """``image_size`` rounded up to whole stride-32 cells, as ``Segmenter.forward`` pads its input."""
+    if isinstance(image_size, int):
+        return -(-image_size // STRIDE) * STRIDE
+    return tuple(-(-side // STRIDE) * STRIDE for side in image_size)
 
 
 def _decoder(name: str, channels: Sequence[int], width: int) -> nn.Module:
@@ -103,17 +110,35 @@ class Segmenter(nn.Module):
         return self.encoder.patch_embed
 
     def window_geometry(self, image_size: int | Sequence[int]) -> list[Any]:
-        """The encoder's window-attention stages at ``image_size``."""
-        return self.encoder.window_geometry(image_size)
+        """The encoder's window-attention stages at ``image_size`` (padded as the forward pads it)."""
+        return self.encoder.window_geometry(padded_size(image_size))
 
     def idle_parameters(self, image_size: int | Sequence[int]) -> list[nn.Parameter]:
         """The encoder's weights an input of ``image_size`` never uses (carrier tokens of one-window stages)."""
         idle = getattr(self.encoder, "idle_parameters", None)
-        return list(idle(image_size)) if callable(idle) else []
+        return list(idle(padded_size(image_size))) if callable(idle) else []
 
     def check_image_size(self, image_size: int | Sequence[int]) -> None:
-        """Raise ValueError unless the encoder takes images of ``image_size``."""
-        self.encoder.check_image_size(image_size)
+        """Raise ValueError unless the encoder takes images of ``image_size`` (padded to whole stride-32 cells)."""
+        self.encoder.check_image_size(padded_size(image_size))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer groups (layer-wise lr decay): the encoder's, then the decoder and head as the last."""
+        own = self.encoder.group_matcher(coarse)
+
+        def prefixed(rule: Any) -> Any:
+            if isinstance(rule, str):
+                return "^encoder\\." + rule.removeprefix("^")
+            return [(prefixed(r), order) for r, order in rule]
+
+        matcher = {name: prefixed(rule) for name, rule in own.items()}
+        matcher["head"] = r"^(?:decoder|segmentation_head)\."
+        return matcher
+
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's parameters exempt from weight decay (timm's ``no_weight_decay``), under their prefix."""
+        names = getattr(self.encoder, "no_weight_decay", lambda: set())()
+        return {f"encoder.{name}" for name in names}
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's four maps, strides 4-32 (NCHW; the last one normalised as in classification)."""

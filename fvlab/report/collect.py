@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from fvlab.metrics import MODEL_METRICS, TRAIN_LOSS_EPOCH, TRIAL_ATTRS, VAL_ACC1, VAL_ACC1_BEST, VAL_METRICS
+from fvlab.metrics import (CLASSIFICATION, MODEL_METRICS, SEGMENTATION, TRAIN_LOSS_EPOCH, TRIAL_ATTRS, VAL_METRICS,
+                           VAL_MIOU, TaskMetrics)
 from fvlab.report.stats import RUNNING
 from fvlab.runs import (TEST_FILE, find_runs, find_studies, read_config, read_metrics, seed_of, trial_dir_name,
                         variant_dir_of)
@@ -101,8 +102,10 @@ def _event_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in accumulator.Tags().get("scalars", [])}
 
 
-def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = VAL_ACC1) -> list[tuple[int, float]]:
-    """(epoch starting at 1, value) per validation; the epoch comes from Lightning's ``epoch`` scalar."""
+def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str | None = None) -> list[tuple[int, float]]:
+    """(epoch starting at 1, value) per validation of ``tag`` (default: the run's task's monitor, val/acc1 or
+    val/miou); the epoch comes from Lightning's ``epoch`` scalar."""
+    tag = tag or _task_of(scalars).monitor
     epoch_at = {step: int(value) for step, value in scalars.get("epoch", [])}
     by_epoch: dict[int, float] = {}
     for index, (step, value) in enumerate(scalars.get(tag, [])):
@@ -111,15 +114,23 @@ def read_curve(scalars: Mapping[str, list[tuple[int, float]]], tag: str = VAL_AC
     return sorted(by_epoch.items())
 
 
+def _task_of(scalars: Mapping[str, list[tuple[int, float]]]) -> TaskMetrics:
+    """The task whose metrics a run's events hold (segmentation when it logged val/miou)."""
+    return SEGMENTATION if scalars.get(VAL_MIOU) else CLASSIFICATION
+
+
 def _latest_figures(scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for tag in (*VAL_METRICS, TRAIN_LOSS_EPOCH, *MODEL_METRICS):
         if scalars.get(tag):
             figures[tag] = scalars[tag][-1][1]
-    curve = read_curve(scalars)
+    task = _task_of(scalars)
+    curve = read_curve(scalars, task.monitor)
+    if task is SEGMENTATION:  # a running run has no metrics.json to say so yet
+        figures["task"] = task.task
     if curve:
         figures["epochs"] = curve[-1][0]
-        figures.setdefault(VAL_ACC1_BEST, max(v for _, v in curve))
+        figures.setdefault(task.primary, max(v for _, v in curve))
     return figures
 
 

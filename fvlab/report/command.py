@@ -21,11 +21,12 @@ from fvlab.metrics import (GFLOPS, MODEL_EXTRA_METRICS, TEST_METRICS, THROUGHPUT
                            THROUGHPUT_LO, VAL_ACC1, VAL_ACC1_BEST, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC,
                            is_model_metric)
 from fvlab.metrics import CLASSIFICATION, SEGMENTATION
+
+SEGMENTATION_NAMES = (VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC)
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
 from fvlab.runs import CONFIG_FILE, confirm_seeds, is_confirm_run, variant_dir_of
-from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, PRIMARY_METRIC, RUNNING,
-                                TEST_PRIMARY_METRIC, VariantStats, aggregate, difference_cell, explanation,
+from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, RUNNING, VariantStats, aggregate, difference_cell, explanation,
                                 family_size, holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
                                 write_csv)
 
@@ -273,25 +274,35 @@ def _short_names(keys: Sequence[str]) -> dict[str, str]:
     return {k: (s if list(short.values()).count(s) == 1 else k) for k, s in short.items()}
 
 
+def _study_task(data: StudyData) -> Any:
+    """The task a study's trials are ranked by: segmentation when an objective or a trial says so."""
+    from fvlab.metrics import task_metrics
+
+    if any(name in SEGMENTATION_NAMES for name in data.objective_names):
+        return SEGMENTATION
+    return task_metrics(t.metrics for t in data.trials)
+
+
 def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], list[bool]]:
     """One study's trial table, its notes, CSV rows and Pareto flags."""
     from fvlab.pareto import pareto_optimal
 
     trials = data.trials
+    task = _study_task(data)
     columns = _differing([t.params for t in trials]) or list(dict.fromkeys(k for t in trials for k in t.params))
     names = _short_names(columns)
-    extra = [n for n in data.objective_names if n not in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *MODEL_COLUMNS)
+    extra = [n for n in data.objective_names if n not in (task.primary, task.test, *MODEL_COLUMNS)
              and any(t.metrics.get(n) is not None for t in trials)]
     pareto = pareto_optimal([
-        (finite(t.metrics.get(THROUGHPUT)), finite(t.metrics.get(PRIMARY_METRIC)))
+        (finite(t.metrics.get(THROUGHPUT)), finite(t.metrics.get(task.primary)))
         if t.state == "complete" and t.duplicate_of is None and finite(t.metrics.get(THROUGHPUT)) is not None
-        and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None for t in trials], ("maximize", "maximize"))
+        and finite(t.metrics.get(task.primary)) is not None else None for t in trials], ("maximize", "maximize"))
     together = _together(data)
     together_pareto = pareto_optimal([
-        (together[str(t.number)]["throughput"], finite(t.metrics.get(PRIMARY_METRIC)))
-        if str(t.number) in together and finite(t.metrics.get(PRIMARY_METRIC)) is not None else None
+        (together[str(t.number)]["throughput"], finite(t.metrics.get(task.primary)))
+        if str(t.number) in together and finite(t.metrics.get(task.primary)) is not None else None
         for t in trials], ("maximize", "maximize"))
-    header = ["trial", "state", *(names[c] for c in columns), PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
+    header = ["trial", "state", *(names[c] for c in columns), task.primary, task.test, *extra,
               *(MODEL_TITLES[k][0] for k in MODEL_COLUMNS), "epochs", "wall (s)", "Pareto",
               *(["throughput (together)", "Pareto (together)"] if together else []), "reason"]
     table, csv_rows = [], []
@@ -299,16 +310,16 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
         both = together.get(str(t.number))
         together_cells = ([f"{both['throughput']:.1f}" if both else "", "yes" if optimal_together else ""]
                           if together else [])
-        acc = finite(t.metrics.get(PRIMARY_METRIC))
+        acc = finite(t.metrics.get(task.primary))
         table.append([f"#{t.number}", t.state, *(_value(t.params.get(c)) for c in columns),
-                      "-" if acc is None else f"{acc:.4f}", _value(finite(t.metrics.get(TEST_PRIMARY_METRIC))),
+                      "-" if acc is None else f"{acc:.4f}", _value(finite(t.metrics.get(task.test))),
                       *(_value(t.metrics.get(n)) for n in extra),
                       *_model_cells({k: finite(v) for k, v in t.metrics.items() if is_model_metric(k)}),
                       _value(t.metrics.get("epochs")), _value(finite(t.metrics.get("wall_s"))),
                       "yes" if optimal else "", *together_cells, t.reason[:80]])
         csv_rows.append({"kind": "trial", "source": data.name, "trial": t.number, "status": t.state,
                          **{f"param.{c}": t.params.get(c) for c in columns},
-                         **{k: t.metrics.get(k) for k in (PRIMARY_METRIC, TEST_PRIMARY_METRIC, *extra,
+                         **{k: t.metrics.get(k) for k in (task.primary, task.test, *extra,
                                                           *MODEL_METRICS, *MODEL_EXTRA_METRICS, "epochs",
                                                           "wall_s")},
                          "pareto": optimal, "throughput_together": both["throughput"] if both else None,
@@ -353,8 +364,9 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
                 and r.metrics.get("status") in ("complete", RUNNING)]
         series.append(Series(label, v.experiment, [r.curve for r in runs if r.curve]))
     for data in report.studies:
+        primary = _study_task(data).primary
         for t in data.trials:
-            acc = finite(t.metrics.get(PRIMARY_METRIC))
+            acc = finite(t.metrics.get(primary))
             if t.state in ("complete", "infeasible") and acc is not None:
                 points.append(Point(f"#{t.number}", data.name, acc, None, finite(t.metrics.get(THROUGHPUT)),
                                     finite(t.metrics.get(GFLOPS)), feasible=t.state == "complete"))
@@ -362,14 +374,21 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
                 series.append(Series(f"#{t.number}", data.name, [t.run.curve]))
     made: list[tuple[Path, str]] = []
     skipped: list[str] = []
+    tasks = {v.task for _, v in report.variant_rows()} | {_study_task(data) for data in report.studies}
+    # mIoU and accuracy on one axis only when the report mixes the two kinds of run.
+    label = ("val/miou_best: best validation mIoU (0-1)" if tasks == {SEGMENTATION} else
+             "val/acc1_best or val/miou_best (0-1)" if SEGMENTATION in tasks else None)
+    curve_label = {"ylabel": "val/miou: validation mIoU (0-1)"} if tasks == {SEGMENTATION} else {}
+    against = {"ylabel": label} if label else {}
     has_seeds = any(p.accuracy_std for p in points)
     bars = " (error bars: ± std over seeds)" if has_seeds else ""
     path = plot_accuracy_against(points, "throughput", out / "accuracy_vs_throughput.png",
-                                 "Accuracy against measured throughput")
+                                 "Accuracy against measured throughput", **against)
     if path:
         made.append((path, f"Accuracy against measured throughput{bars}: points on the dashed Pareto "
                            f"front are the best trade-offs; up and right is better."))
-    path = plot_accuracy_against(points, "gflops", out / "accuracy_vs_gflops.png", "Accuracy against GFLOPs")
+    path = plot_accuracy_against(points, "gflops", out / "accuracy_vs_gflops.png", "Accuracy against GFLOPs",
+                                 **against)
     if path:
         made.append((path, f"Accuracy against GFLOPs{bars}: up and left is better; compare with the "
                            f"throughput plot to see where FLOPs do not predict speed."))
@@ -383,7 +402,7 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
             made.append((path, f"{name}: images/s against batch size per variant, measured side by side "
                                f"(median and 95% interval over interleaved rounds): where the curves cross, "
                                f"the ranking depends on the batch size."))
-    path = plot_curves(series, out / "val_acc1_per_epoch.png", "Validation accuracy per epoch")
+    path = plot_curves(series, out / "val_acc1_per_epoch.png", "Validation accuracy per epoch", **curve_label)
     if path:
         made.append((path, "Validation top-1 accuracy per epoch" + (" (line: mean over seeds, band: ± std)"
                                                                    if any(len(s.curves) > 1 for s in series) else "")

@@ -149,8 +149,9 @@ def _error_bar_title(title: str, usable: Sequence[Point], axis: str) -> str:
     return title
 
 
-def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title: str = "") -> Path | None:
-    """Accuracy against throughput or GFLOPs: error bars over seeds, labels, the Pareto front."""
+def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title: str = "",
+                          ylabel: str = ACCURACY_LABEL) -> Path | None:
+    """Accuracy (or mIoU: ``ylabel``) against throughput or GFLOPs: error bars over seeds, labels, the Pareto front."""
     x_label, maximize_x = AXES[axis]
     infeasible = [p for p in points if not p.feasible and getattr(p, axis) is not None]
     usable = [p for p in points if p.feasible and getattr(p, axis) is not None and p.accuracy is not None]
@@ -165,7 +166,7 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
         _plot_front(ax, usable, axis, maximize_x)
         ax.margins(y=0.1)  # room for the labels of the top points
         ax.set_xlabel(x_label, fontsize=11)
-        ax.set_ylabel(ACCURACY_LABEL, fontsize=11)
+        ax.set_ylabel(ylabel, fontsize=11)
         ax.set_title(_error_bar_title(title, usable, axis), fontsize=12)
         # Room for the labels right of the rightmost point.
         left, right = ax.get_xlim()
@@ -174,8 +175,9 @@ def plot_accuracy_against(points: Sequence[Point], axis: str, path: Path, title:
         return _save(fig, path)
 
 
-def plot_curves(series: Sequence[Series], path: Path, title: str = "") -> Path | None:
-    """Validation accuracy per epoch: the mean over seeds as a line, ± std as a band."""
+def plot_curves(series: Sequence[Series], path: Path, title: str = "",
+                ylabel: str = f"{VAL_ACC1}: top-1 validation accuracy (0-1)") -> Path | None:
+    """Validation accuracy (or mIoU: ``ylabel``) per epoch: the mean over seeds as a line, ± std as a band."""
     series = [s for s in series if any(s.curves)]
     if not series:
         return None
@@ -207,7 +209,7 @@ def plot_curves(series: Sequence[Series], path: Path, title: str = "") -> Path |
                         color=colour, va="center",
                         arrowprops=dict(arrowstyle="-", color=colour, linewidth=0.6, alpha=0.6))
         ax.set_xlabel("epoch", fontsize=11)
-        ax.set_ylabel(f"{VAL_ACC1}: top-1 validation accuracy (0-1)", fontsize=11)
+        ax.set_ylabel(ylabel, fontsize=11)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if banded:
             title = (title + "\n" if title else "") + "line: mean over seeds; band: ± std"

@@ -17,8 +17,8 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.experiment import apply_overrides
-from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, TEST_ACC1, THROUGHPUT, THROUGHPUT_HI,
-                           THROUGHPUT_LO, TRIAL_ATTRS)
+from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, TEST_ACC1, TEST_MIOU, THROUGHPUT, THROUGHPUT_HI,
+                           THROUGHPUT_LO, TRIAL_ATTRS, VAL_MIOU_BEST)
 from fvlab.pareto import pareto_optimal
 from fvlab.sweep.attrs import REFERENCE, reference_trial
 from fvlab.runs import best_config_path, best_dir, read_config, stale_best_configs, trial_dir_name
@@ -66,7 +66,8 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
         if trial.user_attrs.get(REFERENCE):
             row["run"] = f"{row['run']} (reference)"  # the base experiment's own settings
         row.update(zip(sweep.objectives, trial.values))
-        row[TEST_ACC1] = trial.user_attrs.get(TRIAL_ATTRS[TEST_ACC1])  # measured once, never selected on
+        test = TEST_MIOU if VAL_MIOU_BEST in sweep.objectives else TEST_ACC1  # a segmentation sweep's: test/miou
+        row[test] = trial.user_attrs.get(TRIAL_ATTRS[test])  # measured once, never selected on
         row.update({key: sweep.space[key].decode(value) if key in sweep.space else value
                     for key, value in trial.params.items()})
         for metric in (PARAMS_M, GFLOPS, THROUGHPUT, SPEEDUP):

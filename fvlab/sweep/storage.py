@@ -38,7 +38,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from fvlab.metrics import PRIMARY_METRIC, TRIAL_ATTRS
+from fvlab.metrics import PRIMARY_METRIC, TRIAL_ATTRS, VAL_MIOU_BEST
 
 __all__ = ["open_storage", "storage_label", "budget_lock", "process_tag", "process_alive",
            "recover_dead_trials", "retry_trial", "retry_history", "retried_numbers", "retrying", "RetryAttempt",
@@ -54,7 +54,7 @@ MAX_RETRIES = 3  # a trial killed again and again (the OOM killer) is given up a
 KILLED = "worker process"  # how recover_dead_trials' fail_reason starts
 # What an attempt wrote about itself; its retry starts without them.
 _ATTEMPT_ATTRS = ("fvlab_process", "fail_reason", "pruned_reason", "run_name", "run_dir",
-                  TRIAL_ATTRS[PRIMARY_METRIC])
+                  TRIAL_ATTRS[PRIMARY_METRIC], TRIAL_ATTRS[VAL_MIOU_BEST])
 
 
 def _is_url(storage: str) -> bool:

@@ -77,6 +77,18 @@ def test_segmentation_fit_logs_miou_and_an_image_grid_for_both_decoders(fitted, 
 
 
 @pytest.mark.xdist_group("segmentation")
+def test_report_of_segmentation_runs_ranks_by_miou(fitted, tmp_path: Path) -> None:
+    _, runs = fitted
+    assert main(["report", str(runs / "seg"), "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert f"| {VAL_MIOU_BEST} " in report and f"| {TEST_MIOU} " in report
+    for decoder in ("mlp", "fpn"):  # each row shows its own run's best mIoU (one seed: no std)
+        best = json.loads((runs / "seg" / decoder / "metrics.json").read_text())[VAL_MIOU_BEST]
+        assert f"{best:.4f} ± n/a" in report
+    assert (tmp_path / "accuracy_vs_throughput.png").is_file() and (tmp_path / "val_acc1_per_epoch.png").is_file()
+
+
+@pytest.mark.xdist_group("segmentation")
 def test_profile_of_a_segmenter_counts_its_decoder(fitted, tmp_path: Path, capsys) -> None:
     experiment, _ = fitted
     assert main(["profile", str(experiment), "--batch-sizes", "2", "--rounds", "2", "--runs-dir", str(tmp_path)]) == 0
@@ -92,7 +104,8 @@ def test_onnx_export_of_a_trained_segmenter_matches_pytorch(fitted, tmp_path: Pa
     # The checkpoint `fvlab fit` wrote, loaded as `fvlab export` loads it; exported at the run's
     # geometry (batch dynamic): the dynamic-size export is test_export.py's, and costs a minute here.
     model = SemanticSegmenter(arch={"name": "fastervit_micro", "hat": [False, False, True, True]},
-                              decoder="fpn", decoder_channels=32, num_classes=11, in_chans=1, image_size=64)
+                              decoder="fpn", decoder_channels=32, in_chans=1, image_size=64,
+                              num_classes=DensePointerDataModule(**DENSE["init_args"]).num_classes)
     _load_weights(model.model, runs / "seg" / "fpn" / "checkpoints" / "best.ckpt", trust_checkpoint=False)
     out = export_onnx(model.model, tmp_path / "seg.onnx", image_size=(64, 64))
     rows = check_onnx(out, model.model, [(64, 64)], batch_sizes=[3])
@@ -138,12 +151,13 @@ def test_carrier_tokens_reach_past_the_receptive_field_of_the_dense_task() -> No
     args, data = config["model"]["init_args"], config["data"]["init_args"]
     size, band = data["image_size"], DensePointerDataModule().hparams.band
     fields = {}
-    for name, hat in (("no_carrier", False), ("ct1", args["arch"]["hat"])):
+    for name, hat in (("no_carrier", False), ("carrier", args["arch"]["hat"])):
         encoder = ArchConfig(**{**args["arch"], "hat": hat}).build(num_classes=0, in_chans=1)
-        network = Segmenter(encoder, 11, decoder=args["decoder"], decoder_channels=args["decoder_channels"])
+        network = Segmenter(encoder, 1 + data["classes"], decoder=args["decoder"],
+                            decoder_channels=args["decoder_channels"])
         # A left-band tile pixel at its far corner, and a right-band one.
         fields[name] = receptive_field(network, size, [(size // 2, band - 1), (size // 2, size - band)])
-    no_ct, ct = fields["no_carrier"], fields["ct1"]
+    no_ct, ct = fields["no_carrier"], fields["carrier"]
     assert not no_ct[0][:, size - band:].any() and not no_ct[1][:, :band].any()  # the other band: unseen
     assert no_ct[0][:, :band].any() and no_ct[1][:, size - band:].any()
     assert ct[0][:, size - band:].all() and ct[1][:, :band].all()  # through carrier tokens: all of it
@@ -165,3 +179,32 @@ def test_dense_pointer_labels_follow_the_rule_and_bad_settings_are_refused() -> 
         DensePointerDataModule(image_size=64, band=40)
     with pytest.raises(DataError, match="rule must be one of far, near"):
         DensePointerDataModule(rule="middle")
+
+
+def test_a_class_path_that_is_not_an_fvlab_module_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                                       capsys) -> None:
+    config = {"name": "bad", "model": {"class_path": "collections.OrderedDict", "init_args": {}}, "data": DENSE}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["fit", str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "model.class_path 'collections.OrderedDict' is not an fvlab LightningModule" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_classifier_checkpoint_starts_the_encoder_and_layer_decay_groups_it(tmp_path: Path) -> None:
+    from timm.optim import create_optimizer_v2
+
+    from fvlab.models import create_model
+
+    classifier = create_model("fastervit_micro", num_classes=10, in_chans=1)
+    path = tmp_path / "classifier.pth"
+    torch.save({"state_dict": classifier.state_dict()}, path)
+    model = SemanticSegmenter(arch={"name": "fastervit_micro", "checkpoint_path": str(path)}, num_classes=3,
+                              in_chans=1, image_size=64, layer_decay=0.5)
+    assert torch.equal(model.model.encoder.patch_embed.conv_down[0].weight,
+                       classifier.patch_embed.conv_down[0].weight)
+    groups = create_optimizer_v2(model.model, opt="adamw", lr=1.0, layer_decay=0.5).param_groups
+    scales = {g["lr_scale"] for g in groups}
+    assert len(scales) > 2 and max(scales) == 1.0  # the encoder's depths, the decoder and head last
+    head = {id(p) for p in model.model.segmentation_head.parameters()}
+    assert all(g["lr_scale"] == 1.0 for g in groups if head & {id(p) for p in g["params"]})
