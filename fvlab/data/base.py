@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 __all__ = ["DataError", "DataRandom", "ImageDataModule", "InMemoryImages", "NormaliseGrey", "SeededTransform", "collate_batch",
-           "check_positive", "check_image_size", "check_fraction", "check_channels", "stratified_split",
+           "check_positive", "check_image_size", "check_fraction", "check_channels", "check_noise", "check_split_seed", "stratified_split",
            "MIN_IMAGE_SIZE"]
 
 MIN_IMAGE_SIZE = 8
@@ -39,6 +39,18 @@ def check_fraction(name: str, value: float) -> None:
     """Raise DataError unless ``value`` lies strictly between 0 and 1."""
     if not 0.0 < value < 1.0:
         raise DataError(f"{name} must lie strictly between 0 and 1, got {value!r}; e.g. set {name} to 0.2")
+
+
+def check_noise(value: float, example: float = 0.1) -> None:
+    """Raise DataError unless ``value`` is a finite number >= 0 (a pixel-noise standard deviation)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
+        raise DataError(f"noise must be a number >= 0 (pixel noise std), got {value!r}; e.g. {example}")
+
+
+def check_split_seed(value: int) -> None:
+    """Raise DataError unless ``value`` is an integer seed in [0, 2**32)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise DataError(f"split_seed must be an integer in [0, 2**32), got {value!r}")
 
 
 def check_channels(in_chans: int, allowed: Sequence[int] = (1, 3)) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, NormaliseGrey, check_channels,
-                             check_fraction, check_image_size, check_positive)
+                             check_fraction, check_image_size, check_noise, check_positive, check_split_seed)
 from fvlab.data.digits import MAX_PIXEL, NUM_CLASSES, NUM_IMAGES, split_indices, split_sizes
 
 __all__ = ["ClutteredDigitsDataModule", "render_cluttered"]
@@ -112,13 +112,11 @@ class ClutteredDigitsDataModule(ImageDataModule):
                             f"{fragment_size!r}; e.g. half the digit_size")
         if isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0:
             raise DataError(f"distractors must be an integer >= 0, got {distractors!r}; e.g. 4")
-        if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 <= noise < float("inf")):
-            raise DataError(f"noise must be a number >= 0 (pixel noise std), got {noise!r}; e.g. 0.2")
+        check_noise(noise, 0.2)
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
         check_channels(in_chans)
-        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
-            raise DataError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
+        check_split_seed(split_seed)
         if min(split_sizes(NUM_IMAGES, val_fraction, test_fraction)) < NUM_CLASSES:
             raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave a split with "
                             f"fewer than {NUM_CLASSES} digits; use e.g. 0.2 and 0.2")

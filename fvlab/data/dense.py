@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, NormaliseGrey, check_channels,
-                             check_fraction, check_image_size, check_positive)
+                             check_fraction, check_image_size, check_noise, check_positive, check_split_seed)
 from fvlab.data.digits import MAX_PIXEL, NUM_CLASSES, split_indices
 
 __all__ = ["DensePointerDataModule", "render_pointer", "render_patterns", "RULES", "GLYPHS", "BACKGROUND"]
@@ -177,13 +177,11 @@ class DensePointerDataModule(ImageDataModule):
             raise DataError(f"glyphs must be one of {', '.join(GLYPHS)}, got {glyphs!r}")
         if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= NUM_CLASSES:
             raise DataError(f"classes must be an integer from 2 to {NUM_CLASSES}, got {classes!r}")
-        if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 <= noise < float("inf")):
-            raise DataError(f"noise must be a number >= 0 (pixel noise std), got {noise!r}; e.g. 0.1")
+        check_noise(noise, 0.1)
         check_fraction("val_fraction", val_fraction)
         check_fraction("test_fraction", test_fraction)
         check_channels(in_chans)
-        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
-            raise DataError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
+        check_split_seed(split_seed)
         self.save_hyperparameters()
         self.num_classes = 1 + classes
         self.in_chans = in_chans

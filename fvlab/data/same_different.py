@@ -62,8 +62,8 @@ import functools
 import numpy as np
 import torch
 
-from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, NormaliseGrey, check_channels, check_image_size,
-                             check_positive)
+from fvlab.data.base import (DataError, ImageDataModule, InMemoryImages, NormaliseGrey, check_channels,
+                             check_image_size, check_noise, check_positive, check_split_seed)
 
 __all__ = ["SameDifferentDataModule", "LAYOUTS", "distinct_images", "distinct_same_images", "glyph_vocabulary",
            "generate_same_different"]
@@ -309,10 +309,8 @@ class SameDifferentDataModule(ImageDataModule):
         if not (isinstance(jitter, (int, float)) and not isinstance(jitter, bool) and 0 <= jitter <= 1):
             raise DataError(f"jitter must be a number from 0 (glyphs centred) to 1 (anywhere in their "
                             f"place), got {jitter!r}; e.g. 0.5")
-        if not (isinstance(noise, (int, float)) and not isinstance(noise, bool) and 0 <= noise < float("inf")):
-            raise DataError(f"noise must be a number >= 0 (pixel noise std), got {noise!r}; e.g. 0.1")
-        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
-            raise DataError(f"split_seed must be an integer in [0, 2**32), got {split_seed!r}")
+        check_noise(noise, 0.1)
+        check_split_seed(split_seed)
         check_channels(in_chans)
         classes = num_glyphs if layout in POINTER_LAYOUTS else 2
         capacity = distinct_images(image_size, layout, num_glyphs, jitter)
