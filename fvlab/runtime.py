@@ -67,6 +67,25 @@ def _macos_arm_bf16() -> bool:
     return out.strip() == "1"
 
 
+def _read_cpuinfo() -> str | None:
+    """The kernel's ``/proc/cpuinfo`` text, or None where there is none (not Linux, no access)."""
+    try:
+        with open(CPUINFO_PATH, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_description() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and feature flags (from /proc/cpuinfo on Linux, else what ``platform`` knows)."""
+    text = _read_cpuinfo() if sys.platform.startswith("linux") else None
+    if text is None:
+        return platform.processor() or platform.machine(), frozenset()
+    names = [line.partition(":")[2].strip() for line in text.splitlines()
+             if line.lower().startswith(("model name", "hardware", "cpu part"))]
+    return (names[0] if names else platform.processor() or platform.machine()), frozenset(cpu_flags_from_cpuinfo(text))
+
+
 @lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """True only when this CPU executes bf16 arithmetic in hardware; False when unknown.
@@ -79,12 +98,7 @@ def cpu_has_native_bf16() -> bool:
     """
     machine = platform.machine()
     if sys.platform.startswith("linux"):
-        try:
-            with open(CPUINFO_PATH, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            return False
-        return native_bf16_from_flags(cpu_flags_from_cpuinfo(text), machine)
+        return native_bf16_from_flags(set(cpu_description()[1]), machine)
     if sys.platform == "darwin" and machine == "arm64":
         return _macos_arm_bf16()
     return False

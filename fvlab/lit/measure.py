@@ -12,7 +12,6 @@ table never mixes figures of different identities.
 from __future__ import annotations
 
 import json
-import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from fvlab.metrics import (GFLOPS, LATENCY_MS_HI, LATENCY_MS_LO, MODEL_EXTRA_MET
                            is_model_metric)
 from fvlab.profile import count_flops, count_params, measure_side_by_side
 from fvlab.runs import stable_hash, write_json
+from fvlab.runtime import cpu_description
 
 __all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
            "THROUGHPUT_METRICS", "profile_rows", "write_profile_json", "measure_experiment"]
@@ -40,13 +40,7 @@ def device_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     if device.type == "cpu":
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-        except OSError:
-            pass
-        return f"cpu: {name}"
+        return f"cpu: {cpu_description()[0]}"
     return device.type
 
 
