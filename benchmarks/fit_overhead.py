@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from fvlab.experiment import load_experiment
-from fvlab.lit.runner import build_run
+from fvlab.lit.build import build_run, variant_config
+from fvlab.runtime import cpu_description
 
 
 class StepTimer(pl.Callback):
@@ -107,13 +108,11 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     experiment = load_experiment(args.experiment)
-    config = experiment.config(experiment.variant_names()[0])
+    config = variant_config(experiment)
     own = build_run(config, None, {"trainer.logger": False}).precision  # `auto` resolved here
     batch = config.get("data", {}).get("init_args", {}).get("batch_size")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "CPU")
     print(f"# {experiment.path}: {config['model']['arch']}, batch {batch}, {args.steps} steps "
-          f"per round, {args.rounds} alternating rounds, {torch.get_num_threads()} threads, {cpu}")
+          f"per round, {args.rounds} alternating rounds, {torch.get_num_threads()} threads, {cpu_description()[0]}")
     worst = float("inf")
     for precision in dict.fromkeys(["32-true", own]):
         ratios, fit_rates, plain_rates = [], [], []

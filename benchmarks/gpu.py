@@ -90,7 +90,7 @@ def training(arch: str, size: int, batch: int, precision: str, accelerator: str,
     """(b): one `fvlab fit` epoch on synthetic images with AMP and channels_last, steps/s."""
     import lightning.pytorch as pl
 
-    from fvlab.lit.runner import build_run
+    from fvlab.lit.build import build_run
 
     class StepTimer(pl.Callback):
         def __init__(self) -> None:

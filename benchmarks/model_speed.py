@@ -2,8 +2,8 @@
 
 Both models get the same configuration, weights and thread count. Each round times ours
 and the official one back to back (the order alternates between rounds), and the ratio is
-taken within the round: on a shared machine absolute figures drift by a third between
-runs, ratios of neighbouring measurements hold. The median over rounds is reported.
+taken within the round: on a shared machine absolute figures drift between runs, while
+ratios of neighbouring measurements hold. The median over rounds is reported.
 
     python benchmarks/model_speed.py                       # FasterViT-0 at 224
     python benchmarks/model_speed.py --batch-sizes 16 --modes eval --rounds 9
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import fvlab
+import fvlab.models  # registers the variants with timm; fvlab.create_model
 
 
 def official_model(arch: str) -> torch.nn.Module | None:
@@ -62,8 +62,65 @@ def time_step(step: Callable[[], None], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def main() -> None:
-    """Parse arguments, build both models, run the alternating rounds and print the table."""
+def ours_step(arch: str, state: dict | None, mode: str, batch: torch.Tensor) -> Callable[[], None]:
+    """fvlab's model at its fastest for ``mode`` (eval: BatchNorm folded, channels_last), the official weights."""
+    ours = fvlab.create_model(arch)
+    if state is not None:
+        ours.load_state_dict(fvlab.models.checkpoint_filter_fn(state, ours))  # the official layout
+    if mode == "eval":
+        ours = ours.eval().fuse().to(memory_format=torch.channels_last)
+        return make_step(ours, mode, batch.contiguous(memory_format=torch.channels_last))
+    return make_step(ours.train(), mode, batch)
+
+
+def official_step(arch: str, state: dict, mode: str, batch: torch.Tensor) -> Callable[[], None]:
+    """The official model at its fastest for ``mode`` (eval: after ``switch_to_deploy()``)."""
+    ref = official_model(arch)
+    ref.load_state_dict(state)
+    if mode == "eval":
+        ref.eval()
+        with torch.inference_mode():
+            ref(batch[:1])  # fills the position-term buffers deploy mode reuses
+        for module in ref.modules():
+            if hasattr(module, "switch_to_deploy"):
+                module.switch_to_deploy()
+    else:
+        ref.train()
+    return make_step(ref, mode, batch)
+
+
+def alternate(steps: dict[str, Callable[[], None]], rounds: int,
+              batch_size: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Images/s per model and round, and the official/ours time ratio per round, the order alternating."""
+    for step in steps.values():
+        step()  # warm-up: allocator, oneDNN primitive caches
+    # Enough calls per timing for ~1 s of work per model.
+    iters = max(1, round(1.0 / time_step(steps["ours"], 1)))
+    ips: dict[str, list[float]] = {name: [] for name in steps}
+    ratios = []
+    for r in range(rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        seconds = {name: time_step(steps[name], iters) for name in order}
+        for name, s in seconds.items():
+            ips[name].append(batch_size / s)
+        if "official" in seconds:
+            ratios.append(seconds["official"] / seconds["ours"])
+    return ips, ratios
+
+
+def print_row(mode: str, batch_size: int, ips: dict[str, list[float]], ratios: list[float]) -> None:
+    """One table row: medians, and the ratio's median and range (dashes without the official model)."""
+    ours_ips = statistics.median(ips["ours"])
+    if ratios:
+        print(f"{mode:<6} {batch_size:>5} {ours_ips:>11.2f} "
+              f"{statistics.median(ips['official']):>15.2f} "
+              f"{statistics.median(ratios):>14.2f}x {min(ratios):>6.2f}-{max(ratios):.2f}x")
+    else:
+        print(f"{mode:<6} {batch_size:>5} {ours_ips:>11.2f} {'-':>15} {'-':>15} {'-':>14}")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="fastervit_0")
     parser.add_argument("--image-size", type=int, default=224)
@@ -71,7 +128,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Parse arguments, build both models, run the alternating rounds and print the table."""
+    args = parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,48 +151,10 @@ def main() -> None:
     for mode in args.modes:
         for batch_size in args.batch_sizes:
             batch = torch.randn(batch_size, 3, args.image_size, args.image_size)
-            ours = fvlab.create_model(args.arch)
+            steps = {"ours": ours_step(args.arch, state, mode, batch)}
             if state is not None:
-                ours.load_state_dict(state)
-            if mode == "eval":
-                ours = ours.eval().fuse().to(memory_format=torch.channels_last)
-                ours_step = make_step(ours, mode, batch.contiguous(memory_format=torch.channels_last))
-            else:
-                ours_step = make_step(ours.train(), mode, batch)
-            steps = {"ours": ours_step}
-            if reference is not None:
-                ref = official_model(args.arch)
-                ref.load_state_dict(state)
-                if mode == "eval":
-                    ref.eval()
-                    with torch.inference_mode():
-                        ref(batch[:1])  # fills the position-term buffers deploy mode reuses
-                    for module in ref.modules():
-                        if hasattr(module, "switch_to_deploy"):
-                            module.switch_to_deploy()
-                else:
-                    ref.train()
-                steps["official"] = make_step(ref, mode, batch)
-            for step in steps.values():
-                step()  # warm-up: allocator, oneDNN primitive caches
-            # Enough calls per timing for ~1 s of work per model.
-            iters = max(1, round(1.0 / time_step(ours_step, 1)))
-            ips: dict[str, list[float]] = {name: [] for name in steps}
-            ratios = []
-            for r in range(args.rounds):
-                order = list(steps) if r % 2 == 0 else list(reversed(steps))
-                seconds = {name: time_step(steps[name], iters) for name in order}
-                for name, s in seconds.items():
-                    ips[name].append(batch_size / s)
-                if "official" in seconds:
-                    ratios.append(seconds["official"] / seconds["ours"])
-            ours_ips = statistics.median(ips["ours"])
-            if ratios:
-                print(f"{mode:<6} {batch_size:>5} {ours_ips:>11.2f} "
-                      f"{statistics.median(ips['official']):>15.2f} "
-                      f"{statistics.median(ratios):>14.2f}x {min(ratios):>6.2f}-{max(ratios):.2f}x")
-            else:
-                print(f"{mode:<6} {batch_size:>5} {ours_ips:>11.2f} {'-':>15} {'-':>15} {'-':>14}")
+                steps["official"] = official_step(args.arch, state, mode, batch)
+            print_row(mode, batch_size, *alternate(steps, args.rounds, batch_size))
 
 
 if __name__ == "__main__":

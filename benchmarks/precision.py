@@ -34,9 +34,10 @@ from timm.optim import create_optimizer_v2
 
 import fvlab
 from fvlab.lit.module import ImageClassifier
+from fvlab.metrics import VAL_ACC1, VAL_LOSS
 from fvlab.models import ArchConfig
-from fvlab.runtime import (ARM_NATIVE_BF16_FLAGS, X86_NATIVE_BF16_FLAGS, cpu_flags_from_cpuinfo,
-                           cpu_has_native_bf16, resolve_precision)
+from fvlab.runtime import (ARM_NATIVE_BF16_FLAGS, X86_NATIVE_BF16_FLAGS, cpu_description, cpu_has_native_bf16,
+                           resolve_precision)
 
 DEMO_ARCH = ArchConfig(name="fastervit_tiny", window_size=4, ct_size=2)
 
@@ -107,20 +108,8 @@ def compare(name: str, build: Callable[[str], Callable[[], None]], items: int, r
           f" {unit:>8} {statistics.median(ratios):>8.2f}x {min(ratios):>6.2f}-{max(ratios):.2f}x")
 
 
-def cpu_description() -> tuple[str, set[str]]:
-    """The CPU's model name and feature flags from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    names = [line.partition(":")[2].strip() for line in text.splitlines()
-             if line.lower().startswith(("model name", "hardware", "cpu part"))]
-    return (names[0] if names else platform.machine()), cpu_flags_from_cpuinfo(text)
-
-
 def learn(epochs: int) -> None:
-    """Train the digits demo ``epochs`` epochs in 32-true and bf16-mixed; print val/acc1 of each."""
+    """Train the digits demo ``epochs`` epochs in 32-true and bf16-mixed; print the validation accuracy of each."""
     import lightning.pytorch as pl
 
     from fvlab.data import DigitsDataModule
@@ -135,8 +124,8 @@ def learn(epochs: int) -> None:
         start = time.perf_counter()
         trainer.fit(module, datamodule=DigitsDataModule(image_size=128, batch_size=64))
         metrics = trainer.callback_metrics
-        print(f"digits demo {epochs} epochs {precision:<10}  val/acc1 {metrics['val/acc1'].item():.4f}  "
-              f"val/loss {metrics['val/loss'].item():.4f}  ({time.perf_counter() - start:.0f} s)")
+        print(f"digits demo {epochs} epochs {precision:<10}  {VAL_ACC1} {metrics[VAL_ACC1].item():.4f}  "
+              f"{VAL_LOSS} {metrics[VAL_LOSS].item():.4f}  ({time.perf_counter() - start:.0f} s)")
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ per repetition. ``rung1_tau`` is the Kendall tau of the rung-1 accuracy of seed 
 target without seed s over the whole grid, averaged over s (with its bootstrap interval): how
 much an early rung knows.
 
-    python benchmarks/search_cost.py                          # ~25 minutes on 2 quiet cores
-    python benchmarks/search_cost.py --from-runs /tmp/srank   # replay a supernet_rank run's grid (seconds)
+    python benchmarks/search_cost.py                          # train the grid: K x 40 runs of 4 epochs
+    python benchmarks/search_cost.py --from-runs /tmp/srank   # replay a supernet_rank run's grid, no training
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import tempfile
 import time
@@ -50,6 +49,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from fvlab.metrics import THROUGHPUT, VAL_ACC1_BEST
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "experiments" / "cluttered.yaml"
 DIMS = [8, 16, 24, 32]
@@ -57,7 +58,7 @@ DEPTHS = [[1, 1, 1, 1], [1, 1, 2, 1], [2, 2, 1, 1], [1, 1, 3, 1], [2, 2, 2, 1]]
 HAT = [[False, False, True, False], False]
 SPACE = {"model.arch.dim": {"choices": DIMS}, "model.arch.depths": {"choices": DEPTHS},
          "model.arch.hat": {"choices": HAT}}
-OBJECTIVES = {"val/acc1_best": "maximize", "model/throughput": "maximize"}
+OBJECTIVES = {VAL_ACC1_BEST: "maximize", THROUGHPUT: "maximize"}
 DIRECTIONS = list(OBJECTIVES.values())
 MIN_EPOCHS, REDUCTION_FACTOR = 1, 3
 
@@ -74,23 +75,35 @@ class TrialRecord:
     duplicate_of: int | None = None
 
 
+def _with_interval(mean: float, test: Any, confidence: float) -> tuple[float, float, float]:
+    interval = test.confidence_interval(confidence)
+    return mean, float(interval.low), float(interval.high)
+
+
 def t_interval(samples: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): the mean with its two-sided t interval (NaN bounds for one sample)."""
     from scipy import stats
 
     data = np.asarray(samples, dtype=float)
-    mean = float(data.mean())
     if len(data) < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(data) - 1) * data.std(ddof=1) / math.sqrt(len(data)))
-    return mean, mean - half, mean + half
+        return float(data.mean()), math.nan, math.nan
+    with warnings.catch_warnings():  # identical samples: scipy warns, and the interval is the point itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _with_interval(float(data.mean()), stats.ttest_1samp(data, 0.0), confidence)
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high) of the per-repetition differences a - b: the paired t interval."""
-    if len(a) != len(b):
+    from scipy import stats
+
+    if len(a) != len(b):  # scipy would broadcast a single sample against the other
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
-    return t_interval([x - y for x, y in zip(a, b)], confidence)
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(diff) < 2:
+        return float(diff.mean()), math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _with_interval(float(diff.mean()), stats.ttest_rel(a, b), confidence)
 
 
 def replay(records: Sequence[TrialRecord], rungs: Sequence[int], promotion: str = "nsga2",
@@ -105,7 +118,8 @@ def replay(records: Sequence[TrialRecord], rungs: Sequence[int], promotion: str 
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from fvlab.sweep.rungs import RUNG_ATTR, decide
+    from fvlab.sweep.attrs import RUNG_ATTR
+    from fvlab.sweep.rungs import decide
 
     outcome: dict[int, int | None] = {}
     reached: dict[int, list[Any]] = {rung: [] for rung in rungs}
@@ -197,8 +211,7 @@ def write_sweep(folder: Path, study: str, seed: int, epochs: int = 4, train_batc
 def train_grid(runs: Path, seeds: int, **grid: Any) -> tuple[list[optuna.Study], dict[str, Any]]:
     """The grid trained stand-alone once per seed (rung values recorded, nothing stopped); the
     studies and their shared measurements (one scale, one measurement per network)."""
-    from fvlab.sweep.objective import ARCH_ATTR
-    from fvlab.sweep.pareto import SCALE_ATTR
+    from fvlab.sweep.attrs import ARCH_ATTR, SCALE_ATTR
 
     folder = runs / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
@@ -226,34 +239,34 @@ def grid_studies(runs: Path, seeds: int) -> list[optuna.Study]:
     return studies
 
 
-def run_arm(path: Path, runs: Path, shared: Mapping[str, Any], record_only: bool) -> optuna.Study:
-    """Run one study in this process (one worker), its architecture figures and scale from ``shared``."""
-    from fvlab.sweep import workers
-    from fvlab.sweep.command import _open_study, prepare_sweep
+def record_only_pruner(sweep: Any) -> optuna.pruners.BasePruner:
+    """The sweep's `pruner: rungs`, recording every rung's values but never stopping a trial: the full arm."""
     from fvlab.sweep.rungs import RungDecision, RungsPruner
 
     class RecordOnly(RungsPruner):
-        """Records every rung's values and never stops a trial: the full arm."""
+        """Records like RungsPruner (the callback still writes rung_<epochs>); every trial goes on."""
 
         def decide(self, study: optuna.Study, number: int, epochs: int) -> RungDecision:
             return RungDecision(epochs=epochs, go_on=True, rank=0, trials=0, keep=0, front=0)
+
+    return RecordOnly(**sweep.pruner_options)
+
+
+def run_arm(path: Path, runs: Path, shared: Mapping[str, Any], record_only: bool) -> optuna.Study:
+    """Run one study in this process (one worker), its architecture figures and scale from ``shared``."""
+    from fvlab.sweep.command import open_study, prepare_sweep
+    from fvlab.sweep.workers import WorkerSettings, run_workers
 
     args = argparse.Namespace(sweep=str(path), n_trials=None, timeout=None, workers=1, study_name=None,
                               storage=None, runs_dir=str(runs), confirm=False)
     sweep, _, kind = prepare_sweep(args)
     journal = runs / sweep.study / "study.journal"
-    _, study = _open_study(args, sweep, kind, journal)
+    _, study = open_study(args, sweep, kind, journal)
     for key, value in shared.items():  # one scale and one measurement per architecture for all studies
         study.set_user_attr(key, value)
-    original = workers.make_pruner
-    if record_only:
-        workers.make_pruner = lambda spec: RecordOnly(**spec.pruner_options)
-    try:
-        code = workers.run_workers(workers.WorkerSettings(
-            sweep_path=str(path), study_name=sweep.study, n_trials=sweep.n_trials, storage=None,
-            journal=str(journal), runs_dir=str(runs)))
-    finally:
-        workers.make_pruner = original
+    code = run_workers(WorkerSettings(sweep_path=str(path), study_name=sweep.study, n_trials=sweep.n_trials,
+                                      storage=None, journal=str(journal), runs_dir=str(runs)),
+                       pruner_factory=record_only_pruner if record_only else None)
     if code != 0:
         raise SystemExit(f"{sweep.study}: the workers ended with {code}")
     return study
@@ -261,20 +274,20 @@ def run_arm(path: Path, runs: Path, shared: Mapping[str, Any], record_only: bool
 
 def records_of(study: optuna.Study, rungs: Sequence[int]) -> list[TrialRecord]:
     """The study's trials as records: final values, rung values, epochs trained."""
-    from fvlab.sweep.rungs import RUNG_ATTR
+    from fvlab.sweep.attrs import DUPLICATE_OF, REFERENCE, RUN_DIR, RUNG_ATTR
 
     records = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        run_dir = attrs.get("run_dir")
+        run_dir = attrs.get(RUN_DIR)
         metrics = Path(run_dir) / "metrics.json" if run_dir else None
         epochs = 0
-        if attrs.get("duplicate_of") is None and metrics is not None and metrics.is_file():
+        if attrs.get(DUPLICATE_OF) is None and metrics is not None and metrics.is_file():
             epochs = int(json.loads(metrics.read_text()).get("epochs") or 0)
         records.append(TrialRecord(
             number=trial.number, values=tuple(trial.values) if trial.state == TrialState.COMPLETE else None,
             rungs={r: tuple(attrs[f"{RUNG_ATTR}{r}"]) for r in rungs if f"{RUNG_ATTR}{r}" in attrs},
-            epochs=epochs, reference=bool(attrs.get("reference")), duplicate_of=attrs.get("duplicate_of")))
+            epochs=epochs, reference=bool(attrs.get(REFERENCE)), duplicate_of=attrs.get(DUPLICATE_OF)))
     return records
 
 
@@ -284,12 +297,11 @@ def quiet_setup(profile_rounds: int) -> str:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from fvlab.runtime import quiet_lightning, tune_allocator
+    from fvlab.runtime import cpu_description, quiet_lightning, tune_allocator
 
     quiet_lightning()
     tune_allocator()
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                 if line.startswith("model name")), platform.processor())
+    return cpu_description()[0]
 
 
 def _fmt(interval: tuple[float, float, float]) -> str:
@@ -393,7 +405,7 @@ def print_summary(reps: Sequence[Mapping[str, Mapping[str, float]]], rules: Sequ
 
 def main() -> None:
     """Train (or read) the grid, replay the repetitions, print per-repetition figures and the summary."""
-    from fvlab.sweep.front import PROMOTIONS
+    from fvlab.sweep.space import PROMOTIONS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)

@@ -23,7 +23,7 @@ its evaluation trials (measured alike). Rungs report their epochs share of the f
 The last line:
 `supernet_rank: tau=T [lo, hi] one_seed_tau=O [lo, hi] diff=D [lo, hi] search_cost=S hv=H archs=N`.
 
-    python benchmarks/supernet_rank.py               # about 30 minutes on 2 quiet CPU cores
+    python benchmarks/supernet_rank.py               # the full grid: K x 40 stand-alone runs and a supernet
     python benchmarks/supernet_rank.py --dims 8 32 --depths 2 --epochs 2 --supernet-epochs 2   # a quick look
 """
 
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_cost  # noqa: E402  (the rung replay and the one-worker sweep runner are shared)
 
-from fvlab.metrics import SPEEDUP, VAL_LOSS, trial_attr  # noqa: E402
+from fvlab.metrics import SPEEDUP, VAL_ACC1_BEST, VAL_LOSS, trial_attr  # noqa: E402
 
 MIN_EPOCHS, REDUCTION_FACTOR = search_cost.MIN_EPOCHS, search_cost.REDUCTION_FACTOR
 
@@ -139,7 +139,7 @@ def rungs_arm(studies: Sequence[optuna.Study], ground: Ground, promotion: str, r
 
 def print_table(ground: Ground, score: Mapping[str, float]) -> None:
     """One row per architecture, best stand-alone mean first."""
-    print("\n| architecture | stand-alone val/acc1_best per seed | mean | supernet acc | speedup |")
+    print(f"\n| architecture | stand-alone {VAL_ACC1_BEST} per seed | mean | supernet acc | speedup |")
     print("|---|---|---|---|---|")
     for i in np.argsort(-ground.acc.mean(axis=1)):
         a = ground.archs[i]
@@ -175,9 +175,9 @@ def report(args: argparse.Namespace, studies: list[optuna.Study], oneshot: optun
     eval_s = sum(seconds(evals[a]) for a in ground.archs)
     cost = (supernet_s + eval_s) / ground.train_s
     by_acc = rank_quality([acc[a] for a in ground.archs], ground.acc)
-    print(f"\nsupernet score val/acc1_best: {by_acc.line()} (K={args.seeds} seeds, {len(ground.archs)} architectures)")
+    print(f"\nsupernet score {VAL_ACC1_BEST}: {by_acc.line()} (K={args.seeds} seeds, {len(ground.archs)} architectures)")
     if np.isfinite(loss).all():
-        print(f"supernet score val/loss: {rank_quality(loss, ground.acc, higher_is_better=False).line()}")
+        print(f"supernet score {VAL_LOSS}: {rank_quality(loss, ground.acc, higher_is_better=False).line()}")
     hv = hv_share(front_of([acc[a] for a in ground.archs], ground.speedup), ground)
     print(f"one-shot search (supernet {supernet_s:.0f} s + {len(ground.archs)} evaluations {eval_s:.0f} s) / every "
           f"stand-alone training once ({ground.train_s:.0f} s): {cost:.3f}; hypervolume of its front on the "

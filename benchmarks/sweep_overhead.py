@@ -20,11 +20,14 @@ from pathlib import Path
 import optuna
 import yaml
 
+from fvlab.metrics import VAL_ACC1_BEST
+
 ROOT = Path(__file__).resolve().parents[1]
 FVLAB = [sys.executable, "-c", "import sys; from fvlab.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def timed(args: list[str]) -> float:
+    """Wall seconds of one `fvlab` command in a fresh process, as a user runs it."""
     start = time.perf_counter()
     subprocess.run([*FVLAB, *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -43,7 +46,7 @@ def main() -> None:
     lr = experiment["model"]["lr"]
     sweep = {"study": "bench", "experiment": str(tmp / "base.yaml"),
              "space": {"model.lr": {"choices": [lr]}},  # one trial: the base config itself
-             "objectives": {"val/acc1_best": "maximize"}, "sampler": "grid", "n_trials": 1}
+             "objectives": {VAL_ACC1_BEST: "maximize"}, "sampler": "grid", "n_trials": 1}
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     ratios = []
     for round_ in range(args.rounds):

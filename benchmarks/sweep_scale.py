@@ -23,7 +23,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+from fvlab.metrics import THROUGHPUT, VAL_ACC1_BEST, trial_attr
+from fvlab.runtime import cpu_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput_stability import burn  # noqa: E402
@@ -74,14 +76,15 @@ def searched_throughputs(tmp: Path, study: str, env: dict[str, str]) -> dict[str
     from fvlab.sweep.space import load_sweep
 
     sweep = {"study": study, "experiment": str(tmp / "base.yaml"), "space": SPACE,
-             "objectives": {"val/acc1_best": "maximize", "model/throughput": "maximize"},
+             "objectives": {VAL_ACC1_BEST: "maximize", THROUGHPUT: "maximize"},
              "sampler": {"name": "grid", "seed": 0}, "n_trials": 4}
     path = tmp / f"{study}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     fvlab(["sweep", str(path), "--runs-dir", str(tmp / "runs")], env)
     storage = JournalStorage(JournalFileBackend(str(tmp / "runs" / study / "study.journal")))
     space = load_sweep(path).space
-    return {f"t{t.number}": ({k: space[k].decode(v) for k, v in t.params.items()}, t.user_attrs["throughput"])
+    return {f"t{t.number}": ({k: space[k].decode(v) for k, v in t.params.items()},
+                             t.user_attrs[trial_attr(THROUGHPUT)])
             for t in optuna.load_study(study_name=study, storage=storage).get_trials()}
 
 
@@ -96,7 +99,7 @@ def profiled_ratios(tmp: Path, trials: dict[str, tuple[dict, float]], profiles: 
         fvlab(["profile", str(experiment), "--json", "--rounds", str(rounds), "--runs-dir", str(tmp / "runs")], env)
         rows = {row["name"]: row for row in json.loads((tmp / "runs" / "four" / "profile.json").read_text())}
         for a, b in itertools.combinations(sorted(trials), 2):
-            ratios.setdefault((a, b), []).append(rows[a]["model/throughput"] / rows[b]["model/throughput"])
+            ratios.setdefault((a, b), []).append(rows[a][THROUGHPUT] / rows[b][THROUGHPUT])
     return ratios
 
 
@@ -119,17 +122,6 @@ def measure(label: str, tmp: Path, args: argparse.Namespace, env: dict[str, str]
     return max(diffs)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main() -> int:
     """Quiet (and with --burst, loaded) measurements; exit 1 when the quiet goal is missed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,7 +134,7 @@ def main() -> int:
     env = {**os.environ, "FVLAB_PROFILE_ROUNDS": str(args.rounds), "FVLAB_PROFILE_ROUND_S": str(args.round_s),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print(f"# fastervit_micro at 64 px, 4 grid trials, {args.rounds} rounds x {args.round_s} s, "
-          f"{args.profiles} profiles; {cpu_name()}, {os.cpu_count()} cores, 1 thread")
+          f"{args.profiles} profiles; {cpu_description()[0]}, {os.cpu_count()} cores, 1 thread")
     with tempfile.TemporaryDirectory(prefix="fvlab-scale-") as folder:
         tmp = Path(folder)
         (tmp / "base.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))

@@ -19,12 +19,14 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fvlab.metrics import SPEEDUP, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO
+from fvlab.runtime import cpu_description
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,11 +56,11 @@ def check(label: str, runs: list[list[dict]], variant: str, reference: str, limi
     speedups = []
     for i, rows in enumerate(runs, 1):
         by_name = {row["name"]: row for row in rows}
-        order = sorted(by_name, key=lambda n: -by_name[n]["model/throughput"])
-        cells = ", ".join(f"{n} {by_name[n]['model/throughput']:.0f} "
-                          f"[{by_name[n]['model/throughput_lo']:.0f}, {by_name[n]['model/throughput_hi']:.0f}]"
+        order = sorted(by_name, key=lambda n: -by_name[n][THROUGHPUT])
+        cells = ", ".join(f"{n} {by_name[n][THROUGHPUT]:.0f} "
+                          f"[{by_name[n][THROUGHPUT_LO]:.0f}, {by_name[n][THROUGHPUT_HI]:.0f}]"
                           for n in order)
-        speedup = by_name[variant]["model/speedup"] / by_name[reference]["model/speedup"]
+        speedup = by_name[variant][SPEEDUP] / by_name[reference][SPEEDUP]
         speedups.append(speedup)
         print(f"run {i}: {' > '.join(order)}   {variant}/{reference} speedup {speedup:.3f}   ({cells})")
     names = sorted({row["name"] for rows in runs for row in rows})
@@ -68,9 +70,9 @@ def check(label: str, runs: list[list[dict]], variant: str, reference: str, limi
         for rows in runs:
             by = {row["name"]: row for row in rows}
             ra, rb = by[a], by[b]
-            if ra["model/throughput_lo"] > rb["model/throughput_hi"]:
+            if ra[THROUGHPUT_LO] > rb[THROUGHPUT_HI]:
                 seen.add(f"{a} > {b}")
-            elif rb["model/throughput_lo"] > ra["model/throughput_hi"]:
+            elif rb[THROUGHPUT_LO] > ra[THROUGHPUT_HI]:
                 seen.add(f"{b} > {a}")
         if len(seen) > 1:
             contradictions.append(" and ".join(sorted(seen)))
@@ -93,9 +95,7 @@ def main() -> int:
     parser.add_argument("--profile-args", default="", help="extra `fvlab profile` options, quoted")
     args = parser.parse_args()
     extra = args.profile_args.split()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads per profile: default")
+    print(f"machine: {cpu_description()[0]}, {os.cpu_count()} cores; torch threads per profile: default")
     quiet = [profile_once(args.experiment, extra) for _ in range(args.runs)]
     stop = mp.Event()
     burner = mp.Process(target=burn, args=(stop, 0), daemon=True)

@@ -16,7 +16,9 @@ from typing import Any, Sequence
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
 from fvlab.metrics import GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, THROUGHPUT
 from fvlab.models.checkpoint import checkpoints_trusted, trust_checkpoints
+from fvlab.runs import PROFILE_FILE
 from fvlab.runtime import quiet_lightning as _quiet_lightning
+from fvlab.tables import interval_cell, markdown_table
 
 
 class BadInput(Exception):
@@ -45,7 +47,7 @@ def _profile_targets(args: argparse.Namespace, device: Any) -> tuple[Any, dict[s
     checked as `fit` checks it; all held together, since they are measured side by side."""
     from fvlab.experiment import ExperimentError, load_experiment
     from fvlab.lit.measure import Target
-    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.lit.build import BadConfig, build_run
     from fvlab.models import create_model, list_variants
 
     if args.experiment is None:
@@ -92,15 +94,11 @@ def _profile_device(name: str | None) -> Any:
 
 def _interval_cell(row: dict[str, Any], key: str, fmt: str) -> str:
     """``1183 [1150, 1204]``: a median with its 95% interval, or ``-``."""
-    value, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    if value is None:
-        return "-"
-    return fmt.format(value) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
+    return interval_cell(row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi"), fmt)
 
 
 def _format_table(rows: list[dict[str, Any]]) -> str:
-    from fvlab.report.stats import markdown_table
-
+    """fvlab profile's rows as a markdown table."""
     header = ["model", "resolution", "batch", "params (M)", "GFLOPs", "throughput (img/s) [95%]",
               "speedup [95%]", "latency (ms) [95%]", "backend", "precision", "device"]
     cells = [[row["name"], str(row["image_size"]), str(row.get("batch_size") or "-"),
@@ -184,7 +182,7 @@ def profile_command(argv: Sequence[str]) -> int:
     batch_sizes = _check_profile_args(parser, args)
 
     from fvlab.lit.measure import profile_rows, write_profile_json
-    from fvlab.lit.runner import release_memory
+    from fvlab.lit.fit import release_memory
 
     _quiet_lightning()
     try:
@@ -201,7 +199,7 @@ def profile_command(argv: Sequence[str]) -> int:
     release_memory()
     path = None
     if experiment is not None and not args.no_throughput:
-        path = Path(args.runs_dir) / experiment.name / "profile.json"
+        path = Path(args.runs_dir) / experiment.name / PROFILE_FILE
         write_profile_json(path, rows)
     print(json.dumps(rows, indent=2, default=str) if args.json else _format_table(rows))
     if path is not None and not args.json:
@@ -220,7 +218,7 @@ CONFIG_HELP = ("Any other option is LightningCLI's, merged in order after the ex
 _CLI_OPTIONS = ("config", "print_config", "seed_everything", "name")
 
 
-def _parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str],
+def _parse_with_overrides(parser: ArgumentParser, argv: Sequence[str],
                           help_when_empty: bool = True) -> argparse.Namespace:
     """fvlab's own options into a namespace; the rest, LightningCLI's, into ``overrides`` unparsed
     (LightningCLI parses them, after the experiment's own config). With no arguments: the help
@@ -230,7 +228,7 @@ def _parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str],
         print(f"\n{CONFIG_HELP}")
         raise SystemExit(0 if argv else EXIT_BAD_INPUT)
     args, rest = parser.parse_known_args(argv)
-    own = ", ".join(a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help")
+    own = ", ".join(parser.own_options)
     for item in rest:
         key = item[2:].partition("=")[0] if item.startswith("--") else ""
         if key and "." not in key and key not in _CLI_OPTIONS:
@@ -333,7 +331,7 @@ def fit_command(argv: Sequence[str]) -> int:
 def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     """``fvlab validate|test``: LightningCLI's subcommand on one variant, from a checkpoint."""
     from fvlab.experiment import ExperimentError
-    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.lit.build import BadConfig, build_run
 
     args, overrides = _split_fit_args(f"fvlab {stage}", argv, f"run Trainer.{stage}", seeds=True)
     _quiet_lightning()
@@ -365,7 +363,7 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
     measured = getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt,
                                             weights_only=not checkpoints_trusted())
     if stage == "test" and spec.trainer.is_global_zero and run_dir.is_dir():
-        from fvlab.lit.runner import write_test_json
+        from fvlab.lit.fit import write_test_json
 
         write_test_json(run_dir, ckpt, measured[0] if measured else {}, spec.datamodule, spec.model.task)
     return EXIT_OK
@@ -404,7 +402,7 @@ def _export_target(args: argparse.Namespace) -> tuple[Any, Path, int]:
     """(model with its weights, output path, image size) for ``fvlab export``; BadInput otherwise."""
     from fvlab.experiment import ExperimentError, load_experiment
     from fvlab.export import fixed_image_size
-    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.lit.build import BadConfig, build_run
     from fvlab.models import create_model, list_variants
 
     if args.ckpt_path not in (None, "best", "last") and not Path(args.ckpt_path).is_file():

@@ -13,11 +13,11 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "apply_overrides", "model_arguments"]
+__all__ = ["Experiment", "ExperimentError", "load_experiment", "get_dotted", "model_arguments"]
 
 DEFAULT_VARIANT = "default"
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -48,17 +48,6 @@ def model_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(model, dict):
         return {}
     return model["init_args"] if isinstance(model.get("init_args"), dict) else model
-
-
-def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` with ``overrides`` (a config fragment, e.g. {"model.arch.ct_size": 2}) merged as LightningCLI merges them."""
-    # LightningCLI's parser knows the sections (subclass data, class_path changes); it lives with the runs.
-    from fvlab.lit.runner import BadConfig, merge_config
-
-    try:
-        return merge_config(config, overrides)
-    except BadConfig as err:
-        raise ExperimentError(str(err)) from None
 
 
 @dataclass
@@ -93,11 +82,6 @@ class Experiment:
                 f"unknown variant {variant!r} in {self.path}; known: {', '.join(self.variant_names())}")
         own = self.variants.get(variant)
         return [self.base_config(), *([copy.deepcopy(own)] if own else [])]
-
-    def config(self, variant: str | None = None) -> dict[str, Any]:
-        """The base config with ``variant``'s fragment merged (a fresh copy)."""
-        base, *own = self.layers(variant)
-        return apply_overrides(base, own[0]) if own else base
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -152,16 +136,3 @@ def load_experiment(path: str | Path) -> Experiment:
                               f"{', '.join(experiment.variant_names())}")
     experiment.reference = reference or experiment.variant_names()[0]
     return experiment
-
-
-def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = (),
-                 prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested configs (``ignore``: dotted keys to skip)."""
-    keys = []
-    for key in sorted(set(old) | set(new), key=str):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys += changed_keys(a, b, ignore, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" not in ignore:
-            keys.append(f"{prefix}{key}")
-    return keys

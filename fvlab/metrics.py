@@ -1,4 +1,4 @@
-"""The metric names, defined once: the module, callbacks, runner, stats, sweep and report import them.
+"""The metric names, defined once: the modules, callbacks, run plan, stats, sweep and report import them.
 
 A name is what Lightning logs (TensorBoard tags), the key in metrics.json and, for the ones a
 sweep trial records, the Optuna user attribute :func:`trial_attr` names. No heavy imports here

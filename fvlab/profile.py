@@ -285,7 +285,8 @@ def model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_cha
                   device: str | torch.device | None = None, precision: str | None = None,
                   throughput: bool = True, batch_size: int | None = None,
                   repeats: int | None = None) -> dict[str, float | None]:
-    """The four ``model/*`` metrics of one network; a failed measurement is None with a warning."""
+    """The four ``model/*`` metrics of one network (timed as ``measure_side_by_side`` times, ``repeats`` rounds);
+    a failed measurement is None with a warning."""
     device_type = torch.device(device).type if device is not None else "cpu"
     # Measuring inside a run must leave every generator as it was: the run trains the same
     # whether or not its architecture was measured earlier (seeds of a variant share one measurement).
@@ -307,20 +308,15 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
     except Exception as err:  # a measurement never fails a run
         warnings.warn(f"FLOP count failed, recorded as null: {type(err).__name__}: {err}", stacklevel=2)
     if throughput:
-        amp, amp_dtype = autocast_for_precision(precision)
         try:
-            result = measure_throughput(network, image_size, batch_size=batch_size, device=device,
-                                        amp=amp, amp_dtype=amp_dtype, repeats=repeats,
-                                        in_chans=in_chans)
+            # The side-by-side protocol with one network: every throughput figure fvlab records is measured alike.
+            result = measure_side_by_side({"model": network}, image_size, batch_size=batch_size, device=device,
+                                          precision=precision, in_chans=in_chans, rounds=repeats)["model"]
             metrics[THROUGHPUT] = result.images_per_s
             metrics[LATENCY_MS] = result.latency_ms
         except Exception as err:  # out of memory, an unsupported dtype on this device ...
             warnings.warn(f"throughput measurement failed, recorded as null: "
                           f"{type(err).__name__}: {err}", stacklevel=2)
-        finally:
-            device_type = torch.device(device).type if device is not None else "cpu"
-            if device_type == "cuda":
-                torch.cuda.empty_cache()
     return metrics
 
 
@@ -341,19 +337,18 @@ CONFIDENCE = 0.95
 
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """(median, lo, hi): the median and its distribution-free interval from order statistics."""
+    from scipy import stats
+
     if not values:
         raise ValueError("no values")
-    ordered = sorted(values)
-    n = len(ordered)
-    # The interval [x_(k), x_(n-k+1)] covers the median with probability 1 - 2 P(Binom(n, 1/2) < k):
-    # take the largest k that keeps that at least ``confidence`` (k = 1, the range, for tiny n).
-    k, tail = 1, 0.5 ** n
-    while k < n // 2:
-        tail_next = tail + math.comb(n, k) * 0.5 ** n
-        if 2 * tail_next > 1 - confidence:
-            break
-        k, tail = k + 1, tail_next
-    return statistics.median(ordered), ordered[k - 1], ordered[n - k]
+    median = statistics.median(values)
+    # The binomial interval [x_(k), x_(n-k+1)] of the median (scipy's quantile test, p = 1/2).
+    interval = stats.quantile_test(values, q=median, p=0.5).confidence_interval(confidence)
+    if math.isnan(interval.low) or math.isnan(interval.high):
+        # Too few values for any pair of order statistics to reach ``confidence`` (n <= 5 at 95%):
+        # scipy gives NaN; the range, the widest interval there is, still says how far rounds spread.
+        return median, min(values), max(values)
+    return median, float(interval.low), float(interval.high)
 
 
 @dataclass

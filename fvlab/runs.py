@@ -21,21 +21,31 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "TEST_FILE", "STUDY_FILE", "CONFIG_HEADER", "RUN_LABELS",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "TEST_FILE", "STUDY_FILE", "SUMMARY_MD", "SUMMARY_CSV", "PROFILE_FILE",
+           "MEASUREMENTS_FILE", "PARETO_MD", "PARETO_CSV", "REPORT_MD", "REPORT_CSV", "SUPERNET_DIR", "BEST_CHECKPOINT",
+           "LAST_CHECKPOINT", "checkpoint_dir", "checkpoint_path", "best_study_name", "CONFIG_HEADER", "RUN_LABELS",
            "DISPLAY_KEYS", "seed_dir_name", "seed_of", "trial_dir_name", "trial_number_of", "run_dir_for",
            "variant_dir_of", "confirm_dir", "confirm_seeds", "is_confirm_run", "best_dir", "best_config_path",
            "stale_best_configs", "has_trial_dirs", "is_run_config", "is_run_dir", "find_runs", "find_studies",
            "layout_conflict", "read_config", "trained_config", "write_config", "read_metrics", "write_json", "stable_hash",
-           "without_display_keys", "config_hash"]
+           "without_display_keys", "config_hash", "changed_keys"]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 TEST_FILE = "test.json"  # written by `fvlab test` into the run directory
 STUDY_FILE = "study.journal"
+# What an experiment, study or report directory holds besides its runs.
+SUMMARY_MD, SUMMARY_CSV = "summary.md", "summary.csv"  # fvlab fit's table, in runs/<experiment>/
+PROFILE_FILE = "profile.json"  # fvlab profile's rows, in runs/<experiment>/
+MEASUREMENTS_FILE = "measurements.json"  # side-by-side figures per architecture, in runs/<experiment>/
+PARETO_MD, PARETO_CSV = "pareto.md", "pareto.csv"  # a study's front, in runs/<study>/
+REPORT_MD, REPORT_CSV = "report.md", "report.csv"  # fvlab report's output directory
+SUPERNET_DIR = "supernet"  # a one-shot study's weight-sharing run, runs/<study>/supernet/
+BEST_CHECKPOINT, LAST_CHECKPOINT = "best.ckpt", "last.ckpt"  # in a run's checkpoints/
 CONFIG_HEADER = "# fvlab: resolved config"  # the first line of the config.yaml a run starts by writing
 # The labels config.yaml carries above the resolved config, so that `fvlab fit config.yaml` re-runs
 # that run in place; they name the run, they are not part of what it trains.
@@ -53,6 +63,23 @@ _CHECKPOINTS = "checkpoints"
 
 
 # ---- names -----------------------------------------------------------------------------
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run's checkpoints go: ``<run_dir>/checkpoints``."""
+    return Path(run_dir) / _CHECKPOINTS
+
+
+def checkpoint_path(run_dir: Path, which: str = "best") -> Path:
+    """A run's ``best`` or ``last`` checkpoint file."""
+    if which not in ("best", "last"):
+        raise ValueError(f"a run keeps a 'best' and a 'last' checkpoint, not {which!r}")
+    return checkpoint_dir(run_dir) / (BEST_CHECKPOINT if which == "best" else LAST_CHECKPOINT)
+
+
+def best_study_name(study: str) -> str:
+    """The experiment name of a study's exported best configs: ``<study>_best``."""
+    return f"{study}_best"
 
 
 def seed_dir_name(seed: int) -> str:
@@ -263,3 +290,16 @@ def without_display_keys(resolved: Mapping[str, Any]) -> dict[str, Any]:
 def config_hash(resolved: Mapping[str, Any]) -> str:
     """A short stable hash of a resolved config, ignoring display-only settings."""
     return stable_hash(without_display_keys(resolved))
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = (),
+                 prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested configs (``ignore``: dotted keys to skip)."""
+    keys = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys += changed_keys(a, b, ignore, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in ignore:
+            keys.append(f"{prefix}{key}")
+    return keys

@@ -1,4 +1,5 @@
-"""What several test modules share: a tiny experiment and a tiny sweep, and how to run them.
+"""What several test modules share: a tiny experiment and a tiny sweep, and how to run them; the
+checks of a datamodule's batches and a tiny image folder (tests/data); a model's parameter count.
 
 ``pyproject.toml`` puts this directory on ``sys.path`` (pytest's ``pythonpath``), so any test
 module can ``from helpers import ...``.
@@ -9,10 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
+import numpy as np
 import optuna
+import torch
 import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
+from PIL import Image
 
 from fvlab.cli import main
 from fvlab.sweep import sweep_command
@@ -95,3 +100,46 @@ UNTRAINED = dict(space={"model.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}
                         "model.arch.ct_size": {"choices": [1, 2]}},
                  objectives={"val/acc1_best": "maximize"}, constraints={"max_gflops": 1.0e-6},
                  sampler={"name": "random", "seed": 0})
+
+
+# ---- datamodules: their batches, a tiny image folder -------------------------------------
+
+
+def check_batch(batch: tuple[torch.Tensor, torch.Tensor], dm: pl.LightningDataModule, size: int,
+                bound: float = 4.0) -> None:
+    """A batch of ``size`` normalised float images and int64 labels that fit ``dm``'s attributes."""
+    images, labels = batch
+    assert images.shape == (size, dm.in_chans, dm.image_size, dm.image_size)
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert labels.shape == (size,)
+    assert 0 <= labels.min() and labels.max() < dm.num_classes
+    assert torch.isfinite(images).all() and images.abs().max() <= bound
+
+
+def first(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first batch of a loader."""
+    return next(iter(loader))
+
+
+CLASSES = ("ant", "bee", "cat")
+
+
+def make_tree(root: Path, classes: tuple[str, ...] = CLASSES, per_class: int = 4) -> Path:
+    """root/{train,val}/<class>/ with RGB JPEGs and greyscale PNGs of varied sizes."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (18 + 3 * i, 24 - 2 * i) + ((3,) if i % 2 == 0 else ())
+                image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+                image.save(folder / (f"{i}.jpg" if i % 2 == 0 else f"{i}.png"))
+    return root
+
+
+# ---- models ------------------------------------------------------------------------------
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

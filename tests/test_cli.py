@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from fvlab.cli import main
-from fvlab.experiment import ExperimentError, apply_overrides
-from fvlab.lit.runner import BadConfig, build_run, merge_config
+from fvlab.experiment import ExperimentError
+from fvlab.lit.build import apply_overrides
+from fvlab.lit.build import BadConfig, build_run, merge_config
 from fvlab.sweep.command import parse_sets
 from fvlab.sweep.space import SweepError
 from helpers import FAST_TRAINER, run_fit, write_experiment

@@ -24,12 +24,17 @@ def test_metric_names_and_the_run_layout_load_without_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_import_fvlab_still_registers_the_models_with_timm_loaded_later() -> None:
+def test_importing_the_models_module_registers_them_with_timm() -> None:
+    # timm's convention for out-of-tree models: the module that defines them registers them on import;
+    # `import fvlab` alone loads no torch, and its lazy names load (and register) on first use.
     done = _python("import fvlab, sys; assert 'torch' not in sys.modules, 'torch imported'\n"
                    "import timm\n"
+                   "assert 'fastervit_micro' not in timm.list_models(), 'registered before fvlab.models'\n"
+                   "import fvlab.models\n"
                    "assert {'fastervit_0', 'fastervit_micro', 'hat_swin_tiny_patch4_window7_224'} <= set(timm.list_models()), 'unregistered'\n"
                    "print(type(timm.create_model('fastervit_micro', pretrained=False)).__name__)\n"
-                   "print(fvlab.create_model is fvlab.models.create_model, fvlab.ImageClassifier.__name__)")
+                   "print(fvlab.create_model is fvlab.models.create_model, fvlab.ImageClassifier.__name__)\n"
+                   "assert not any(type(f).__module__.startswith('fvlab') for f in sys.meta_path), 'import hook'")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["FasterViT", "True", "ImageClassifier"]
 

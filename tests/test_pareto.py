@@ -1,12 +1,15 @@
-"""Pareto dominance after one fixed rounding (float32, 6 significant digits): one rule for the report's tables and plots and the sweep's front."""
+"""fvlab.pareto: directions, dominance after one fixed rounding (float32, 6 significant digits), fronts and
+crowding, hypervolume: one rule for the report's tables and plots, the rung pruner and the sweep's front."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from fvlab.pareto import dominates, pareto_optimal
+from fvlab.pareto import (crowding_distance, direction_name, dominates, hypervolume, losses, maximizes,
+                          non_dominated_fronts, pareto_indices, pareto_optimal, rank_order)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -61,22 +64,6 @@ def test_report_does_not_mark_the_demos_ct4(tmp_path: Path) -> None:
     assert marks == {"no_carrier": "yes", "ct1": "yes", "ct4": ""}
 
 
-def test_sweep_front_leaves_out_a_float32_tie_that_is_slower() -> None:
-    import optuna
-
-    from fvlab.sweep.pareto import front_trials
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize", "maximize"])
-    for acc, speed in ((CT1, 1183.0), (CT4, 691.0), (0.9611, 1350.0), (0.90, 600.0)):
-        study.add_trial(optuna.trial.create_trial(values=[acc, speed]))
-    assert len(study.best_trials) == 3  # Optuna's exact comparison keeps trial 1
-    assert [t.number for t in front_trials(study)] == [0, 2]
-    # A trial violating a constraint never enters the front, however good.
-    study.add_trial(optuna.trial.create_trial(values=[0.99, 5000.0], system_attrs={"constraints:max_gflops": 0.2}))
-    assert [t.number for t in front_trials(study)] == [0, 2]
-
-
 # Offsets {0, 0.8e-6, 1.5e-6} rotated over three maximised objectives: with a pairwise relative
 # tolerance of 1e-6 each point beats the next in a cycle (A > B > C > A).
 CYCLE = [(1.0, 1 + 0.8e-6, 1 + 1.5e-6), (1 + 1.5e-6, 1.0, 1 + 0.8e-6), (1 + 0.8e-6, 1 + 1.5e-6, 1.0)]
@@ -86,8 +73,8 @@ MAX3 = ("maximize", "maximize", "maximize")
 def test_dominance_is_transitive_on_near_ties() -> None:
     from optuna.trial import TrialState, create_trial
 
-    from fvlab.sweep.front import losses, pareto_indices, rank_order
-    from fvlab.sweep.rungs import RUNG_ATTR, decide
+    from fvlab.sweep.attrs import RUNG_ATTR
+    from fvlab.sweep.rungs import decide
 
     flags = pareto_optimal(CYCLE, MAX3)
     assert any(flags) and flags == [True, True, True]  # one rounding: all three tie
@@ -99,3 +86,69 @@ def test_dominance_is_transitive_on_near_ties() -> None:
         trial.number = number
     decisions = [decide(trials, n, 1, list(MAX3), 3) for n in range(3)]
     assert sorted(d.rank for d in decisions) == [1, 2, 3] and {d.front for d in decisions} == {1}
+
+
+def test_directions_have_one_parser() -> None:
+    from optuna.study import StudyDirection
+
+    assert [direction_name(d) for d in ("maximize", StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE)] == \
+        ["maximize", "maximize", "minimize"]
+    assert maximizes("maximize") and not maximizes(StudyDirection.MINIMIZE)
+    for bad in ("Maximize", "max", None, StudyDirection.NOT_SET):
+        with pytest.raises(ValueError, match="use 'maximize' or 'minimize'"):
+            direction_name(bad)
+
+
+MAX2 = ["maximize", "maximize"]
+
+
+# ---- fronts, crowding, hypervolume ------------------------------------------------------------
+
+
+def test_non_dominated_sort_and_crowding_by_hand() -> None:
+    # (accuracy, throughput), both maximised: A, B, C trade off; D is dominated by A; E by all.
+    points = [(0.9, 100), (0.8, 200), (0.7, 300), (0.6, 100), (0.5, 50)]
+    assert non_dominated_fronts(losses(points, MAX2)) == [[0, 1, 2], [3], [4]]
+    # The second minimised instead (say latency): A and E lead, A dominates B and D, B dominates C.
+    assert non_dominated_fronts(losses(points, ["maximize", "minimize"])) == [[0, 4], [1, 3], [2]]
+    # Extremes are infinitely far; B adds a full normalised gap on each objective.
+    assert crowding_distance(losses(points[:3], MAX2)).tolist() == [np.inf, 2.0, np.inf]
+    # Four minimised points: interior gaps (x: 2/3, 2/3; y: 2.5/3, 2/3).
+    four = np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 1.5], [4.0, 1.0]])
+    assert np.allclose(crowding_distance(four), [np.inf, 2 / 3 + 2.5 / 3, 4 / 3, np.inf])
+    order, fronts = rank_order(four)
+    assert order == [0, 3, 1, 2] and fronts == [0, 0, 0, 0]  # equal distances: the earlier point first
+    # A NaN (diverged) is the worst value; identical points share a front.
+    assert non_dominated_fronts(losses([(float("nan"), 100), (0.5, 100), (0.5, 100)], MAX2)) == [[1, 2], [0]]
+    assert pareto_indices([(1, 1), (2, 2), (2, 2)], MAX2) == [1, 2]
+
+
+def test_hypervolume_by_hand() -> None:
+    # Two rectangles from (0, 0): 0.9 x 100 plus the part of 0.8 x 200 above it.
+    assert hypervolume([(0.9, 100), (0.8, 200)], (0.0, 0.0), MAX2) == pytest.approx(170.0)
+    # Dominated points and points beyond the reference add nothing.
+    assert hypervolume([(0.9, 100), (0.8, 200), (0.5, 50), (-1.0, 900)], (0.0, 0.0), MAX2) == pytest.approx(170.0)
+    # Minimised latency against a reference of 10 ms: 0.9 x (10 - 4) + 0.5 x (4 - 2).
+    assert hypervolume([(0.9, 4.0), (0.5, 2.0)], (0.0, 10.0), ["maximize", "minimize"]) == pytest.approx(6.4)
+    assert hypervolume([], (0.0, 0.0), MAX2) == 0.0
+    # 3-D: two half-cubes of the unit cube overlapping in a quarter.
+    three = ["minimize"] * 3
+    assert hypervolume([(0.5, 0, 0), (0, 0.5, 0)], (1, 1, 1), three) == pytest.approx(0.75)
+    assert hypervolume([(0.5, 0.5, 0.5)], (1, 1, 1), three) == pytest.approx(0.125)
+
+
+def _inclusion_exclusion(points: np.ndarray, ref: np.ndarray) -> float:
+    """The exact volume dominated by ``points`` (minimised, inside ``ref``): a sum over every subset."""
+    total = 0.0
+    for mask in range(1, 2 ** len(points)):
+        subset = points[[i for i in range(len(points)) if mask >> i & 1]]
+        total += (-1) ** (len(subset) + 1) * float(np.prod(ref - subset.max(axis=0)))
+    return total
+
+
+def test_hypervolume_matches_inclusion_exclusion_on_random_fronts() -> None:
+    rng = np.random.default_rng(0)
+    for dims in (2, 3, 4):
+        points = rng.random((10, dims))
+        ref = np.full(dims, 1.1)
+        assert hypervolume(points, ref, ["minimize"] * dims) == pytest.approx(_inclusion_exclusion(points, ref))

@@ -160,7 +160,7 @@ def check_command(argv: list[str], work: Path, tree: Path, capsys: pytest.Captur
         if "--data.init_args.root" in rest:
             assert str(tree) in printed, f"{where}: the data root override did not reach the config"
     elif command in ("validate", "test"):
-        from fvlab.lit.runner import build_run
+        from fvlab.lit.build import build_run
 
         args, overrides = cli._split_fit_args(f"fvlab {command}", rest, "", seeds=True)
         experiment, selected, _ = cli._load_selection(args)  # the file, the variant (BadInput if wrong)

@@ -140,7 +140,7 @@ def test_auto_precision_follows_the_cpu(cpu: str, fake_cpu) -> None:
                                                           ("broadwell", Precision, "32-true")])
 def test_auto_precision_builds_the_matching_trainer_plugin(cpu: str, plugin_type: type, precision: str,
                                                           fake_cpu) -> None:
-    from fvlab.lit.runner import build_run
+    from fvlab.lit.build import build_run
 
     fake_cpu(*CPU_TABLE[cpu][:2])
     # The path of an experiment file's `trainer.precision: auto`: fvlab resolves it, Lightning builds.

@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fvlab.lit.tensorboard import register_hparams
-from fvlab.metrics import CLASSIFICATION, MODEL_METRICS, VAL_IMAGES
+from fvlab.metrics import CLASSIFICATION, MODEL_METRICS, TRAIN_LOSS_EPOCH, VAL_IMAGES, VAL_LOSS
 from fvlab.profile import model_metrics
 
-__all__ = ["MODEL_METRICS", "ModelProfileCallback", "PredictionGrid", "label_colours"]
+__all__ = ["MODEL_METRICS", "ModelProfileCallback", "StoppingCallback", "PredictionGrid", "RNGStateCallback", "EpochSummary",
+           "label_colours"]
 
 
 def _network(pl_module: pl.LightningModule) -> torch.nn.Module:
     """The network inside a LightningModule (its ``model`` attribute), or the module itself."""
     model = getattr(pl_module, "model", None)
     return model if isinstance(model, torch.nn.Module) else pl_module
+
+
+class StoppingCallback(pl.Callback):
+    """A callback that may end a run early and says how: ``fit_run`` records ``stopped_status``
+    (e.g. ``pruned``) and ``stopped_reason`` into metrics.json instead of ``complete``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped_status: str | None = None
+        self.stopped_reason: str | None = None
+
+    def stop(self, trainer: pl.Trainer, status: str, reason: str) -> None:
+        """Stop the trainer after this epoch, with the status and reason the run records."""
+        self.stopped_status, self.stopped_reason = status, reason
+        trainer.should_stop = True
 
 
 class ModelProfileCallback(pl.Callback):
@@ -32,7 +51,7 @@ class ModelProfileCallback(pl.Callback):
     TensorBoard's HParams plugin next to the module's hyperparameters and ``hparams``.
 
     Args:
-        metrics: already measured ``model/*`` values (e.g. by the runner before building the
+        metrics: already measured ``model/*`` values (e.g. side by side, before building the
             trainer); missing ones are measured at fit start.
         image_size: input side for FLOPs and throughput (default: the datamodule's
             ``image_size``, else 224).
@@ -171,3 +190,55 @@ class PredictionGrid(pl.Callback):
                 logger.experiment.add_image(VAL_IMAGES, grid, global_step=trainer.current_epoch)
         except Exception as err:  # a picture never fails a run
             rank_zero_warn(f"the validation image grid failed: {type(err).__name__}: {err}")
+
+
+class RNGStateCallback(pl.Callback):
+    """Saves and restores Python, NumPy and torch RNG states, so a resumed run matches an unbroken one."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Store the generators' states."""
+        # Plain lists and tensors only: checkpoints load with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["fvlab_rng"] = {
+            "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Restore the generators' states."""
+        state = checkpoint.get("fvlab_rng")
+        if not state:
+            return
+        random.setstate(state["python"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochSummary(pl.Callback):
+    """One line per epoch for non-terminal output (CI logs), instead of a progress bar."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the epoch's clock."""
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print the epoch's losses and accuracies (validation has run by now)."""
+        if not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        task = getattr(pl_module, "task", CLASSIFICATION)
+        parts = [f"{k}={float(m[k]):.4f}" for k in (TRAIN_LOSS_EPOCH, VAL_LOSS, task.monitor, task.primary)
+                 if k in m]
+        print(f"[{self.label}] epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+              f"{' '.join(parts)} ({time.perf_counter() - self.start:.1f}s)", flush=True)

@@ -19,12 +19,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fvlab.lit.runner import RunSpec
+from fvlab.lit.build import RunSpec
 from fvlab.metrics import (GFLOPS, LATENCY_MS_HI, LATENCY_MS_LO, MODEL_EXTRA_METRICS, MODEL_METRICS,
                            PARAMS_BUILT_M, PARAMS_M, SIZE_METRICS, SPEEDUP_HI, SPEEDUP_LO, THROUGHPUT,
                            is_model_metric)
 from fvlab.profile import count_flops, count_params, measure_side_by_side
-from fvlab.runs import stable_hash, write_json
+from fvlab.runs import MEASUREMENTS_FILE, stable_hash, write_json
 from fvlab.runtime import cpu_description
 
 __all__ = ["Target", "device_kind", "arch_identity", "identity_key", "measure_specs", "MeasurementCache",
@@ -248,9 +248,6 @@ def write_profile_json(path: Path, rows: list[dict[str, Any]]) -> None:
     write_json(path, kept + rows, sort_keys=False)
 
 
-MEASUREMENTS_FILE = "measurements.json"
-
-
 def measure_experiment(experiment: Any, overrides: Sequence[str], root: Path, *, force: bool = False,
                        throughput: bool = True,
                        built: Mapping[str, tuple[Target, dict[str, Any]]] | None = None) -> dict[str, dict[str, Any]]:
@@ -264,7 +261,8 @@ def measure_experiment(experiment: Any, overrides: Sequence[str], root: Path, *,
     the same overrides (``fvlab fit``'s plan); the others are built here. Raises BadConfig when a
     variant cannot be built.
     """
-    from fvlab.lit.runner import build_run, release_memory
+    from fvlab.lit.build import build_run
+    from fvlab.lit.fit import release_memory
 
     names = experiment.variant_names()
     reference = experiment.reference if experiment.reference in names else names[0]

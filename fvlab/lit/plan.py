@@ -1,6 +1,7 @@
 """``fvlab fit`` as library calls: select, plan, then fit an experiment's runs.
 
 - ``load_selection``: the experiment, the variants and seeds asked for, and the runs directory;
+- ``plan_run``: the skip / resume / refuse policy for one existing run directory;
 - ``plan_fit``: every selected run built once (to check it) and given its action (skip, fresh,
   resume; ``plan_run``'s rules) before anything is written;
 - ``fit_jobs``: the planned runs fitted in order, the architecture measured once per variant.
@@ -16,17 +17,103 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from lightning.pytorch.utilities import rank_zero_only
 
 from fvlab.experiment import Experiment, ExperimentError, load_experiment
-from fvlab.lit.runner import FINAL_METRICS, BadConfig, RunRefused, build_run, fit_run, plan_run, release_memory
-from fvlab.runs import (CONFIG_FILE, METRICS_FILE, config_hash, is_run_config, run_dir_for,
-                        variant_dir_of, write_json)
+from fvlab.lit.build import BadConfig, build_run
+from fvlab.lit.fit import fit_run, release_memory
+from fvlab.metrics import FINAL_METRICS
+from fvlab.runs import (CONFIG_FILE, DISPLAY_KEYS, METRICS_FILE, changed_keys, checkpoint_path, config_hash,
+                       is_run_config, is_run_dir, layout_conflict, read_metrics, run_dir_for, trained_config,
+                       variant_dir_of, write_json)
 
-__all__ = ["PlanError", "FitJob", "Selection", "FitPlan", "own_runs_dir", "load_selection", "plan_fit",
+__all__ = ["RunRefused", "RunPlan", "plan_run", "changed_run_keys", "PlanError", "FitJob", "Selection", "FitPlan", "own_runs_dir", "load_selection", "plan_fit",
            "fail_build", "fit_jobs", "check_checkpoint", "run_checkpoint"]
+
+
+# ---- one run directory: skip, fresh, resume or refuse --------------------------------
+
+
+class RunRefused(ValueError):
+    """A run directory whose finished work a new run would throw away: the message says what to pass."""
+
+
+@dataclass
+class RunPlan:
+    """What to do with a run directory: ``skip`` it, start it ``fresh`` or ``resume`` it."""
+
+    action: str
+    ckpt_path: str | None = None
+    note: str = ""
+
+
+def _stored_hash(run_dir: Path, previous: Mapping[str, Any]) -> str | None:
+    # A run killed before it wrote metrics.json still has its config.yaml.
+    if previous.get("config_hash"):
+        return previous["config_hash"]
+    stored = trained_config(run_dir)
+    return config_hash(stored) if stored is not None else None
+
+
+def _changes(run_dir: Path, config: Mapping[str, Any] | None) -> tuple[str, list[str]]:
+    """`` (changed: a, b)`` naming the keys that differ from the stored config, and the keys."""
+    stored = trained_config(run_dir) if config is not None else None
+    if stored is None:
+        return "", []
+    keys = changed_keys(stored, dict(config), DISPLAY_KEYS)
+    if not keys:
+        return "", []
+    return f" (changed: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})", keys
+
+
+def changed_run_keys(run_dir: Path, config: Mapping[str, Any]) -> list[str]:
+    """Dotted keys in which ``config`` differs from the config a run directory was trained with."""
+    return _changes(Path(run_dir), config)[1]
+
+
+def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bool = False,
+             config: Mapping[str, Any] | None = None) -> RunPlan:
+    """Skip a complete unchanged run, resume an unfinished one on request (same config only),
+    restart on --force; refuse anything that would lose work silently (RunRefused)."""
+    run_dir = Path(run_dir)
+    last = checkpoint_path(run_dir, "last")
+    layout = layout_conflict(run_dir)
+    if layout:
+        raise RunRefused(layout)
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return RunPlan("fresh", note="resume requested, but nothing to resume" if resume else "")
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        raise RunRefused(f"{run_dir} exists and is not an fvlab run directory (no metrics.json or "
+                         f"fvlab config.yaml); move it away or choose another --runs-dir")
+    if force:
+        return RunPlan("fresh", note="--force: started again")
+    previous = read_metrics(run_dir) or {}
+    complete = previous.get("status") == "complete"
+    same = _stored_hash(run_dir, previous) == config_hash
+    if complete and same:
+        return RunPlan("skip", note="complete, skipped (--force re-runs it)")
+    if not complete and not last.is_file():
+        return RunPlan("fresh", note="an earlier attempt failed before its first checkpoint; started again"
+                       if previous else "")
+    if same:  # unfinished, with a last.ckpt
+        if resume:
+            return RunPlan("resume", str(last), note=f"resuming {last}")
+        raise RunRefused(f"{run_dir} holds an unfinished run with checkpoints/last.ckpt; resume it "
+                         f"with --ckpt_path last, or start over with --force")
+    changed, keys = _changes(run_dir, config)
+    state = "a complete" if complete else "an unfinished"
+    # Lightning restores the optimizer and the timm schedule from last.ckpt: a resume under another
+    # config would mix two trainings (a longer run would spend its extra epochs at min_lr).
+    why = " --ckpt_path last continues the same config only;" if resume else ""
+    longer = (" (a resumed schedule keeps its old length, so training longer means training again)"
+              if resume and any(k in ("trainer.max_epochs", "trainer.max_steps") for k in keys) else "")
+    raise RunRefused(f"{run_dir} holds {state} run trained with a different config{changed};{why} "
+                     f"re-train it with --force{longer}, or keep it and use another --runs-dir")
+
+
+# ---- an experiment's runs ------------------------------------------------------------
 
 
 class PlanError(ValueError):
@@ -180,7 +267,7 @@ def run_checkpoint(experiment: Experiment, runs_dir: str | Path, variant: str, s
         if not Path(ckpt_path).is_file():
             raise PlanError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
         return run_dir, Path(ckpt_path)
-    path = run_dir / "checkpoints" / ("last.ckpt" if ckpt_path == "last" else "best.ckpt")
+    path = checkpoint_path(run_dir, ckpt_path or "best")
     if not path.is_file():
         raise PlanError(f"no checkpoint at {path}; train it with `fvlab fit {experiment.path} "
                         f"--variant {variant}` or pass --ckpt_path FILE")

@@ -10,11 +10,13 @@ Here the summary is written once per run, naming the metrics without logging any
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Mapping
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["flatten_hparams", "register_hparams"]
+__all__ = ["RunLogger", "flatten_hparams", "register_hparams"]
 
 
 def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -33,18 +35,47 @@ def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, An
     return flat
 
 
+# The loggers that already hold the summary: one summary per run, however often this is called.
+_REGISTERED: "weakref.WeakSet[Logger]" = weakref.WeakSet()
+
+
 def register_hparams(logger: Logger, params: Mapping[str, Any], metric_names: Iterable[str]) -> bool:
     """Write the HParams summary (hparams + metric names) once; True if this call wrote it."""
-    if not isinstance(logger, TensorBoardLogger) or getattr(logger, "_fvlab_hparams_done", False):
+    if not isinstance(logger, TensorBoardLogger) or logger in _REGISTERED:
         return False
     from torch.utils.tensorboard.summary import hparams
 
     flat = flatten_hparams(params)
     logger.hparams.update(flat)  # saved to hparams.yaml by the logger
     experiment, session_start, session_end = hparams(flat, {name: 0.0 for name in metric_names})
-    writer = logger.experiment._get_file_writer()
+    # SummaryWriter's public ``file_writer`` (its events file, open from construction): the public
+    # ``add_hparams`` would write to a sub-run and log the metrics' values at a step.
+    writer = logger.experiment.file_writer
+    if writer is None:
+        raise RuntimeError("the TensorBoard writer is closed; register hparams before the logger finalizes")
     for summary in (experiment, session_start, session_end):
         writer.add_summary(summary)
     writer.flush()
-    logger._fvlab_hparams_done = True
+    _REGISTERED.add(logger)
     return True
+
+
+class RunLogger(TensorBoardLogger):
+    """The run's TensorBoard logger: stays open from fit to the test after it, so a run has one events file.
+
+    Lightning finalizes loggers at the end of every ``fit`` and ``test``; a closed
+    SummaryWriter reopens into a second events file. Here finalizing flushes, and
+    ``fit_run`` closes the writer with :meth:`close` once the test has been logged.
+    """
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """Flush (and save hparams.yaml on success), keeping the writer open."""
+        if self._experiment is not None:
+            self.experiment.flush()
+        if status == "success":
+            self.save()
+
+    def close(self) -> None:
+        """Close the events file."""
+        TensorBoardLogger.finalize(self, "success")

@@ -35,9 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, to_ntuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices  # what timm's own models use
-from timm.models._manipulate import MATCH_PREV_GROUP
 
+from fvlab.adapters import MATCH_PREV_GROUP, feature_take_indices
 from fvlab.models.checkpoint import unwrap_state_dict
 from fvlab.models.hat import (CarrierTokenAttention, TokenInitializer, by_one_window_rule, hidden_prefix_bias,
                               join_carrier_tokens, split_carrier_tokens, windows_spanned)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath
-from timm.models._features_fx import register_notrace_function
+from timm.models import register_notrace_function
 
 from fvlab.models.layers import AbsolutePositionEmbedding, Mlp, WindowAttention
 from fvlab.models.tracing import decided_in_python, fx_proxy, graph_condition, select, sizes_known, spatial_size

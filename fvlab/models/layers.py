@@ -17,7 +17,7 @@ from torch import nn
 
 from timm.layers import ndgrid
 from timm.layers.pos_embed_rel import gen_relative_position_index
-from timm.models._features_fx import register_notrace_function, register_notrace_module
+from timm.models import register_notrace_function, register_notrace_module
 
 from fvlab.models.tracing import (capturing_graph, exporting, plain_strides_for_export, shared_in_export,
                                   sizes_known, spatial_size)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
-from timm.models._features_fx import register_notrace_function
+from timm.models import register_notrace_function
 
 __all__ = ["capturing_graph", "decided_in_python", "export_geometry_scope", "exporting", "fx_proxy",
            "graph_condition", "plain_strides_for_export", "select", "shared_in_export", "sizes_known",

@@ -1,6 +1,6 @@
 """Tables and plots from runs and studies: ``fvlab fit``'s summary and ``fvlab report``.
 
-- ``fvlab.report.stats``: seed statistics (mean ± std, paired differences), summary.md/.csv;
+- ``fvlab.report.stats``: the seed statistics of :mod:`fvlab.stats` as tables, summary.md/.csv;
 - ``fvlab.report.collect``: run directories, TensorBoard curves, Optuna studies;
 - ``fvlab.report.plots``: the PNG figures;
 - ``fvlab.report.command``: ``fvlab report DIR...``.
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fvlab.report.stats import (PairedDifference, VariantStats, aggregate, format_summary, holm,
-                                markdown_table, paired_difference, summary_csv_rows, write_summary)
+from fvlab.report.stats import VariantStats, aggregate, format_summary, summary_csv_rows, write_summary
 
-__all__ = ["PairedDifference", "VariantStats", "aggregate", "format_summary", "holm", "markdown_table",
-           "paired_difference", "summary_csv_rows", "write_summary", "report_command"]
+__all__ = ["VariantStats", "aggregate", "format_summary", "summary_csv_rows", "write_summary", "report_command"]
 
 
 def report_command(argv: Sequence[str]) -> int:

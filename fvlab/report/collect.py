@@ -20,15 +20,12 @@ from typing import Any, Mapping
 from fvlab.metrics import (CLASSIFICATION, MODEL_METRICS, SEGMENTATION, TRAIN_LOSS_EPOCH, TRIAL_ATTRS, VAL_METRICS,
                            VAL_MIOU, TaskMetrics)
 from fvlab.report.stats import RUNNING
-from fvlab.runs import (TEST_FILE, find_runs, find_studies, read_config, read_metrics, seed_of, trial_dir_name,
-                        variant_dir_of)
+from fvlab.runs import (PROFILE_FILE, SUMMARY_CSV, TEST_FILE, find_runs, find_studies, read_config, read_metrics,
+                       seed_of, trial_dir_name, variant_dir_of)
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",
            "variant_order_hint"]
-
-# Where a trial's reason is written: fvlab's sweep (user_attrs) and a failed run's metrics.json ("error").
-_REASON_ATTRS = ("error", "fail_reason", "pruned_reason")
 
 
 class ReportInputError(ValueError):
@@ -180,7 +177,7 @@ def read_run(path: Path, *, events: bool = True) -> Run:
 def read_profile(experiment_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``fvlab profile``'s profile.json in an experiment directory (none when absent)."""
     try:
-        rows = json.loads((Path(experiment_dir) / "profile.json").read_text())
+        rows = json.loads((Path(experiment_dir) / PROFILE_FILE).read_text())
     except (OSError, ValueError):
         return []
     return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
@@ -189,7 +186,7 @@ def read_profile(experiment_dir: Path) -> list[dict[str, Any]]:
 def variant_order_hint(experiment_dir: Path) -> tuple[list[str], str | None]:
     """Variant order and reference from the summary.csv that ``fvlab fit`` wrote, if any."""
     try:
-        with (experiment_dir / "summary.csv").open() as handle:
+        with (experiment_dir / SUMMARY_CSV).open() as handle:
             rows = [row for row in csv.DictReader(handle) if row.get("kind") == "mean"]
     except (OSError, csv.Error):
         return [], None
@@ -256,8 +253,11 @@ def load_storage_study(url: str, study_name: str | None) -> tuple[Any, str]:
 
 
 def _reason(*sources: Mapping[str, Any]) -> str:
+    from fvlab.sweep.attrs import FAIL_REASON, PRUNED_REASON
+
     for source in sources:
-        for key in _REASON_ATTRS:
+        # Where a trial's reason is written: a failed run's metrics.json ("error") and fvlab's sweep (user_attrs).
+        for key in ("error", FAIL_REASON, PRUNED_REASON):
             value = source.get(key)
             if value and not isinstance(value, bool):
                 return str(value)
@@ -269,16 +269,18 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
     """Report rows of a study's trials, joined with their run directories."""
     from optuna.trial import TrialState
 
+    from fvlab.sweep.attrs import DUPLICATE_OF, REFERENCE, RUN_DIR
+
     names = list(study.metric_names or [f"objective {i}" for i in range(len(study.directions))])
     trials = []
     for frozen in study.get_trials(deepcopy=False):
         attrs, system = dict(frozen.user_attrs), dict(frozen.system_attrs)
         run = None
         candidates = []
-        if attrs.get("run_dir"):
-            candidates.append(Path(str(attrs["run_dir"])))
+        if attrs.get(RUN_DIR):
+            candidates.append(Path(str(attrs[RUN_DIR])))
             if study_dir is not None:
-                candidates.append(study_dir / Path(str(attrs["run_dir"])).name)
+                candidates.append(study_dir / Path(str(attrs[RUN_DIR])).name)
         if study_dir is not None:
             candidates.append(study_dir / trial_dir_name(frozen.number))
         for candidate in candidates:
@@ -306,10 +308,10 @@ def read_study(study: Any, source: str, runs_by_path: Mapping[Path, Run],
             reason = reason or "; ".join(f"{key} exceeded by {value:.4g}" for key, value in violated.items())
         if state == "pruned" and not reason:
             reason = f"pruned at epoch {frozen.last_step}" if frozen.last_step is not None else "pruned"
-        duplicate_of = attrs.get("duplicate_of")
+        duplicate_of = attrs.get(DUPLICATE_OF)
         if duplicate_of is not None and state == "complete":
             reason = f"duplicate of trial {duplicate_of}, not trained (its values)"
-        if attrs.get("reference"):
+        if attrs.get(REFERENCE):
             reason = "reference: the base experiment's own settings" + (f"; {reason}" if reason else "")
         trials.append(Trial(frozen.number, state, dict(frozen.params), metrics, reason, run,
                             duplicate_of=duplicate_of))

@@ -25,10 +25,11 @@ from fvlab.metrics import CLASSIFICATION, SEGMENTATION
 SEGMENTATION_NAMES = (VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC)
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
-from fvlab.runs import CONFIG_FILE, confirm_seeds, is_confirm_run, variant_dir_of
+from fvlab.runs import CONFIG_FILE, REPORT_CSV, REPORT_MD, confirm_seeds, is_confirm_run, variant_dir_of
 from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, RUNNING, VariantStats, aggregate, difference_cell, explanation,
-                                family_size, holm_marks, markdown_table, mean_std_cell, model_cell, seed_label, summary_notes,
-                                write_csv)
+                                holm_marks, mean_std_cell, model_cell, seed_label, summary_notes)
+from fvlab.stats import family_size
+from fvlab.tables import csv_text, markdown_table
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
@@ -331,7 +332,8 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
     notes += [f"{t.state}: trial #{t.number}: {t.reason or 'no reason recorded'}" for t in trials
               if t.state in ("failed", "pruned", "infeasible")]
     notes.append(PARETO_NOTE)
-    from fvlab.sweep.pareto import SCALE_ATTR, SCALE_NOTE
+    from fvlab.sweep.attrs import SCALE_ATTR
+    from fvlab.sweep.front_tables import SCALE_NOTE
 
     if data.study is not None and data.study.user_attrs.get(SCALE_ATTR):
         notes.append(SCALE_NOTE)
@@ -340,7 +342,7 @@ def trial_table(data: StudyData) -> tuple[str, list[str], list[dict[str, Any]], 
 
 def _together(data: StudyData) -> dict[str, dict[str, Any]]:
     """The front and the reference measured side by side after the search (empty before that)."""
-    from fvlab.sweep.pareto import TOGETHER_ATTR
+    from fvlab.sweep.attrs import TOGETHER_ATTR
 
     stored = data.study.user_attrs.get(TOGETHER_ATTR) if data.study is not None else None
     return dict((stored or {}).get("figures") or {})
@@ -455,10 +457,10 @@ def write_report(report: Report, out: Path) -> str:
         for path, caption in plots:
             md += [f"![{caption}]({path.name})", "", f"*{caption}*", ""]
     md += [f"Not plotted: {s}\n" for s in skipped]
-    (out / "report.md").write_text("\n".join(md).rstrip() + "\n")
+    (out / REPORT_MD).write_text("\n".join(md).rstrip() + "\n")
     fields = list(dict.fromkeys(["kind", "source", "variant", "seed", "trial", "status"]
                                 + [k for row in csv_rows for k in row]))
-    write_csv(out / "report.csv", csv_rows, fields)
+    (out / REPORT_CSV).write_text(csv_text(csv_rows, fields))
     stdout.append(f"report: {out / 'report.md'} (+ report.csv, {len(plots)} plots)")
     return "\n".join(stdout)
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, VAL_ACC1,
                            VAL_ACC1_BEST, VAL_LOSS)
-from fvlab.pareto import pareto_optimal  # noqa: E402
+from fvlab.pareto import maximizes, pareto_optimal  # noqa: E402
 
 __all__ = ["FIGSIZE", "DPI", "Point", "Series", "plot_accuracy_against",
            "plot_curves", "plot_study", "plot_batch_curves"]
@@ -254,7 +254,6 @@ def _label_trials(study: Any, complete: Sequence[Any]) -> Callable[[Any], None]:
 
 def plot_study(data: Any, out: Path, prefix: str) -> tuple[list[tuple[Path, str]], list[str]]:
     """Optuna's history, importances, Pareto front and hypervolume plots; (files+captions, skip notes)."""
-    from optuna.study import StudyDirection
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as optuna_plots
 
@@ -300,7 +299,7 @@ def plot_study(data: Any, out: Path, prefix: str) -> tuple[list[tuple[Path, str]
         for j, direction in enumerate(study.directions):
             column = [v[j] for v in values]
             span = (max(column) - min(column)) or abs(max(column)) or 1.0
-            reference.append(min(column) - 0.1 * span if direction == StudyDirection.MAXIMIZE
+            reference.append(min(column) - 0.1 * span if maximizes(direction)
                              else max(column) + 0.1 * span)
         path = out / f"{prefix}_hypervolume.png"
         made.append((_optuna_figure(lambda: optuna_plots.plot_hypervolume_history(study, reference), path,

@@ -1,18 +1,17 @@
-"""Seed statistics of an ablation: mean ± std per variant and paired differences to a reference.
+"""Seed statistics of an ablation as tables: mean ± std per variant and paired differences to a reference.
 
-Pure functions over metrics.json contents (dicts), so they are tested without a Trainer:
+Pure functions over metrics.json contents (dicts), so they are tested without a Trainer; the
+statistics themselves (paired-t difference, Holm, mean ± std) are :mod:`fvlab.stats`'s:
 
 - ``aggregate`` groups runs by variant: mean and sample standard deviation (ddof=1) over the
-  completed seeds, the seeds that failed or are missing, the architecture's figures;
-- ``paired_difference`` is the difference of a variant to the reference variant, paired by seed
-  (same seed, same initialisation and data order), with a paired-t confidence interval and
-  p-value;
-- ``holm`` decides which differences of a table are significant: Holm's step-down over every
+  completed seeds, the seeds that failed or are missing, the architecture's figures, and each
+  variant's ``paired_difference`` to the reference variant, paired by seed;
+- ``holm_marks`` decides which differences of a table are significant: Holm's step-down over every
   comparison of the table that can carry a ``*`` (all rows, all marked columns), so the chance of
   any false ``*`` in the table stays at 5%. The interval printed is the unadjusted one, so an
   interval can exclude zero without a ``*``. A comparison can carry a mark with at least
   ``MIN_MARKED_PAIRS`` pairs whose differences vary: differences equal up to rounding have no
-  p-value (``n/a``), since their zero spread is an artefact of few, coarse samples, not evidence;
+  p-value (``n/a``);
 - Δ pairs only the seeds both variants completed; when that is fewer seeds than a mean it is
   compared with, its cell says ``(n=2 pairs)``. One sample prints ``n/a`` for its spread;
 - ``format_summary`` / ``write_summary`` make the comparison table of ``fvlab fit``
@@ -21,8 +20,6 @@ Pure functions over metrics.json contents (dicts), so they are tested without a 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +29,14 @@ from fvlab.metrics import (CLASSIFICATION, GFLOPS, LATENCY_MS, MODEL_EXTRA_METRI
                            PRIMARY_METRIC, SEGMENTATION, SPEEDUP, TEST_METRICS, TEST_PRIMARY_METRIC, THROUGHPUT,
                            VAL_ACC1, VAL_ACC5, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC, TaskMetrics,
                            task_metrics)
+from fvlab.runs import SUMMARY_CSV, SUMMARY_MD
+from fvlab.stats import (CONFIDENCE, MIN_MARKED_PAIRS, SIGNIFICANT_MARK, PairedDifference, family_size, holm,
+                         marks_rule, mean_std, paired_difference)
+from fvlab.tables import csv_text, interval_cell, markdown_table
 
-__all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "PairedDifference",
-           "VariantStats", "paired_difference", "holm", "holm_marks", "family_size", "MIN_MARKED_PAIRS", "marks_rule", "aggregate", "format_summary", "summary_csv_rows",
-           "write_summary", "markdown_table", "seed_label", "test_notes", "MODEL_COLUMNS", "model_cell"]
+__all__ = ["SEED_METRICS", "MODEL_METRICS", "PRIMARY_METRIC", "TEST_PRIMARY_METRIC", "VariantStats", "holm_marks",
+           "aggregate", "format_summary", "summary_csv_rows", "write_summary", "seed_label",
+           "test_notes", "MODEL_COLUMNS", "model_cell"]
 
 # Per-seed figures: mean ± std over the completed seeds.
 SEED_METRICS = (PRIMARY_METRIC, VAL_ACC1, VAL_LOSS, *TEST_METRICS, VAL_MIOU_BEST, VAL_MIOU, VAL_PIXEL_ACC)
@@ -44,88 +45,8 @@ MODEL_COLUMNS = (*MODEL_METRICS, SPEEDUP)
 MODEL_TITLES = {PARAMS_M: ("params (M)", "{:.3f}"), GFLOPS: ("GFLOPs", "{:.4f}"),
                 THROUGHPUT: ("throughput (img/s) [95%]", "{:.0f}"),
                 LATENCY_MS: ("latency (ms)", "{:.2f}"), SPEEDUP: ("speedup", "{:.3f}")}
-CONFIDENCE = 0.95
-SIGNIFICANT_MARK = "*"  # Holm's step-down over the table's comparisons rejects at 1 - CONFIDENCE
-# Two pairs give a t-test with one degree of freedom: on a few hundred images, where accuracies
-# move in steps of 1/n, equal differences come up often and a single coincidence decides.
-MIN_MARKED_PAIRS = 3
-# Differences whose spread is below this (relative to their size) are equal up to rounding.
-EQUAL_TOLERANCE = 1e-9
 # Statuses of a run that has not produced final figures yet, or never will.
 RUNNING, NOT_RUN = "running", "not run"
-
-
-@dataclass
-class PairedDifference:
-    """Mean of the per-seed differences ``variant - reference`` and its paired-t interval."""
-
-    reference: str
-    seeds: list[Any]
-    mean: float | None
-    low: float | None = None
-    high: float | None = None
-    confidence: float = CONFIDENCE
-    p_value: float | None = None  # two-sided paired-t; None with fewer than two pairs or no spread
-    equal: bool = False  # every paired difference the same up to rounding: no interval, no p-value
-
-    @property
-    def n(self) -> int:
-        """Number of seeds present, complete, in both variants."""
-        return len(self.seeds)
-
-    @property
-    def can_mark(self) -> bool:
-        """Whether this comparison belongs to its table's Holm family: a p-value from enough pairs."""
-        return self.p_value is not None and self.n >= MIN_MARKED_PAIRS
-
-    @property
-    def excludes_zero(self) -> bool:
-        """True when the (unadjusted) interval lies wholly above or below zero."""
-        return self.low is not None and (self.low > 0 or self.high < 0)
-
-
-def paired_difference(values: Mapping[Any, float], reference_values: Mapping[Any, float],
-                      reference: str = "", confidence: float = CONFIDENCE) -> PairedDifference:
-    """Difference to the reference over the seeds both have, with a paired-t interval and p-value (n >= 2).
-
-    Differences equal up to rounding (``EQUAL_TOLERANCE``) have neither: ``equal`` is set.
-    """
-    from scipy import stats
-
-    seeds = [s for s in values if s in reference_values
-             and values[s] is not None and reference_values[s] is not None]
-    diffs = [float(values[s]) - float(reference_values[s]) for s in seeds]
-    if not diffs:
-        return PairedDifference(reference, [], None, confidence=confidence)
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return PairedDifference(reference, seeds, mean, confidence=confidence)
-    if max(diffs) - min(diffs) <= EQUAL_TOLERANCE * max(1.0, max(abs(d) for d in diffs)):
-        # 251/270 - 250/270 and 247/270 - 246/270 differ in the last bit: a t statistic of 1e13.
-        return PairedDifference(reference, seeds, mean, confidence=confidence, equal=True)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    p_value: float | None = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
-    if not math.isfinite(p_value):
-        p_value = None
-    return PairedDifference(reference, seeds, mean, mean - half, mean + half, confidence, p_value)
-
-
-def holm(p_values: Sequence[float | None], alpha: float = 0.05) -> list[bool]:
-    """Holm's step-down: which hypotheses are rejected at family-wise level ``alpha``, in input order.
-
-    The m p-values are taken smallest first; the k-th (from 0) is rejected while it is at most
-    alpha / (m - k), and the first that is not stops the rest. None is no comparison: never
-    rejected and not counted in m.
-    """
-    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
-    rejected = [False] * len(p_values)
-    for k, (p, i) in enumerate(present):
-        if not p <= alpha / (len(present) - k):  # a NaN stops too
-            break
-        rejected[i] = True
-    return rejected
 
 
 def holm_marks(variants: Sequence["VariantStats"]) -> list[bool]:
@@ -133,34 +54,6 @@ def holm_marks(variants: Sequence["VariantStats"]) -> list[bool]:
     differences = [None if v.is_reference else v.difference for v in variants]
     alpha = 1 - next((d.confidence for d in differences if d is not None), CONFIDENCE)
     return holm([d.p_value if d is not None and d.can_mark else None for d in differences], alpha)
-
-
-def family_size(differences: Iterable[PairedDifference | None]) -> int:
-    """How many comparisons of a table can carry a mark: Holm's family."""
-    return sum(1 for d in differences if d is not None and d.can_mark)
-
-
-def marks_rule(family: int, confidence: float = CONFIDENCE, where: str = "this table") -> str:
-    """The legend's sentence on the mark: Holm's family (its size) and what may carry a mark."""
-    rule = (f"A mark needs at least {MIN_MARKED_PAIRS} pairs; differences equal up to rounding have no "
-            f"p-value and no interval (n/a), never p = 0.")
-    if family == 0:
-        return (f"No comparison of {where} can carry a {SIGNIFICANT_MARK} (marked where Holm's step-down over "
-                f"the table's comparisons rejects at {1 - confidence:.2g}). {rule}")
-    return (f"{SIGNIFICANT_MARK} marks a difference that Holm's step-down over the {family} comparison"
-            f"{'' if family == 1 else 's'} of {where} that can carry a mark (paired-t p-values; every row, "
-            f"every marked column) finds significant at {1 - confidence:.2g}, so the chance of any false "
-            f"{SIGNIFICANT_MARK} in the table is at most {1 - confidence:.0%}; an interval can exclude zero "
-            f"without it. {rule}")
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def seed_label(seed: Any) -> str:
@@ -266,17 +159,17 @@ def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = N
         complete = stats.complete or stats.running
         for key in SEED_METRICS:
             values = [v for v in (_number(r.get(key)) for r in complete) if v is not None]
-            stats.mean[key], stats.std[key] = _mean_std(values)
+            stats.mean[key], stats.std[key] = mean_std(values)
             stats.count[key] = len(values)
         # The architecture's figures do not depend on the seed (measured once per variant).
         measured = complete or stats.runs
         for key in (*MODEL_METRICS, *MODEL_EXTRA_METRICS):
-            stats.model[key] = _mean_std([v for v in (_number(r.get(key)) for r in measured)
+            stats.model[key] = mean_std([v for v in (_number(r.get(key)) for r in measured)
                                           if v is not None])[0]
         precisions = sorted({str(r["precision"]) for r in measured if r.get("precision")})
         stats.precision = "/".join(precisions) or None
-        stats.epochs = _mean_std([v for v in (_number(r.get("epochs")) for r in measured) if v is not None])[0]
-        stats.wall_s = _mean_std([v for v in (_number(r.get("wall_s")) for r in measured) if v is not None])[0]
+        stats.epochs = mean_std([v for v in (_number(r.get("epochs")) for r in measured) if v is not None])[0]
+        stats.wall_s = mean_std([v for v in (_number(r.get("wall_s")) for r in measured) if v is not None])[0]
     if not groups:
         return []
     reference = reference if reference in groups else next(iter(groups))
@@ -294,23 +187,10 @@ def aggregate(results: Iterable[Mapping[str, Any]], *, reference: str | None = N
 # ---- formatting ------------------------------------------------------------------------
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table padded to line up in a terminal too."""
-    table = [list(header)] + [[str(c).replace("|", "/") for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 def model_cell(model: Mapping[str, Any], key: str) -> str:
     """One architecture figure; throughput as ``1183 [1150, 1204]`` (median and 95% interval over rounds)."""
-    value = _number(model.get(key))
-    if value is None:
-        return "-"
-    fmt = MODEL_TITLES[key][1]
     lo, hi = _number(model.get(f"{key}_lo")), _number(model.get(f"{key}_hi"))
-    return fmt.format(value) + (f" [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else "")
+    return interval_cell(_number(model.get(key)), lo, hi, MODEL_TITLES[key][1])
 
 
 def mean_std_cell(stats: VariantStats, key: str, fmt: str = "{:.4f}") -> str:
@@ -469,15 +349,6 @@ def summary_csv_rows(variants: Sequence[VariantStats]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
-    """Write rows as CSV; missing values are empty cells."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    path.write_text(buffer.getvalue())
-
-
 def write_summary(directory: Path, results: Sequence[Mapping[str, Any]], *, title: str = "",
                   reference: str | None = None, variant_order: Sequence[str] | None = None,
                   seeds: Sequence[Any] | None = None) -> str:
@@ -486,7 +357,7 @@ def write_summary(directory: Path, results: Sequence[Mapping[str, Any]], *, titl
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Markdown joins consecutive lines into one paragraph: one note per paragraph there.
-    (directory / "summary.md").write_text((f"# {title}\n\n" if title else "")
+    (directory / SUMMARY_MD).write_text((f"# {title}\n\n" if title else "")
                                           + format_summary(variants, note_sep="\n\n") + "\n")
-    write_csv(directory / "summary.csv", summary_csv_rows(variants), CSV_FIELDS)
+    (directory / SUMMARY_CSV).write_text(csv_text(summary_csv_rows(variants), CSV_FIELDS))
     return format_summary(variants)

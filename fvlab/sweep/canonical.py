@@ -15,7 +15,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from fvlab.lit.measure import arch_identity
-from fvlab.lit.runner import RunSpec
+from fvlab.lit.build import RunSpec
 from fvlab.models.fastervit import NUM_CONV_STAGES, FasterViT
 from fvlab.models.swin import HatSwinTransformer
 

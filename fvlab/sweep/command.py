@@ -6,13 +6,20 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ArgumentParser
-from fvlab.runs import STUDY_FILE, has_trial_dirs, without_display_keys
+from fvlab.runs import PARETO_MD, STUDY_FILE, has_trial_dirs, without_display_keys
 from fvlab.runtime import quiet_lightning as _quiet_lightning
+from fvlab.sweep.attrs import (DEVICE_KIND, EXPERIMENT, FAIL_REASON, PRUNED_REASON, REFERENCE, SPEC, SPEC_HASH,
+                               SWEEP_FILE, THREADS, reference_attempts, reference_trial)
 
-__all__ = ["sweep_command", "prepare_sweep", "parse_sets"]
+if TYPE_CHECKING:  # optuna and the sweep spec load lazily: `fvlab sweep --help` stays fast
+    import optuna
+
+    from fvlab.sweep.space import SweepSpec
+
+__all__ = ["sweep_command", "prepare_sweep", "open_study", "parse_sets"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,7 +88,7 @@ def _load_checked_sweep(args: argparse.Namespace) -> Any:
 def _build_base(args: argparse.Namespace, sweep: Any) -> tuple[dict[str, Any], Any]:
     """(base experiment config, the run built from it with the sweep's overrides); SweepError if it cannot be."""
     from fvlab.experiment import ExperimentError, load_experiment
-    from fvlab.lit.runner import BadConfig, build_run
+    from fvlab.lit.build import BadConfig, build_run
     from fvlab.sweep.space import SweepError
 
     try:
@@ -182,8 +189,8 @@ def prepare_sweep(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     return sweep, base, kind
 
 
-def _open_study(args: argparse.Namespace, sweep: Any, kind: str, journal: Path) -> Any:
-    """Create the study, or load it and check that it is the same search; SweepError otherwise.
+def open_study(args: argparse.Namespace, sweep: SweepSpec, kind: str, journal: Path) -> tuple[Any, optuna.Study]:
+    """(storage, study): the study created, or loaded and checked to be the same search; SweepError otherwise.
 
     Under the study's budget lock, so that commands started together create it once and
     every other one finds it with its identity already recorded.
@@ -225,46 +232,44 @@ def _load_or_create(storage: Any, sweep: Any, kind: str, threads: int | None) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         study.set_metric_names(list(sweep.objectives))  # optuna-dashboard labels the axes
-    study.set_user_attr("fvlab_spec", sweep.identity())
-    study.set_user_attr("fvlab_spec_hash", sweep.identity_hash())
-    study.set_user_attr("fvlab_device", kind)
-    study.set_user_attr("fvlab_threads", threads)
-    study.set_user_attr("fvlab_sweep_file", str(sweep.path))
-    study.set_user_attr("fvlab_experiment", str(sweep.experiment))
+    study.set_user_attr(SPEC, sweep.identity())
+    study.set_user_attr(SPEC_HASH, sweep.identity_hash())
+    study.set_user_attr(DEVICE_KIND, kind)
+    study.set_user_attr(THREADS, threads)
+    study.set_user_attr(SWEEP_FILE, str(sweep.path))
+    study.set_user_attr(EXPERIMENT, str(sweep.experiment))
     if sweep.reference is not None:
         # The base experiment's own settings are trial 0: every front is read against it.
-        study.enqueue_trial(sweep.reference, user_attrs={"reference": True})
+        study.enqueue_trial(sweep.reference, user_attrs={REFERENCE: True})
     return study
 
 
 def _check_study(study: Any, sweep: Any, kind: str, threads: int | None, where: str) -> None:
     """A resumed study must be the same search, measured the same way."""
-    import optuna
-
+    from fvlab.pareto import direction_name
     from fvlab.sweep.space import SweepError, describe_change
 
     attrs = study.user_attrs
-    if attrs.get("fvlab_spec_hash") != sweep.identity_hash():
-        changed = describe_change(attrs.get("fvlab_spec") or {}, sweep.identity())
+    if attrs.get(SPEC_HASH) != sweep.identity_hash():
+        changed = describe_change(attrs.get(SPEC) or {}, sweep.identity())
         raise SweepError(f"study {sweep.study!r} in {where} was created with a different "
                          f"{changed}; restore the files or start a new study with --study-name NAME")
-    if sweep.uses_throughput() and attrs.get("fvlab_device") not in (None, kind):
-        raise SweepError(f"study {sweep.study!r} measured throughput on {attrs['fvlab_device']!r}, this machine "
+    if sweep.uses_throughput() and attrs.get(DEVICE_KIND) not in (None, kind):
+        raise SweepError(f"study {sweep.study!r} measured throughput on {attrs[DEVICE_KIND]!r}, this machine "
                          f"is {kind!r}: a study's throughput figures must come from one device kind; "
                          f"use another --study-name here")
-    if sweep.uses_throughput() and attrs.get("fvlab_threads") not in (None, threads):
-        raise SweepError(f"study {sweep.study!r} measured throughput with {attrs['fvlab_threads']} CPU thread(s) "
+    if sweep.uses_throughput() and attrs.get(THREADS) not in (None, threads):
+        raise SweepError(f"study {sweep.study!r} measured throughput with {attrs[THREADS]} CPU thread(s) "
                          f"per worker, this command would use {threads}: a study's throughput figures must "
                          f"come from one thread count; rerun with the --workers of the first run (on a "
                          f"machine with as many cores) or start a new study with --study-name NAME")
-    if study.directions != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
-                            else optuna.study.StudyDirection.MINIMIZE for d in sweep.directions]:
+    if [direction_name(d) for d in study.directions] != sweep.directions:
         raise SweepError(f"study {sweep.study!r} has other directions; use another --study-name")
 
 
 def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label: str) -> None:
-    from fvlab.sweep.pareto import (SCALE_NOTE, export_configs, format_front, front_rows, front_trials,
-                                    measure_together, reference_trial, together_columns, write_front)
+    from fvlab.sweep.front_tables import (SCALE_NOTE, export_configs, format_front, front_rows, front_trials,
+                                          measure_together, together_columns, write_front)
     from fvlab.sweep.workers import count_budget
 
     trials = front_trials(study)
@@ -287,11 +292,9 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
         together_columns(rows, members, together, sweep)
         notes = SCALE_NOTE
     if reference is None:
-        from fvlab.sweep.attrs import reference_attempts
-
         base_trial = next(iter(reference_attempts(study)[-1:]), None)  # its latest attempt
         if base_trial is not None and base_trial.state.is_finished():
-            why = base_trial.user_attrs.get("pruned_reason") or base_trial.user_attrs.get("fail_reason") or ""
+            why = base_trial.user_attrs.get(PRUNED_REASON) or base_trial.user_attrs.get(FAIL_REASON) or ""
             notes = (f"The reference trial {base_trial.number} (the base experiment's settings) is "
                      f"{base_trial.state.name.lower()}: {why}\n\n" + notes).strip()
     what = "best trial" if len(sweep.objectives) == 1 else "Pareto front (feasible trials)"
@@ -301,7 +304,7 @@ def _report(study: Any, sweep: Any, base: dict[str, Any], study_dir: Path, label
                  if sweep.confirm_seeds else "")
     write_front(study_dir, rows, f"{sweep.study}: {what}", notes)
     if confirmed:
-        with (study_dir / "pareto.md").open("a") as f:
+        with (study_dir / PARETO_MD).open("a") as f:
             f.write(f"\n## Confirmed over fresh seeds (the front recomputed on the means)\n\n{confirmed}\n")
     paths = export_configs(study_dir, trials, sweep, base)
     states: dict[str, int] = {}
@@ -361,7 +364,7 @@ def sweep_command(argv: Sequence[str]) -> int:
         journal = study_dir / STUDY_FILE
         if args.confirm and args.storage is None and not journal.is_file():
             raise SweepError(f"--confirm: no study at {journal}; run the search first (fvlab sweep {args.sweep})")
-        storage, study = _open_study(args, sweep, kind, journal)
+        storage, study = open_study(args, sweep, kind, journal)
     except SweepError as err:
         print(f"fvlab sweep: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -26,13 +26,16 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import FrozenTrial
 
-from fvlab.experiment import apply_overrides
 from fvlab.metrics import MODEL_TRIAL_ATTRS, THROUGHPUT, VAL_ACC1_BEST, held_out, is_model_metric, trial_attr
-from fvlab.runs import config_hash, confirm_dir, read_metrics, trained_config, trial_dir_name
-from fvlab.sweep.attrs import reference_trial
+from fvlab.pareto import pareto_optimal
+from fvlab.runs import config_hash, confirm_dir, read_metrics, trial_dir_name
+from fvlab.stats import SIGNIFICANT_MARK, holm, marks_rule, mean_std, paired_bootstrap, paired_difference
+from fvlab.sweep.attrs import SPEC, reference_trial
+from fvlab.sweep.front_tables import format_front, front_trials, trial_config
 from fvlab.sweep.space import SweepSpec
+from fvlab.tables import interval, interval_cell
 
-__all__ = ["trial_config", "confirm_members", "confirm_front", "confirm_table", "ConfirmTable", "confirmed_rows",
+__all__ = ["confirm_members", "confirm_front", "confirm_table", "ConfirmTable", "confirmed_rows",
            "format_confirmed", "confirm_legend",
            "confirmed_table", "is_supernet_study", "rank_agreement", "supernet_agreement", "CONFIRM_LEGEND",
            "MIN_RANKED"]
@@ -43,16 +46,6 @@ MIN_RANKED = 4
 RANK_METRIC = VAL_ACC1_BEST
 
 
-def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
-                 study_dir: Path) -> dict[str, Any]:
-    """The config a trial trained with: its run's config.yaml, else the base with its parameters."""
-    run_name = trial.user_attrs.get("run_name") or trial_dir_name(trial.number)
-    config = trained_config(Path(study_dir) / run_name)  # without the run's labels: confirm runs get their own
-    if config is not None:
-        return config
-    return apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
-
-
 def _model_figures(trial: FrozenTrial) -> dict[str, Any]:
     """The architecture's figures as the search measured them (a re-training does not change them)."""
     return {metric: trial.user_attrs[attr] for metric, attr in MODEL_TRIAL_ATTRS.items()
@@ -61,8 +54,6 @@ def _model_figures(trial: FrozenTrial) -> dict[str, Any]:
 
 def confirm_members(study: optuna.Study) -> list[FrozenTrial]:
     """What ``confirm`` trains: the front, then the reference trial when it is not on it."""
-    from fvlab.sweep.pareto import front_trials
-
     members = front_trials(study)
     reference = reference_trial(study)
     if reference is not None and all(t.number != reference.number for t in members):
@@ -74,7 +65,9 @@ def confirm_front(study: optuna.Study, sweep: SweepSpec, base_config: Mapping[st
                   log: Callable[..., None] = print) -> bool:
     """Train every front member and the reference with every confirm seed (complete runs skipped);
     True when one failed."""
-    from fvlab.lit.runner import BadConfig, RunRefused, build_run, fit_run, plan_run, release_memory
+    from fvlab.lit.build import BadConfig, build_run
+    from fvlab.lit.plan import RunRefused, plan_run
+    from fvlab.lit.fit import fit_run, release_memory
 
     failed = False
     for trial in confirm_members(study):
@@ -111,13 +104,9 @@ def _read_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 def _architecture_cell(trial: FrozenTrial, metric: str) -> str:
     """A ``model/*`` figure as measured (a seed does not change it); throughput with its interval."""
-    value = trial.user_attrs.get(trial_attr(metric))
-    if value is None:
-        return "-"
     lo, hi = trial.user_attrs.get(trial_attr(f"{metric}_lo")), trial.user_attrs.get(trial_attr(f"{metric}_hi"))
     fmt = "{:.0f}" if metric == THROUGHPUT else "{:.4g}"  # images/s: 10290, not 1.029e+04
-    shown = fmt.format(value)
-    return f"{shown} [{fmt.format(lo)}, {fmt.format(hi)}]" if lo is not None and hi is not None else shown
+    return interval_cell(trial.user_attrs.get(trial_attr(metric)), lo, hi, fmt)
 
 
 _Samples = dict[str, dict[int, float]]  # metric -> confirm seed -> value
@@ -142,8 +131,6 @@ def _confirm_samples(study: optuna.Study, metrics: list[str], seeds: list[int],
 def _paired_differences(members: list[tuple[FrozenTrial, _Samples]], reference: FrozenTrial | None,
                         metrics: list[str]) -> dict[int, dict[str, Any]]:
     """Per member but the reference: each metric's paired difference to the reference's."""
-    from fvlab.report.stats import paired_difference
-
     reference_seeds = next((by_seed for t, by_seed in members
                             if reference is not None and t.number == reference.number), None)
     differences = {}
@@ -158,8 +145,6 @@ def _front_of_means(study: optuna.Study, members: list[tuple[FrozenTrial, _Sampl
                     own: dict[int, dict[str, float]], figure: Mapping[str, str]) -> list[bool]:
     """Whether each member is on the front recomputed on the confirm means of ``figure[objective]``
     (architecture figures as measured)."""
-    from fvlab.pareto import pareto_optimal
-
     means = []
     for trial, by_seed in members:
         means.append([statistics.fmean(by_seed[figure[m]].values()) if by_seed.get(figure.get(m, m)) else
@@ -170,22 +155,20 @@ def _front_of_means(study: optuna.Study, members: list[tuple[FrozenTrial, _Sampl
 
 def _difference_cell(d: Any, is_reference: bool, significant: bool) -> str:
     """``+0.0123 [-0.0010, +0.0256] * (n=3)``: a paired difference, ``reference``, or ``-``."""
-    from fvlab.report.stats import SIGNIFICANT_MARK
-
     if is_reference:
         return "reference"
     if d is None or d.mean is None:
         return "-"
-    ci = f"[{d.low:+.4f}, {d.high:+.4f}]" if d.low is not None else "[n/a]"
     mark = f" {SIGNIFICANT_MARK}" if significant else ""
-    return f"{d.mean:+.4f} {ci}{mark} (n={d.n})"
+    return f"{d.mean:+.4f} {interval(d.low, d.high, '{:+.4f}')}{mark} (n={d.n})"
 
 
 def _mean_std(values: list[float]) -> str:
-    if not values:
+    """``0.9667 ± 0.0083`` (4 and 2 significant digits); ``± n/a`` with one value, ``-`` with none."""
+    mean, std = mean_std(values)
+    if mean is None:
         return "-"
-    spread = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
-    return f"{statistics.fmean(values):.4g} ± {spread}"
+    return f"{mean:.4g} ± {'n/a' if std is None else f'{std:.2g}'}"
 
 
 @dataclass
@@ -236,8 +219,6 @@ def _confirm_row(trial: FrozenTrial, by_seed: _Samples, columns: _Columns, seeds
 def _holm_over_table(differences: dict[int, dict[str, Any]], marked: list[str]) -> tuple[set[tuple[int, str]], int]:
     """Holm's step-down over every (member, marked column) comparison that can carry a mark: the
     marked ones and the family's size."""
-    from fvlab.report.stats import holm
-
     cells = [(number, m) for number, by_metric in differences.items() for m in marked
              if by_metric[m].can_mark]
     rejected = holm([differences[number][m].p_value for number, m in cells])
@@ -303,8 +284,6 @@ CONFIRM_LEGEND = ("Means ± sample std over the fresh confirm seeds only (n/a wi
 
 def confirm_legend(table: ConfirmTable) -> str:
     """What the table's figures mean, which split to cite, and the rule and family of its marks."""
-    from fvlab.report.stats import marks_rule
-
     columns = table.columns
     if columns is not None and columns.held_out:
         shown = ", ".join(columns.held_out)
@@ -322,36 +301,29 @@ def confirm_legend(table: ConfirmTable) -> str:
 
 def format_confirmed(table: ConfirmTable) -> str:
     """A Markdown table of :func:`confirm_table` with its legend (empty without rows)."""
-    from fvlab.sweep.pareto import format_front
-
     return f"{format_front(table.rows)}\n\n{confirm_legend(table)}" if table.rows else ""
 
 
 def is_supernet_study(study: optuna.Study) -> bool:
     """Whether the study is a one-shot search (its identity has a ``supernet`` block)."""
-    return (study.user_attrs.get("fvlab_spec") or {}).get("supernet") is not None
+    return (study.user_attrs.get(SPEC) or {}).get("supernet") is not None
 
 
 def rank_agreement(x: list[float], y: list[float], resamples: int = 2000,
                    seed: int = 0) -> tuple[float, float | None, float | None]:
     """Kendall's tau-b between ``x`` and ``y`` with a percentile bootstrap 95% interval over the pairs
     (resampled with replacement; resamples where tau is undefined, all values tied, are left out)."""
-    import numpy as np
     from scipy.stats import kendalltau
 
+    def tau_of(xs: Any, ys: Any) -> float:
+        """Kendall's tau-b of one resample (scipy loops over resamples: it takes no ``axis``)."""
+        return kendalltau(xs, ys).statistic
+
     tau = float(kendalltau(x, y).statistic)
-    rng = np.random.default_rng(seed)
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    draws = []
-    for _ in range(resamples):
-        index = rng.integers(0, len(xs), len(xs))
-        value = kendalltau(xs[index], ys[index]).statistic
-        if math.isfinite(value):
-            draws.append(value)
-    if not draws:
+    interval = paired_bootstrap((x, y), tau_of, resamples, seed)
+    if interval.kept == 0:
         return tau, None, None
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return tau, float(low), float(high)
+    return tau, float(interval.low), float(interval.high)
 
 
 def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, metric: str = RANK_METRIC) -> str:
@@ -383,9 +355,9 @@ def supernet_agreement(study: optuna.Study, seeds: list[int], study_dir: Path, m
         return (f"{what}: cannot be judged from {len(supernet)} confirmed trial(s); it needs at least "
                 f"{MIN_RANKED} (confirm more trials: a larger front, or a sweep with more objectives).")
     tau, low, high = rank_agreement(supernet, standalone)
-    interval = f"[{low:.2f}, {high:.2f}]" if low is not None else "[n/a]"
     shown = "n/a (every value tied)" if math.isnan(tau) else f"{tau:.2f}"
-    return (f"{what} over {len(supernet)} confirmed trials: τ = {shown}, bootstrap 95% interval {interval} "
+    return (f"{what} over {len(supernet)} confirmed trials: τ = {shown}, bootstrap 95% interval "
+            f"{interval(low, high, '{:.2f}')} "
             f"(2000 resamples of the trials).")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,28 +24,28 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from fvlab.experiment import apply_overrides, model_arguments
+from fvlab.adapters import relocate_checkpoint_state
+from fvlab.experiment import model_arguments
+from fvlab.lit.build import BadConfig, RunSpec, apply_overrides, build_run
+from fvlab.lit.callbacks import StoppingCallback
+from fvlab.lit.fit import fit_run, release_memory
 from fvlab.lit.measure import MeasurementCache, measure_specs
-from fvlab.lit.runner import BadConfig, RunSpec, build_run, fit_run, profile_run, release_memory
 from fvlab.metrics import (LATENCY_MS, LATENCY_MS_MEASURED, MODEL_TRIAL_ATTRS, SIZE_METRICS, SPEEDUP,
                            TEST_ACC1, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, THROUGHPUT_MEASURED,
                            THROUGHPUT_MEASURED_HI, THROUGHPUT_MEASURED_LO, TRAIN_LOSS_EPOCH, TRIAL_ATTRS,
                            VAL_ACC1_BEST, VAL_MIOU_BEST, TEST_MIOU)
-from fvlab.runs import stable_hash, trial_dir_name, without_display_keys
-from fvlab.sweep.attrs import MEASUREMENT
+from fvlab.runs import checkpoint_dir, checkpoint_path, stable_hash, trial_dir_name, without_display_keys
+from fvlab.sweep.attrs import (ARCH_ATTR, CANONICAL_ATTR, DEVICE, DUPLICATE_OF, FAIL_REASON, MEASUREMENT, PRECISION,
+                               PROCESS, PRUNED_REASON, REFERENCE, RESUME_FROM, RESUMED, RUN_DIR, RUN_NAME, SCALE_ATTR,
+                               SEED)
 from fvlab.sweep.canonical import canonical_arch, network_identity
-from fvlab.sweep.pareto import SCALE_ATTR
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 
 __all__ = ["canonical_key", "TrialFailed", "PruningCallback", "ArchitectureProfiler", "SweepObjective",
-           "continue_attempt", "SCALE_ATTR"]
+           "continue_attempt"]
 
 log = logging.getLogger(__name__)
 
-ARCH_ATTR = "fvlab_arch:"
-
-
-CANONICAL_ATTR = "canonical"  # trial user_attr: hash of what the trial trains (canonical_key)
 DUPLICATE_POLL_S = 2.0  # how often a duplicate of a running trial looks whether it ended
 
 
@@ -72,7 +71,7 @@ class TrialFailed(RuntimeError):
     """A trial that ran and failed (an exception in training, NaN, out of memory): recorded FAIL."""
 
 
-class PruningCallback(pl.Callback):
+class PruningCallback(StoppingCallback):
     """Reports ``monitor`` to the Optuna trial at each validation and stops the run when it should be pruned.
 
     ``fit_run`` records ``stopped_status``/``stopped_reason`` in metrics.json; the objective
@@ -80,11 +79,10 @@ class PruningCallback(pl.Callback):
     """
 
     def __init__(self, trial: optuna.Trial, monitor: str, protected: bool = False):
+        super().__init__()
         self.trial = trial
         self.monitor = monitor
         self.protected = protected  # reports, never stops (the study's reference trial)
-        self.stopped_status: str | None = None
-        self.stopped_reason: str | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Report the monitored value; stop the trainer when the pruner says so."""
@@ -94,39 +92,28 @@ class PruningCallback(pl.Callback):
         epoch = trainer.current_epoch
         self.trial.report(value, step=epoch)
         if not self.protected and self.trial.should_prune():
-            self.stopped_status = "pruned"
-            self.stopped_reason = f"pruned at epoch {epoch + 1}: {self.monitor}={value:.4f}"
-            trainer.should_stop = True
+            self.stop(trainer, "pruned", f"pruned at epoch {epoch + 1}: {self.monitor}={value:.4f}")
 
 
 def continue_attempt(earlier: list[str], run_dir: Path) -> tuple[str, int] | None:
     """Copy the newest loadable ``last.ckpt`` (and ``best.ckpt``) of the earlier attempts' directories
     into ``run_dir/checkpoints``, its ModelCheckpoint state pointed there; (last.ckpt, its global step)."""
     for previous in earlier:
-        source = Path(previous) / "checkpoints"
-        if not (source / "last.ckpt").is_file():
+        last = checkpoint_path(Path(previous), "last")
+        if not last.is_file():
             continue
         try:
             # Our own run directory's file, loaded as Lightning's resume loads it.
-            state = torch.load(source / "last.ckpt", map_location="cpu", weights_only=False)
+            state = torch.load(last, map_location="cpu", weights_only=False)
         except Exception:  # killed while writing it: try an earlier attempt, else start afresh
             continue
-        target = run_dir / "checkpoints"
-        old, new = os.path.realpath(source), os.path.realpath(target)
-        # ModelCheckpoint restores its best score only when its dirpath is unchanged.
-        for key, callback in (state.get("callbacks") or {}).items():
-            if key.startswith("ModelCheckpoint") and isinstance(callback, dict):
-                for name, value in list(callback.items()):
-                    if isinstance(value, str) and value.startswith(old):
-                        callback[name] = new + value[len(old):]
-                if isinstance(callback.get("best_k_models"), dict):
-                    callback["best_k_models"] = {(new + k[len(old):] if k.startswith(old) else k): v
-                                                 for k, v in callback["best_k_models"].items()}
-        target.mkdir(parents=True, exist_ok=True)
-        if (source / "best.ckpt").is_file():
-            shutil.copy2(source / "best.ckpt", target / "best.ckpt")
-        torch.save(state, target / "last.ckpt")
-        return str(target / "last.ckpt"), int(state.get("global_step", 0))
+        relocate_checkpoint_state(state.get("callbacks") or {}, last.parent, checkpoint_dir(run_dir))
+        checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        best = checkpoint_path(Path(previous), "best")
+        if best.is_file():
+            shutil.copy2(best, checkpoint_path(run_dir, "best"))
+        torch.save(state, checkpoint_path(run_dir, "last"))
+        return str(checkpoint_path(run_dir, "last")), int(state.get("global_step", 0))
     return None
 
 
@@ -188,7 +175,7 @@ class ArchitectureProfiler:
         known = self.cached(self.key(spec))
         if known is not None:
             return self.on_scale(known)
-        return profile_run(spec, throughput=False)
+        return measure_specs({spec.variant: spec}, throughput=False)[spec.variant]
 
     def _timed(self, figures: Mapping[str, Any] | None) -> bool:
         return figures is not None and (not self.throughput or figures.get("speedup") is not None)
@@ -320,18 +307,17 @@ class SweepObjective:
         if not done:
             return None
         original = min(done, key=lambda t: (t.state != TrialState.COMPLETE, t.number))
-        if original.state == TrialState.PRUNED and trial.user_attrs.get("reference"):
+        if original.state == TrialState.PRUNED and trial.user_attrs.get(REFERENCE):
             return None  # the reference is never pruned, not even as a duplicate: it trains
-        trial.set_user_attr("duplicate_of", original.number)
+        trial.set_user_attr(DUPLICATE_OF, original.number)
         for attr, value in original.user_attrs.items():
-            if attr not in ("run_name", "run_dir", "fvlab_process", "reference", "duplicate_of", CANONICAL_ATTR,
-                            "resume_from", "resumed"):
+            if attr not in (RUN_NAME, RUN_DIR, PROCESS, REFERENCE, DUPLICATE_OF, CANONICAL_ATTR, RESUME_FROM, RESUMED):
                 trial.set_user_attr(attr, value)
         for name, value in original.constraints.items():
             trial.set_constraint(name, value)
         if original.state == TrialState.PRUNED:
             self._prune(trial, f"duplicate of trial {original.number}: "
-                               f"{original.user_attrs.get('pruned_reason') or 'pruned'}")
+                               f"{original.user_attrs.get(PRUNED_REASON) or 'pruned'}")
         return list(original.values)
 
     def train_or_copy(self, trial: optuna.Trial, spec: RunSpec) -> list[float] | None:
@@ -342,12 +328,12 @@ class SweepObjective:
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
         run_name = trial_dir_name(trial.number)  # every attempt its own: a retry has its own number
         run_dir = self.study_dir / run_name
-        trial.set_user_attr("run_name", run_name)
-        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr(RUN_NAME, run_name)
+        trial.set_user_attr(RUN_DIR, str(run_dir))
         config = apply_overrides(self.base_config, {**self.sweep.overrides, **params})
         callbacks = []
         # The base experiment's own settings: every front is read against it, so it always trains to the end.
-        protected = bool(trial.user_attrs.get("reference"))
+        protected = bool(trial.user_attrs.get(REFERENCE))
         if self.sweep.pruner == "rungs":
             from fvlab.sweep.rungs import RungsCallback
 
@@ -364,24 +350,24 @@ class SweepObjective:
             copied = self.train_or_copy(trial, spec)
             if copied is not None:
                 return copied
-            trial.set_user_attr("seed", spec.seed)
-            trial.set_user_attr("device", str(spec.device))
-            trial.set_user_attr("precision", spec.precision)
+            trial.set_user_attr(SEED, spec.seed)
+            trial.set_user_attr(DEVICE, str(spec.device))
+            trial.set_user_attr(PRECISION, spec.precision)
             if any(name in self.sweep.constraints for name in ("max_gflops", "max_params_m")):
                 # Over a size budget: pruned without timing it (about a second).
                 self._check(trial, self.profiler.cheap(spec))
             metrics = self.measure(trial, spec)
             ckpt_path = None
-            if trial.user_attrs.get("resume_from"):  # a retry: continue where the attempt stopped
+            if trial.user_attrs.get(RESUME_FROM):  # a retry: continue where the attempt stopped
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
-                resumed = continue_attempt(list(trial.user_attrs["resume_from"]), run_dir)
+                resumed = continue_attempt(list(trial.user_attrs[RESUME_FROM]), run_dir)
                 if resumed is not None:
                     ckpt_path = resumed[0]
-                    trial.set_user_attr("resumed", {"checkpoint": ckpt_path, "global_step": resumed[1]})
+                    trial.set_user_attr(RESUMED, {"checkpoint": ckpt_path, "global_step": resumed[1]})
             result = fit_run(spec, ckpt_path=ckpt_path, model_metrics=metrics)
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
+            trial.set_user_attr(FAIL_REASON, "interrupted")
             raise
         finally:
             spec = None  # noqa: F841  (the trainer, model and data go before the next trial)
@@ -397,7 +383,7 @@ class SweepObjective:
         return metrics
 
     def _prune(self, trial: optuna.Trial, reason: str) -> None:
-        trial.set_user_attr("pruned_reason", reason)
+        trial.set_user_attr(PRUNED_REASON, reason)
         raise optuna.TrialPruned(reason)
 
     def _check(self, trial: optuna.Trial, metrics: Mapping[str, float | None]) -> None:
@@ -435,18 +421,18 @@ class SweepObjective:
             reason = result.get("error") or "failed"
             if "out of memory" in reason.lower():
                 trial.set_constraint("memory", 1.0)  # samplers learn to avoid the region
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(FAIL_REASON, reason)
             raise TrialFailed(reason)
         values = []
         for metric in self.sweep.objectives:
             value = result.get(metric, metrics.get(metric))
             if value is None or not math.isfinite(float(value)):
                 reason = f"{metric} is {value} (training diverged or the measurement failed)"
-                trial.set_user_attr("fail_reason", reason)
+                trial.set_user_attr(FAIL_REASON, reason)
                 raise TrialFailed(reason)
             values.append(float(value))
         loss = result.get(TRAIN_LOSS_EPOCH)
         if loss is not None and not math.isfinite(float(loss)):
-            trial.set_user_attr("fail_reason", f"{TRAIN_LOSS_EPOCH} is {loss}")
+            trial.set_user_attr(FAIL_REASON, f"{TRAIN_LOSS_EPOCH} is {loss}")
             raise TrialFailed(f"{TRAIN_LOSS_EPOCH} is {loss}")
         return values

@@ -20,21 +20,23 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from fvlab.experiment import apply_overrides
-from fvlab.lit.runner import (BadConfig, RunRefused, RunSpec, build_run, changed_run_keys, fit_run,
-                              plan_run, profile_run, release_memory)
+from fvlab.lit.build import apply_overrides
+from fvlab.lit.build import BadConfig, RunSpec, build_run
+from fvlab.lit.plan import RunRefused, changed_run_keys, plan_run
+from fvlab.lit.fit import fit_run, release_memory
+from fvlab.lit.measure import measure_specs
 from fvlab.lit.supernet import SupernetClassifier
 from fvlab.metrics import VAL_LOSS, trial_attr
 from fvlab.models.supernet import recalibrate_batchnorm
-from fvlab.runs import CONFIG_FILE, read_metrics, trial_dir_name
+from fvlab.runs import CONFIG_FILE, SUPERNET_DIR, checkpoint_path, read_metrics, trial_dir_name
+from fvlab.sweep.attrs import BN_BATCHES, DEVICE, EVALUATED_ON, FAIL_REASON, PRECISION, RUN_NAME, SEED
 from fvlab.sweep.objective import ArchitectureProfiler, SweepObjective
 from fvlab.sweep.space import SweepError, SweepSpec
 
-__all__ = ["SUPERNET_DIR", "supernet_space", "supernet_config", "check_supernet_config", "train_supernet",
+__all__ = ["supernet_space", "supernet_config", "check_supernet_config", "train_supernet",
            "load_supernet", "calibration_batches", "evaluate_subnet", "trial_subnet", "extract_trial_subnet",
            "OneShotObjective", "objective_for"]
 
-SUPERNET_DIR = "supernet"  # runs/<study>/supernet/
 _ARCH = "model.arch."
 
 
@@ -97,7 +99,8 @@ def train_supernet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: Path,
         log(f"[{sweep.study}] supernet: training {sweep.supernet['epochs']} epoch(s) into {run_dir}"
             + (f" ({plan.note})" if plan.note else ""), flush=True)
         # The supernet's own speed ranks nothing: each trial measures its stand-alone architecture.
-        result = fit_run(spec, ckpt_path=plan.ckpt_path, model_metrics=profile_run(spec, throughput=False))
+        result = fit_run(spec, ckpt_path=plan.ckpt_path,
+                         model_metrics=measure_specs({"supernet": spec}, throughput=False)["supernet"])
     finally:
         del spec
         release_memory()
@@ -110,7 +113,7 @@ def load_supernet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: Path) ->
     """The study's trained supernet (the weights of its last epoch), built without a run directory."""
     run_dir = Path(study_dir) / SUPERNET_DIR
     metrics = read_metrics(run_dir) or {}
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = checkpoint_path(run_dir, "last")
     if metrics.get("status") != "complete" or not last.is_file():
         raise RuntimeError(f"{run_dir} holds no complete supernet; rerun fvlab sweep to train it")
     spec = _build(sweep, base, None)
@@ -172,14 +175,14 @@ def extract_trial_subnet(sweep: SweepSpec, base: Mapping[str, Any], study_dir: P
     if sweep.supernet is None:
         raise SweepError(f"{sweep.path}: not a one-shot sweep (no supernet: block), so its trials have no "
                          f"subnet to extract; a trial of a stand-alone sweep has its own checkpoints")
-    if trial.state != TrialState.COMPLETE or trial.user_attrs.get("bn_batches") is None:
+    if trial.state != TrialState.COMPLETE or trial.user_attrs.get(BN_BATCHES) is None:
         raise SweepError(f"trial {trial.number} is {trial.state.name.lower()}: only an evaluated (complete) "
                          f"trial has the subnet and BatchNorm statistics to extract")
     spec = load_supernet(sweep, base, study_dir)
     try:
         spec.model.to(spec.device)
         # The count the trial was evaluated with, whatever the sweep file says now.
-        batches = calibration_batches(spec, int(trial.user_attrs["bn_batches"]), spec.seed)
+        batches = calibration_batches(spec, int(trial.user_attrs[BN_BATCHES]), spec.seed)
         extract_subnet(spec.model.model, trial_subnet(trial, sweep), path=path, batches=batches)
     finally:
         del spec
@@ -206,8 +209,8 @@ class OneShotObjective(SweepObjective):
         params = {key: param.suggest(trial) for key, param in self.sweep.space.items()}
         run_dir = self.study_dir / SUPERNET_DIR
         # A name (best/<name>.yaml, confirm/<name>/) but no directory: nothing is trained here.
-        trial.set_user_attr("run_name", trial_dir_name(trial.number))
-        trial.set_user_attr("evaluated_on", str(run_dir))
+        trial.set_user_attr(RUN_NAME, trial_dir_name(trial.number))
+        trial.set_user_attr(EVALUATED_ON, str(run_dir))
         config = apply_overrides(self.base_config, {**self.sweep.overrides, **params})
         try:
             # The stand-alone model of the subnet: its canonical key, constraints and speed.
@@ -226,18 +229,18 @@ class OneShotObjective(SweepObjective):
             standalone = None  # noqa: F841
             release_memory()
         supernet = self.supernet()
-        trial.set_user_attr("seed", supernet.seed)
-        trial.set_user_attr("device", str(supernet.device))
-        trial.set_user_attr("precision", supernet.precision)
+        trial.set_user_attr(SEED, supernet.seed)
+        trial.set_user_attr(DEVICE, str(supernet.device))
+        trial.set_user_attr(PRECISION, supernet.precision)
         try:
             measured = evaluate_subnet(supernet, subnet, int(self.sweep.supernet["bn_batches"]), supernet.seed)
             result = {**measured, "status": "complete"}
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
+            trial.set_user_attr(FAIL_REASON, "interrupted")
             raise
         except Exception as err:  # one subnet that cannot run fails its trial, not the search
             result = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-        trial.set_user_attr("bn_batches", result.get("bn_batches"))
+        trial.set_user_attr(BN_BATCHES, result.get("bn_batches"))
         if result.get(VAL_LOSS) is not None:  # a score to rank subnets by besides their accuracy
             trial.set_user_attr(trial_attr(VAL_LOSS), result[VAL_LOSS])
         return self._values(trial, result, metrics)

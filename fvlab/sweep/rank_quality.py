@@ -7,8 +7,9 @@ s itself is scored the same way against the same target, so the two taus differ 
 predicts. Their paired difference says whether the predictor ranks better (> 0) or worse (< 0)
 than training every architecture once more.
 
-Intervals are percentile bootstrap 95% intervals over architectures: one draw of architectures
-(with replacement) per resample, shared by the three statistics, so the difference is paired.
+Intervals are percentile bootstrap 95% intervals over architectures (``scipy.stats.bootstrap``
+through :func:`fvlab.stats.paired_bootstrap`): one draw of architectures (with replacement) per
+resample, shared by the three statistics, so the difference is paired.
 
 Values are rounded once as :mod:`fvlab.pareto` compares them (float32, then 6 significant
 digits) before they are ranked, so that one accuracy stored as two floats (351/360 as
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from fvlab import pareto
-from fvlab.sweep import front
+from fvlab.stats import paired_bootstrap
+from fvlab.tables import interval_cell
 
 __all__ = ["MIN_SEEDS", "held_out_targets", "kendall_tau_b", "RankQuality", "rank_quality",
            "per_seed_rank_quality", "front_of", "front_hypervolume"]
@@ -124,9 +125,9 @@ class RankQuality:
 
     def line(self) -> str:
         """One line: ``tau=0.62 [0.48, 0.74] one_seed_tau=0.58 [0.44, 0.70] diff=+0.04 [-0.06, +0.13]``."""
-        return (f"tau={_plain(self.tau)} {_interval(self.tau_ci, _plain)} "
-                f"one_seed_tau={_plain(self.one_seed_tau)} {_interval(self.one_seed_tau_ci, _plain)} "
-                f"diff={_signed(self.diff)} {_interval(self.diff_ci, _signed)}")
+        return (f"tau={interval_cell(self.tau, *self.tau_ci, _plain)} "
+                f"one_seed_tau={interval_cell(self.one_seed_tau, *self.one_seed_tau_ci, _plain)} "
+                f"diff={interval_cell(self.diff, *self.diff_ci, _signed)}")
 
     def __str__(self) -> str:
         return self.line()
@@ -139,17 +140,6 @@ def _plain(value: float) -> str:
 def _signed(value: float) -> str:
     # round() first so that a tiny negative difference prints as +0.00, not -0.00.
     return "n/a" if math.isnan(value) else f"{round(value, 2) + 0.0:+.2f}"
-
-
-def _interval(bounds: tuple[float, float], fmt: Callable[[float], str]) -> str:
-    return f"[{fmt(bounds[0])}, {fmt(bounds[1])}]"
-
-
-def _percentile_interval(draws: np.ndarray) -> tuple[float, float]:
-    if len(draws) == 0:
-        return math.nan, math.nan
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def _rank_quality(predictor: np.ndarray, standalone: np.ndarray, resamples: int, seed: int,
@@ -166,23 +156,20 @@ def _rank_quality(predictor: np.ndarray, standalone: np.ndarray, resamples: int,
     own, one = _seed_taus(predictor, standalone, target)
     tau, one_seed_tau = float(own.mean()), float(one.mean())
 
-    index = np.random.default_rng(seed).integers(0, archs, size=(resamples, archs))
+    def taus(predictor: np.ndarray, standalone: np.ndarray, target: np.ndarray, axis: int = -1) -> np.ndarray:
+        """(tau, one_seed_tau, diff) of each resample; scipy hands over (seeds, resamples, archs on ``axis``)."""
+        own, one = _seed_taus(*(np.moveaxis(a, (0, axis), (-1, -2)) for a in (predictor, standalone, target)))
+        own, one = own.mean(axis=-1), one.mean(axis=-1)
+        return np.stack([own, one, own - one])
+
+    # A resample where any tau is undefined is left out of all three statistics (paired_bootstrap),
+    # so the three intervals rest on the same draws and the difference stays paired.
     chunk = max(1, _CHUNK_ELEMENTS // (archs * (archs - 1) // 2 * seeds))
-    draws_own, draws_one = [], []
-    for start in range(0, resamples, chunk):
-        rows = index[start:start + chunk]
-        chunk_own, chunk_one = _seed_taus(predictor[rows], standalone[rows], target[rows])
-        draws_own.append(chunk_own.mean(axis=-1))
-        draws_one.append(chunk_one.mean(axis=-1))
-    own_draws, one_draws = np.concatenate(draws_own), np.concatenate(draws_one)
-    # A resample where any tau is undefined is left out of all three statistics, so the three
-    # intervals rest on the same draws and the difference stays paired.
-    kept = np.isfinite(own_draws) & np.isfinite(one_draws)
-    own_draws, one_draws = own_draws[kept], one_draws[kept]
-    return RankQuality(tau=tau, tau_ci=_percentile_interval(own_draws),
-                       one_seed_tau=one_seed_tau, one_seed_tau_ci=_percentile_interval(one_draws),
-                       diff=tau - one_seed_tau, diff_ci=_percentile_interval(own_draws - one_draws),
-                       archs=archs, seeds=seeds, resamples=int(kept.sum()), dropped=int((~kept).sum()))
+    interval = paired_bootstrap((predictor, standalone, target), taus, resamples, seed, batch=chunk)
+    (tau_ci, one_ci, diff_ci) = ((float(lo), float(hi)) for lo, hi in zip(interval.low, interval.high))
+    return RankQuality(tau=tau, tau_ci=tau_ci, one_seed_tau=one_seed_tau, one_seed_tau_ci=one_ci,
+                       diff=tau - one_seed_tau, diff_ci=diff_ci, archs=archs, seeds=seeds,
+                       resamples=interval.kept, dropped=interval.dropped)
 
 
 def _quality_of(values: ArrayLike, standalone: ArrayLike, ndim: int, name: str, resamples: int,
@@ -248,4 +235,4 @@ def front_hypervolume(selected: ArrayLike, accuracy: ArrayLike, speedup: ArrayLi
         raise ValueError("accuracy and speedup must be finite to score a front")
     reference = (float(acc.min()), float(speed.min())) if reference_point is None else reference_point
     chosen = _selected_indices(selected, len(acc))
-    return front.hypervolume(np.stack([acc[chosen], speed[chosen]], axis=1), reference, _MAXIMIZE2)
+    return pareto.hypervolume(np.stack([acc[chosen], speed[chosen]], axis=1), reference, _MAXIMIZE2)

@@ -30,9 +30,10 @@ MO-ASHA:
     taken (objectives scaled to [0, 1] over the rung), so the kept points cover the front evenly.
   - ``first_front`` (the default): ranked like ``nsga2``, but when the rung's Pareto front holds
     more than ``n // reduction_factor`` trials, the whole front goes on (no trade-off is dropped
-    on a tie-break; it spends more epochs when many trials are mutually non-dominated). The
-    repeated benchmarks/search_cost.py supports it: it kept the whole front in every
-    repetition, where ``nsga2`` lost up to 62% of the hypervolume to a noisy first rung.
+    on a tie-break; it spends more epochs when many trials are mutually non-dominated). It is
+    the default because an early rung's accuracies are noisy: a tie-break within the front
+    ranks trials by that noise, and a trial it drops may be one the final front needs.
+    benchmarks/search_cost.py measures what each rule saves and keeps of the front.
 - A stopped trial's trainer stops with ``stopped_status = "pruned"`` and the reason; ``fit_run``
   writes them into metrics.json with every figure reached, and the objective ends the trial
   PRUNED (user_attrs ``pruned_rung`` = the rung's epochs, ``pruned_reason``).
@@ -51,22 +52,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from fvlab.lit.callbacks import ModelProfileCallback
+from fvlab.lit.callbacks import ModelProfileCallback, StoppingCallback
 from fvlab.metrics import is_model_metric
-from fvlab.sweep.front import PROMOTIONS, losses, promotion_order
-from fvlab.sweep.space import rung_epochs
+from fvlab.pareto import epsilon_net_order, losses, rank_order
+from fvlab.sweep.attrs import DUPLICATE_OF, PRUNED_RUNG_ATTR, RUNG_ATTR
+from fvlab.sweep.space import PROMOTIONS, rung_epochs
 
-__all__ = ["RUNG_ATTR", "PRUNED_RUNG_ATTR", "PROMOTIONS", "RungDecision", "RungsPruner", "RungsCallback", "rung_epochs",
-           "rung_values", "decide"]
+__all__ = ["RungDecision", "RungsPruner", "RungsCallback", "rung_epochs", "rung_values", "promotion_order",
+           "decide"]
 
-RUNG_ATTR = "rung_"  # user_attr "rung_<epochs>": the objective values at that rung
-PRUNED_RUNG_ATTR = "pruned_rung"
 # States whose rung values take part in a decision: a FAILED trial's values come back with its
 # retry (which copies its user_attrs), so counting it too would count them twice.
 _RANKED_STATES = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
@@ -78,7 +79,7 @@ def rung_values(trials: Sequence[FrozenTrial], epochs: int) -> dict[int, list[fl
     found = {}
     for trial in trials:
         values = trial.user_attrs.get(key)
-        if values is None or trial.state not in _RANKED_STATES or trial.user_attrs.get("duplicate_of") is not None:
+        if values is None or trial.state not in _RANKED_STATES or trial.user_attrs.get(DUPLICATE_OF) is not None:
             continue
         found[trial.number] = [math.nan if v is None else float(v) for v in values]
     return found
@@ -102,7 +103,15 @@ class RungDecision:
                 f"trials there (front {self.front}), only the best {self.keep} go on; {shown}")
 
 
-def decide(trials: Sequence[FrozenTrial], number: int, epochs: int, directions: Sequence[str],
+def promotion_order(loss: np.ndarray, promotion: str = "nsga2") -> tuple[list[int], list[int]]:
+    """(indices best first, front number of each point) of a rung's losses under a rule of ``PROMOTIONS``
+    (``first_front`` orders like ``nsga2``; it differs in how many go on, see :func:`decide`)."""
+    if promotion not in PROMOTIONS:
+        raise ValueError(f"promotion {promotion!r} must be one of {', '.join(PROMOTIONS)}")
+    return epsilon_net_order(loss) if promotion == "epsilon_net" else rank_order(loss)
+
+
+def decide(trials: Sequence[FrozenTrial], number: int, epochs: int, directions: Sequence[Any],
            reduction_factor: int, promotion: str = "first_front") -> RungDecision:
     """Whether trial ``number`` goes on past the rung at ``epochs``, from every trial's recorded values."""
     at_rung = rung_values(trials, epochs)
@@ -149,9 +158,7 @@ class RungsPruner(optuna.pruners.BasePruner):
 
     def decide(self, study: optuna.Study, number: int, epochs: int) -> RungDecision:
         """The verdict on trial ``number`` at the rung, read from every trial of the study."""
-        directions = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize"
-                      for d in study.directions]
-        return decide(study.get_trials(deepcopy=False), number, epochs, directions, self.reduction_factor,
+        return decide(study.get_trials(deepcopy=False), number, epochs, study.directions, self.reduction_factor,
                       self.promotion)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -163,7 +170,7 @@ class RungsPruner(optuna.pruners.BasePruner):
         return not self.decide(study, trial.number, max(recorded)).go_on
 
 
-class RungsCallback(pl.Callback):
+class RungsCallback(StoppingCallback):
     """Records the trial's objectives at each rung and stops the run when it loses there.
 
     ``objectives``: the metric names, in the study's order (the directions are the study's). Architecture-only
@@ -176,6 +183,7 @@ class RungsCallback(pl.Callback):
     def __init__(self, trial: optuna.Trial, objectives: Sequence[str],
                  known: Mapping[str, float | None] | None = None, pruner: RungsPruner | None = None,
                  protected: bool = False):
+        super().__init__()
         pruner = pruner if pruner is not None else trial.study.pruner
         if not isinstance(pruner, RungsPruner):
             raise TypeError(f"RungsCallback needs a RungsPruner, the study has {type(pruner).__name__}")
@@ -187,8 +195,6 @@ class RungsCallback(pl.Callback):
         self.pruner = pruner
         # The study's reference trial: its rung values count in every decision, and it always goes on.
         self.protected = protected
-        self.stopped_status: str | None = None
-        self.stopped_reason: str | None = None
         self.decisions: list[RungDecision] = []
         self._validated: tuple[int, dict[str, float]] | None = None  # (epoch, objective values)
 
@@ -223,6 +229,4 @@ class RungsCallback(pl.Callback):
         self.decisions.append(decision)
         if not decision.go_on and not self.protected:
             self.trial.set_user_attr(PRUNED_RUNG_ATTR, epochs)
-            self.stopped_status = "pruned"
-            self.stopped_reason = decision.reason(values)
-            trainer.should_stop = True
+            self.stop(trainer, "pruned", decision.reason(values))

@@ -22,15 +22,15 @@ import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 
-from fvlab.experiment import changed_keys
+from fvlab.runs import changed_keys
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SELECTION_METRICS, SPEEDUP, THROUGHPUT, VAL_METRICS,
                            is_model_metric)
+from fvlab.pareto import direction_name
 from fvlab.runs import stable_hash
-from fvlab.sweep.front import PROMOTIONS
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
            "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params",
-           "rung_epochs", "check_rungs_epochs", "SUPERNET_OPTIONS", "SUPERNET_SPACE_KEYS"]
+           "rung_epochs", "check_rungs_epochs", "SUPERNET_OPTIONS", "SUPERNET_SPACE_KEYS", "PROMOTIONS"]
 
 # What a sweep may optimise or constrain: every metric but the test split's (selecting on it would
 # leak the test set into the choice) and train/lr (a setting, not a result).
@@ -43,6 +43,9 @@ CONSTRAINTS = {"max_gflops": (GFLOPS, "max"), "max_params_m": (PARAMS_M, "max"),
                "max_latency_ms": (LATENCY_MS, "max")}
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 PRUNERS = ("median", "hyperband", "asha", "rungs")
+# How the rungs pruner ranks a rung's trials (``pruner: {name: rungs, promotion: ...}``), see
+# fvlab.sweep.rungs.promotion_order.
+PROMOTIONS = ("nsga2", "epsilon_net", "first_front")
 _TOP_KEYS = ("study", "experiment", "space", "objectives", "constraints", "sampler", "pruner",
              "n_trials", "overrides", "confirm", "supernet")
 _RANGE_KEYS = ("low", "high", "step", "log")
@@ -331,9 +334,10 @@ def _parse_objectives(raw: Mapping[str, Any], path: Path) -> dict[str, str]:
     for metric, direction in objectives_raw.items():
         if metric not in METRICS:
             raise SweepError(f"objectives: unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-        if direction not in ("maximize", "minimize"):
-            raise SweepError(f"objectives.{metric}: {direction!r} must be maximize or minimize")
-        objectives[metric] = direction
+        try:
+            objectives[metric] = direction_name(direction)
+        except ValueError:
+            raise SweepError(f"objectives.{metric}: {direction!r} must be maximize or minimize") from None
     return objectives
 
 

@@ -39,6 +39,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from fvlab.metrics import PRIMARY_METRIC, TRIAL_ATTRS, VAL_MIOU_BEST
+from fvlab.sweep.attrs import FAIL_REASON, PROCESS, PRUNED_REASON, RESUME_FROM, RUN_DIR, RUN_NAME
 
 __all__ = ["open_storage", "storage_label", "budget_lock", "process_tag", "process_alive",
            "recover_dead_trials", "retry_trial", "retry_history", "retried_numbers", "retrying", "RetryAttempt",
@@ -53,8 +54,8 @@ SQLITE_TIMEOUT = 60
 MAX_RETRIES = 3  # a trial killed again and again (the OOM killer) is given up after 3 retries
 KILLED = "worker process"  # how recover_dead_trials' fail_reason starts
 # What an attempt wrote about itself; its retry starts without them.
-_ATTEMPT_ATTRS = ("fvlab_process", "fail_reason", "pruned_reason", "run_name", "run_dir",
-                  TRIAL_ATTRS[PRIMARY_METRIC], TRIAL_ATTRS[VAL_MIOU_BEST])
+_ATTEMPT_ATTRS = (PROCESS, FAIL_REASON, PRUNED_REASON, RUN_NAME, RUN_DIR, TRIAL_ATTRS[PRIMARY_METRIC],
+                  TRIAL_ATTRS[VAL_MIOU_BEST])
 
 
 def _is_url(storage: str) -> bool:
@@ -86,8 +87,8 @@ class RetryAttempt(RetryHeartbeatStaleTrialCallback):
         """Enqueue ``trial`` again (unless its retries are spent), without its attempt's attributes."""
         attempt = copy.deepcopy(trial)
         attrs = dict(attempt.user_attrs)
-        earlier = [attrs["run_dir"]] if attrs.get("run_dir") else []
-        attrs["resume_from"] = earlier + [d for d in attrs.get("resume_from") or [] if d not in earlier]
+        earlier = [attrs[RUN_DIR]] if attrs.get(RUN_DIR) else []
+        attrs[RESUME_FROM] = earlier + [d for d in attrs.get(RESUME_FROM) or [] if d not in earlier]
         attempt.user_attrs = {k: v for k, v in attrs.items() if k not in _ATTEMPT_ATTRS}
         if self.max_retry is not None and len(retry_history(trial)) >= self.max_retry:
             log.warning("trial %d failed and is not retried: %d retries spent", trial.number, self.max_retry)
@@ -266,13 +267,13 @@ def recover_dead_trials(study: optuna.Study, storage: BaseStorage) -> list[tuple
     by_number = {t.number: t for t in trials}
     study_id = None
     for trial in trials:
-        tag = trial.user_attrs.get("fvlab_process")
+        tag = trial.user_attrs.get(PROCESS)
         if trial.state != TrialState.RUNNING or not isinstance(tag, dict) or tag.get("host") != host \
                 or process_alive(tag):
             continue
         # Interrupted attempts (Ctrl-C) do not count: only kills, the OOM killer's signature.
         killed = 1 + sum(1 for n in retry_history(trial)
-                         if str(by_number[n].user_attrs.get("fail_reason") or "").startswith(KILLED))
+                         if str(by_number[n].user_attrs.get(FAIL_REASON) or "").startswith(KILLED))
         reason = f"{KILLED} {tag.get('pid')} ended while running it (killed?)"
         if killed > MAX_RETRIES:
             reason += (f"; not retried: killed {killed} times ({MAX_RETRIES} retries at most; out of memory? "
@@ -281,7 +282,7 @@ def recover_dead_trials(study: optuna.Study, storage: BaseStorage) -> list[tuple
             study_id = storage.get_study_id_from_name(study.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:  # another process's trial: written through the storage, as fail_stale_trials does
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except Exception:  # another worker recovered it first
             continue

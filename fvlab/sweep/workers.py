@@ -34,14 +34,17 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from fvlab.sweep.attrs import DUPLICATE_OF, FAIL_REASON, PROCESS, PRUNED_REASON, RUN_NAME, WORKERS_ATTR
 from fvlab.sweep.space import PRUNER_CLASSES, SAMPLER_CLASSES, SweepSpec
 
 __all__ = ["WorkerSettings", "GridSampler", "budget_spent", "count_budget", "make_sampler", "make_pruner", "run_worker", "run_workers",
-           "worker_seed", "worker_threads", "claim_worker_index", "EXIT_INTERRUPTED", "WORKERS_ATTR"]
+           "worker_seed", "worker_threads", "claim_worker_index", "EXIT_INTERRUPTED",
+           "PrunerFactory"]
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 130
-WORKERS_ATTR = "fvlab_workers_started"  # study user attr: how many workers have claimed an index
+# Builds a study's pruner from its sweep (make_pruner is the sweep file's own).
+PrunerFactory = Callable[[SweepSpec], optuna.pruners.BasePruner | None]
 
 
 @dataclass
@@ -192,13 +195,13 @@ def _trial_line(study: optuna.Study, number: int, objectives: list[str], prefix:
     attrs = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
         what = " ".join(f"{m}={v:.4g}" for m, v in zip(objectives, trial.values))
-        if attrs.get("duplicate_of") is not None:
-            what += f" (duplicate of trial {attrs['duplicate_of']}, not trained)"
+        if attrs.get(DUPLICATE_OF) is not None:
+            what += f" (duplicate of trial {attrs[DUPLICATE_OF]}, not trained)"
     elif trial.state == TrialState.PRUNED:
-        what = f"pruned: {attrs.get('pruned_reason')}"
+        what = f"pruned: {attrs.get(PRUNED_REASON)}"
     else:
-        what = f"{trial.state.name.lower()}: {attrs.get('fail_reason')}"
-    return f"{prefix}trial {number} ({attrs.get('run_name', '?')}): {what}"
+        what = f"{trial.state.name.lower()}: {attrs.get(FAIL_REASON)}"
+    return f"{prefix}trial {number} ({attrs.get(RUN_NAME, '?')}): {what}"
 
 
 def _prefix(settings: WorkerSettings) -> str:
@@ -273,21 +276,21 @@ class _Worker:
         try:
             # Before the lock goes: another worker must not take this trial for a dead one, and
             # sees its parameters (the grid's point, TPE's constant liar).
-            trial.set_user_attr("fvlab_process", process_tag())
+            trial.set_user_attr(PROCESS, process_tag())
             for param in self.sweep.space.values():
                 param.suggest(trial)
             held.close()
             return self.objective(trial)
         except KeyboardInterrupt:
             self.interrupted = True
-            if trial.user_attrs.get("fail_reason") is None:
-                trial.set_user_attr("fail_reason", "interrupted")
+            if trial.user_attrs.get(FAIL_REASON) is None:
+                trial.set_user_attr(FAIL_REASON, "interrupted")
             raise
         except (optuna.TrialPruned, TrialFailed):
             raise
         except Exception as err:
-            if trial.user_attrs.get("fail_reason") is None:
-                trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            if trial.user_attrs.get(FAIL_REASON) is None:
+                trial.set_user_attr(FAIL_REASON, f"{type(err).__name__}: {err}")
             raise
 
     def stop(self) -> int:
@@ -299,8 +302,8 @@ class _Worker:
             return EXIT_INTERRUPTED
         trial, frozen = self.trial, _frozen(self.study, self.trial.number)
         if frozen.state == TrialState.RUNNING:  # interrupted before optimize() told it
-            if frozen.user_attrs.get("fail_reason") is None:
-                trial.set_user_attr("fail_reason", "interrupted")
+            if frozen.user_attrs.get(FAIL_REASON) is None:
+                trial.set_user_attr(FAIL_REASON, "interrupted")
             self.study.tell(trial, state=TrialState.FAIL)
         elif not (frozen.state == TrialState.FAIL and self.interrupted):  # it had ended
             print(f"{self.prefix}interrupted between trials", file=sys.stderr, flush=True)
@@ -311,9 +314,10 @@ class _Worker:
         return EXIT_INTERRUPTED
 
 
-def _open_worker(settings: WorkerSettings) -> _Worker:
+def _open_worker(settings: WorkerSettings, pruner_factory: PrunerFactory | None = None) -> _Worker:
     """Load the study, claim a worker index, seed the sampler and build the objective."""
-    from fvlab.experiment import apply_overrides, load_experiment
+    from fvlab.lit.build import apply_overrides
+    from fvlab.experiment import load_experiment
     from fvlab.sweep.objective import ArchitectureProfiler
     from fvlab.sweep.oneshot import objective_for
     from fvlab.sweep.space import load_sweep
@@ -323,7 +327,8 @@ def _open_worker(settings: WorkerSettings) -> _Worker:
                        overrides=settings.overrides)
     base = load_experiment(sweep.experiment).base_config()
     storage = open_storage(settings.storage, Path(settings.journal))
-    study = optuna.load_study(study_name=settings.study_name, storage=storage, pruner=make_pruner(sweep))
+    study = optuna.load_study(study_name=settings.study_name, storage=storage,
+                              pruner=(pruner_factory or make_pruner)(sweep))
 
     def locked() -> contextlib.AbstractContextManager[None]:
         return budget_lock(storage, settings.storage, Path(settings.journal), settings.study_name)
@@ -338,8 +343,12 @@ def _open_worker(settings: WorkerSettings) -> _Worker:
     return _Worker(settings, sweep, study, storage, locked, objective)
 
 
-def run_worker(settings: WorkerSettings) -> int:
-    """Run trials until the study's budget is spent (or the deadline passes); returns an exit code."""
+def run_worker(settings: WorkerSettings, pruner_factory: PrunerFactory | None = None) -> int:
+    """Run trials until the study's budget is spent (or the deadline passes); returns an exit code.
+
+    ``pruner_factory`` builds the study's pruner from the sweep (default :func:`make_pruner`, the
+    sweep file's own), so a caller can study another pruning rule on the same sweep.
+    """
     from fvlab.runtime import tune_allocator
 
     tune_allocator()  # a spawned worker measures under the same allocator state as `fvlab fit`
@@ -356,7 +365,7 @@ def run_worker(settings: WorkerSettings) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     worker = None
     try:
-        worker = _open_worker(settings)
+        worker = _open_worker(settings, pruner_factory)
         worker.run()
     except KeyboardInterrupt:
         if worker is None:
@@ -370,13 +379,13 @@ def run_worker(settings: WorkerSettings) -> int:
     return 0
 
 
-def _spawned_worker(settings: WorkerSettings) -> None:
+def _spawned_worker(settings: WorkerSettings, pruner_factory: PrunerFactory | None = None) -> None:
     import lightning.pytorch  # noqa: F401  (before the freeze, as `fvlab` does)
 
     from fvlab.runtime import frozen_heap
 
     with frozen_heap():
-        code = run_worker(settings)
+        code = run_worker(settings, pruner_factory)
     sys.exit(code)
 
 
@@ -390,10 +399,14 @@ def _cuda_devices() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def run_workers(settings: WorkerSettings) -> int:
-    """Run ``settings.workers`` worker processes (spawned) and wait for them; returns an exit code."""
+def run_workers(settings: WorkerSettings, pruner_factory: PrunerFactory | None = None) -> int:
+    """Run ``settings.workers`` worker processes (spawned) and wait for them; returns an exit code.
+
+    ``pruner_factory`` is :func:`run_worker`'s; with several workers it travels to spawned
+    processes, so it must then be picklable (a module-level function).
+    """
     if settings.workers <= 1:
-        return run_worker(settings)
+        return run_worker(settings, pruner_factory)
     devices = _cuda_devices()
     context = multiprocessing.get_context("spawn")
     processes = []
@@ -403,7 +416,7 @@ def run_workers(settings: WorkerSettings) -> int:
             own.cuda_device = devices[index % len(devices)]
         else:
             own.threads = worker_threads(settings.workers)
-        process = context.Process(target=_spawned_worker, args=(own,), name=f"fvlab-sweep-{index}")
+        process = context.Process(target=_spawned_worker, args=(own, pruner_factory), name=f"fvlab-sweep-{index}")
         process.start()
         processes.append(process)
 

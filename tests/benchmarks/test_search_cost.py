@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fvlab.sweep.front import epsilon_net_order, rank_order
+from fvlab.pareto import epsilon_net_order, rank_order
 from fvlab.sweep.space import load_sweep
 
 from helpers import ROOT
@@ -44,6 +44,14 @@ def test_intervals_by_hand() -> None:
     assert math.isnan(sc.t_interval([0.5])[1])
     with pytest.raises(ValueError, match="equal lengths"):
         sc.paired_interval([1.0], [1.0, 2.0])
+
+
+def test_identical_samples_give_the_point_without_a_warning(recwarn: pytest.WarningsRecorder) -> None:
+    # A rule that keeps the whole front in every repetition scores hv 1.0 each time: no spread.
+    assert sc.t_interval([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
+    assert sc.paired_interval([1.0, 1.0], [0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert math.isnan(sc.paired_interval([1.0], [0.5])[2])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_the_grid_sweep_files_load_as_fvlab_reads_them(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`fvlab fit`: ImageClassifier, run directories, TensorBoard, bad input, failures, resume, DDP."""
+"""``fvlab.lit.fit`` and whole `fvlab fit` runs: run directories, TensorBoard, failures, resume,
+model figures measured before training, `fvlab validate`/`fvlab test` from a checkpoint, DDP, seeds."""
 
 from __future__ import annotations
 
@@ -19,75 +20,11 @@ from fvlab.cli import main
 from fvlab.data import SyntheticDataModule
 from fvlab.metrics import CLASSIFICATION, MODEL_METRICS
 
-TEST_METRICS = CLASSIFICATION.tests  # a classification run's test figures
-from fvlab.lit.module import ImageClassifier
-from fvlab.models import ArchConfig
+from helpers import FAST_TRAINER, MICRO, SYNTHETIC, run_fit, subprocess_env, write_experiment
 
-from helpers import FAST_TRAINER, ROOT, MICRO, SYNTHETIC, run_fit, subprocess_env, write_experiment
+TEST_METRICS = CLASSIFICATION.tests  # a classification run's test figures
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-# ---- ImageClassifier -------------------------------------------------------------------
-
-
-class LrRecorder(pl.Callback):
-    def __init__(self):
-        self.lrs = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-
-def test_warmup_cosine_schedule_steps_per_batch() -> None:
-    torch.manual_seed(0)
-    model = ImageClassifier(ArchConfig(name="fastervit_micro"), num_classes=4, lr=1e-2,
-                            warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-4)
-    recorder = LrRecorder()
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         num_sanity_val_steps=0, callbacks=[recorder])
-    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=4, num_samples=64, batch_size=16))
-    lrs = recorder.lrs
-    assert len(lrs) == 12
-    assert lrs[0] == pytest.approx(1e-5)
-    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] <= 1e-2  # linear warm-up over the first epoch
-    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then cosine decay, step by step
-    assert lrs[-1] > 1e-4 and lrs[-1] < 2e-3
-
-
-def test_per_epoch_schedule_and_lamb() -> None:
-    model = ImageClassifier(ArchConfig(name="fastervit_micro"), num_classes=4, lr=1e-2,
-                            optimizer="lamb", step_per_batch=False, min_lr=1e-4)
-    recorder = LrRecorder()
-    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         num_sanity_val_steps=0, callbacks=[recorder])
-    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=4, num_samples=64, batch_size=16))
-    assert type(trainer.optimizers[0]).__name__.lower() == "lamb"
-    lrs = recorder.lrs
-    assert lrs[0] == lrs[1] > lrs[2] == lrs[3] > lrs[4] == lrs[5]  # constant within an epoch
-
-
-def test_ema_weights_are_used_for_validation_and_mixup_trains() -> None:
-    torch.manual_seed(0)
-    model = ImageClassifier(ArchConfig(name="fastervit_micro"), num_classes=4, lr=1e-2, ema=True,
-                            ema_decay=0.5, mixup=0.8, cutmix=1.0)
-    data = SyntheticDataModule(num_classes=4, num_samples=64, batch_size=16)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=data)
-    assert model.eval_network() is model.ema.module
-    ema_params = dict(model.ema.module.named_parameters())
-    assert any(not torch.equal(p, ema_params[n]) for n, p in model.model.named_parameters())
-    x, y = next(iter(data.val_dataloader()))
-    model.eval()
-    with torch.no_grad():
-        expected = (model.ema.module(x).argmax(1) == y).float().mean()
-    result = trainer.validate(model, datamodule=data, verbose=False)[0]
-    assert result["val/acc1"] == pytest.approx(float(expected))
-    assert "model.levels.0.blocks.0.conv1.weight" in model.state_dict()
-    assert "ema.module.levels.0.blocks.0.conv1.weight" in model.state_dict()
-    assert not any(k.startswith("network.") for k in model.state_dict())
 
 
 # ---- fvlab fit -------------------------------------------------------------------------
@@ -168,35 +105,50 @@ def test_single_run_without_ablation_is_named_default(tmp_path: Path) -> None:
     assert again["val/acc1"] == pytest.approx(metrics["val/acc1"])
 
 
-@pytest.mark.parametrize("extra, sections, message", [
-    (["--variant", "nope"], {}, "unknown variant 'nope'"),
-    (["--model.arch.foo", "1"], {}, "model.arch.foo"),
-    (["--model.arch.ct_size", "abc"], {}, "model.arch.ct_size"),
-    (["--trainer.max_epochs", "x"], {}, "trainer.max_epochs"),
-    ([], {"model": {"arch": {"name": "fastervit_micro", "window_size": 4}, "lr": 1e-3}},
-     "window_size[2]=4 does not fit"),
-    ([], {"model": {"arch": {"name": "fastervit_micro", "ct_size": 3}, "lr": 1e-3}}, "ct_size[2]=3"),
-    ([], {"data": {"class_path": "fvlab.data.ImageFolderDataModule",
-                   "init_args": {"root": "/no/such/imagenet"}}}, "/no/such/imagenet"),
-    ([], {"model": {"arch": {"name": "fastervit_99"}}}, "fastervit_99"),
-    ([], {"modle": {"lr": 0.1}}, "modle"),
-])
-def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, extra, sections, message) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"a": {}}, **sections)
-    assert run_fit(tmp_path, experiment, *extra) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()
+def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+    for split, n in (("train", 8), ("val", 4)):
+        for label, shade in (("dark", 40), ("light", 200)):
+            folder = tmp_path / "tree" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (40, 36), color=shade + i).save(folder / f"{i}.png")
+    experiment = write_experiment(
+        tmp_path / "exp.yaml",
+        model={"arch": dict(MICRO), "lr": 1e-3, "channels_last": True},
+        data={"class_path": "fvlab.data.ImageFolderDataModule",
+              "init_args": {"root": str(tmp_path / "tree"), "image_size": 32, "in_chans": 1,
+                            "batch_size": 4, "num_workers": 0}})
+    assert run_fit(tmp_path, experiment) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["image_size"] == 32
+    # No test/ folder: no test figures, and the table says why instead of showing the val figure.
+    assert all(metrics[name] is None for name in TEST_METRICS) and "no test/ folder" in metrics["test_note"]
+    row = next(line for line in out.splitlines() if line.startswith("| default"))
+    assert row.split("|")[5].strip() == "-"
+    assert "test/acc1 of default: no test split" in out
+    assert main(["test", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "no test split" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "exp" / "default" / "test.json").exists()
+    ckpt = torch.load(tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt",
+                      weights_only=True)
+    assert ckpt["state_dict"]["model.patch_embed.conv_down.0.weight"].shape[1] == 1  # grey input
 
 
-def test_missing_experiment_file_exits_2(tmp_path: Path, capsys) -> None:
-    assert run_fit(tmp_path, tmp_path / "nope.yaml") == 2
-    assert "nope.yaml" in capsys.readouterr().err
-    (tmp_path / "afile").write_text("")
-    assert main(["fit", str(write_experiment(tmp_path / "exp.yaml")), "--runs-dir",
-                 str(tmp_path / "afile")]) == 2
-    assert "--runs-dir" in capsys.readouterr().err
+def test_options_are_never_abbreviated(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    before = (tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text()
+    capsys.readouterr()
+    assert run_fit(tmp_path, experiment, "--f") == 2  # not --force
+    assert "unknown option --f" in capsys.readouterr().err
+    assert main(["fit", str(experiment), "--runs", str(tmp_path / "elsewhere")]) == 2
+    assert not (tmp_path / "elsewhere").exists()
+    assert (tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text() == before
+
+
+# ---- failures and resume --------------------------------------------------------------------
 
 
 class NaNData(SyntheticDataModule):
@@ -269,287 +221,6 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path: Path, c
         assert resumed[name] == pytest.approx(uninterrupted[name], abs=1e-5), name
 
 
-def test_resuming_a_complete_run_skips_it_or_refuses_a_changed_config(tmp_path: Path, capsys) -> None:
-    # Before: a changed config resumed from the complete run's last.ckpt, Lightning's loop ended
-    # at once, and metrics.json (all val/* null), config.yaml and the hash were overwritten.
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    assert run_fit(tmp_path, experiment) == 0
-    run = tmp_path / "runs" / "exp" / "default"
-    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    assert run_fit(tmp_path, experiment, "--ckpt_path", "last") == 0  # unchanged: skipped
-    assert "default: complete, skipped" in capsys.readouterr().out
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
-    for change, key in ((["--model.lr", "0.01"], "model.lr"),
-                        (["--trainer.max_epochs", "2"], "trainer.max_epochs")):
-        assert run_fit(tmp_path, experiment, *change, "--ckpt_path", "last") == 2
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1, err
-        assert f"(changed: {key})" in err and "--force" in err and "--runs-dir" in err, err
-        assert "continues the same config only" in err
-        assert ("schedule keeps its old length" in err) == (key == "trainer.max_epochs"), err
-        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
-
-
-def test_print_config_shows_the_resolved_variant(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"ct0": {"model.arch.ct_size": 0}})
-    assert run_fit(tmp_path, experiment, "--print_config") == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["arch"]["ct_size"] == 0
-    assert not (tmp_path / "runs").exists()
-
-
-def test_validate_and_test_from_checkpoint(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    assert run_fit(tmp_path, experiment) == 0
-    capsys.readouterr()
-    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
-    assert "val/acc1" in capsys.readouterr().out
-    ckpt = tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt"
-    run = tmp_path / "runs" / "exp" / "default"
-    trained = (run / "metrics.json").read_text()
-    assert main(["test", str(experiment), "--ckpt_path", str(ckpt),
-                 "--runs-dir", str(tmp_path / "runs")]) == 0
-    assert "test/acc1" in capsys.readouterr().out
-    tested = json.loads((run / "test.json").read_text())
-    assert tested["checkpoint"] == str(ckpt) and tested["split"] == "test"
-    assert set(tested["metrics"]) == set(TEST_METRICS) and 0 <= tested["metrics"]["test/acc1"] <= 1
-    assert (run / "metrics.json").read_text() == trained  # the figures of training stay as they were
-    assert main(["report", str(tmp_path / "runs" / "exp")]) == 0
-    line = f"fvlab test: default seed 0: test/acc1 {tested['metrics']['test/acc1']:.4g}"
-    assert line in capsys.readouterr().out
-    assert line in (tmp_path / "runs" / "exp" / "report" / "report.md").read_text()
-    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "none")]) == 2
-
-
-SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
-SMALL = {"ablate_carrier", "ablate_window", "ablate_propagation", "baseline"}
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-def test_shipped_experiment_parses_builds_and_runs(path: Path, tmp_path: Path) -> None:
-    from fvlab.experiment import load_experiment
-    from fvlab.lit.runner import build_run
-
-    experiment = load_experiment(path)
-    overrides = ["--trainer.accelerator", "cpu", "--trainer.precision", "32"]
-    if path.stem.startswith("imagenet"):
-        from PIL import Image
-        for split in ("train", "val"):
-            for cls in ("a", "b"):
-                (tmp_path / "tree" / split / cls).mkdir(parents=True)
-                Image.new("RGB", (40, 40)).save(tmp_path / "tree" / split / cls / "0.png")
-        overrides += ["--data.init_args.root", str(tmp_path / "tree")]
-    if path.stem.startswith("cifar"):
-        overrides += ["--data.class_path", "fvlab.data.SyntheticDataModule",
-                      "--data.init_args.num_classes", "100"]
-    for variant in experiment.variant_names():
-        spec = build_run(experiment.config(variant), tmp_path / "runs" / variant, overrides,
-                         experiment=experiment.name, variant=variant)
-        assert isinstance(spec.model, ImageClassifier)
-    if experiment.name in SMALL:
-        # Every variant runs; one seed is enough (seeds change the seed, not the code path).
-        seeds = experiment.seeds[:1] if experiment.seeds else None
-        assert main(["fit", str(path), "--runs-dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "1",
-                     *(["--seeds", str(seeds[0])] if seeds else [])]) == 0
-        from fvlab.runs import run_dir_for
-        for variant in experiment.variant_names():
-            for seed in seeds or [None]:
-                run = run_dir_for(tmp_path / "runs" / experiment.name, variant, seed)
-                assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
-
-
-def test_cpu_ddp_with_two_processes_and_ema(tmp_path: Path) -> None:
-    # v2 trains with EMA: its copy used to sit inside the DDP-wrapped module with parameters
-    # that required grad, and DDP stopped at once ("parameters that were not used").
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={
-        "v1": {}, "v2": {"model.arch.ct_size": 0, "model.ema": True, "model.ema_decay": 0.5}})
-    env = subprocess_env(__file__)
-    done = subprocess.run(
-        [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
-         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for variant in ("v1", "v2"):
-        run = tmp_path / "runs" / "exp" / variant
-        metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["status"] == "complete"
-        assert len(list(run.glob("events.out.tfevents.*"))) == 1
-    best = tmp_path / "runs" / "exp" / "v2" / "checkpoints" / "best.ckpt"
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    trained = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    averaged = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
-    assert averaged.keys() == trained.keys()
-    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # two sets of weights
-    from fvlab.models import create_model
-    loaded = create_model("fastervit_micro", num_classes=4, ct_size=0, checkpoint_path=best).state_dict()
-    assert all(torch.equal(loaded[k], averaged[k]) for k in loaded)  # the EMA weights
-    assert done.stdout.count("| v1") == 1  # the table comes from rank 0 only
-
-
-def test_fit_on_an_image_folder_in_grey_with_channels_last(tmp_path: Path, capsys) -> None:
-    from PIL import Image
-    for split, n in (("train", 8), ("val", 4)):
-        for label, shade in (("dark", 40), ("light", 200)):
-            folder = tmp_path / "tree" / split / label
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.new("L", (40, 36), color=shade + i).save(folder / f"{i}.png")
-    experiment = write_experiment(
-        tmp_path / "exp.yaml",
-        model={"arch": dict(MICRO), "lr": 1e-3, "channels_last": True},
-        data={"class_path": "fvlab.data.ImageFolderDataModule",
-              "init_args": {"root": str(tmp_path / "tree"), "image_size": 32, "in_chans": 1,
-                            "batch_size": 4, "num_workers": 0}})
-    assert run_fit(tmp_path, experiment) == 0
-    out = capsys.readouterr().out
-    metrics = json.loads((tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text())
-    assert metrics["status"] == "complete" and metrics["image_size"] == 32
-    # No test/ folder: no test figures, and the table says why instead of showing the val figure.
-    assert all(metrics[name] is None for name in TEST_METRICS) and "no test/ folder" in metrics["test_note"]
-    row = next(line for line in out.splitlines() if line.startswith("| default"))
-    assert row.split("|")[5].strip() == "-"
-    assert "test/acc1 of default: no test split" in out
-    assert main(["test", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "no test split" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "exp" / "default" / "test.json").exists()
-    ckpt = torch.load(tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt",
-                      weights_only=True)
-    assert ckpt["state_dict"]["model.patch_embed.conv_down.0.weight"].shape[1] == 1  # grey input
-
-
-@pytest.mark.parametrize("arch, ct_size", [
-    ("fastervit_micro", [0, 0, 1, 0]),                        # short form: a variant name
-    ({"name": None, "dim": 16, "in_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 4],
-      "window_size": 2, "ct_size": [0, 0, 2, 0], "mlp_ratio": 2.0}, [0, 0, 2, 0]),  # full arguments
-])
-def test_arch_as_variant_name_or_full_arguments(tmp_path: Path, arch, ct_size) -> None:
-    from fvlab.experiment import load_experiment
-    from fvlab.lit.runner import build_run
-
-    path = write_experiment(tmp_path / "exp.yaml", model={"arch": arch, "lr": 1e-3})
-    experiment = load_experiment(path)
-    spec = build_run(experiment.config("default"), None, experiment=experiment.name, variant="default")
-    assert spec.model.model.ct_size == ct_size
-    assert spec.model.model.num_classes == 4 and spec.model.model.in_chans == 3  # from the data
-
-
-# ---- reruns: skip only what is unchanged, never lose work ----------------------------------
-
-
-def test_changed_config_refuses_to_reuse_or_replace_a_complete_run(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    assert run_fit(tmp_path, experiment) == 0
-    metrics_file = tmp_path / "runs" / "exp" / "default" / "metrics.json"
-    before = metrics_file.read_text()
-    assert json.loads(before)["config_hash"]
-    capsys.readouterr()
-    assert run_fit(tmp_path, experiment, "--trainer.max_epochs", "2") == 2
-    err = capsys.readouterr().err
-    assert "trainer.max_epochs" in err and "--force" in err and len(err.strip().splitlines()) == 1
-    assert metrics_file.read_text() == before
-    assert run_fit(tmp_path, experiment, "--trainer.max_epochs", "2", "--force") == 0
-    assert json.loads(metrics_file.read_text())["epochs"] == 2
-
-
-def test_a_runs_config_yaml_reruns_that_run_in_place(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"v1": {}, "v2": {"model.arch.ct_size": 0}})
-    assert run_fit(tmp_path, experiment) == 0
-    root = tmp_path / "runs" / "exp"
-    own = root / "v2" / "config.yaml"
-    assert "fvlab fit" in own.read_text().splitlines()[1]
-    before = json.loads((root / "v2" / "metrics.json").read_text())
-    capsys.readouterr()
-    assert run_fit(tmp_path, own) == 0  # unchanged: skipped
-    assert "v2: complete, skipped" in capsys.readouterr().out
-    checkpoint = root / "v2" / "checkpoints" / "last.ckpt"
-    v1_stamp = (root / "v1" / "metrics.json").stat().st_mtime_ns
-    checkpoint.write_bytes(b"")  # the retrained run writes its own; a skipped one would keep this
-    assert run_fit(tmp_path, own, "--force") == 0
-    assert "fitting v2 ->" in capsys.readouterr().out
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["v1", "v2"]  # no "default"
-    after = json.loads((root / "v2" / "metrics.json").read_text())
-    assert after["val/loss"] == pytest.approx(before["val/loss"], abs=1e-6)  # same run, retrained
-    assert checkpoint.stat().st_size > 0
-    assert (root / "v1" / "metrics.json").stat().st_mtime_ns == v1_stamp  # only v2 was re-run
-    summary = (root / "summary.md").read_text()
-    assert "v1" in summary and "v2" in summary  # the other variant's row is kept
-
-
-def test_refuses_to_delete_a_directory_that_is_not_an_fvlab_run(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    precious = tmp_path / "runs" / "exp" / "default" / "thesis.tex"
-    precious.parent.mkdir(parents=True)
-    precious.write_text("years of work")
-    assert run_fit(tmp_path, experiment, "--force") == 2
-    assert "not an fvlab run directory" in capsys.readouterr().err
-    assert precious.read_text() == "years of work"
-
-
-def test_options_are_never_abbreviated(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    assert run_fit(tmp_path, experiment) == 0
-    before = (tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text()
-    capsys.readouterr()
-    assert run_fit(tmp_path, experiment, "--f") == 2  # not --force
-    assert "unknown option --f" in capsys.readouterr().err
-    assert main(["fit", str(experiment), "--runs", str(tmp_path / "elsewhere")]) == 2
-    assert not (tmp_path / "elsewhere").exists()
-    assert (tmp_path / "runs" / "exp" / "default" / "metrics.json").read_text() == before
-
-
-def test_ckpt_path_best_is_rejected_before_anything_is_written(tmp_path: Path, capsys) -> None:
-    assert run_fit(tmp_path, write_experiment(tmp_path / "exp.yaml"), "--ckpt_path", "best") == 2
-    assert "--ckpt_path last" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
-
-
-def test_bad_input_is_the_only_line_on_stderr(tmp_path: Path) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    done = subprocess.run([sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir",
-                           str(tmp_path / "runs"), "--model.optimizer", "adamww"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no "Seed set to 0" first
-    assert "model.optimizer" in done.stderr and "adamw" in done.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-class RemoveFolderAtFitEnd(pl.Callback):
-    """The data disappears after the first variant (an unmounted network share)."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-
-    def on_fit_end(self, trainer, pl_module):
-        import shutil
-        shutil.rmtree(self.folder)
-
-
-def test_a_variant_that_fails_to_build_mid_loop_is_that_variants_failure(tmp_path: Path, capsys) -> None:
-    from PIL import Image
-    for split in ("train", "val"):
-        for label, shade in (("dark", 30), ("light", 220)):
-            folder = tmp_path / "tree" / split / label
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (36, 36), color=(shade, shade - i, shade)).save(folder / f"{i}.png")
-    callbacks = [{"class_path": "test_fit.RemoveFolderAtFitEnd", "init_args": {"folder": str(tmp_path / "tree")}}]
-    experiment = write_experiment(
-        tmp_path / "exp.yaml", trainer={**FAST_TRAINER, "callbacks": callbacks},
-        data={"class_path": "fvlab.data.ImageFolderDataModule",
-              "init_args": {"root": str(tmp_path / "tree"), "image_size": 32, "batch_size": 4,
-                            "num_workers": 0}},
-        ablation={"first": {}, "second": {"model.arch.ct_size": 0}})
-    assert run_fit(tmp_path, experiment) == 1
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err
-    first = json.loads((tmp_path / "runs" / "exp" / "first" / "metrics.json").read_text())
-    second = json.loads((tmp_path / "runs" / "exp" / "second" / "metrics.json").read_text())
-    assert first["status"] == "complete"
-    assert second["status"] == "failed" and "tree" in second["error"]
-
-
 # ---- measurements before training, never failing a run ----------------------------------
 
 
@@ -582,7 +253,67 @@ def test_a_failed_measurement_is_null_never_a_failed_run(tmp_path: Path, monkeyp
     assert metrics["model/params_m"] > 0 and metrics["model/gflops"] > 0
 
 
+# ---- fvlab validate / fvlab test ----------------------------------------------------------
+
+
+def test_validate_and_test_from_checkpoint(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    capsys.readouterr()
+    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "val/acc1" in capsys.readouterr().out
+    ckpt = tmp_path / "runs" / "exp" / "default" / "checkpoints" / "last.ckpt"
+    run = tmp_path / "runs" / "exp" / "default"
+    trained = (run / "metrics.json").read_text()
+    assert main(["test", str(experiment), "--ckpt_path", str(ckpt),
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "test/acc1" in capsys.readouterr().out
+    tested = json.loads((run / "test.json").read_text())
+    assert tested["checkpoint"] == str(ckpt) and tested["split"] == "test"
+    assert set(tested["metrics"]) == set(TEST_METRICS) and 0 <= tested["metrics"]["test/acc1"] <= 1
+    assert (run / "metrics.json").read_text() == trained  # the figures of training stay as they were
+    assert main(["report", str(tmp_path / "runs" / "exp")]) == 0
+    line = f"fvlab test: default seed 0: test/acc1 {tested['metrics']['test/acc1']:.4g}"
+    assert line in capsys.readouterr().out
+    assert line in (tmp_path / "runs" / "exp" / "report" / "report.md").read_text()
+    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "none")]) == 2
+
+
+def test_validate_needs_a_variant_when_there_are_several(tmp_path: Path, capsys) -> None:
+    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"a": {}, "b": {}})
+    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "--variant" in capsys.readouterr().err
+
+
 # ---- several processes: Lightning's rank, a failure ends the job on every rank ------------
+
+
+def test_cpu_ddp_with_two_processes_and_ema(tmp_path: Path) -> None:
+    # v2 trains with EMA: its copy used to sit inside the DDP-wrapped module with parameters
+    # that required grad, and DDP stopped at once ("parameters that were not used").
+    experiment = write_experiment(tmp_path / "exp.yaml", ablation={
+        "v1": {}, "v2": {"model.arch.ct_size": 0, "model.ema": True, "model.ema_decay": 0.5}})
+    env = subprocess_env(__file__)
+    done = subprocess.run(
+        [sys.executable, "-m", "fvlab.cli", "fit", str(experiment), "--runs-dir", str(tmp_path / "runs"),
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant in ("v1", "v2"):
+        run = tmp_path / "runs" / "exp" / variant
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "complete"
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    best = tmp_path / "runs" / "exp" / "v2" / "checkpoints" / "best.ckpt"
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    trained = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    averaged = {k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    assert averaged.keys() == trained.keys()
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained)  # two sets of weights
+    from fvlab.models import create_model
+    loaded = create_model("fastervit_micro", num_classes=4, ct_size=0, checkpoint_path=best).state_dict()
+    assert all(torch.equal(loaded[k], averaged[k]) for k in loaded)  # the EMA weights
+    assert done.stdout.count("| v1") == 1  # the table comes from rank 0 only
 
 
 def _free_port() -> int:
@@ -652,29 +383,11 @@ def test_a_failure_on_one_ddp_rank_ends_the_job_on_every_rank(tmp_path: Path, ra
     assert not (tmp_path / "runs" / "exp" / "v2" / "metrics.json").exists()  # the job ended
 
 
-# ---- fvlab profile checks what fit checks -------------------------------------------------
-
-
-@pytest.mark.parametrize("extra, sections, message", [
-    (["--device", "foo"], {}, "--device 'foo'"),
-    (["--device", "cuda:3"], {}, "--device cuda:3"),
-    ([], {"model": {"arch": {"name": "fastervit_micro", "checkpoint_path": "/no/such.ckpt"}}}, "/no/such.ckpt"),
-    ([], {"model": {"arch": {"name": "fastervit_micro", "window_size": 4}}}, "window_size[2]=4"),
-])
-def test_profile_rejects_what_fit_rejects(tmp_path: Path, capsys, extra, sections, message) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", **sections)
-    assert main(["profile", str(experiment), "--no-throughput", *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1, err
-    if not extra:
-        assert run_fit(tmp_path, experiment) == 2  # the same file, the same verdict
-
-
 # ---- seeds ---------------------------------------------------------------------------------
 
 
 def _initial_weights(config: dict, seed: int) -> torch.Tensor:
-    from fvlab.lit.runner import build_run
+    from fvlab.lit.build import build_run
     spec = build_run(config, None, seed=seed)
     return torch.cat([p.detach().flatten() for p in spec.model.model.parameters()])
 
@@ -682,7 +395,8 @@ def _initial_weights(config: dict, seed: int) -> torch.Tensor:
 def test_seeds_give_different_runs_and_the_same_seed_the_same_run(tmp_path: Path, capsys) -> None:
     experiment = write_experiment(tmp_path / "exp.yaml", seeds=[0, 1])
     from fvlab.experiment import load_experiment
-    config = load_experiment(experiment).config()
+    from fvlab.lit.build import variant_config
+    config = variant_config(load_experiment(experiment))
     assert not torch.equal(_initial_weights(config, 0), _initial_weights(config, 1))
     assert torch.equal(_initial_weights(config, 1), _initial_weights(config, 1))
 
@@ -705,105 +419,3 @@ def test_seeds_give_different_runs_and_the_same_seed_the_same_run(tmp_path: Path
     again = json.loads((tmp_path / "again" / "exp" / "default" / "seed_1" / "metrics.json").read_text())
     for name in ("train/loss_epoch", "val/loss", "val/acc1"):
         assert again[name] == pytest.approx(seed1[name], abs=1e-6), name
-
-
-def _first_batches(config: dict, seed: int, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first training batches of a run as ``fvlab fit`` builds it (the model built first)."""
-    from fvlab.lit.runner import build_run
-    spec = build_run(config, None, seed=seed)
-    spec.datamodule.setup("fit")
-    batches = []
-    for images, labels in spec.datamodule.train_dataloader():
-        batches.append((images, labels))
-        if len(batches) == count:
-            return batches
-    return batches
-
-
-def test_variants_with_one_seed_see_the_same_batches() -> None:
-    # Digits: shuffled and augmented. The two architectures draw different amounts from the global
-    # generator while they are built (no carrier tokens, fewer weights to initialise).
-    data = {"class_path": "fvlab.data.DigitsDataModule", "init_args": {"image_size": 32, "batch_size": 8}}
-    with_hat = {"model": {"arch": {"name": "fastervit_micro", "ct_size": 2}}, "data": data}
-    without = {"model": {"arch": {"name": "fastervit_micro", "hat": False}}, "data": data}
-    a, b = _first_batches(with_hat, seed=3), _first_batches(without, seed=3)
-    for (images_a, labels_a), (images_b, labels_b) in zip(a, b, strict=True):
-        assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
-    other = _first_batches(with_hat, seed=4)
-    assert not torch.equal(a[0][1], other[0][1])  # another seed, another order
-
-
-def test_fit_measures_every_variant_side_by_side_once(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", reference="b",
-                                  ablation={"a": {}, "b": {"model.arch.hat": False}})
-    root = tmp_path / "runs" / "exp"
-    assert run_fit(tmp_path, experiment, "--variant", "a") == 0
-    cache = json.loads((root / "measurements.json").read_text())
-    assert len(cache) == 2 and not (root / "b").exists()  # b measured beside a, though only a trained
-    a = json.loads((root / "a" / "metrics.json").read_text())
-    assert a["model/throughput_lo"] <= a["model/throughput"] <= a["model/throughput_hi"]
-    assert a["model/speedup"] > 0 and a["model/latency_ms"] > 0
-    assert run_fit(tmp_path, experiment, "--variant", "b") == 0
-    b = json.loads((root / "b" / "metrics.json").read_text())
-    assert b["model/speedup"] == 1.0  # the file's reference variant
-    assert json.loads((root / "measurements.json").read_text()) == cache  # read back, not measured again
-    out = capsys.readouterr().out
-    assert "throughput (img/s) [95%]" in out and f"{a['model/throughput']:.0f} [" in out
-    assert run_fit(tmp_path, experiment, "--force") == 0
-    again = json.loads((root / "measurements.json").read_text())
-    assert again.keys() == cache.keys() and again != cache  # --force measures again
-
-
-def test_growing_seeds_trains_only_the_new_ones(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", seeds=[0, 1], ablation={"a": {}, "b": {}})
-    assert run_fit(tmp_path, experiment) == 0
-    root = tmp_path / "runs" / "exp"
-    stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/seed_*/metrics.json")}
-    assert len(stamps) == 4
-    measured = (root / "measurements.json").read_text()
-    capsys.readouterr()
-    assert run_fit(tmp_path, experiment, "--seeds", "0", "1", "2") == 0
-    out = capsys.readouterr().out
-    assert out.count("fitting ") == 2 and "a/seed_2" in out and "b/seed_2" in out
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert (root / "measurements.json").read_text() == measured  # new seeds never re-measure
-    seeds = [json.loads((root / "a" / f"seed_{s}" / "metrics.json").read_text()) for s in (0, 2)]
-    assert seeds[0]["model/throughput"] == seeds[1]["model/throughput"]
-    assert len(list(root.glob("*/seed_*/metrics.json"))) == 6
-
-
-def test_data_overrides_work_without_a_data_section(tmp_path: Path) -> None:
-    from fvlab.lit.runner import build_run
-    spec = build_run({"model": {"arch": dict(MICRO)}}, None, ["--data.batch_size", "8",
-                                                              "--data.image_size", "32"])
-    assert spec.datamodule.batch_size == 8 and type(spec.datamodule).__name__ == "DigitsDataModule"
-
-
-def test_seeded_and_unseeded_runs_of_a_variant_never_nest(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml")
-    assert run_fit(tmp_path, experiment) == 0
-    capsys.readouterr()
-    assert run_fit(tmp_path, experiment, "--seeds", "0", "1") == 2
-    assert "holds a run without seeds" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "exp" / "default" / "seed_0").exists()
-    assert run_fit(tmp_path, experiment, "--seeds", "0", "--runs-dir", str(tmp_path / "seeded")) == 0
-    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "seeded"), "--force"]) == 2
-    assert "holds runs with seeds" in capsys.readouterr().err
-    assert (tmp_path / "seeded" / "exp" / "default" / "seed_0" / "metrics.json").is_file()
-
-
-def test_a_runs_config_yaml_finds_its_own_runs_dir(tmp_path: Path, capsys, monkeypatch) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", seeds=[3])
-    assert main(["fit", str(experiment), "--runs-dir", str(tmp_path / "elsewhere")]) == 0
-    own = tmp_path / "elsewhere" / "exp" / "default" / "seed_3" / "config.yaml"
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    assert main(["fit", str(own)]) == 0  # no --runs-dir: the run's own, not ./runs
-    assert "default/seed_3: complete, skipped" in capsys.readouterr().out
-    assert not (tmp_path / "runs").exists()
-
-
-def test_validate_needs_a_variant_when_there_are_several(tmp_path: Path, capsys) -> None:
-    experiment = write_experiment(tmp_path / "exp.yaml", ablation={"a": {}, "b": {}})
-    assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "--variant" in capsys.readouterr().err

@@ -259,3 +259,69 @@ def test_nan_on_one_ddp_rank_fails_the_run_on_every_rank(tmp_path: Path) -> None
     assert metrics["error"].startswith("NonFiniteLossError: training loss is not finite on another "
                                        "process at epoch 0, step 1; lower model.lr"), metrics["error"]
     assert "NonFiniteLossError: training loss is nan on process 1 at epoch 0, step 1" in done.stderr
+
+
+# ---- under a plain Lightning Trainer: schedules stepped per batch or epoch, EMA with mixup ----
+
+
+class LrRecorder(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_warmup_cosine_schedule_steps_per_batch() -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(ArchConfig(name="fastervit_micro"), num_classes=4, lr=1e-2,
+                            warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-4)
+    recorder = LrRecorder()
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         num_sanity_val_steps=0, callbacks=[recorder])
+    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=4, num_samples=64, batch_size=16))
+    lrs = recorder.lrs
+    assert len(lrs) == 12
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[0] < lrs[1] < lrs[2] < lrs[3] <= 1e-2  # linear warm-up over the first epoch
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))  # then cosine decay, step by step
+    assert lrs[-1] > 1e-4 and lrs[-1] < 2e-3
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_per_epoch_schedule_and_lamb() -> None:
+    model = ImageClassifier(ArchConfig(name="fastervit_micro"), num_classes=4, lr=1e-2,
+                            optimizer="lamb", step_per_batch=False, min_lr=1e-4)
+    recorder = LrRecorder()
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         num_sanity_val_steps=0, callbacks=[recorder])
+    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=4, num_samples=64, batch_size=16))
+    assert type(trainer.optimizers[0]).__name__.lower() == "lamb"
+    lrs = recorder.lrs
+    assert lrs[0] == lrs[1] > lrs[2] == lrs[3] > lrs[4] == lrs[5]  # constant within an epoch
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ema_weights_are_used_for_validation_and_mixup_trains() -> None:
+    torch.manual_seed(0)
+    model = ImageClassifier(ArchConfig(name="fastervit_micro"), num_classes=4, lr=1e-2, ema=True,
+                            ema_decay=0.5, mixup=0.8, cutmix=1.0)
+    data = SyntheticDataModule(num_classes=4, num_samples=64, batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    assert model.eval_network() is model.ema.module
+    ema_params = dict(model.ema.module.named_parameters())
+    assert any(not torch.equal(p, ema_params[n]) for n, p in model.model.named_parameters())
+    x, y = next(iter(data.val_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        expected = (model.ema.module(x).argmax(1) == y).float().mean()
+    result = trainer.validate(model, datamodule=data, verbose=False)[0]
+    assert result["val/acc1"] == pytest.approx(float(expected))
+    assert "model.levels.0.blocks.0.conv1.weight" in model.state_dict()
+    assert "ema.module.levels.0.blocks.0.conv1.weight" in model.state_dict()
+    assert not any(k.startswith("network.") for k in model.state_dict())

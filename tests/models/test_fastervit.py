@@ -1,19 +1,21 @@
-"""FasterViT model: parity with the official implementation, any resolution, HAT settings."""
+"""FasterViT model (``fvlab.models.fastervit``): parity with the official implementation, any
+resolution, per-stage settings and argument checks, timm's model interface, gradient checkpointing,
+fusing, forward_intermediates, layer decay."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 from unittest import mock
 
 import pytest
 import timm
 import timm.optim
 import torch
-import torch.nn.functional as F
 
 import fvlab
-from fvlab.models import CheckpointMismatchError, FasterViT, create_model, list_variants
+from fvlab.models import FasterViT, create_model, list_variants
+
+from helpers import n_params
 
 official = pytest.importorskip("fastervit.models.faster_vit", reason="reference package `fastervit`")
 official_any_res = pytest.importorskip("fastervit.models.faster_vit_any_res")
@@ -41,10 +43,6 @@ def perturbed_official(builder, seed: int = 0, **kwargs) -> torch.nn.Module:
             elif name.endswith("running_var"):
                 b.uniform_(0.5, 1.5, generator=g)
     return model
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3])
@@ -131,6 +129,9 @@ def test_one_window_stage_has_no_carrier_tokens_as_in_official_model(builder: st
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+# ---- any resolution, per-stage settings, bad arguments ----------------------------------------
+
+
 def test_one_model_runs_at_any_resolution_with_gradients() -> None:
     torch.manual_seed(0)
     model = create_model("fastervit_0", num_classes=10).train()
@@ -144,156 +145,6 @@ def test_one_model_runs_at_any_resolution_with_gradients() -> None:
         hat_grad = model.levels[2].blocks[0].hat_pos_embed.cpb_mlp[0].weight.grad
         assert hat_grad is not None and hat_grad.abs().sum() > 0, (h, w)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-def test_eval_cache_follows_size_changes_and_weight_updates() -> None:
-    torch.manual_seed(0)
-    model = create_model("fastervit_micro", num_classes=5).eval()
-    a, b = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 48, 80)
-    with torch.inference_mode():
-        first = model(a)
-        model(b)
-        assert torch.equal(model(a), first)
-    # An in-place update in eval mode (as EMA does) must not serve stale position terms.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "cpb_mlp" in name:
-                p.mul_(1.5)
-    fresh = create_model("fastervit_micro", num_classes=5)
-    fresh.load_state_dict(model.state_dict())
-    with torch.inference_mode():
-        assert torch.allclose(model(a), fresh.eval()(a), atol=1e-6)
-        assert not torch.allclose(model(a), first, atol=1e-4)
-
-
-def test_switching_train_and_eval_stays_correct() -> None:
-    torch.manual_seed(0)
-    model = create_model("fastervit_micro", num_classes=5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    x, target = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
-    for _ in range(3):
-        model.eval()
-        with torch.no_grad():
-            model(x)
-        model.train()
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), target).backward()
-        optimizer.step()
-        model.eval()
-        fresh = create_model("fastervit_micro", num_classes=5)
-        fresh.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            assert torch.allclose(model(x), fresh.eval()(x), atol=1e-6)
-    # Eval with gradients enabled (e.g. attribution) still gets a graph through the position MLPs.
-    model.eval()
-    model.zero_grad()
-    model(x).sum().backward()
-    assert model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[2].weight.grad.abs().sum() > 0
-
-
-def _stage3_sensitivity(model: FasterViT, size: int = 64) -> torch.Tensor:
-    """Which windows of stage 3's output change when one window of its input changes."""
-    stage = model.levels[2]
-    torch.manual_seed(0)
-    x = torch.randn(1, stage.blocks[0].norm1.normalized_shape[0], size // 16, size // 16)
-    y = x.clone()
-    y[:, :, :stage.window_size, :stage.window_size] += 1.0  # perturb window (0, 0) only
-    with torch.no_grad():
-        diff = (stage.forward_blocks(x) - stage.forward_blocks(y)).abs()
-    ws = stage.window_size
-    return diff.sum(1)[0].unfold(0, ws, ws).unfold(1, ws, ws).sum((-1, -2))
-
-
-def test_hat_false_is_plain_window_attention() -> None:
-    local = create_model("fastervit_tiny", hat=False).eval()
-    changed = _stage3_sensitivity(local) > 1e-6
-    assert changed[0, 0] and changed.sum() == 1  # only the perturbed window moves
-    assert not any("hat_" in k or "global_tokenizer" in k for k in local.state_dict())
-
-
-def test_carrier_tokens_carry_information_across_windows() -> None:
-    hat = create_model("fastervit_tiny").eval()
-    changed = _stage3_sensitivity(hat) > 1e-6
-    assert changed.all()  # every window hears about the perturbed one, via carrier tokens
-
-
-def _loud_carrier_tokens(model: FasterViT) -> FasterViT:
-    """Weaken the window attention's position bias, which near initialisation gives window tokens
-    about +8 over carrier tokens (e^-8 of the weight): carrier tokens then visibly count."""
-    with torch.no_grad():
-        for stage in model.levels:
-            for block in stage.blocks if not stage.conv else ():
-                block.attn.pos_emb_funct.cpb_mlp[0].bias.add_(1.0)
-                block.attn.pos_emb_funct.cpb_mlp[2].weight.sub_(0.05)
-    return model
-
-
-def test_a_map_of_one_window_has_no_carrier_tokens_but_keeps_the_weights() -> None:
-    # Stage 3 of fastervit_micro (window 2) sees 2x2 tokens at 32 px (one window), a 1x1 map
-    # padded to one window at 16 px, 4x4 tokens (four windows) at 64 px.
-    torch.manual_seed(0)
-    hat = _loud_carrier_tokens(create_model("fastervit_micro", ct_size=2, do_propagation=True, num_classes=4))
-    local = create_model("fastervit_micro", hat=False, num_classes=4)
-    result = local.load_state_dict(hat.state_dict(), strict=False)
-    assert result.unexpected_keys and all(".hat_" in k or "global_tokenizer" in k or "gamma" in k
-                                          for k in result.unexpected_keys)
-    assert n_params(hat) > n_params(local)  # the HAT weights are built whatever the input size
-    assert [hat.carrier_tokens_live(2, s) for s in (16, 32, 48, 64)] == [False, False, True, True]
-    hat.eval(), local.eval()
-    with torch.no_grad():
-        for size in (16, 32):
-            x = torch.randn(2, 3, size, size)
-            assert torch.equal(hat(x), local(x)), size
-        x = torch.randn(2, 3, 64, 64)
-        assert not torch.allclose(hat(x), local(x), atol=1e-3)
-    # Training: unused carrier-token weights get zero gradients (not none: DDP needs one for
-    # every parameter), used ones real gradients.
-    carrier = hat.levels[2].carrier_parameters()
-    assert carrier and all(any(p is q for q in carrier) for n, p in hat.named_parameters()
-                           if n.startswith("levels.2.") and (".hat_" in n or "global_tokenizer" in n))
-    hat.train()
-    for size, used in ((32, False), (64, True)):
-        hat.zero_grad(set_to_none=True)
-        hat(torch.randn(2, 3, size, size)).sum().backward()
-        assert all(p.grad is not None for p in hat.parameters())
-        assert (sum(p.grad.abs().sum() for p in carrier) > 0) == used, size
-
-
-def test_export_graph_hides_carrier_tokens_of_a_one_window_map() -> None:
-    # With a symbolic image size (ONNX export) no guard is checked at run time, so the graph itself
-    # decides: carrier tokens computed, then hidden from the window attention and not propagated
-    # when the map is one window. That path, run eagerly, against the eager one.
-    import fvlab.models.hat as hat_module
-    import fvlab.models.layers as layers_module
-
-    torch.manual_seed(0)
-    model = _loud_carrier_tokens(create_model("fastervit_tiny", do_propagation=True)).eval()
-    stage = model.levels[2]
-    not_known = lambda *sizes: False  # noqa: E731
-    symbolic = (mock.patch.object(hat_module, "decided_in_python", not_known),
-                mock.patch.object(hat_module, "sizes_known", not_known),
-                mock.patch.object(layers_module, "sizes_known", not_known),
-                mock.patch("torch.compiler.is_exporting", lambda: True))
-    for side in (2, 1, 4, 3):  # one window (2, or 1 padded to 2), then several (3 padded to 4)
-        x = torch.randn(2, 128, side, side)
-        with torch.no_grad():
-            expected = stage.forward_blocks(x)
-            with symbolic[0], symbolic[1], symbolic[2], symbolic[3]:
-                got = stage.forward_blocks(x)
-                with mock.patch.object(hat_module, "graph_condition",
-                                       lambda n, like: torch.ones(1, dtype=torch.bool, device=like.device)):
-                    ungated = stage.forward_blocks(x)
-        assert (got - expected).abs().max().item() <= 1e-5, side
-        # The gate is what makes the difference on one window.
-        assert (side > 2) == torch.allclose(ungated, expected, atol=1e-5), side
-
-
-def test_ct_size_zero_leaves_no_carrier_tokens_anywhere() -> None:
-    model = create_model("fastervit_tiny", ct_size=0, hat=True)
-    assert model.ct_size == [0, 0, 0, 0]
-    assert not any("hat_" in k or "global_tokenizer" in k for k in model.state_dict())
-    changed = _stage3_sensitivity(model.eval()) > 1e-6
-    assert changed.sum() == 1
 
 
 def test_per_stage_settings() -> None:
@@ -327,33 +178,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs: dict, names: list[s
         assert name in str(err.value)
 
 
-def test_unknown_variant_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="fastervit_tiny"):
-        create_model("fastervit_99")
-
-
-def test_mismatched_checkpoint_lists_keys(tmp_path) -> None:
-    torch.save(create_model("fastervit_micro").state_dict(), tmp_path / "micro.pth")
-    with pytest.raises(CheckpointMismatchError) as err:
-        create_model("fastervit_micro", dim=24, checkpoint_path=tmp_path / "micro.pth")
-    message = str(err.value)
-    assert "shape mismatches" in message and "patch_embed.conv_down.3.weight" in message
-    state = create_model("fastervit_micro").state_dict()
-    del state["head.weight"]
-    torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(CheckpointMismatchError, match="missing in checkpoint"):
-        create_model("fastervit_micro", checkpoint_path=tmp_path / "partial.pth")
-
-
-def test_our_own_checkpoint_round_trips(tmp_path) -> None:
-    model = create_model("fastervit_micro", num_classes=7).eval()
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-               tmp_path / "lightning.ckpt")
-    loaded = create_model("fastervit_micro", num_classes=7,
-                          checkpoint_path=tmp_path / "lightning.ckpt").eval()
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
+# ---- timm's interface, gradient checkpointing -------------------------------------------------
 
 
 def test_registered_in_timm_with_its_model_interface() -> None:
@@ -409,6 +234,9 @@ def test_grad_checkpointing_recomputes_every_block_and_gives_same_gradients() ->
         assert torch.allclose(p.grad, plain[n], atol=1e-5), n
 
 
+# ---- fuse, forward_intermediates, group_matcher -----------------------------------------
+
+
 def test_fused_model_matches_and_refuses_training() -> None:
     torch.manual_seed(0)
     model = create_model("fastervit_tiny", num_classes=4)
@@ -426,75 +254,6 @@ def test_fused_model_matches_and_refuses_training() -> None:
             x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
     with pytest.raises(RuntimeError, match="fused"):
         fused.train()
-
-
-def test_import_fvlab_exposes_model_api() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = fvlab.create_model("fastervit_micro")
-    assert isinstance(model, fvlab.FasterViT)
-
-
-# ---- eval-mode cache of position terms ---------------------------------------------------
-
-
-def _position_mlp_params(model: FasterViT) -> list[torch.nn.Parameter]:
-    return [p for name, p in model.named_parameters() if ".cpb_mlp." in name]
-
-
-def _reference_logits(model: FasterViT, x: torch.Tensor) -> torch.Tensor:
-    """Logits of a freshly built copy of ``model``'s weights: no cache to go stale."""
-    fresh = create_model("fastervit_micro", num_classes=model.num_classes).eval()
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        return fresh(x)
-
-
-def test_eval_cache_sees_weights_replaced_through_data() -> None:
-    torch.manual_seed(0)
-    model = create_model("fastervit_micro", num_classes=5).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        before = model(x)  # fills the cache
-        for p in _position_mlp_params(model):
-            p.data = p.data * 1.5  # new storage, same version counter
-        after = model(x)
-    assert not torch.allclose(after, before, atol=1e-4)
-    assert torch.allclose(after, _reference_logits(model, x), atol=1e-6)
-
-
-def test_eval_cache_sees_load_state_dict_with_assign() -> None:
-    torch.manual_seed(0)
-    model = create_model("fastervit_micro", num_classes=5).eval()
-    other = create_model("fastervit_micro", num_classes=5).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        model(x)  # fills the cache
-        model.load_state_dict(other.state_dict(), assign=True)
-        assert torch.allclose(model(x), other(x), atol=1e-6)
-
-
-def test_term_cached_under_inference_mode_serves_a_later_backward() -> None:
-    torch.manual_seed(0)
-    model = create_model("fastervit_micro", num_classes=5).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        expected = model(x)
-    # Eval mode with gradients: attribution into the weights ...
-    logits = model(x)
-    logits.sum().backward()
-    assert torch.allclose(logits, expected, atol=1e-6)
-    assert model.levels[2].blocks[0].attn.pos_emb_funct.cpb_mlp[0].weight.grad.abs().sum() > 0
-    # ... and into the input of a frozen model, which reuses the cached terms.
-    model.requires_grad_(False)
-    with torch.inference_mode():
-        model(x)
-    image = x.clone().requires_grad_(True)
-    model(image).sum().backward()
-    assert image.grad is not None and image.grad.abs().sum() > 0
-
-
-# ---- fuse, forward_intermediates, group_matcher -----------------------------------------
 
 
 def _model_with_live_batchnorms(num_classes: int) -> FasterViT:

@@ -12,7 +12,7 @@ import timm
 import torch
 import yaml
 
-import fvlab  # noqa: F401  (registers the hat_swin_* models with timm)
+import fvlab.models  # noqa: F401 - importing the models module registers them with timm
 from fvlab.cli import main
 from fvlab.models import create_model, load_swin_weights
 from fvlab.models.hat import CarrierTokenAttention

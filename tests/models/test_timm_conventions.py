@@ -21,7 +21,7 @@ from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import FeatureInfo, get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
-import fvlab  # noqa: F401 - registers the models with timm
+import fvlab.models  # noqa: F401 - importing the models module registers them with timm
 from fvlab.models import list_variants
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 
-import fvlab  # noqa: F401 - registers the variants with timm
+import fvlab.models  # noqa: F401 - importing the models module registers them with timm
 from fvlab.models import ArchConfig, create_model, list_variants
 
 SMALL = ["fastervit_tiny", "fastervit_micro"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fvlab.report import aggregate, paired_difference, write_summary
+from fvlab.report import aggregate, write_summary
+from fvlab.stats import holm, paired_difference
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -115,8 +116,6 @@ def test_one_seed_has_no_interval_and_still_prints(tmp_path: Path) -> None:
 
 
 def test_paired_t_p_values_by_hand() -> None:
-    from fvlab.report.stats import holm
-
     # df 2: two-sided p = 1 - t / sqrt(2 + t^2); diffs .10 .11 .09 -> t = .1 / (.01 / sqrt 3) = sqrt 300
     diff = paired_difference({0: 0.90, 1: 0.95, 2: 0.91}, {0: 0.80, 1: 0.84, 2: 0.82})
     assert diff.p_value == pytest.approx(1 - math.sqrt(300 / 302), rel=1e-6)

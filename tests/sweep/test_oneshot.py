@@ -50,8 +50,9 @@ def write_sweep(tmp_path: Path, **changes) -> Path:
 
 def assert_extracted_subnets_validate_as_their_trials(tmp_path: Path, sweep_path: Path, trials: list) -> None:
     """Each trial's extracted checkpoint, loaded stand-alone, validates within one image of the trial."""
-    from fvlab.experiment import apply_overrides, load_experiment
-    from fvlab.lit.runner import build_run
+    from fvlab.lit.build import apply_overrides
+    from fvlab.experiment import load_experiment
+    from fvlab.lit.build import build_run
     from fvlab.sweep.oneshot import extract_trial_subnet
     from fvlab.sweep.space import load_sweep
 

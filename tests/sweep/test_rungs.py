@@ -1,4 +1,4 @@
-"""`pruner: rungs`: fronts and crowding, hypervolume, rung decisions on real storages and Trainers, bad specs."""
+"""`pruner: rungs`: rung decisions on real storages and Trainers, bad specs (the fronts: tests/test_pareto.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 
-from fvlab.sweep.front import crowding_distance, hypervolume, losses, non_dominated_fronts, pareto_indices, rank_order
-from fvlab.sweep.rungs import PRUNED_RUNG_ATTR, RungsCallback, RungsPruner, rung_epochs
+from fvlab.sweep.attrs import PRUNED_RUNG_ATTR
+from fvlab.sweep.rungs import RungsCallback, RungsPruner, rung_epochs
 from fvlab.sweep.space import load_sweep
 from fvlab.sweep.storage import open_storage
 from fvlab.sweep.workers import make_pruner
@@ -23,58 +22,6 @@ from helpers import BASE, ROOT, run_sweep, write_sweep  # the sweep tests' tiny 
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 MAX2 = ["maximize", "maximize"]
-
-
-# ---- fronts, crowding, hypervolume ------------------------------------------------------------
-
-
-def test_non_dominated_sort_and_crowding_by_hand() -> None:
-    # (accuracy, throughput), both maximised: A, B, C trade off; D is dominated by A; E by all.
-    points = [(0.9, 100), (0.8, 200), (0.7, 300), (0.6, 100), (0.5, 50)]
-    assert non_dominated_fronts(losses(points, MAX2)) == [[0, 1, 2], [3], [4]]
-    # The second minimised instead (say latency): A and E lead, A dominates B and D, B dominates C.
-    assert non_dominated_fronts(losses(points, ["maximize", "minimize"])) == [[0, 4], [1, 3], [2]]
-    # Extremes are infinitely far; B adds a full normalised gap on each objective.
-    assert crowding_distance(losses(points[:3], MAX2)).tolist() == [np.inf, 2.0, np.inf]
-    # Four minimised points: interior gaps (x: 2/3, 2/3; y: 2.5/3, 2/3).
-    four = np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 1.5], [4.0, 1.0]])
-    assert np.allclose(crowding_distance(four), [np.inf, 2 / 3 + 2.5 / 3, 4 / 3, np.inf])
-    order, fronts = rank_order(four)
-    assert order == [0, 3, 1, 2] and fronts == [0, 0, 0, 0]  # equal distances: the earlier point first
-    # A NaN (diverged) is the worst value; identical points share a front.
-    assert non_dominated_fronts(losses([(float("nan"), 100), (0.5, 100), (0.5, 100)], MAX2)) == [[1, 2], [0]]
-    assert pareto_indices([(1, 1), (2, 2), (2, 2)], MAX2) == [1, 2]
-
-
-def test_hypervolume_by_hand() -> None:
-    # Two rectangles from (0, 0): 0.9 x 100 plus the part of 0.8 x 200 above it.
-    assert hypervolume([(0.9, 100), (0.8, 200)], (0.0, 0.0), MAX2) == pytest.approx(170.0)
-    # Dominated points and points beyond the reference add nothing.
-    assert hypervolume([(0.9, 100), (0.8, 200), (0.5, 50), (-1.0, 900)], (0.0, 0.0), MAX2) == pytest.approx(170.0)
-    # Minimised latency against a reference of 10 ms: 0.9 x (10 - 4) + 0.5 x (4 - 2).
-    assert hypervolume([(0.9, 4.0), (0.5, 2.0)], (0.0, 10.0), ["maximize", "minimize"]) == pytest.approx(6.4)
-    assert hypervolume([], (0.0, 0.0), MAX2) == 0.0
-    # 3-D: two half-cubes of the unit cube overlapping in a quarter.
-    three = ["minimize"] * 3
-    assert hypervolume([(0.5, 0, 0), (0, 0.5, 0)], (1, 1, 1), three) == pytest.approx(0.75)
-    assert hypervolume([(0.5, 0.5, 0.5)], (1, 1, 1), three) == pytest.approx(0.125)
-
-
-def _inclusion_exclusion(points: np.ndarray, ref: np.ndarray) -> float:
-    """The exact volume dominated by ``points`` (minimised, inside ``ref``): a sum over every subset."""
-    total = 0.0
-    for mask in range(1, 2 ** len(points)):
-        subset = points[[i for i in range(len(points)) if mask >> i & 1]]
-        total += (-1) ** (len(subset) + 1) * float(np.prod(ref - subset.max(axis=0)))
-    return total
-
-
-def test_hypervolume_matches_inclusion_exclusion_on_random_fronts() -> None:
-    rng = np.random.default_rng(0)
-    for dims in (2, 3, 4):
-        points = rng.random((10, dims))
-        ref = np.full(dims, 1.1)
-        assert hypervolume(points, ref, ["minimize"] * dims) == pytest.approx(_inclusion_exclusion(points, ref))
 
 
 # ---- rungs and decisions on real storages ----------------------------------------------------------
@@ -190,8 +137,10 @@ def test_multi_objective_trial_stops_at_the_expected_rung(tmp_path: Path) -> Non
 
 
 def test_fit_run_keeps_a_pruned_trials_figures(tmp_path: Path) -> None:
-    from fvlab.experiment import apply_overrides
-    from fvlab.lit.runner import build_run, fit_run, profile_run
+    from fvlab.lit.build import apply_overrides
+    from fvlab.lit.build import build_run
+    from fvlab.lit.fit import fit_run
+    from fvlab.lit.measure import measure_specs
     from fvlab.runs import read_metrics
 
     study = _study("memory", tmp_path, ["maximize", "minimize"])
@@ -206,7 +155,7 @@ def test_fit_run_keeps_a_pruned_trials_figures(tmp_path: Path) -> None:
     callback = RungsCallback(trial, ["val/acc1_best", "model/params_m"])
     spec = build_run(config, tmp_path / "trial_0002", experiment="rungs", variant="trial_0002",
                      callbacks=[callback])
-    measured = {**profile_run(spec, throughput=False), "model/throughput": 1.0, "model/latency_ms": 1.0}
+    measured = {**measure_specs({"trial": spec}, throughput=False)["trial"], "model/throughput": 1.0, "model/latency_ms": 1.0}
     result = fit_run(spec, model_metrics=measured)
     assert result["status"] == "pruned" and result["epochs"] == 1
     assert result["error"].startswith("pruned at rung 1 (epoch 1): rank 3 of 3")

@@ -11,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from fvlab.sweep.space import SweepError, load_sweep, parse_param
 
-from helpers import run_sweep, write_sweep
+from helpers import SWEEP, run_sweep, write_sweep
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -124,3 +124,32 @@ def test_unreachable_storage_error_hides_the_password(tmp_path: Path, capsys) ->
     assert run_sweep(tmp_path, sweep, "--storage", "postgresql://fvlab:pw-xyz@127.0.0.1:1/sweeps") == 2
     err = capsys.readouterr().err
     assert "--storage postgresql://fvlab:***@127.0.0.1:1/sweeps: OperationalError" in err and "pw-xyz" not in err
+
+
+# ---- the base experiment's values: the reference trial ---------------------------------------
+
+
+def test_reference_values_are_normalised_and_must_lie_in_the_space() -> None:
+    from fvlab.sweep.space import reference_params
+
+    space = {"model.arch.window_size": parse_param("model.arch.window_size",
+                                                   {"choices": [[2, 2, 4, 2], [2, 2, 2, 2]]}),
+             "model.arch.hat": parse_param("model.arch.hat", {"choices": [[False, False, True, False], False]}),
+             "model.lr": parse_param("model.lr", {"low": 1.0e-4, "high": 1.0e-2, "log": True})}
+    base = {"model": {"arch": {"window_size": 2, "hat": [False, False, True, False]}, "lr": 3.0e-3}}
+    assert reference_params(space, base) == {"model.arch.window_size": "2-2-2-2",
+                                             "model.arch.hat": "false-false-true-false", "model.lr": 3.0e-3}
+    with pytest.raises(SweepError, match=r"space.model.arch.window_size: the base experiment's value 4"):
+        reference_params(space, {**base, "model": {**base["model"], "arch": {**base["model"]["arch"],
+                                                                              "window_size": 4}}})
+    with pytest.raises(SweepError, match=r"space.model.lr: .* outside \[0.0001, 0.01\]"):
+        reference_params(space, {"model": {**base["model"], "lr": 0.5}})
+
+
+def test_a_base_value_outside_the_space_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    # fastervit_micro has ct_size 1, which the space leaves out: the reference trial cannot exist.
+    sweep = write_sweep(tmp_path, space={**SWEEP["space"], "model.arch.ct_size": {"choices": [2, 3]}})
+    assert run_sweep(tmp_path, sweep) == 2
+    err = capsys.readouterr().err
+    assert "space.model.arch.ct_size: the base experiment's value 1 is not one of the choices" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -167,7 +168,8 @@ def test_two_workers_finish_exactly_n_trials(tmp_path: Path, storage: str | None
 
 def test_two_sweeps_started_together_share_the_budget_and_propose_differently(tmp_path: Path,
                                                                                storage: str | None) -> None:
-    from fvlab.sweep.workers import WORKERS_ATTR, count_budget
+    from fvlab.sweep.attrs import WORKERS_ATTR
+    from fvlab.sweep.workers import count_budget
 
     sweep = write_sweep(tmp_path, study="together", n_trials=4, **UNTRAINED)
     extra = ["--storage", storage] if storage else []
@@ -299,16 +301,21 @@ def test_confirm_reports_fresh_seeds_beside_the_selecting_run(tmp_path: Path, ca
 
     fresh, base = confirmed(best)["val/acc1_best"], confirmed(reference)["val/acc1_best"]
     # The fresh seed alone (one sample: n/a spread), the selecting run beside it, never averaged in.
-    row = f"| {best.number} | 5 | {fresh:.4g} ± n/a | {best.values[0]:.4g} | {fresh - base:+.4f} [n/a] (n=1) |"
-    reference_row = f"| 0 (reference) | 5 | {base:.4g} ± n/a | {reference.values[0]:.4g} | reference |"
+    row = [str(best.number), "5", f"{fresh:.4g} ± n/a", f"{best.values[0]:.4g}", f"{fresh - base:+.4f} [n/a] (n=1)"]
+    reference_row = ["0 (reference)", "5", f"{base:.4g} ± n/a", f"{reference.values[0]:.4g}", "reference"]
+
+    def rows(text: str) -> list[list[str]]:  # a markdown table's cells, whatever the column padding
+        return [[cell.strip() for cell in line.strip().strip("|").split("|")][:5]
+                for line in text.splitlines() if line.startswith("|")]
+
     table = (study_dir / "pareto.md").read_text()
-    assert "Confirmed over fresh seeds" in table and row in table and reference_row in table
+    assert "Confirmed over fresh seeds" in table and row in rows(table) and reference_row in rows(table)
     assert "not averaged in" in table and "Holm" in table
     # fvlab report shows the same table (read from the runs on disk, without the sweep file).
     assert main(["report", str(study_dir), "--out", str(tmp_path / "report")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Front of study confirmed confirmed over seeds" in report
-    assert row in report and reference_row in report
+    assert row in rows(report) and reference_row in rows(report)
     assert "Variants of confirmed_confirm" not in report  # the confirm runs are not an experiment
     # A rerun (or --confirm) trains nothing again: the confirm runs are complete.
     run = study_dir / "confirm" / f"trial_{best.number:04d}" / "seed_5"
@@ -330,3 +337,57 @@ def test_confirmed_throughput_shows_its_interval() -> None:
                                                   "throughput_hi": 1250.0, "gflops": 0.05})
     assert _architecture_cell(trial, "model/throughput") == "1234 [1200, 1250]"  # not ± 0
     assert _architecture_cell(trial, "model/gflops") == "0.05"
+
+
+# ---- the grid sampler: seeded orders, one grid shared by workers and reruns -------------------
+
+
+def test_grid_sampler_order_is_seeded_and_workers_share_the_grid(tmp_path: Path) -> None:
+    from fvlab.sweep.storage import open_storage
+    from fvlab.sweep.workers import GridSampler
+
+    steps = [0.1 + i * 0.1 for i in range(3)]  # a stepped range as the space lists it: 0.1 + 2 * 0.1 != 0.3
+    space = {"b": [1, 2], "a": steps}
+    assert GridSampler(space, seed=5).points == GridSampler(space, seed=5).points  # a seed repeats its order
+    assert len({str(GridSampler(space, seed=s).points) for s in range(5)}) > 1
+    every = [(a, b) for a in steps for b in (1, 2)]
+    assert sorted((p["a"], p["b"]) for p in GridSampler(space, seed=5).points) == every
+    storage = open_storage(None, tmp_path / "study.journal")
+    optuna.create_study(study_name="grid", storage=storage).enqueue_trial({"a": 0.3, "b": 2})  # the reference
+    workers = [optuna.load_study(study_name="grid", storage=storage, sampler=GridSampler(space, seed=s))
+               for s in (1, 2)]
+    for number in range(6):  # as the workers do: queue a point (none waiting), ask, draw its parameters
+        study = workers[number % 2]
+        if not any(t.state == TrialState.WAITING for t in study.get_trials()):
+            study.sampler.enqueue_next(study)
+        trial = study.ask()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 0.1 + 2 * 0.1 lies a rounding error above the range
+            trial.suggest_float("a", 0.1, 0.3, step=0.1)
+        trial.suggest_int("b", 1, 2)
+        if number == 2:
+            study.tell(trial, 1.0)  # finished or running, a point is held
+    points = {(round(t.params["a"], 9), t.params["b"]) for t in workers[0].get_trials()}
+    assert len(workers[0].get_trials()) == 6 and len(points) == 6
+    with pytest.raises(RuntimeError, match="queued with their point"):
+        workers[0].ask().suggest_int("b", 1, 2)
+
+
+def test_a_grid_is_visited_once_over_reruns(tmp_path: Path, capsys) -> None:
+    # Six points, each pruned before training. Every rerun's worker draws another seed (its index in
+    # the study), and so another order: it must still take only points that no trial holds.
+    space = {"model.arch.ct_size": {"choices": [1, 2]}, "model.lr": {"choices": [1.0e-3, 3.0e-3, 1.0e-2]}}
+    sweep = write_sweep(tmp_path, study="grid", n_trials=None,
+                        **{**UNTRAINED, "space": space, "sampler": {"name": "grid", "seed": 0}})
+    for n_trials in (2, 4, 6):
+        assert run_sweep(tmp_path, sweep, "--n-trials", str(n_trials)) == 0
+    study = journal_study(tmp_path / "runs" / "grid" / "study.journal", "grid")
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state == TrialState.PRUNED for t in trials)
+    assert trials[0].user_attrs["reference"] and trials[0].params["model.lr"] == 3.0e-3
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    assert study.user_attrs["fvlab_workers_started"] == 3
+    capsys.readouterr()
+    assert run_sweep(tmp_path, sweep, "--n-trials", "8") == 0  # capped at the grid's 6: nothing to run
+    assert "[grid] all 6 trial(s) have run; every grid point has run" in capsys.readouterr().out
+    assert len(study.get_trials()) == 6 and study.user_attrs["fvlab_workers_started"] == 3

@@ -1,14 +1,16 @@
-"""The result of a sweep: the best trial (one objective) or the Pareto front (several), feasible only.
+"""The result of a sweep as tables and configs: the best trial (one objective) or the Pareto front
+(several), feasible only.
 
 Written as ``runs/<study>/pareto.md`` and ``pareto.csv`` with the decoded parameters, and
 each front configuration as ``runs/<study>/best/trial_NNNN.yaml``, which ``fvlab fit`` trains
-as it is (into ``runs/<study>_best/trial_NNNN/``, so the trial's own run is kept).
+as it is (into ``runs/<study>_best/trial_NNNN/``, so the trial's own run is kept). Also the
+config a trial trained with (``trial_config``, which ``confirm`` re-trains) and the front measured
+again beside the reference after the search (``measure_together``). The front itself is
+fvlab.pareto's rule; ``confirm`` builds on this module, never the other way round.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,21 +18,19 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from fvlab.experiment import apply_overrides
+from fvlab.lit.build import apply_overrides
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, TEST_ACC1, TEST_MIOU, THROUGHPUT, THROUGHPUT_HI,
                            THROUGHPUT_LO, TRIAL_ATTRS, VAL_MIOU_BEST)
 from fvlab.pareto import pareto_optimal
-from fvlab.sweep.attrs import REFERENCE, reference_trial
-from fvlab.runs import best_config_path, best_dir, read_config, stale_best_configs, trial_dir_name
+from fvlab.runs import (PARETO_CSV, PARETO_MD, best_config_path, best_dir, best_study_name, read_config,
+                       stale_best_configs, trained_config, trial_dir_name)
+from fvlab.sweep.attrs import DUPLICATE_OF, REFERENCE, RUN_NAME, THREADS, TOGETHER_ATTR
 from fvlab.sweep.space import SweepSpec, encode_choice
+from fvlab.tables import csv_text, interval, markdown_table
 
-__all__ = ["reference_trial", "front_trials", "front_rows", "format_front", "write_front", "export_configs",
-           "SCALE_ATTR", "TOGETHER_ATTR", "measure_together", "together_columns", "SCALE_NOTE"]
+__all__ = ["front_trials", "front_rows", "format_front", "write_front", "trial_config", "export_configs",
+           "measure_together", "together_columns", "SCALE_NOTE"]
 
-# Study user_attrs: the reference's throughput and latency, stored once (the study's one scale) ...
-SCALE_ATTR = "fvlab_throughput_scale"
-# ... and the front's architectures and the reference measured side by side after the search.
-TOGETHER_ATTR = "fvlab_front_together"
 SPEED_OBJECTIVES = {THROUGHPUT: "throughput", LATENCY_MS: "latency_ms", SPEEDUP: "speedup"}
 SCALE_NOTE = ("model/throughput is on the study's one scale: the trial's side-by-side speedup to the reference "
               "times the reference's throughput stored in the study when it was first measured (the trial's own "
@@ -42,7 +42,7 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The best feasible trial, or the feasible Pareto front, ordered by trial number."""
     # A duplicate (user_attr duplicate_of) holds its original's values: the original stands for it.
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("duplicate_of") is None]
+                if t.user_attrs.get(DUPLICATE_OF) is None]
     if not complete:
         return []
     if len(study.directions) == 1:
@@ -50,7 +50,7 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
             best = study.best_trial
         except ValueError:  # no feasible complete trial
             return []
-        original = best.user_attrs.get("duplicate_of")
+        original = best.user_attrs.get(DUPLICATE_OF)
         return [next((t for t in complete if t.number == original), best) if original is not None else best]
     # Not Optuna's best_trials: it compares exactly, and the objectives went through float32.
     feasible = [t for t in complete if all(c <= 0.0 for c in t.constraints.values())]
@@ -62,7 +62,7 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
     """One row per trial: its number and run, the objectives, the decoded parameters, the model figures."""
     rows = []
     for trial in trials:
-        row: dict[str, Any] = {"trial": trial.number, "run": trial.user_attrs.get("run_name", "")}
+        row: dict[str, Any] = {"trial": trial.number, "run": trial.user_attrs.get(RUN_NAME, "")}
         if trial.user_attrs.get(REFERENCE):
             row["run"] = f"{row['run']} (reference)"  # the base experiment's own settings
         row.update(zip(sweep.objectives, trial.values))
@@ -76,7 +76,7 @@ def front_rows(trials: list[FrozenTrial], sweep: SweepSpec) -> list[dict[str, An
                 row[metric] = trial.user_attrs[attr]
         lo, hi = trial.user_attrs.get(TRIAL_ATTRS[THROUGHPUT_LO]), trial.user_attrs.get(TRIAL_ATTRS[THROUGHPUT_HI])
         if lo is not None and hi is not None:  # the side-by-side measurement's 95% interval
-            row[f"{THROUGHPUT} [95%]"] = f"[{lo:.0f}, {hi:.0f}]"
+            row[f"{THROUGHPUT} [95%]"] = interval(lo, hi, "{:.0f}")
         rows.append(row)
     return rows
 
@@ -94,26 +94,31 @@ def _cell(value: Any) -> str:
 
 
 def format_front(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the rows."""
+    """A Markdown table of the rows (a column per key of any row)."""
     if not rows:
         return "(no feasible complete trial yet)"
     header = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in header) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(header, [[_cell(row.get(k, "")) for k in header] for row in rows])
 
 
 def write_front(study_dir: Path, rows: list[dict[str, Any]], title: str, notes: str = "") -> None:
     """``pareto.md`` (with ``notes`` below the table) and ``pareto.csv`` in the study directory."""
     study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "pareto.md").write_text(f"# {title}\n\n{format_front(rows)}\n" + (f"\n{notes}\n" if notes else ""))
+    (study_dir / PARETO_MD).write_text(f"# {title}\n\n{format_front(rows)}\n" + (f"\n{notes}\n" if notes else ""))
     header = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(v) if isinstance(v, (list, tuple)) else v for k, v in row.items()})
-    (study_dir / "pareto.csv").write_text(buffer.getvalue())
+    # List choices as the sweep file encodes them; numbers unrounded.
+    encoded = [{k: _cell(v) if isinstance(v, (list, tuple)) else v for k, v in row.items()} for row in rows]
+    (study_dir / PARETO_CSV).write_text(csv_text(encoded, header))
+
+
+def trial_config(trial: FrozenTrial, sweep: SweepSpec, base_config: Mapping[str, Any],
+                 study_dir: Path) -> dict[str, Any]:
+    """The config a trial trained with: its run's config.yaml, else the base with its parameters."""
+    run_name = trial.user_attrs.get(RUN_NAME) or trial_dir_name(trial.number)
+    config = trained_config(Path(study_dir) / run_name)  # without the run's labels: confirm runs get their own
+    if config is not None:
+        return config
+    return apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
 
 
 def export_configs(study_dir: Path, trials: list[FrozenTrial], sweep: SweepSpec,
@@ -123,11 +128,11 @@ def export_configs(study_dir: Path, trials: list[FrozenTrial], sweep: SweepSpec,
     wanted = set()
     paths = []
     for trial in trials:
-        run_name = trial.user_attrs.get("run_name") or trial_dir_name(trial.number)
+        run_name = trial.user_attrs.get(RUN_NAME) or trial_dir_name(trial.number)
         config = read_config(study_dir / run_name)
         if config is None:  # trained on another machine: rebuild it from the base and the trial's parameters
             config = apply_overrides(base_config, {**sweep.overrides, **sweep.decode(trial.params)})
-        config = {**config, "name": f"{sweep.study}_best", "variant": run_name}
+        config = {**config, "name": best_study_name(sweep.study), "variant": run_name}
         scores = ", ".join(f"{m}={v:.4g}" for m, v in zip(sweep.objectives, trial.values))
         path = best_config_path(study_dir, run_name)
         path.write_text(f"# fvlab sweep {sweep.study}, trial {trial.number}: {scores}\n"
@@ -146,10 +151,10 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
     (each distinct architecture once); stored in the study, and reused while the members are the same."""
     import torch
 
+    from fvlab.lit.build import build_run
+    from fvlab.lit.fit import release_memory
     from fvlab.lit.measure import Target, identity_key, measure_specs
-    from fvlab.lit.runner import build_run, release_memory
     from fvlab.sweep.canonical import network_identity
-    from fvlab.sweep.confirm import trial_config
 
     numbers = sorted(t.number for t in members)
     stored = study.user_attrs.get(TOGETHER_ATTR) or {}
@@ -159,8 +164,8 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
     counts: dict[str, dict[str, Any]] = {}
     name_of: dict[int, str] = {}
     threads = torch.get_num_threads()
-    if study.user_attrs.get("fvlab_threads"):  # the thread count every trial was measured with
-        torch.set_num_threads(int(study.user_attrs["fvlab_threads"]))
+    if study.user_attrs.get(THREADS):  # the thread count every trial was measured with
+        torch.set_num_threads(int(study.user_attrs[THREADS]))
     try:
         reference = build_run(apply_overrides(base_config, sweep.overrides), None, {"trainer.logger": False})
         name_of_identity = {identity_key(network_identity(reference)): "reference"}
@@ -202,7 +207,7 @@ def together_columns(rows: list[dict[str, Any]], trials: list[FrozenTrial], toge
             points.append(None)
             continue
         row[f"{THROUGHPUT} (together)"] = figures["throughput"]
-        row["together [95%]"] = f"[{figures['throughput_lo']:.0f}, {figures['throughput_hi']:.0f}]"
+        row["together [95%]"] = interval(figures["throughput_lo"], figures["throughput_hi"], "{:.0f}")
         row[f"{SPEEDUP} (together)"] = figures["speedup"]
         points.append([figures[SPEED_OBJECTIVES[m]] if m in SPEED_OBJECTIVES else v
                        for m, v in zip(sweep.objectives, trial.values)])
