@@ -329,9 +329,10 @@ def fit_command(argv: Sequence[str]) -> int:
 
 
 def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
-    """``fvlab validate|test``: LightningCLI's subcommand on one variant, from a checkpoint."""
+    """``fvlab validate|test``: LightningCLI's own subcommand on one variant, from a checkpoint."""
     from fvlab.experiment import ExperimentError
-    from fvlab.lit.build import BadConfig, build_run
+    from fvlab.lit.build import BadConfig, run_stage
+    from fvlab.lit.fit import write_test_json
 
     args, overrides = _split_fit_args(f"fvlab {stage}", argv, f"run Trainer.{stage}", seeds=True)
     _quiet_lightning()
@@ -349,23 +350,17 @@ def _evaluate_command(stage: str, argv: Sequence[str]) -> int:
         ckpt = str(path)
         _check_checkpoint(ckpt)
         # run_dir=None, no logger: evaluating adds no events or checkpoints to the run directory.
-        spec = build_run(experiment.layers(variant), None, [*overrides, {"trainer.logger": False}],
-                         experiment=experiment.name, variant=variant, seed=seed)
-        if stage == "test" and getattr(spec.datamodule, "no_test_split", ""):
-            raise BadInput(f"{args.experiment} [{variant}]: no test split to test on: "
-                           f"{spec.datamodule.no_test_split}")
+        done = run_stage(stage, experiment.layers(variant), ckpt, [*overrides, {"trainer.logger": False}],
+                         experiment=experiment.name, variant=variant, seed=seed,
+                         weights_only=not checkpoints_trusted())
     except (BadConfig, ExperimentError) as err:
         print(f"fvlab {stage}: error: {args.experiment}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BadInput as err:
         print(f"fvlab {stage}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    measured = getattr(spec.trainer, stage)(spec.model, datamodule=spec.datamodule, ckpt_path=ckpt,
-                                            weights_only=not checkpoints_trusted())
-    if stage == "test" and spec.trainer.is_global_zero and run_dir.is_dir():
-        from fvlab.lit.fit import write_test_json
-
-        write_test_json(run_dir, ckpt, measured[0] if measured else {}, spec.datamodule, spec.model.task)
+    if stage == "test" and done.trainer.is_global_zero and run_dir.is_dir():
+        write_test_json(run_dir, ckpt, done.measured, done.datamodule, done.model.task)
     return EXIT_OK
 
 

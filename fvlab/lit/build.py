@@ -35,8 +35,10 @@ from fvlab.lit.tensorboard import RunLogger
 from fvlab.runs import BEST_CHECKPOINT, checkpoint_dir, config_hash, write_config
 
 __all__ = ["BadConfig", "RunSpec", "Trainer", "FvlabCLI", "SaveRunConfig", "build_run", "merge_config",
-           "apply_overrides", "variant_config", "split_model_class", "nest_model_class", "DEFAULT_DATA", "Layers"]
+           "apply_overrides", "variant_config", "run_stage", "STAGES", "split_model_class", "nest_model_class", "DEFAULT_DATA", "Layers"]
 
+# The subcommands LightningCLI runs for fvlab (``fvlab validate``, ``fvlab test``).
+STAGES = ("validate", "test")
 # The precisions Lightning's Trainer accepts, read from its public signature.
 TRAINER_PRECISION = typing.get_type_hints(pl.Trainer.__init__)["precision"]
 
@@ -63,12 +65,15 @@ class Trainer(pl.Trainer):
 class FvlabCLI(LightningCLI):
     """LightningCLI for ImageClassifier with any datamodule; the data's sizes link to the model.
 
-    ``parse_only``: parse and check the arguments (``self.config``), instantiate nothing.
+    ``parse_only``: parse and check the arguments (``self.config``), instantiate nothing. With
+    ``run=True`` LightningCLI runs its ``validate`` or ``test`` subcommand, ``--ckpt_path`` its own.
     """
 
     def __init__(self, *args: Any, run_dir: Path | None = None, experiment: str = "",
                  variant: str = "", extra_callbacks: Sequence[pl.Callback] = (), parse_only: bool = False,
                  **kwargs: Any):
+        self.stage_started = False
+        self.measured: dict[str, float] = {}
         self.run_dir = run_dir
         self.experiment_name = experiment
         self.variant = variant
@@ -87,10 +92,36 @@ class FvlabCLI(LightningCLI):
         for key in ("num_classes", "in_chans", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's ``validate`` and ``test``, run on a trained run's checkpoint (:func:`run_stage`).
+
+        ``fit`` is not among them: a run is built first (checked, measured, planned) and fitted
+        by :func:`fvlab.lit.fit.fit_run`, which sweeps and ``fvlab fit`` share.
+        """
+        return {stage: skip for stage, skip in LightningCLI.subcommands().items() if stage in STAGES}
+
     def instantiate_classes(self) -> None:
         """Model, datamodule and trainer, unless only parsing."""
         if not self.parse_only:
             super().instantiate_classes()
+
+    def before_validate(self) -> None:
+        """From here on an error is the stage's, not the config's."""
+        self.stage_started = True
+
+    def before_test(self) -> None:
+        """Refuse a datamodule without a test split (its validation figures never stand in)."""
+        reason = getattr(self.datamodule, "no_test_split", "")
+        if reason:
+            raise BadConfig(f"{self.variant or 'the run'}: no test split to test on: {reason}")
+        self.stage_started = True
+
+    def after_validate(self) -> None:
+        """Keep the stage's logged figures (LightningCLI drops what the trainer returns)."""
+        self.measured = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+
+    after_test = after_validate
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The trainer, writing into this variant's run directory with fvlab's callbacks."""
@@ -212,20 +243,31 @@ def _dump(parser: Any, config: Any) -> dict[str, Any]:
     return resolved
 
 
-def _cli(args: list[str], model_class: type[ImageClassifier], **kwargs: Any) -> FvlabCLI:
-    """FvlabCLI on ``args``; BadConfig with a one-line reason when they do not parse or build."""
+def _cli(args: list[str], model_class: type[ImageClassifier], run: bool = False, **kwargs: Any) -> FvlabCLI:
+    """FvlabCLI on ``args``; BadConfig with a one-line reason when they do not parse or build.
+
+    With ``run``, ``args[0]`` is a subcommand (``validate``, ``test``) that LightningCLI runs; an
+    error once the stage has started is the stage's own and propagates as it is.
+    """
     seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
     level = seed_logger.level
     seed_logger.setLevel(logging.WARNING)  # "Seed set to 0" must not precede a bad-input message
+    parser_kwargs: dict[str, Any] = {"exit_on_error": False, "dump_header": None}
+    if run:
+        parser_kwargs = {"exit_on_error": False, args[0]: parser_kwargs}
+    cli = FvlabCLI.__new__(FvlabCLI)  # held before __init__ runs: it says whether the stage started
     try:
-        return FvlabCLI(model_class, pl.LightningDataModule, subclass_mode_data=True, run=False,
-                        trainer_class=Trainer, seed_everything_default=0,
-                        auto_configure_optimizers=False,  # the module's timm optimizer rules
-                        trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
-                        parser_kwargs={"exit_on_error": False, "dump_header": None}, args=args, **kwargs)
+        cli.__init__(model_class, pl.LightningDataModule, subclass_mode_data=True, run=run,
+                     trainer_class=Trainer, seed_everything_default=0,
+                     auto_configure_optimizers=False,  # the module's timm optimizer rules
+                     trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
+                     parser_kwargs=parser_kwargs, args=args, **kwargs)
+        return cli
     except SystemExit:
         raise  # --help, --print_config
     except Exception as err:  # jsonargparse's ArgumentError, our ValueErrors from __init__
+        if getattr(cli, "stage_started", False):
+            raise
         raise BadConfig(_error_line(err)) from None
     finally:
         seed_logger.setLevel(level)
@@ -321,6 +363,21 @@ def nest_model_class(config: dict[str, Any], class_path: str | None) -> dict[str
     return config
 
 
+def _run_args(config: Layers, overrides: Layers, experiment: str, variant: str, seed: int | None,
+              model_class: type[ImageClassifier]) -> tuple[type[ImageClassifier], str | None, list[str]]:
+    """(LightningModule class, its class_path, LightningCLI's arguments) of one run's layers and overrides."""
+    first, *rest = [config] if isinstance(config, Mapping) else list(config) or [{}]
+    overrides = [overrides] if isinstance(overrides, Mapping) else list(overrides)
+    model_class, class_path, (first, *rest) = split_model_class([first, *rest, *overrides], model_class)
+    rest, overrides = rest[:len(rest) - len(overrides)], rest[len(rest) - len(overrides):]
+    first = dict(first)
+    first.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
+    head = {"name": experiment or None, "variant": variant or None}
+    # An argument, not a fragment: a --config after --print_config would be all that it prints.
+    tail = [f"--seed_everything={seed}"] if seed is not None else []
+    return model_class, class_path, _args(head, first, *rest, overrides, tail)
+
+
 def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
               *, experiment: str = "", variant: str = "", seed: int | None = None,
               callbacks: Sequence[pl.Callback] = (), hparams: Mapping[str, Any] | None = None,
@@ -337,19 +394,11 @@ def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
     LightningModule whose arguments ``model`` holds (an ``ImageClassifier`` subclass, e.g.
     ``SupernetClassifier``). With a ``run_dir``, the fit writes the resolved config to its config.yaml.
     """
-    first, *rest = [config] if isinstance(config, Mapping) else list(config) or [{}]
-    overrides = [overrides] if isinstance(overrides, Mapping) else list(overrides)
-    model_class, class_path, (first, *rest) = split_model_class([first, *rest, *overrides], model_class)
-    rest, overrides = rest[:len(rest) - len(overrides)], rest[len(rest) - len(overrides):]
-    first = dict(first)
-    first.setdefault("data", dict(DEFAULT_DATA))  # before the overrides: --data.batch_size 32
-    head = {"name": experiment or None, "variant": variant or None}
-    # An argument, not a fragment: a --config after --print_config would be all that it prints.
-    tail = [f"--seed_everything={seed}"] if seed is not None else []
+    model_class, class_path, args = _run_args(config, overrides, experiment, variant, seed, model_class)
     with warnings.catch_warnings():
         # LightningCLI warns when given args while sys.argv holds fvlab's own arguments.
         warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
-        cli = _cli(_args(head, first, *rest, overrides, tail), model_class, run_dir=run_dir,
+        cli = _cli(args, model_class, run_dir=run_dir,
                    experiment=experiment, variant=variant, extra_callbacks=callbacks,
                    save_config_callback=SaveRunConfig if run_dir is not None else None,
                    save_config_kwargs={"run_dir": run_dir, "overwrite": True, "class_path": class_path})
@@ -367,6 +416,24 @@ def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
         profile.metrics.update(model_metrics)
     return RunSpec(experiment, variant, run_dir, resolved, cli, seed=run_seed, precision=precision,
                    hparams=run_hparams)
+
+
+def run_stage(stage: str, config: Layers, ckpt_path: str, overrides: Layers = (), *, experiment: str = "",
+              variant: str = "", seed: int | None = None, weights_only: bool = True,
+              model_class: type[ImageClassifier] = ImageClassifier) -> FvlabCLI:
+    """LightningCLI's own ``validate`` or ``test`` subcommand on one run's checkpoint; the CLI, its figures in ``measured``.
+
+    The run's layers and ``overrides`` are parsed as :func:`build_run` parses them; ``ckpt_path``
+    (a file) and ``weights_only`` are the subcommand's own arguments. BadConfig when the config
+    does not build or a test has no test split; an error of the stage itself propagates.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    model_class, _, args = _run_args(config, overrides, experiment, variant, seed, model_class)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+        return _cli([stage, *args, f"--ckpt_path={ckpt_path}", f"--weights_only={str(weights_only).lower()}"],
+                    model_class, run=True, experiment=experiment, variant=variant, save_config_callback=None)
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

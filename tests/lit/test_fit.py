@@ -277,6 +277,11 @@ def test_validate_and_test_from_checkpoint(tmp_path: Path, capsys) -> None:
     assert line in capsys.readouterr().out
     assert line in (tmp_path / "runs" / "exp" / "report" / "report.md").read_text()
     assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "none")]) == 2
+    # LightningCLI parses the stage's config: a bad value is bad input, in one line, before any stage runs.
+    capsys.readouterr()
+    assert main(["test", str(experiment), "--runs-dir", str(tmp_path / "runs"), "--trainer.max_epochs", "two"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_epochs" in err and len(err.strip().splitlines()) == 1 and "test/acc1" not in err
 
 
 def test_validate_needs_a_variant_when_there_are_several(tmp_path: Path, capsys) -> None:
