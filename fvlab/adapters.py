@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 
-__all__ = ["feature_take_indices", "MATCH_PREV_GROUP", "CHECKPOINT_PATH_KEYS", "relocate_checkpoint_state"]
+__all__ = ["feature_take_indices", "MATCH_PREV_GROUP", "CHECKPOINT_PATH_KEYS", "relocate_checkpoint_state",
+           "tensorboard_writer_started", "tensorboard_adds_hp_metric"]
 
 # The path-valued keys of ``ModelCheckpoint.state_dict()``. Lightning restores a ModelCheckpoint's
 # best score only when the checkpoint's ``dirpath`` is the callback's own, and offers no way to
@@ -43,3 +44,20 @@ def relocate_checkpoint_state(callbacks: Mapping[str, Any], old_dir: str | os.Pa
             state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
         count += 1
     return count
+
+
+def tensorboard_writer_started(logger: Any) -> bool:
+    """Whether a TensorBoardLogger has made its SummaryWriter yet.
+
+    Its public ``experiment`` makes the writer (and an events file) on first access, so asking
+    through it would start one; the logger keeps the answer only in ``_experiment``.
+    """
+    return getattr(logger, "_experiment", None) is not None
+
+
+def tensorboard_adds_hp_metric(logger: Any) -> bool:
+    """Whether a TensorBoardLogger was made with ``default_hp_metric=True`` (it adds a stray ``hp_metric``).
+
+    The logger keeps its constructor argument only in ``_default_hp_metric``.
+    """
+    return bool(getattr(logger, "_default_hp_metric", False))

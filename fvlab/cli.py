@@ -46,8 +46,8 @@ def _profile_targets(args: argparse.Namespace, device: Any) -> tuple[Any, dict[s
     """(experiment or None, name -> built run or --arch target) for every model to profile, each
     checked as `fit` checks it; all held together, since they are measured side by side."""
     from fvlab.experiment import ExperimentError, load_experiment
-    from fvlab.lit.measure import Target
     from fvlab.lit.build import BadConfig, build_run
+    from fvlab.lit.measure import Target
     from fvlab.models import create_model, list_variants
 
     if args.experiment is None:
@@ -181,8 +181,8 @@ def profile_command(argv: Sequence[str]) -> int:
     trust_checkpoints(args.trust_checkpoint)
     batch_sizes = _check_profile_args(parser, args)
 
-    from fvlab.lit.measure import profile_rows, write_profile_json
     from fvlab.lit.fit import release_memory
+    from fvlab.lit.measure import profile_rows, write_profile_json
 
     _quiet_lightning()
     try:
@@ -299,9 +299,9 @@ def fit_command(argv: Sequence[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from fvlab.lit.plan import fit_jobs
-    from fvlab.runs import find_runs
     from fvlab.report import write_summary
     from fvlab.report.collect import read_run
+    from fvlab.runs import find_runs
 
     args, overrides = _split_fit_args("fvlab fit", argv, fit_command.__doc__, seeds=True)
     _quiet_lightning()

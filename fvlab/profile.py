@@ -5,8 +5,9 @@ counts as one FLOP. What is counted is the inference cost per image: the positio
 position-embedding MLPs depend only on the geometry, so in eval mode they are computed once
 and cached, and a traced eval forward does not count them.
 
-Throughput follows timm's benchmark.py and the paper's protocol: eval, inference mode,
-warm-up, synchronisation around timing, several timed repetitions, median images/s.
+Throughput has one protocol, ``measure_side_by_side``: the paper's and timm's benchmark (eval,
+inference mode, BatchNorm folded, warm-up, synchronisation around timing) timed in interleaved
+rounds, medians with their 95% intervals. ``model_metrics`` times one network the same way.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from torch import nn
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_BUILT_M, PARAMS_M, SPEEDUP, THROUGHPUT, THROUGHPUT_HI,
                            THROUGHPUT_LO)
 
-__all__ = ["Throughput", "SideBySide", "BACKENDS", "count_params", "count_flops", "flop_breakdown",
-           "measure_throughput", "measure_side_by_side", "median_interval",
+__all__ = ["SideBySide", "BACKENDS", "SINGLE_ROUNDS", "count_params", "count_flops", "flop_breakdown",
+           "measure_side_by_side", "median_interval",
            "default_benchmark_settings", "model_metrics", "autocast_for_precision"]
 
 
@@ -160,30 +161,11 @@ def _model_device(model: nn.Module) -> torch.device:
 # ---- Throughput ----------------------------------------------------------------------
 
 
-@dataclass
-class Throughput:
-    """Measured inference speed: median images/s over repetitions, with min, max and latency."""
-
-    images_per_s: float
-    min_images_per_s: float
-    max_images_per_s: float
-    latency_ms: float
-    batch_size: int
-    device: str
-    dtype: str
-    channels_last: bool
-    peak_memory_mb: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict, for JSON."""
-        return asdict(self)
-
-
 def default_benchmark_settings(device: torch.device) -> dict[str, Any]:
-    """The paper's setting on CUDA (batch 128, AMP, channels_last); seconds-long on a CPU."""
+    """The paper's setting on CUDA (batch 128, channels_last); a batch that times in milliseconds on a CPU."""
     if device.type == "cuda":
-        return dict(batch_size=128, amp=True, channels_last=True, warmup=10, repeats=30)
-    return dict(batch_size=32, amp=False, channels_last=True, warmup=2, repeats=10)
+        return dict(batch_size=128, channels_last=True, warmup=10)
+    return dict(batch_size=32, channels_last=True, warmup=2)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -203,69 +185,6 @@ def _prepare_for_inference(model: nn.Module, device: torch.device, channels_last
     return model
 
 
-def _timed_runs(model: nn.Module, x: torch.Tensor, device: torch.device, autocast: Any,
-                warmup: int, repeats: int) -> list[float]:
-    with torch.inference_mode(), autocast:
-        for _ in range(warmup):
-            model(x)
-        _synchronize(device)
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            _synchronize(device)
-            seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def measure_throughput(model: nn.Module, image_size: int | Sequence[int] = 224,
-                       batch_size: int | None = None, device: str | torch.device | None = None,
-                       amp: bool | None = None, amp_dtype: torch.dtype | None = None,
-                       channels_last: bool | None = None, warmup: int | None = None,
-                       repeats: int | None = None, fuse: bool = True,
-                       in_chans: int | None = None) -> Throughput:
-    """Measure inference images/s at ``batch_size`` and batch-1 latency on ``device``.
-
-    The model is copied (eval, BatchNorm folded when ``fuse`` and the model supports it),
-    so the caller's model is left as it was. Unset arguments take the device's defaults
-    (:func:`default_benchmark_settings`).
-    """
-    device = torch.device(device) if device is not None else _model_device(model)
-    defaults = default_benchmark_settings(device)
-    batch_size = batch_size or defaults["batch_size"]
-    amp = defaults["amp"] if amp is None else amp
-    channels_last = defaults["channels_last"] if channels_last is None else channels_last
-    warmup = defaults["warmup"] if warmup is None else warmup
-    repeats = repeats or defaults["repeats"]
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"batch_size and repeats must be >= 1 and warmup >= 0, got "
-                         f"{batch_size}, {repeats}, {warmup}")
-    amp_dtype = amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    dtype = f"amp_{str(amp_dtype).removeprefix('torch.')}" if amp else "fp32"
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    in_chans = in_chans or getattr(model, "in_chans", 3)
-
-    bench = _prepare_for_inference(model, device, channels_last, fuse)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def batch(n: int) -> torch.Tensor:
-        return _random_input((n, in_chans, h, w), device).contiguous(memory_format=memory_format)
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = _timed_runs(bench, batch(batch_size), device, autocast(), warmup, repeats)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    latency = _timed_runs(bench, batch(1), device, autocast(), max(warmup, 1), max(repeats, 5))
-    rates = [batch_size / s for s in seconds]
-    return Throughput(images_per_s=statistics.median(rates), min_images_per_s=min(rates),
-                      max_images_per_s=max(rates), latency_ms=1000 * statistics.median(latency),
-                      batch_size=batch_size, device=str(device), dtype=dtype,
-                      channels_last=channels_last, peak_memory_mb=peak)
-
-
 def summarize_unsupported(unsupported: Counter) -> str:
     """One line naming the ops fvcore could not count."""
     return ", ".join(f"{op} x{n}" for op, n in sorted(unsupported.items()))
@@ -281,12 +200,19 @@ def autocast_for_precision(precision: str | None) -> tuple[bool, torch.dtype | N
     return False, None
 
 
+# Rounds of a network timed on its own (``model_metrics``): one network has no interleaving to
+# average over, so a few rounds give its median and interval in about three seconds on a CPU.
+SINGLE_ROUNDS = 10
+ROUNDS_ENV = "FVLAB_PROFILE_ROUNDS"  # the rounds of every measurement, where set (the tests' quick protocol)
+
+
 def model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_chans: int | None = None,
                   device: str | torch.device | None = None, precision: str | None = None,
                   throughput: bool = True, batch_size: int | None = None,
                   repeats: int | None = None) -> dict[str, float | None]:
-    """The four ``model/*`` metrics of one network (timed as ``measure_side_by_side`` times, ``repeats`` rounds);
-    a failed measurement is None with a warning."""
+    """Params, GFLOPs, throughput (with its interval) and latency of one network, timed as
+    ``measure_side_by_side`` times (``repeats`` rounds, default ``SINGLE_ROUNDS``); a failed
+    measurement is None with a warning."""
     device_type = torch.device(device).type if device is not None else "cpu"
     # Measuring inside a run must leave every generator as it was: the run trains the same
     # whether or not its architecture was measured earlier (seeds of a variant share one measurement).
@@ -299,6 +225,7 @@ def model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_cha
 def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_chans: int | None,
                    device: str | torch.device | None, precision: str | None, throughput: bool,
                    batch_size: int | None, repeats: int | None) -> dict[str, float | None]:
+    device_type = torch.device(device).type if device is not None else "cpu"
     metrics: dict[str, float | None] = dict.fromkeys(
         (PARAMS_M, GFLOPS, THROUGHPUT, LATENCY_MS))
     metrics[PARAMS_M] = count_params(network, image_size) / 1e6
@@ -307,16 +234,19 @@ def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_ch
         metrics[GFLOPS] = count_flops(network, image_size, in_chans=in_chans)
     except Exception as err:  # a measurement never fails a run
         warnings.warn(f"FLOP count failed, recorded as null: {type(err).__name__}: {err}", stacklevel=2)
-    if throughput:
-        try:
-            # The side-by-side protocol with one network: every throughput figure fvlab records is measured alike.
-            result = measure_side_by_side({"model": network}, image_size, batch_size=batch_size, device=device,
-                                          precision=precision, in_chans=in_chans, rounds=repeats)["model"]
-            metrics[THROUGHPUT] = result.images_per_s
-            metrics[LATENCY_MS] = result.latency_ms
-        except Exception as err:  # out of memory, an unsupported dtype on this device ...
-            warnings.warn(f"throughput measurement failed, recorded as null: "
-                          f"{type(err).__name__}: {err}", stacklevel=2)
+    if not throughput:
+        return metrics
+    try:
+        result = measure_side_by_side({"model": network}, image_size, batch_size=batch_size, device=device,
+                                      precision=precision, in_chans=in_chans,
+                                      rounds=repeats or (None if os.environ.get(ROUNDS_ENV) else SINGLE_ROUNDS))["model"]
+        metrics.update({k: v for k, v in result.metrics().items() if k != SPEEDUP})  # a speedup over itself
+    except Exception as err:  # out of memory, an unsupported dtype on this device ...
+        warnings.warn(f"throughput measurement failed, recorded as null: "
+                      f"{type(err).__name__}: {err}", stacklevel=2)
+    finally:
+        if device_type == "cuda":
+            torch.cuda.empty_cache()  # after an out-of-memory too: the run trains on an unfragmented cache
     return metrics
 
 
@@ -464,7 +394,7 @@ def _resolve_timing(models: Mapping[str, nn.Module], device: str | torch.device 
     batch_size = batch_size or defaults["batch_size"]
     channels_last = defaults["channels_last"] if channels_last is None else channels_last
     warmup = defaults["warmup"] if warmup is None else warmup
-    rounds = rounds or int(os.environ.get("FVLAB_PROFILE_ROUNDS") or 60)
+    rounds = rounds or int(os.environ.get(ROUNDS_ENV) or 60)
     round_s = round_s or float(os.environ.get("FVLAB_PROFILE_ROUND_S") or 0.2)
     if batch_size < 1 or rounds < 1 or warmup < 0 or round_s <= 0:
         raise ValueError(f"batch_size and rounds must be >= 1, warmup >= 0 and round_s > 0, got "

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
-from fvlab.adapters import CHECKPOINT_PATH_KEYS, MATCH_PREV_GROUP, feature_take_indices, relocate_checkpoint_state
+from fvlab.adapters import (CHECKPOINT_PATH_KEYS, MATCH_PREV_GROUP, feature_take_indices, relocate_checkpoint_state,
+                            tensorboard_adds_hp_metric, tensorboard_writer_started)
 
 
 def test_timm_feature_indices_and_group_sentinel() -> None:
@@ -36,3 +38,12 @@ def test_a_relocated_model_checkpoint_state_restores_its_best_score(tmp_path: Pa
     assert resumed.best_model_path == str(new.resolve() / "best.ckpt")
     assert list(resumed.best_k_models) == [str(new.resolve() / "best.ckpt")]
     assert resumed.last_model_path == str(new.resolve() / "last.ckpt")
+
+
+def test_tensorboard_logger_state_read_without_starting_a_writer(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="run", version="", default_hp_metric=False)
+    assert not tensorboard_writer_started(logger) and not tensorboard_adds_hp_metric(logger)
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))  # asking started nothing
+    logger.experiment.add_scalar("x", 1.0, 0)
+    assert tensorboard_writer_started(logger)
+    assert tensorboard_adds_hp_metric(TensorBoardLogger(tmp_path, name="other", default_hp_metric=True))

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fvlab.cli import main
 from fvlab.lit import MODEL_METRICS, ModelProfileCallback
 from fvlab.models import FasterViT, create_model
-from fvlab.profile import count_flops, count_params, flop_breakdown, measure_throughput
+from fvlab.metrics import GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO
+from fvlab.profile import count_flops, count_params, flop_breakdown, model_metrics
 
 
 def conv_flops(out_hw: int, c_out: int, c_in: int, k: int = 3, groups: int = 1) -> int:
@@ -96,18 +97,16 @@ def test_flops_of_other_models_sum_up_unsupported_ops_in_one_warning() -> None:
     assert len(record) == 1
 
 
-def test_throughput_is_positive_finite_and_honours_batch_size() -> None:
+def test_one_network_is_timed_on_the_side_by_side_protocol_with_its_interval() -> None:
     model = create_model("fastervit_micro", num_classes=3)
     seen: list[int] = []
-    model.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    result = measure_throughput(model, 32, batch_size=6, warmup=1, repeats=3)
-    assert result.batch_size == 6 and result.device == "cpu" and result.dtype == "fp32"
-    assert set(seen) == {6, 1}  # the batch, then batch-1 latency
-    assert seen.count(6) == 1 + 3
-    for value in (result.images_per_s, result.min_images_per_s, result.max_images_per_s,
-                  result.latency_ms):
-        assert math.isfinite(value) and value > 0
-    assert result.min_images_per_s <= result.images_per_s <= result.max_images_per_s
+    model.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    metrics = model_metrics(model, 32, batch_size=6, repeats=3)
+    assert set(seen) == {6, 1}  # FLOPs and latency at batch 1, throughput at 6 (the hook came along to the copies)
+    for name in (THROUGHPUT, LATENCY_MS, THROUGHPUT_LO, THROUGHPUT_HI):
+        assert math.isfinite(metrics[name]) and metrics[name] > 0, name
+    assert metrics[THROUGHPUT_LO] <= metrics[THROUGHPUT] <= metrics[THROUGHPUT_HI]
+    assert SPEEDUP not in metrics and metrics[PARAMS_M] > 0 and metrics[GFLOPS] > 0
     assert model.training  # the caller's model is untouched (measured on a copy)
 
 
@@ -251,7 +250,6 @@ def test_profile_callback_logs_to_tensorboard_and_hparams(tmp_path: Path) -> Non
 def test_measuring_a_model_leaves_the_global_rng_alone() -> None:
     # A run trains the same whether or not its architecture was measured first (the seeds of a
     # variant share one measurement); fusing the copy used to draw from the global RNG.
-    from fvlab.profile import model_metrics
     model = create_model("fastervit_micro", num_classes=4)
     torch.manual_seed(0)
     before = torch.get_rng_state().clone()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from fvlab.adapters import tensorboard_adds_hp_metric
 from fvlab.lit.tensorboard import register_hparams
 from fvlab.metrics import CLASSIFICATION, MODEL_METRICS, TRAIN_LOSS_EPOCH, VAL_IMAGES, VAL_LOSS
 from fvlab.profile import model_metrics
@@ -44,20 +45,22 @@ class ModelProfileCallback(pl.Callback):
     """Logs parameters, GFLOPs, measured throughput and latency, all before training starts.
 
     The four ``model/*`` metrics depend on the architecture only, so they are measured once,
-    at fit start and before the first step (or given, already measured, as ``metrics``), go to
+    before the fit (``measure``, called by ``fvlab.lit.fit.fit_run``), at fit start under a
+    Trainer of one's own, or given, already measured, as ``metrics``; they go to
     every logger as scalars, to ``self.metrics`` and, at fit end, to ``trainer.callback_metrics``.
     A failed measurement is a warning and a None, never a failed run. With ``log_hparams`` the
     metric names (and ``hparams_metrics``, by default the module's task's best validation figure and the test metrics) are registered with
     TensorBoard's HParams plugin next to the module's hyperparameters and ``hparams``.
 
     Args:
-        metrics: already measured ``model/*`` values (e.g. side by side, before building the
-            trainer); missing ones are measured at fit start.
+        metrics: already measured ``model/*`` values (e.g. side by side with the experiment's
+            other variants); missing ones are measured on their own, before training.
         image_size: input side for FLOPs and throughput (default: the datamodule's
             ``image_size``, else 224).
         throughput: measure throughput and latency.
         batch_size: throughput batch (default: 128 on CUDA, 32 on CPU).
-        repeats: timed repetitions (default: the device's).
+        repeats: timed rounds of the side-by-side protocol (default ``fvlab.profile.SINGLE_ROUNDS``,
+            about 3 s on a CPU).
         log_hparams: register hyperparameters and metrics with the HParams plugin.
         hparams_metrics: further metric names to register (logged elsewhere).
         hparams: extra hyperparameters for the HParams table (e.g. the seed, sampled settings).
@@ -83,17 +86,25 @@ class ModelProfileCallback(pl.Callback):
         image_size = self.image_size or getattr(datamodule, "image_size", None) or 224
         return image_size, getattr(datamodule, "in_chans", None)
 
+    def missing(self) -> bool:
+        """Whether a ``model/*`` figure is still to be measured."""
+        return any(name not in self.metrics for name in MODEL_METRICS)
+
+    def measure(self, network: torch.nn.Module, image_size: int, in_chans: int | None,
+                device: torch.device, precision: str) -> None:
+        """Measure the figures not given yet (``model_metrics``: the side-by-side protocol, one network)."""
+        measured = model_metrics(network, self.image_size or image_size, in_chans=in_chans, device=device,
+                                 precision=precision, throughput=self.throughput, batch_size=self.batch_size,
+                                 repeats=self.repeats)
+        self.metrics.update({k: v for k, v in measured.items() if k not in self.metrics})
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Measure what was not given, log the metrics, register hparams."""
+        """Measure what is still missing, log the metrics, register hparams."""
         if not trainer.is_global_zero:
             return
-        if any(name not in self.metrics for name in MODEL_METRICS):
+        if self.missing():  # a Trainer of one's own; fvlab's runs measure before the fit (fit_run)
             image_size, in_chans = self._geometry(trainer)
-            measured = model_metrics(_network(pl_module), image_size, in_chans=in_chans,
-                                     device=pl_module.device, precision=str(trainer.precision),
-                                     throughput=self.throughput, batch_size=self.batch_size,
-                                     repeats=self.repeats)
-            self.metrics.update({k: v for k, v in measured.items() if k not in self.metrics})
+            self.measure(_network(pl_module), image_size, in_chans, pl_module.device, str(trainer.precision))
         known = {k: v for k, v in self.metrics.items() if v is not None}
         for logger in trainer.loggers:
             logger.log_metrics(known, step=trainer.global_step)
@@ -105,7 +116,7 @@ class ModelProfileCallback(pl.Callback):
                       else dict(pl_module.hparams))
             params.update(self.hparams)
             for logger in trainer.loggers:
-                if getattr(logger, "_default_hp_metric", False):
+                if tensorboard_adds_hp_metric(logger):
                     rank_zero_warn("TensorBoardLogger(default_hp_metric=True) adds a stray "
                                    "'hp_metric' to the HParams table; pass default_hp_metric=False")
                 register_hparams(logger, params, names)

@@ -154,6 +154,10 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     if writer and run_dir is not None:
         _fresh_run_dir(run_dir, resuming=ckpt_path is not None)
     result = _run_identity(spec)
+    if writer and profile.missing():  # before the clock starts and before the trainer moves the model
+        datamodule = spec.datamodule
+        profile.measure(spec.model.model, getattr(datamodule, "image_size", None) or 224,
+                        getattr(datamodule, "in_chans", None), spec.device, spec.precision)
     interrupted = _timed_fit(spec, ckpt_path, result)
     _record_fit_metrics(result, trainer, profile.metrics)
     if result.get("status") == "complete" and not interrupted:  # failed or pruned runs have no test figures

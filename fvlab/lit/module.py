@@ -343,7 +343,10 @@ class ImageClassifier(pl.LightningModule):
         for key in ("optimizer", "lr", "weight_decay", "scheduler", "warmup_epochs",
                     "label_smoothing", "mixup", "cutmix", "ema", "image_size", "num_classes"):
             params[f"optim.{key}" if key not in ("image_size", "num_classes") else f"data.{key}"] = hp[key]
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            datamodule = None
         if datamodule is not None:
             params["data.class"] = type(datamodule).__name__
             params["data.batch_size"] = getattr(datamodule, "batch_size", None)

@@ -26,8 +26,8 @@ from fvlab.lit.build import BadConfig, build_run
 from fvlab.lit.fit import fit_run, release_memory
 from fvlab.metrics import FINAL_METRICS
 from fvlab.runs import (CONFIG_FILE, DISPLAY_KEYS, METRICS_FILE, changed_keys, checkpoint_path, config_hash,
-                       is_run_config, is_run_dir, layout_conflict, read_metrics, run_dir_for, trained_config,
-                       variant_dir_of, write_json)
+                        is_run_config, is_run_dir, layout_conflict, read_metrics, run_dir_for, trained_config,
+                        variant_dir_of, write_json)
 
 __all__ = ["RunRefused", "RunPlan", "plan_run", "changed_run_keys", "PlanError", "FitJob", "Selection", "FitPlan", "own_runs_dir", "load_selection", "plan_fit",
            "fail_build", "fit_jobs", "check_checkpoint", "run_checkpoint"]
@@ -100,7 +100,7 @@ def plan_run(run_dir: Path, config_hash: str, *, force: bool = False, resume: bo
     if same:  # unfinished, with a last.ckpt
         if resume:
             return RunPlan("resume", str(last), note=f"resuming {last}")
-        raise RunRefused(f"{run_dir} holds an unfinished run with checkpoints/last.ckpt; resume it "
+        raise RunRefused(f"{run_dir} holds an unfinished run with {last.relative_to(run_dir)}; resume it "
                          f"with --ckpt_path last, or start over with --force")
     changed, keys = _changes(run_dir, config)
     state = "a complete" if complete else "an unfinished"

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from fvlab.lit.module import ImageClassifier
 from fvlab.metrics import TRAIN_LOSS, TRAIN_LOSS_EPOCH, TRAIN_LOSS_LARGEST, TRAIN_LOSS_SMALLEST, TRAIN_LR
 from fvlab.models import ArchConfig
-from fvlab.models.swin import SWIN_VARIANTS
 from fvlab.models.supernet import FasterViTSupernet
+from fvlab.models.swin import SWIN_VARIANTS
 
 __all__ = ["SupernetClassifier", "soft_cross_entropy"]
 

@@ -14,7 +14,9 @@ import weakref
 from typing import Any, Iterable, Mapping
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from fvlab.adapters import tensorboard_writer_started
 
 __all__ = ["RunLogger", "flatten_hparams", "register_hparams"]
 
@@ -51,8 +53,9 @@ def register_hparams(logger: Logger, params: Mapping[str, Any], metric_names: It
     # SummaryWriter's public ``file_writer`` (its events file, open from construction): the public
     # ``add_hparams`` would write to a sub-run and log the metrics' values at a step.
     writer = logger.experiment.file_writer
-    if writer is None:
-        raise RuntimeError("the TensorBoard writer is closed; register hparams before the logger finalizes")
+    if writer is None:  # closed by an earlier finalize: the run goes on without its HParams row
+        rank_zero_warn("the TensorBoard writer is closed; the HParams table was not written for this run")
+        return False
     for summary in (experiment, session_start, session_end):
         writer.add_summary(summary)
     writer.flush()
@@ -71,7 +74,7 @@ class RunLogger(TensorBoardLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         """Flush (and save hparams.yaml on success), keeping the writer open."""
-        if self._experiment is not None:
+        if tensorboard_writer_started(self):  # else asking for it would start an empty events file
             self.experiment.flush()
         if status == "success":
             self.save()

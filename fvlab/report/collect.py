@@ -21,7 +21,7 @@ from fvlab.metrics import (CLASSIFICATION, MODEL_METRICS, SEGMENTATION, TRAIN_LO
                            VAL_MIOU, TaskMetrics)
 from fvlab.report.stats import RUNNING
 from fvlab.runs import (PROFILE_FILE, SUMMARY_CSV, TEST_FILE, find_runs, find_studies, read_config, read_metrics,
-                       seed_of, trial_dir_name, variant_dir_of)
+                        seed_of, trial_dir_name, variant_dir_of)
 
 __all__ = ["Run", "Trial", "StudyData", "ReportInputError", "discover", "read_run",
            "read_curve", "resolved_arch", "load_journal_studies", "load_storage_study", "read_study",

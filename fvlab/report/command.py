@@ -17,19 +17,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fvlab._argparse import EXIT_BAD_INPUT, EXIT_OK, ArgumentParser
-from fvlab.metrics import (GFLOPS, MODEL_EXTRA_METRICS, TEST_METRICS, THROUGHPUT, THROUGHPUT_HI,
-                           THROUGHPUT_LO, VAL_ACC1, VAL_ACC1_BEST, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC,
-                           is_model_metric)
-from fvlab.metrics import CLASSIFICATION, SEGMENTATION
-
-SEGMENTATION_NAMES = (VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC)
+from fvlab.metrics import (CLASSIFICATION, GFLOPS, MODEL_EXTRA_METRICS, SEGMENTATION, TEST_METRICS, THROUGHPUT,
+                           THROUGHPUT_HI, THROUGHPUT_LO, VAL_ACC1, VAL_ACC1_BEST, VAL_LOSS, VAL_MIOU,
+                           VAL_MIOU_BEST, VAL_PIXEL_ACC, is_model_metric)
 from fvlab.report import collect
 from fvlab.report.collect import ReportInputError, Run, StudyData, finite
+from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, RUNNING, VariantStats, aggregate,
+                                difference_cell, explanation, holm_marks, mean_std_cell, model_cell, seed_label,
+                                summary_notes)
 from fvlab.runs import CONFIG_FILE, REPORT_CSV, REPORT_MD, confirm_seeds, is_confirm_run, variant_dir_of
-from fvlab.report.stats import (MODEL_COLUMNS, MODEL_METRICS, MODEL_TITLES, RUNNING, VariantStats, aggregate, difference_cell, explanation,
-                                holm_marks, mean_std_cell, model_cell, seed_label, summary_notes)
 from fvlab.stats import family_size
 from fvlab.tables import csv_text, markdown_table
+
+SEGMENTATION_NAMES = (VAL_MIOU, VAL_MIOU_BEST, VAL_PIXEL_ACC)
 
 __all__ = ["Report", "build_report", "write_report", "report_command"]
 
@@ -352,8 +352,7 @@ def _together(data: StudyData) -> dict[str, dict[str, Any]]:
 
 
 def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    from fvlab.report.plots import (Point, Series, plot_accuracy_against, plot_batch_curves, plot_curves,
-                                    plot_study)
+    from fvlab.report.plots import Point, Series, plot_accuracy_against, plot_batch_curves, plot_curves, plot_study
 
     points, series = [], []
     for label, v in report.variant_rows():
@@ -461,7 +460,7 @@ def write_report(report: Report, out: Path) -> str:
     fields = list(dict.fromkeys(["kind", "source", "variant", "seed", "trial", "status"]
                                 + [k for row in csv_rows for k in row]))
     (out / REPORT_CSV).write_text(csv_text(csv_rows, fields))
-    stdout.append(f"report: {out / 'report.md'} (+ report.csv, {len(plots)} plots)")
+    stdout.append(f"report: {out / REPORT_MD} (+ {REPORT_CSV}, {len(plots)} plots)")
     return "\n".join(stdout)
 
 

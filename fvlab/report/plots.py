@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, VAL_ACC1,
                            VAL_ACC1_BEST, VAL_LOSS)
-from fvlab.pareto import maximizes, pareto_optimal  # noqa: E402
+from fvlab.pareto import maximizes, pareto_optimal
 
 __all__ = ["FIGSIZE", "DPI", "Point", "Series", "plot_accuracy_against",
            "plot_curves", "plot_study", "plot_batch_curves"]

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from fvlab.lit.measure import arch_identity
 from fvlab.lit.build import RunSpec
+from fvlab.lit.measure import arch_identity
 from fvlab.models.fastervit import NUM_CONV_STAGES, FasterViT
 from fvlab.models.swin import HatSwinTransformer
 

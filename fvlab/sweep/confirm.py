@@ -66,8 +66,8 @@ def confirm_front(study: optuna.Study, sweep: SweepSpec, base_config: Mapping[st
     """Train every front member and the reference with every confirm seed (complete runs skipped);
     True when one failed."""
     from fvlab.lit.build import BadConfig, build_run
-    from fvlab.lit.plan import RunRefused, plan_run
     from fvlab.lit.fit import fit_run, release_memory
+    from fvlab.lit.plan import RunRefused, plan_run
 
     failed = False
     for trial in confirm_members(study):

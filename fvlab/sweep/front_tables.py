@@ -23,7 +23,7 @@ from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SPEEDUP, TEST_ACC1, TES
                            THROUGHPUT_LO, TRIAL_ATTRS, VAL_MIOU_BEST)
 from fvlab.pareto import pareto_optimal
 from fvlab.runs import (PARETO_CSV, PARETO_MD, best_config_path, best_dir, best_study_name, read_config,
-                       stale_best_configs, trained_config, trial_dir_name)
+                        stale_best_configs, trained_config, trial_dir_name)
 from fvlab.sweep.attrs import DUPLICATE_OF, REFERENCE, RUN_NAME, THREADS, TOGETHER_ATTR
 from fvlab.sweep.space import SweepSpec, encode_choice
 from fvlab.tables import csv_text, interval, markdown_table
@@ -36,6 +36,10 @@ SCALE_NOTE = ("model/throughput is on the study's one scale: the trial's side-by
               "times the reference's throughput stored in the study when it was first measured (the trial's own "
               "moment read model/throughput_measured). 'together' columns: the front and the reference measured "
               "again side by side in one measurement after the search, and the front recomputed on them.")
+
+
+# The base experiment's network among the networks measured together (its row in the front's table).
+REFERENCE_TARGET = "reference"
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -168,8 +172,8 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
         torch.set_num_threads(int(study.user_attrs[THREADS]))
     try:
         reference = build_run(apply_overrides(base_config, sweep.overrides), None, {"trainer.logger": False})
-        name_of_identity = {identity_key(network_identity(reference)): "reference"}
-        targets["reference"] = Target.of(reference)
+        name_of_identity = {identity_key(network_identity(reference)): REFERENCE_TARGET}
+        targets[REFERENCE_TARGET] = Target.of(reference)
         del reference
         for trial in sorted(members, key=lambda t: t.number):
             spec = build_run(trial_config(trial, sweep, base_config, study_dir), None, {"trainer.logger": False})
@@ -180,7 +184,7 @@ def measure_together(study: optuna.Study, members: list[FrozenTrial], sweep: Swe
                 counts[name_of_identity[key]] = {GFLOPS: trial.user_attrs.get(TRIAL_ATTRS[GFLOPS])}
             name_of[trial.number] = name_of_identity[key]
             del spec
-        measured = measure_specs(targets, reference="reference", counts=counts)
+        measured = measure_specs(targets, reference=REFERENCE_TARGET, counts=counts)
     finally:
         torch.set_num_threads(threads)
         targets.clear()

@@ -30,14 +30,14 @@ from fvlab.lit.build import BadConfig, RunSpec, apply_overrides, build_run
 from fvlab.lit.callbacks import StoppingCallback
 from fvlab.lit.fit import fit_run, release_memory
 from fvlab.lit.measure import MeasurementCache, measure_specs
-from fvlab.metrics import (LATENCY_MS, LATENCY_MS_MEASURED, MODEL_TRIAL_ATTRS, SIZE_METRICS, SPEEDUP,
-                           TEST_ACC1, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, THROUGHPUT_MEASURED,
+from fvlab.metrics import (LATENCY_MS, LATENCY_MS_MEASURED, MODEL_TRIAL_ATTRS, SIZE_METRICS, SPEEDUP, TEST_ACC1,
+                           TEST_MIOU, THROUGHPUT, THROUGHPUT_HI, THROUGHPUT_LO, THROUGHPUT_MEASURED,
                            THROUGHPUT_MEASURED_HI, THROUGHPUT_MEASURED_LO, TRAIN_LOSS_EPOCH, TRIAL_ATTRS,
-                           VAL_ACC1_BEST, VAL_MIOU_BEST, TEST_MIOU)
+                           VAL_ACC1_BEST, VAL_MIOU_BEST)
 from fvlab.runs import checkpoint_dir, checkpoint_path, stable_hash, trial_dir_name, without_display_keys
-from fvlab.sweep.attrs import (ARCH_ATTR, CANONICAL_ATTR, DEVICE, DUPLICATE_OF, FAIL_REASON, MEASUREMENT, PRECISION,
-                               PROCESS, PRUNED_REASON, REFERENCE, RESUME_FROM, RESUMED, RUN_DIR, RUN_NAME, SCALE_ATTR,
-                               SEED)
+from fvlab.sweep.attrs import (ARCH_ATTR, CANONICAL_ATTR, DEVICE, DUPLICATE_OF, FAIL_REASON, MEASUREMENT,
+                               PRECISION, PROCESS, PRUNED_REASON, REFERENCE, RESUMED, RESUME_FROM, RUN_DIR,
+                               RUN_NAME, SCALE_ATTR, SEED)
 from fvlab.sweep.canonical import canonical_arch, network_identity
 from fvlab.sweep.space import CONSTRAINTS, SweepSpec
 

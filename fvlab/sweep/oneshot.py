@@ -20,11 +20,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from fvlab.lit.build import apply_overrides
-from fvlab.lit.build import BadConfig, RunSpec, build_run
-from fvlab.lit.plan import RunRefused, changed_run_keys, plan_run
+from fvlab.lit.build import BadConfig, RunSpec, apply_overrides, build_run
 from fvlab.lit.fit import fit_run, release_memory
 from fvlab.lit.measure import measure_specs
+from fvlab.lit.plan import RunRefused, changed_run_keys, plan_run
 from fvlab.lit.supernet import SupernetClassifier
 from fvlab.metrics import VAL_LOSS, trial_attr
 from fvlab.models.supernet import recalibrate_batchnorm

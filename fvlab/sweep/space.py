@@ -22,11 +22,10 @@ import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 
-from fvlab.runs import changed_keys
 from fvlab.metrics import (GFLOPS, LATENCY_MS, PARAMS_M, SELECTION_METRICS, SPEEDUP, THROUGHPUT, VAL_METRICS,
                            is_model_metric)
 from fvlab.pareto import direction_name
-from fvlab.runs import stable_hash
+from fvlab.runs import changed_keys, stable_hash
 
 __all__ = ["SweepError", "SearchParam", "SweepSpec", "load_sweep", "parse_param", "encode_choice",
            "METRICS", "CONSTRAINTS", "SAMPLERS", "PRUNERS", "TRAINING_METRICS", "reference_params",

@@ -176,7 +176,7 @@ def make_pruner(sweep: SweepSpec) -> optuna.pruners.BasePruner | None:
     if sweep.pruner is None:
         return None
     if sweep.pruner == "rungs":
-        from fvlab.sweep.rungs import RungsPruner  # imports Lightning: only where trials run
+        from fvlab.sweep.rungs import RungsPruner
 
         return RungsPruner(**sweep.pruner_options)
     return PRUNER_CLASSES[sweep.pruner](**sweep.pruner_options)
@@ -316,8 +316,8 @@ class _Worker:
 
 def _open_worker(settings: WorkerSettings, pruner_factory: PrunerFactory | None = None) -> _Worker:
     """Load the study, claim a worker index, seed the sampler and build the objective."""
-    from fvlab.lit.build import apply_overrides
     from fvlab.experiment import load_experiment
+    from fvlab.lit.build import apply_overrides
     from fvlab.sweep.objective import ArchitectureProfiler
     from fvlab.sweep.oneshot import objective_for
     from fvlab.sweep.space import load_sweep

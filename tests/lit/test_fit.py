@@ -242,7 +242,7 @@ def test_a_failed_measurement_is_null_never_a_failed_run(tmp_path: Path, monkeyp
 
     import fvlab.lit.measure
 
-    monkeypatch.setattr(fvlab.profile, "measure_throughput", out_of_memory)  # a run measuring alone
+    monkeypatch.setattr(fvlab.profile, "measure_side_by_side", out_of_memory)  # a run measuring alone
     monkeypatch.setattr(fvlab.lit.measure, "measure_side_by_side", out_of_memory)  # fit's variants together
     experiment = write_experiment(tmp_path / "exp.yaml")
     with pytest.warns(UserWarning, match="throughput measurement failed"):
