@@ -351,8 +351,9 @@ def _together(data: StudyData) -> dict[str, dict[str, Any]]:
 # ---- writing ---------------------------------------------------------------------------
 
 
-def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    from fvlab.report.plots import Point, Series, plot_accuracy_against, plot_batch_curves, plot_curves, plot_study
+def _plot_data(report: Report) -> tuple[list[Any], list[Any]]:
+    """The accuracy points (variants and trials) and validation curves every plot of the report draws from."""
+    from fvlab.report.plots import Point, Series
 
     points, series = [], []
     for label, v in report.variant_rows():
@@ -373,6 +374,13 @@ def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]
                                     finite(t.metrics.get(GFLOPS)), feasible=t.state == "complete"))
             if t.run is not None and t.run.curve:
                 series.append(Series(f"#{t.number}", data.name, [t.run.curve]))
+    return points, series
+
+
+def _plots(report: Report, out: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    from fvlab.report.plots import plot_accuracy_against, plot_batch_curves, plot_curves, plot_study
+
+    points, series = _plot_data(report)
     made: list[tuple[Path, str]] = []
     skipped: list[str] = []
     tasks = {v.task for _, v in report.variant_rows()} | {_study_task(data) for data in report.studies}
