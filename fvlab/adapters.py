@@ -16,7 +16,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import MATCH_PREV_GROUP
 
 __all__ = ["feature_take_indices", "MATCH_PREV_GROUP", "CHECKPOINT_PATH_KEYS", "relocate_checkpoint_state",
-           "tensorboard_writer_started", "tensorboard_adds_hp_metric"]
+           "tensorboard_writer_started", "tensorboard_adds_hp_metric", "ConfigOverCheckpointHparams"]
 
 # The path-valued keys of ``ModelCheckpoint.state_dict()``. Lightning restores a ModelCheckpoint's
 # best score only when the checkpoint's ``dirpath`` is the callback's own, and offers no way to
@@ -61,3 +61,16 @@ def tensorboard_adds_hp_metric(logger: Any) -> bool:
     The logger keeps its constructor argument only in ``_default_hp_metric``.
     """
     return bool(getattr(logger, "_default_hp_metric", False))
+
+
+class ConfigOverCheckpointHparams:
+    """A LightningCLI mixin: a subcommand's ``--ckpt_path`` gives the weights, never the model's settings.
+
+    LightningCLI (``run=True``) reads a checkpoint's ``hyper_parameters`` over the parsed ``model``
+    section in its private ``_parse_ckpt_path``, with no switch to turn it off. fvlab's run config is
+    the experiment's (file, variant, command line): another variant's checkpoint must fail to load
+    rather than quietly rebuild that variant, and ``--model.*`` options must hold.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        """Leave the parsed config as it is."""

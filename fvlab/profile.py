@@ -225,7 +225,7 @@ def model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_cha
 def _model_metrics(network: nn.Module, image_size: int | Sequence[int], *, in_chans: int | None,
                    device: str | torch.device | None, precision: str | None, throughput: bool,
                    batch_size: int | None, repeats: int | None) -> dict[str, float | None]:
-    device_type = torch.device(device).type if device is not None else "cpu"
+    device_type = (torch.device(device) if device is not None else _model_device(network)).type
     metrics: dict[str, float | None] = dict.fromkeys(
         (PARAMS_M, GFLOPS, THROUGHPUT, LATENCY_MS))
     metrics[PARAMS_M] = count_params(network, image_size) / 1e6

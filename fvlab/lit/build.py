@@ -28,6 +28,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from fvlab.adapters import ConfigOverCheckpointHparams
 from fvlab.experiment import Experiment, ExperimentError
 from fvlab.lit.callbacks import EpochSummary, ModelProfileCallback, RNGStateCallback
 from fvlab.lit.module import ImageClassifier
@@ -62,11 +63,12 @@ class Trainer(pl.Trainer):
         super().__init__(precision=precision, **kwargs)
 
 
-class FvlabCLI(LightningCLI):
+class FvlabCLI(ConfigOverCheckpointHparams, LightningCLI):
     """LightningCLI for ImageClassifier with any datamodule; the data's sizes link to the model.
 
     ``parse_only``: parse and check the arguments (``self.config``), instantiate nothing. With
-    ``run=True`` LightningCLI runs its ``validate`` or ``test`` subcommand, ``--ckpt_path`` its own.
+    ``run=True`` LightningCLI runs its ``validate`` or ``test`` subcommand, ``--ckpt_path`` its own
+    (the weights only: the config stays the run's, see ``ConfigOverCheckpointHparams``).
     """
 
     def __init__(self, *args: Any, run_dir: Path | None = None, experiment: str = "",
@@ -390,7 +392,7 @@ def build_run(config: Layers, run_dir: Path | None, overrides: Layers = (),
     (["--config", "more.yaml", "--model.lr", "0.01", "--trainer.callbacks+=CLASS"]), as its own
     command line does (``--print_config`` prints and exits); ``seed`` replaces ``seed_everything``;
     ``callbacks`` join the trainer's; ``hparams`` join the HParams table; ``model_metrics`` are
-    already measured ``model/*`` values (measured at fit start otherwise); ``model_class`` is the
+    already measured ``model/*`` values (``fit_run`` measures the missing ones); ``model_class`` is the
     LightningModule whose arguments ``model`` holds (an ``ImageClassifier`` subclass, e.g.
     ``SupernetClassifier``). With a ``run_dir``, the fit writes the resolved config to its config.yaml.
     """

@@ -3,7 +3,7 @@
 - ``fit_run`` writes the run directory, fits, and measures the best checkpoint once on the test
   split (``measure_test_split``); it always leaves a metrics.json (complete, failed or pruned).
 - The network's ``model/*`` figures come in measured (``fvlab.lit.measure``, side by side) or
-  are measured by the run's ``ModelProfileCallback`` at fit start, on the same protocol.
+  are measured by the run's ``ModelProfileCallback`` just before the fit, on the same protocol.
 """
 
 from __future__ import annotations
@@ -154,7 +154,9 @@ def fit_run(spec: RunSpec, ckpt_path: str | None = None,
     if writer and run_dir is not None:
         _fresh_run_dir(run_dir, resuming=ckpt_path is not None)
     result = _run_identity(spec)
-    if writer and profile.missing():  # before the clock starts and before the trainer moves the model
+    # Before the clock starts and the trainer moves the model; a resumed run gets its figures back
+    # from the checkpoint (and measures at fit start what is still missing).
+    if writer and profile.missing() and ckpt_path is None:
         datamodule = spec.datamodule
         profile.measure(spec.model.model, getattr(datamodule, "image_size", None) or 224,
                         getattr(datamodule, "in_chans", None), spec.device, spec.precision)

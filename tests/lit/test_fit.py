@@ -284,6 +284,29 @@ def test_validate_and_test_from_checkpoint(tmp_path: Path, capsys) -> None:
     assert "trainer.max_epochs" in err and len(err.strip().splitlines()) == 1 and "test/acc1" not in err
 
 
+def test_a_stage_takes_the_weights_from_the_checkpoint_and_the_settings_from_the_config(tmp_path: Path) -> None:
+    # LightningCLI would read the checkpoint's hyper_parameters over the parsed model section
+    # (fvlab.adapters.ConfigOverCheckpointHparams turns that off): --model.* must hold, and a
+    # checkpoint of another architecture must fail to load instead of rebuilding that network.
+    from lightning.pytorch.cli import LightningCLI
+
+    from fvlab.experiment import load_experiment
+    from fvlab.lit.build import run_stage
+
+    assert "_parse_ckpt_path" in vars(LightningCLI)  # the hook the adapter replaces
+    experiment = write_experiment(tmp_path / "exp.yaml")
+    assert run_fit(tmp_path, experiment) == 0
+    layers = load_experiment(experiment).layers("default")
+    ckpt = str(tmp_path / "runs" / "exp" / "default" / "checkpoints" / "best.ckpt")
+    quiet = {"trainer.logger": False, "trainer.enable_progress_bar": False}
+    smoothed = run_stage("validate", layers, ckpt, [quiet])
+    plain = run_stage("validate", layers, ckpt, [quiet, {"model.label_smoothing": 0.0}])
+    assert smoothed.model.hparams.label_smoothing == 0.1 and plain.model.hparams.label_smoothing == 0.0
+    assert plain.measured["val/acc1"] == smoothed.measured["val/acc1"]  # the same weights
+    with pytest.raises(RuntimeError, match="state_dict"):
+        run_stage("validate", layers, ckpt, [quiet, {"model.arch.dim": 24}])
+
+
 def test_validate_needs_a_variant_when_there_are_several(tmp_path: Path, capsys) -> None:
     experiment = write_experiment(tmp_path / "exp.yaml", ablation={"a": {}, "b": {}})
     assert main(["validate", str(experiment), "--runs-dir", str(tmp_path / "runs")]) == 2
