@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -238,15 +238,22 @@ class ImageClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log the epoch's validation metrics and the best top-1 so far."""
-        acc1 = self.val_acc1.compute()
+        self._end_validation_epoch(VAL_ACC1, self.val_acc1, VAL_ACC1_BEST, self.val_acc1_best,
+                                   {VAL_ACC5: self.val_acc5})
+
+    def _end_validation_epoch(self, primary: str, metric: Any, best_name: str, best: Any,
+                              others: Mapping[str, Any]) -> None:
+        """Log the validation loss, ``primary`` and ``others``, then the best ``primary`` so far
+        (the sanity check's batches never count towards it); reset them all for the next epoch."""
+        value = metric.compute()
         if not self.trainer.sanity_checking:
-            self.val_acc1_best.update(acc1)
-        self.log_dict({VAL_LOSS: self.val_loss.compute(), VAL_ACC1: acc1,
-                       VAL_ACC5: self.val_acc5.compute()}, prog_bar=True, sync_dist=True)
+            best.update(value)
+        self.log_dict({VAL_LOSS: self.val_loss.compute(), primary: value,
+                       **{name: m.compute() for name, m in others.items()}}, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
-            self.log(VAL_ACC1_BEST, self.val_acc1_best.compute(), prog_bar=True, sync_dist=True)
-        for metric in (self.val_loss, self.val_acc1, self.val_acc5):
-            metric.reset()
+            self.log(best_name, best.compute(), prog_bar=True, sync_dist=True)
+        for each in (self.val_loss, metric, *others.values()):
+            each.reset()
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Top-1/top-5 accuracy and loss on the test set."""

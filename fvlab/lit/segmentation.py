@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from fvlab.lit.callbacks import PredictionGrid
 from fvlab.lit.module import ImageClassifier
-from fvlab.metrics import (SEGMENTATION, TEST_LOSS, TEST_MIOU, TEST_PIXEL_ACC, VAL_LOSS, VAL_MIOU, VAL_MIOU_BEST,
+from fvlab.metrics import (SEGMENTATION, TEST_LOSS, TEST_MIOU, TEST_PIXEL_ACC, VAL_MIOU, VAL_MIOU_BEST,
                            VAL_PIXEL_ACC)
 from fvlab.models import ArchConfig
 from fvlab.models.segmenter import DECODERS, Segmenter, padded_size
@@ -106,15 +106,8 @@ class SemanticSegmenter(ImageClassifier):
 
     def on_validation_epoch_end(self) -> None:
         """Log the epoch's validation metrics and the best mIoU so far."""
-        miou = self.val_miou.compute()
-        if not self.trainer.sanity_checking:
-            self.val_miou_best.update(miou)
-        self.log_dict({VAL_LOSS: self.val_loss.compute(), VAL_MIOU: miou,
-                       VAL_PIXEL_ACC: self.val_pixel_acc.compute()}, prog_bar=True, sync_dist=True)
-        if not self.trainer.sanity_checking:
-            self.log(VAL_MIOU_BEST, self.val_miou_best.compute(), prog_bar=True, sync_dist=True)
-        for metric in (self.val_loss, self.val_miou, self.val_pixel_acc):
-            metric.reset()
+        self._end_validation_epoch(VAL_MIOU, self.val_miou, VAL_MIOU_BEST, self.val_miou_best,
+                                   {VAL_PIXEL_ACC: self.val_pixel_acc})
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """mIoU, pixel accuracy and loss on the test set."""
